@@ -1,0 +1,84 @@
+"""The array-API glue every solver shares: one namespace, float64 accumulation, loops that also run under ``jax.jit``.
+
+Solvers call :func:`namespace` once, convert inputs with :func:`as_float64`, and drive their iterations with
+:func:`while_loop`, which is a Python loop on eager backends (numpy, torch, array_api_strict) and
+``jax.lax.while_loop`` on JAX, so the same body runs under ``jax.jit`` with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "to_numpy"]
+
+
+def namespace(*arrays: Any):
+    """The array-API namespace of ``arrays`` (python scalars and lists count as numpy)."""
+    arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool, list, tuple))]
+    if not arrays:
+        return array_api_compat.array_namespace(np.zeros(0))
+    return array_api_compat.array_namespace(*arrays)
+
+
+def is_jax(xp) -> bool:
+    return array_api_compat.is_jax_namespace(xp)
+
+
+def is_traced(x: Any) -> bool:
+    """True for a JAX tracer (inside ``jax.jit``): its values cannot be inspected, so value checks are skipped."""
+    try:
+        import jax
+    except ImportError:  # pragma: no cover - jax is optional
+        return False
+    return isinstance(x, jax.core.Tracer)
+
+
+def float_dtype(xp):
+    """float64 where the backend has it (JAX without ``jax_enable_x64`` falls back to float32)."""
+    if is_jax(xp):
+        import jax
+
+        return xp.float64 if jax.config.jax_enable_x64 else xp.float32
+    return xp.float64
+
+
+def as_float64(xp, x: Any, device=None, name: str = "array"):
+    """``x`` as a float array of the solver dtype on ``device``; python scalars and lists are accepted."""
+    if isinstance(x, (int, float, list, tuple)) or isinstance(x, np.ndarray) and not array_api_compat.is_numpy_namespace(xp):
+        x = np.asarray(x, dtype=np.float64)
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be numeric, got dtype {x.dtype}")
+        return xp.asarray(x, dtype=float_dtype(xp), device=device)
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not (xp.isdtype(dtype, ("real floating", "integral")) or dtype == xp.bool):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
+    return xp.asarray(xp.astype(x, float_dtype(xp)), device=device)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host numpy copy of any array-API array (torch on CUDA, JAX, array_api_strict)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception:  # array_api_strict refuses __array__ in recent versions
+        return np.from_dlpack(x)
+
+
+def while_loop(xp, cond: Callable[[tuple], Any], body: Callable[[tuple], tuple], state: tuple) -> tuple:
+    """``while cond(state): state = body(state)`` — ``jax.lax.while_loop`` on JAX, a Python loop elsewhere.
+
+    ``cond`` returns a 0-d boolean array; ``body`` must keep every array's shape and dtype (JAX requires it).
+    """
+    if is_jax(xp):
+        import jax
+
+        return jax.lax.while_loop(lambda s: cond(s), body, state)
+    while bool(cond(state)):
+        state = body(state)
+    return state
