@@ -15,7 +15,8 @@ from ._namespace import is_traced, to_numpy
 def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
     idx = np.argwhere(bad)[0]
     where = tuple(int(i) for i in idx) if values.ndim > 1 else int(idx[0]) if values.ndim == 1 else ()
-    return f"{values[tuple(idx)] if values.ndim else values.item()!r} at index {where}"
+    value = values[tuple(idx)].item() if values.ndim else values.item()
+    return f"{value!r} at index {where}"
 
 
 def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool = False, greater: float | None = None,

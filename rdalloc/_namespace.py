@@ -45,6 +45,15 @@ def float_dtype(xp):
     return xp.float64
 
 
+def index_dtype(xp):
+    """int64 for gathers (torch requires it); int32 on JAX without ``jax_enable_x64``."""
+    if is_jax(xp):
+        import jax
+
+        return xp.int64 if jax.config.jax_enable_x64 else xp.int32
+    return xp.int64
+
+
 def as_float64(xp, x: Any, device=None, name: str = "array"):
     """``x`` as a float array of the solver dtype on ``device``; python scalars and lists are accepted."""
     if isinstance(x, (int, float, list, tuple)) or isinstance(x, np.ndarray) and not array_api_compat.is_numpy_namespace(xp):

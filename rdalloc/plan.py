@@ -144,6 +144,27 @@ class Plan:
                              f"applying it with {quantizer!r} is a distortion-model mismatch")
         return self
 
+    @classmethod
+    def from_allocation(cls, allocation: Any, key_shape: tuple[int, ...], value_shape: tuple[int, ...] | None = None,
+                        *, key_axes: tuple[str, ...] = ("layer", "kv_head"),
+                        value_axes: tuple[str, ...] = ("layer", "kv_head"), quantizer: str | None = None,
+                        meta: Mapping[str, Any] | None = None) -> "Plan":
+        """A plan from one solve over key items then value items (each in C order over its shape).
+
+        ``allocation`` is an :class:`rdalloc.Allocation` (its certificate, usage and budget are recorded).
+        """
+        bits = np.asarray(to_numpy(allocation.bits)).reshape(-1)
+        value_shape = tuple(key_shape) if value_shape is None else tuple(value_shape)
+        nk, nv = int(np.prod(key_shape)), int(np.prod(value_shape))
+        if bits.size != nk + nv:
+            raise ValueError(f"the allocation has {bits.size} items, but key_shape {tuple(key_shape)} and value_shape "
+                             f"{value_shape} need {nk} + {nv} = {nk + nv}")
+        cert = allocation.certificate()
+        return cls(key=bits[:nk].reshape(key_shape), value=bits[nk:].reshape(value_shape), key_axes=key_axes,
+                   value_axes=value_axes, quantizer=quantizer, budget_bits=cert["budget_bits"],
+                   usage=allocation.usage, predicted_distortion=cert["distortion"], certificate=cert,
+                   meta=dict(meta or {}))
+
     # ---- serialization -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": _FORMAT, "version": self.version, "granularity": self.granularity,

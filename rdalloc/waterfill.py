@@ -216,7 +216,9 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     t = xp.where(useful, (c - mu) / k, neg_inf)
     bits = xp.minimum(xp.maximum(t, lo_), hi_)
     bits = xp.where(saturated & useful, hi_, bits)
-    status = xp.where(infeasible, INFEASIBLE, xp.where(saturated, SATURATED, xp.where(done, OPTIMAL, MAX_ITER)))
+    code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
+    status = xp.where(infeasible, code(INFEASIBLE),
+                      xp.where(saturated, code(SATURATED), xp.where(done, code(OPTIMAL), code(MAX_ITER))))
     bits = xp.where(infeasible, xp.nan * ones, bits)
     log_level = xp.where(saturated & (P > g_max), neg_inf, mu)
 

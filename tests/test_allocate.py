@@ -1,0 +1,248 @@
+"""Integer and menu allocation: brute force on tiny cases, exact cases, invariants (hypothesis) and bad input."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost
+from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
+
+MENU = (0, 1, 2, 3, 4, 6, 8, 16)
+
+
+def random_problem(rng, n_items, menu=MENU, eviction=True):
+    alpha = rng.lognormal(0.0, 1.5, n_items)
+    beta = rng.uniform(1.5, 6.0, n_items)
+    ev = alpha * rng.uniform(0.2, 3.0, n_items) if eviction else None
+    sizes = rng.integers(1, 40, n_items).astype(float)
+    meta = rng.integers(0, 64, n_items).astype(float)
+    weights = rng.uniform(0.0, 3.0, n_items)
+    return ExponentialModel(alpha, beta, eviction=ev), sizes, meta, weights
+
+
+def table(model, menu, sizes, meta, weights):
+    D, ok = model.table(menu)
+    W = np.where(ok, weights[:, None] * np.where(ok, D, 0.0), np.inf)
+    C = np.stack([item_cost(b, sizes, meta) for b in menu], axis=1)
+    return W, C
+
+
+def brute_force(W, C, budget):
+    best = np.inf
+    for combo in itertools.product(range(W.shape[1]), repeat=W.shape[0]):
+        idx = (np.arange(W.shape[0]), np.array(combo))
+        if C[idx].sum() <= budget:
+            best = min(best, W[idx].sum())
+    return best
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.floats(0.0, 1.0))
+def test_bracketed_by_the_dual_bound_and_the_brute_force_optimum(seed, n_items, frac):
+    rng = np.random.default_rng(seed)
+    model, n, m, w = random_problem(rng, n_items)
+    W, C = table(model, MENU, n, m, w)
+    budget = frac * C.max(axis=1).sum()
+    r = allocate(model, n, budget, weights=w, menu=MENU, metadata=m)
+    opt = brute_force(W, C, budget)
+    bits = np.asarray(r.bits)
+    chosen = W[np.arange(n_items), [MENU.index(b) for b in bits]].sum()
+    assert r.usage.total_bits <= budget
+    assert float(r.distortion) == pytest.approx(chosen, rel=1e-12, abs=1e-300)
+    assert float(r.lower_bound) <= opt * (1 + 1e-12) + 1e-300
+    assert opt <= float(r.distortion) * (1 + 1e-12) + 1e-300
+    if int(r.status) == OPTIMAL:
+        assert float(r.distortion) == pytest.approx(opt, rel=1e-10)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.data())
+def test_equal_costs_and_unit_steps_are_optimal_for_every_budget(seed, n_items, data):
+    # Gross/Fox: with equal item costs, unit steps and convex curves the greedy solution is the integer optimum.
+    rng = np.random.default_rng(seed)
+    model = ExponentialModel(rng.lognormal(0, 2, n_items), rng.uniform(1.5, 6, n_items), lo=1, hi=5)
+    menu = (1, 2, 3, 4, 5)
+    steps = data.draw(st.integers(n_items, 5 * n_items))
+    r = allocate(model, 8.0, 8.0 * steps, menu=menu)
+    D, _ = model.table(menu)
+    C = np.broadcast_to(8.0 * np.array(menu, dtype=float), D.shape)
+    assert float(r.distortion) == pytest.approx(brute_force(D, C, 8.0 * steps), rel=1e-12)
+    assert r.usage.total_bits == 8.0 * steps  # the lattice allows it, so the budget is met exactly
+
+
+def test_exponential_integer_optimum_is_near_the_continuous_one():
+    from rdalloc import waterfill
+
+    rng = np.random.default_rng(3)
+    model = ExponentialModel(rng.lognormal(0, 2, 300), 4.0, lo=1, hi=8)
+    cont = waterfill(model, 1.0, average_bits=3.0)
+    disc = allocate(model, 1.0, average_bits=3.0, menu=range(1, 9))
+    assert np.max(np.abs(np.asarray(disc.bits) - np.asarray(cont.bits))) <= 1.0
+    assert float(disc.lower_bound) <= float(disc.distortion)
+    assert float(cont.distortion) <= float(disc.distortion) * (1 + 1e-12)
+    assert int(disc.status) == OPTIMAL
+
+
+def test_eviction_endpoint_is_used_when_cheap_enough():
+    # Item 0 is nearly worthless (eviction costs little distortion), item 1 is precious.
+    model = ExponentialModel(np.array([1.0, 100.0]), 4.0, eviction=np.array([0.05, 1e6]))
+    r = allocate(model, 64.0, average_bits=4.0, menu=(0, 2, 4, 8, 16))
+    assert np.asarray(r.bits).tolist() == [0, 8]
+    assert r.usage.total_bits == 64 * 8
+
+
+def test_full_precision_is_chosen_when_metadata_makes_it_cheaper():
+    # 15 bits + 200 bits of metadata costs more than 16 bits for 64 elements: 16 dominates 15.
+    model = ExponentialModel(np.array([1.0]), 2.0, lo=1, hi=15)
+    r = allocate(model, 64.0, budget=64 * 16, menu=(8, 15, 16), metadata=200.0)
+    assert int(r.bits[0]) == 16 and float(r.distortion) == 0.0
+
+
+def test_tabulated_non_convex_table_uses_its_hull():
+    # Item with a non-convex point at 2 bits: the hull skips it; the fill may still use it when it fits exactly.
+    d = np.array([[10.0, 9.9, 1.0, 0.5], [10.0, 5.0, 2.5, 1.25]])
+    model = TabulatedModel(bits=(1, 2, 3, 4), distortion=d)
+    for budget in range(2, 9):
+        r = allocate(model, 1.0, float(budget))
+        W, C = d, np.broadcast_to(np.array([1.0, 2, 3, 4]), d.shape)
+        opt = brute_force(W, C, float(budget))
+        assert float(r.lower_bound) <= opt + 1e-12 <= float(r.distortion) + 2e-12
+        assert r.usage.total_bits <= budget
+
+
+def test_collinear_points_keep_unit_steps():
+    d = np.array([[4.0, 3.0, 2.0, 1.0, 0.0]] * 3)  # linear distortion: every step equally efficient
+    model = TabulatedModel(bits=(1, 2, 3, 4, 5), distortion=d)
+    for budget in range(3, 16):
+        r = allocate(model, 1.0, float(budget))
+        assert r.usage.total_bits == budget
+        assert int(r.status) == (SATURATED if budget == 15 else OPTIMAL)
+
+
+def test_zero_weights_all_equal_items_and_one_item():
+    model = ExponentialModel(np.ones(5), 4.0, eviction=np.full(5, 2.0))
+    r = allocate(model, 16.0, average_bits=3.0, menu=(0, 1, 2, 3, 4, 8), weights=np.array([0, 1, 1, 1, 1.0]))
+    bits = np.asarray(r.bits)
+    assert bits[0] == 0 and r.usage.total_bits <= 5 * 16 * 3.0
+    eq = allocate(model, 16.0, average_bits=3.0, menu=(1, 2, 3, 4))
+    assert np.asarray(eq.bits).tolist() == [3] * 5 and int(eq.status) == OPTIMAL
+    one = allocate(ExponentialModel(np.array([2.0])), 10.0, budget=55.0)
+    assert int(one.bits[0]) == 5
+
+
+def test_budget_exactly_at_the_minimum_and_the_maximum():
+    model, n, m, w = random_problem(np.random.default_rng(5), 20)
+    W, C = table(model, MENU, n, m, w)
+    lo_r = allocate(model, n, C.min(axis=1).sum(), weights=w, menu=MENU, metadata=m)
+    assert r_bits_cost(lo_r, n, m) == C.min(axis=1).sum()
+    top = C[np.arange(20), np.nanargmin(np.where(np.isfinite(W), W, np.nan), axis=1)].sum()
+    hi_r = allocate(model, n, top, weights=w, menu=MENU, metadata=m)
+    assert int(hi_r.status) == SATURATED and hi_r.gap == 0.0
+    assert float(hi_r.distortion) == pytest.approx(np.min(W, axis=1).sum())
+
+
+def r_bits_cost(r, n, m):
+    return float(np.sum(item_cost(np.asarray(r.bits), n, m)))
+
+
+# ---- invariants --------------------------------------------------------------------------------------------------
+
+cases = st.builds(lambda seed, n, frac: (seed, n, frac), st.integers(0, 2**32 - 1), st.integers(1, 80),
+                  st.floats(0.0, 1.2))
+
+
+def solve_case(case, scale=1.0, perm=None):
+    seed, n_items, frac = case
+    model, n, m, w = random_problem(np.random.default_rng(seed), n_items)
+    W, C = table(model, MENU, n, m, w)
+    budget = C.min(axis=1).sum() + frac * (C.max(axis=1).sum() - C.min(axis=1).sum())
+    if perm is not None:
+        model = ExponentialModel(model.alpha[perm], model.beta[perm], eviction=model.eviction[perm])
+        n, m, w = n[perm], m[perm], w[perm]
+    return allocate(model, n, budget, weights=w * scale, menu=MENU, metadata=m), (model, n, m, w, W, C, budget)
+
+
+@given(cases)
+def test_never_exceeds_the_budget_and_certifies_itself(case):
+    r, (model, n, m, w, W, C, budget) = solve_case(case)
+    assert r.usage.total_bits <= budget
+    assert set(np.asarray(r.bits).tolist()) <= set(MENU)
+    assert float(r.lower_bound) <= float(r.distortion) * (1 + 1e-12) + 1e-300
+    # The gap is at most one hull segment's distortion drop.
+    assert r.gap <= float(np.max(np.where(np.isfinite(W), W, 0))) + 1e-12
+
+
+@given(cases, st.sampled_from([0.5, 2.0, 1024.0]))
+def test_invariant_to_scaling_all_weights(case, scale):
+    a, _ = solve_case(case)
+    b, _ = solve_case(case, scale=scale)
+    np.testing.assert_array_equal(np.asarray(a.bits), np.asarray(b.bits))
+
+
+@given(cases, st.integers(0, 2**32 - 1))
+def test_permutation_equivariance(case, seed):
+    a, _ = solve_case(case)
+    p = np.random.default_rng(seed).permutation(case[1])
+    b, _ = solve_case(case, perm=p)
+    assert float(b.distortion) == pytest.approx(float(a.distortion), rel=1e-9, abs=1e-300)
+    assert float(b.lower_bound) == pytest.approx(float(a.lower_bound), rel=1e-9, abs=1e-300)
+
+
+@given(cases, st.floats(0.01, 0.5))
+def test_dual_bound_is_monotone_in_the_budget(case, extra):
+    a, (model, n, m, w, W, C, budget) = solve_case(case)
+    b = allocate(model, n, budget + extra * n.sum(), weights=w, menu=MENU, metadata=m)
+    assert float(b.lower_bound) <= float(a.lower_bound) * (1 + 1e-12) + 1e-300
+
+
+@given(cases, st.integers(0, 2**32 - 1))
+def test_no_single_swap_does_better_when_optimal(case, seed):
+    r, (model, n, m, w, W, C, budget) = solve_case(case)
+    if int(r.status) != OPTIMAL:
+        return
+    rng = np.random.default_rng(seed)
+    idx = np.array([MENU.index(b) for b in np.asarray(r.bits)])
+    for _ in range(50):
+        cand = idx.copy()
+        i, j = rng.integers(0, len(idx), 2)
+        cand[i], cand[j] = rng.integers(0, len(MENU), 2)
+        rows = np.arange(len(idx))
+        if C[rows, cand].sum() <= budget and np.all(np.isfinite(W[rows, cand])):
+            assert W[rows, cand].sum() >= float(r.distortion) * (1 - 1e-12)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+def test_infeasible_budget_names_the_range():
+    model = ExponentialModel(np.ones(4), 4.0)
+    with pytest.raises(ValueError, match=r"budget 10 bits \(average 0.625\) is infeasible .* needs 16 bits "
+                                         r"\(average 1\).* needs 128"):
+        allocate(model, 4.0, 10.0, menu=(1, 2, 8))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(menu=(0, 1, 2)), ValueError, r"item 0 has no feasible bit-width in menu \[0\]|no feasible"),
+    (dict(menu=(3, 2)), ValueError, "menu must be strictly increasing"),
+    (dict(menu=(1, 17)), ValueError, r"menu must hold integers in \[0, 16\]"),
+    (dict(menu=(1.5, 2)), ValueError, r"menu must hold integers"),
+    (dict(sizes=np.array([1.0, 0.0])), ValueError, "sizes must be > 0, got 0.0 at index 1"),
+    (dict(metadata=-1.0), ValueError, "metadata must be >= 0"),
+    (dict(weights=np.array([1.0, np.nan])), ValueError, "weights must not contain NaN"),
+    (dict(lo=np.array([3.0, 1.0]), hi=np.array([2.0, 8.0])), ValueError, "lo must be <= hi, got lo=3.0 > hi=2.0"),
+])
+def test_bad_input(kwargs, exc, match):
+    model = ExponentialModel(np.array([1.0, 2.0]), 4.0, lo=1, hi=2)
+    kw = dict(sizes=1.0, menu=(1, 2))
+    kw.update(kwargs)
+    if kw["menu"] == (0, 1, 2):
+        model = ExponentialModel(np.array([1.0, 2.0]), 4.0, lo=3, hi=4)
+        kw["menu"] = (0, 1, 2)
+    sizes = kw.pop("sizes")
+    with pytest.raises(exc, match=match):
+        allocate(model, sizes, average_bits=2.0, **kw)
+
+
+def test_tabulated_menu_must_be_in_the_table():
+    model = TabulatedModel(bits=(2, 4), distortion=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"bit-widths \[3\] that the table does not hold"):
+        allocate(model, 1.0, average_bits=3.0, menu=(2, 3))

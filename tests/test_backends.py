@@ -1,0 +1,112 @@
+"""One implementation, every array-API backend: numpy, torch, array_api_strict and JAX under ``jax.jit``."""
+
+import array_api_strict as xs
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
+from rdalloc._namespace import to_numpy
+
+MENU = (0, 1, 2, 3, 4, 6, 8, 16)
+
+
+def instance(seed, n_items):
+    rng = np.random.default_rng(seed)
+    alpha = rng.lognormal(0, 2, n_items)
+    beta = rng.uniform(1.5, 6.0, n_items)
+    ev = alpha * rng.uniform(0.2, 3.0, n_items)
+    n = rng.integers(1, 100, n_items).astype(float)
+    w = rng.uniform(0, 2, n_items)
+    return alpha, beta, ev, n, w
+
+
+def run_allocate(to, seed, n_items, avg):
+    alpha, beta, ev, n, w = (to(x) for x in instance(seed, n_items))
+    return allocate(ExponentialModel(alpha, beta, eviction=ev), n, average_bits=avg, weights=w, menu=MENU,
+                    metadata=32.0)
+
+
+def run_waterfill(to, seed, n_items, avg):
+    alpha, beta, _, n, w = (to(x) for x in instance(seed, n_items))
+    return waterfill(ExponentialModel(alpha, beta), n, average_bits=avg, weights=w)
+
+
+BACKENDS = {"torch": torch.asarray, "array_api_strict": xs.asarray}
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.floats(0.5, 10.0))
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_eager_backends_agree_with_numpy(backend, seed, n_items, avg):
+    ref = run_allocate(np.asarray, seed, n_items, avg)
+    got = run_allocate(BACKENDS[backend], seed, n_items, avg)
+    np.testing.assert_array_equal(to_numpy(got.bits), ref.bits)
+    assert float(to_numpy(got.distortion)) == pytest.approx(float(ref.distortion), rel=1e-12, abs=1e-300)
+    ref_c = run_waterfill(np.asarray, seed, n_items, float(np.clip(avg, 1.0, 8.0)))
+    got_c = run_waterfill(BACKENDS[backend], seed, n_items, float(np.clip(avg, 1.0, 8.0)))
+    np.testing.assert_allclose(to_numpy(got_c.bits), ref_c.bits, rtol=0, atol=1e-12)
+
+
+@jax.jit
+def jit_allocate(a, b, e, n, w, avg):
+    return allocate(ExponentialModel(a, b, eviction=e), n, average_bits=avg, weights=w, menu=MENU, metadata=32.0)
+
+
+@jax.jit
+def jit_waterfill(a, b, n, w, avg):
+    return waterfill(ExponentialModel(a, b), n, average_bits=avg, weights=w)
+
+
+@settings(max_examples=15)  # a handful of shapes, so few compilations
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 37, 300]), st.floats(0.5, 10.0))
+def test_jax_jit_agrees_with_numpy(seed, n_items, avg):
+    with jax.enable_x64(True):
+        alpha, beta, ev, n, w = (jnp.asarray(x) for x in instance(seed, n_items))
+        got = jit_allocate(alpha, beta, ev, n, w, avg)
+        got_c = jit_waterfill(alpha, beta, n, w, float(np.clip(avg, 1.0, 8.0)))
+    ref = run_allocate(np.asarray, seed, n_items, avg)
+    np.testing.assert_array_equal(np.asarray(got.bits), ref.bits)
+    assert float(got.distortion) == pytest.approx(float(ref.distortion), rel=1e-12, abs=1e-300)
+    assert float(got.lower_bound) == pytest.approx(float(ref.lower_bound), rel=1e-9, abs=1e-300)
+    ref_c = run_waterfill(np.asarray, seed, n_items, float(np.clip(avg, 1.0, 8.0)))
+    np.testing.assert_allclose(np.asarray(got_c.bits), ref_c.bits, atol=1e-10)
+
+
+def test_jax_jit_compiles_once_for_many_budgets():
+    with jax.enable_x64(True):
+        alpha, beta, ev, n, w = (jnp.asarray(x) for x in instance(0, 64))
+        traces = []
+
+        @jax.jit
+        def solve(avg):
+            traces.append(1)
+            return allocate(ExponentialModel(alpha, beta, eviction=ev), n, average_bits=avg, weights=w, menu=MENU)
+
+        out = [int(jnp.sum(solve(a).bits)) for a in (1.0, 2.0, 3.0)]
+    assert len(traces) == 1 and out == sorted(out)
+
+
+def test_jax_float32_without_x64():
+    alpha, beta, _, n, w = instance(1, 50)
+    r = jax.jit(lambda a: waterfill(ExponentialModel(a, jnp.asarray(beta)), jnp.asarray(n), average_bits=3.0))(
+        jnp.asarray(alpha))
+    ref = waterfill(ExponentialModel(alpha, beta), n, average_bits=3.0)
+    assert r.bits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(r.bits), ref.bits, atol=1e-3)
+
+
+def test_jax_infeasible_budget_reports_status_under_jit():
+    with jax.enable_x64(True):
+        r = jax.jit(lambda a: allocate(ExponentialModel(a), 1.0, budget=0.5, menu=(1, 2)))(jnp.ones(3))
+    assert int(r.status) == 3 and np.all(np.asarray(r.bits) == -1)
+
+
+def test_tabulated_model_on_torch():
+    d = torch.tensor([[9.0, 4.0, 1.0, 0.0], [3.0, 2.0, 1.5, 0.0]], dtype=torch.float64)
+    r = allocate(TabulatedModel(bits=(0, 2, 4, 16), distortion=d), torch.tensor([8.0, 8.0]), budget=48.0)
+    ref = allocate(TabulatedModel(bits=(0, 2, 4, 16), distortion=d.numpy()), np.array([8.0, 8.0]), budget=48.0)
+    assert isinstance(r.bits, torch.Tensor)
+    assert r.bits.tolist() == ref.bits.tolist()

@@ -1,0 +1,184 @@
+"""Continuous reverse water-filling: closed forms, invariants (hypothesis) and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from rdalloc import ExponentialModel, waterfill
+from rdalloc.waterfill import OPTIMAL, SATURATED
+
+
+def problem(rng, n_items, shared_beta=False):
+    alpha = rng.lognormal(0.0, 2.0, n_items)
+    beta = 4.0 if shared_beta else rng.uniform(1.5, 8.0, n_items)
+    sizes = rng.integers(1, 200, n_items).astype(float)
+    weights = rng.uniform(0.0, 3.0, n_items)
+    return ExponentialModel(alpha, beta), sizes, weights
+
+
+def test_single_item_takes_the_whole_budget():
+    r = waterfill(ExponentialModel(np.array([3.0])), 64.0, budget=64 * 2.75)
+    assert float(r.bits[0]) == pytest.approx(2.75, abs=1e-12)
+    assert int(r.status) == OPTIMAL
+
+
+def test_equal_items_get_equal_bits():
+    r = waterfill(ExponentialModel(np.full(7, 2.0)), 10.0, average_bits=3.5)
+    np.testing.assert_allclose(r.bits, 3.5, atol=1e-12)
+
+
+def test_two_items_differ_by_log_ratio_of_alpha():
+    # b1 - b2 = log_beta(alpha1 / alpha2) for equal sizes and weights, both free.
+    r = waterfill(ExponentialModel(np.array([16.0, 1.0]), beta=4.0), 1.0, average_bits=4.0)
+    assert float(r.bits[0] - r.bits[1]) == pytest.approx(math.log(16.0, 4.0), abs=1e-12)
+    assert float(np.sum(r.bits)) == pytest.approx(8.0, abs=1e-12)
+
+
+def test_shared_beta_matches_the_textbook_water_level():
+    rng = np.random.default_rng(0)
+    model, n, w = problem(rng, 50, shared_beta=True)
+    r = waterfill(model, n, weights=w, average_bits=4.0, lo=0.0, hi=16.0)
+    t = np.log(w * model.alpha * math.log(4.0) / n) / math.log(4.0)
+    free = (r.bits > 1e-9) & (r.bits < 16 - 1e-9)
+    theta = float(r.log_water_level) / math.log(4.0)  # mu / ln(beta)
+    np.testing.assert_allclose(r.bits[free], t[free] - theta, atol=1e-9)
+    assert float(np.sum(n * r.bits)) == pytest.approx(4.0 * n.sum(), rel=1e-13)
+
+
+def test_budget_at_the_ends_of_the_box():
+    model = ExponentialModel(np.array([1.0, 5.0, 0.1]))
+    lo_r = waterfill(model, 8.0, budget=3 * 8 * 1.0)
+    np.testing.assert_array_equal(lo_r.bits, 1.0)
+    hi_r = waterfill(model, 8.0, budget=3 * 8 * 8.0)
+    np.testing.assert_array_equal(hi_r.bits, 8.0)
+    assert int(hi_r.status) == SATURATED
+    more = waterfill(model, 8.0, budget=1e9)
+    np.testing.assert_array_equal(more.bits, 8.0)
+
+
+def test_zero_weight_items_stay_at_lo():
+    r = waterfill(ExponentialModel(np.array([1.0, 2.0, 3.0])), 1.0, average_bits=4.0, weights=np.array([0.0, 1, 1]))
+    assert float(r.bits[0]) == 1.0
+    assert float(np.sum(r.bits)) == pytest.approx(12.0)
+
+
+def test_metadata_is_charged_as_a_constant():
+    model = ExponentialModel(np.ones(4))
+    r = waterfill(model, 64.0, average_bits=3.0, metadata=64.0)  # one bit per element of metadata
+    np.testing.assert_allclose(r.bits, 2.0, atol=1e-12)
+    assert float(r.budget_used) == pytest.approx(4 * 64 * 3.0)
+
+
+def test_large_problem_is_exact_in_few_passes():
+    rng = np.random.default_rng(1)
+    model, n, w = problem(rng, 200_000)
+    r = waterfill(model, n, weights=w, average_bits=3.3)
+    assert int(r.status) == OPTIMAL
+    assert float(r.kkt_residual) < 1e-9
+    assert float(r.budget_residual) < 1e-12
+    assert int(r.iterations) <= 10
+
+
+# ---- invariants --------------------------------------------------------------------------------------------------
+
+instances = st.builds(
+    lambda seed, n, avg, shared: (np.random.default_rng(seed), n, avg, shared),
+    st.integers(0, 2**32 - 1), st.integers(1, 60), st.floats(1.0, 8.0), st.booleans())
+
+
+def solve(inst, **kw):
+    rng, n_items, avg, shared = inst
+    model, n, w = problem(rng, n_items, shared)
+    return model, n, w, waterfill(model, n, weights=w, average_bits=avg, **kw)
+
+
+@given(instances)
+def test_budget_bounds_and_kkt(inst):
+    model, n, w, r = solve(inst)
+    bits = np.asarray(r.bits)
+    assert np.all(bits >= 1.0 - 1e-12) and np.all(bits <= 8.0 + 1e-12)
+    target = min(float(r.budget), 8.0 * n.sum())
+    assert float(np.sum(n * bits)) == pytest.approx(target, rel=1e-11)
+    assert float(r.kkt_residual) < 1e-8
+
+
+@given(instances, st.floats(0.05, 2.0))
+def test_monotone_in_the_budget(inst, extra):
+    rng, n_items, avg, shared = inst
+    model, n, w = problem(rng, n_items, shared)
+    a = waterfill(model, n, weights=w, average_bits=avg)
+    b = waterfill(model, n, weights=w, average_bits=min(avg + extra, 8.0))
+    assert np.all(np.asarray(b.bits) >= np.asarray(a.bits) - 1e-9)
+    assert float(b.distortion) <= float(a.distortion) * (1 + 1e-12)
+
+
+@given(instances, st.integers(0, 2**32 - 1))
+def test_permutation_equivariance(inst, seed):
+    rng, n_items, avg, shared = inst
+    model, n, w = problem(rng, n_items, shared)
+    p = np.random.default_rng(seed).permutation(n_items)
+    a = waterfill(model, n, weights=w, average_bits=avg)
+    beta = model.beta if np.isscalar(model.beta) else model.beta[p]
+    b = waterfill(ExponentialModel(model.alpha[p], beta), n[p], weights=w[p], average_bits=avg)
+    np.testing.assert_allclose(np.asarray(b.bits), np.asarray(a.bits)[p], atol=1e-9)
+
+
+@given(instances, st.floats(1e-3, 1e3))
+def test_invariant_to_scaling_all_weights(inst, scale):
+    rng, n_items, avg, shared = inst
+    model, n, w = problem(rng, n_items, shared)
+    a = waterfill(model, n, weights=w, average_bits=avg)
+    b = waterfill(model, n, weights=w * scale, average_bits=avg)
+    np.testing.assert_allclose(np.asarray(b.bits), np.asarray(a.bits), atol=1e-9)
+
+
+@given(instances, st.integers(0, 2**32 - 1))
+def test_no_feasible_perturbation_does_better(inst, seed):
+    model, n, w, r = solve(inst)
+    bits = np.asarray(r.bits)
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=bits.shape)
+    d -= n * (d @ n) / (n @ n)  # keep the budget
+    for step in (1e-1, 1e-3):
+        cand = bits + step * d
+        if np.all(cand >= 1.0) and np.all(cand <= 8.0):
+            assert float(np.sum(w * model.alpha * model.beta ** (-cand))) >= float(r.distortion) * (1 - 1e-12)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=np.array([1.0, np.nan])), "alpha must not contain NaN"),
+    (dict(alpha=np.array([1.0, np.inf])), "alpha must be finite"),
+    (dict(alpha=np.array([1.0, 0.0])), "alpha must be > 0"),
+    (dict(alpha=np.array([1.0, 2.0]), beta=1.0), "beta must be > 1"),
+    (dict(alpha=np.array([1.0, 2.0]), beta=np.array([2.0, 2.0, 2.0])), r"beta must be a scalar or shape \(2,\)"),
+    (dict(alpha=np.array([1.0, 2.0]), lo=5.0, hi=3.0), "lo <= hi"),
+])
+def test_bad_models(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExponentialModel(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(sizes=np.array([1.0, -1.0]), average_bits=2), ValueError, r"sizes must be > 0, got -1.0 at index 1"),
+    (dict(sizes=1.0, weights=np.array([1.0, -2.0]), average_bits=2), ValueError, "weights must be >= 0"),
+    (dict(sizes=np.ones(3), average_bits=2), ValueError, r"sizes must be a scalar or shape \(2,\)"),
+    (dict(sizes=1.0, average_bits=2, lo=np.array([4.0, 1.0]), hi=np.array([3.0, 8.0])), ValueError,
+     "lo must be <= hi, got lo=4.0 > hi=3.0 at item 0"),
+    (dict(sizes=1.0, budget=0.5), ValueError, r"infeasible: the box needs between 2 and 16 bits"),
+    (dict(sizes=1.0), TypeError, "exactly one of budget"),
+    (dict(sizes=1.0, budget=3.0, average_bits=2.0), TypeError, "exactly one of budget"),
+    (dict(sizes=1.0, budget=float("nan")), ValueError, "budget must be a finite number"),
+    (dict(sizes=1.0, average_bits="x"), TypeError, "average_bits must be a real number"),
+])
+def test_bad_solver_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        waterfill(ExponentialModel(np.array([1.0, 2.0])), **kwargs)
+
+
+def test_wrong_model_type():
+    with pytest.raises(TypeError, match="model must be an ExponentialModel"):
+        waterfill(object(), 1.0, average_bits=2)
