@@ -41,7 +41,7 @@ def _bits(name: str, x: Any, axes: tuple[str, ...]) -> np.ndarray:
     if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and not np.all(np.isfinite(a))):
         raise ValueError(f"{name} bits must be finite numbers, got dtype {a.dtype}")
     if a.size and (np.any(a != np.round(a)) or a.min() < 0 or a.max() > FULL_BITS):
-        bad = a[(a != np.round(a)) | (a < 0) | (a > FULL_BITS)].ravel()[0]
+        bad = a[(a != np.round(a)) | (a < 0) | (a > FULL_BITS)].ravel()[0].item()
         raise ValueError(f"{name} bits must be integers in [0, {FULL_BITS}], got {bad!r}")
     out = a.astype(np.int8)
     out.setflags(write=False)

@@ -1,0 +1,47 @@
+"""The ``rdalloc solve`` command: bundled real problem, flags, problem files, plan output and errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rdalloc import Plan
+from rdalloc.cli import main
+
+
+def test_bundled_problem_prints_plan_and_certificate(capsys, tmp_path):
+    assert main(["solve", "--average-bits", "3", "--plan-out", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "layer  K0  K1  K2   V0  V1  V2" in out and '"status_message": "optimal' in out
+    cert = json.loads(out[out.index("certificate:") + len("certificate:"):])
+    assert cert["budget_used"] <= cert["budget_bits"] and cert["average_bits"] == pytest.approx(3.0)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert (plan.layers, plan.kv_heads, plan.quantizer) == (30, 3, "kivi")
+
+
+def test_flags_menu_and_continuous(capsys):
+    assert main(["solve", "--alpha", "1,2,4,8", "--eviction", "1,2,4,8", "--sizes", "64", "--metadata", "32",
+                 "--menu", "0,1,2,3,4,8,16", "--average-bits", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "bits: 2 2 3 3" in out
+    assert main(["solve", "--alpha", "1,16", "--average-bits", "4", "--continuous"]) == 0
+    out = capsys.readouterr().out
+    assert "bits: 3.000 5.000" in out
+
+
+def test_problem_file(tmp_path, capsys):
+    p = tmp_path / "problem.json"
+    p.write_text(json.dumps({"model": {"kind": "tabulated", "bits": [0, 2, 4], "distortion": [[4, 1, 0.5], [9, 2, 1]]},
+                             "sizes": 1.0}))
+    assert main(["solve", "--problem", str(p), "--budget", "4"]) == 0
+    assert "bits: 2 2" in capsys.readouterr().out
+
+
+def test_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["solve", "--problem", str(tmp_path / "missing.json")])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="must be a JSON object"):
+        main(["solve", "--problem", str(tmp_path / "bad.json")])
+    assert main(["solve", "--alpha", "1,2", "--average-bits", "0.5"]) == 2
+    assert "infeasible" in capsys.readouterr().err
