@@ -12,13 +12,16 @@ For a fixed active set (F free, U at ``hi``, L at ``lo``) the root of ``g(mu) = 
 
 With a shared ``beta`` this is the water level ``theta = mu / ln beta`` of DESIGN.md §2.
 
-Algorithm (one pass over the items per iteration; every sum accumulated in float64). Each pass evaluates, at the
-current level ``mu``, ``g(mu)``, the closed form ``mu*`` of its active set and the two breakpoints that enclose
-``mu``. If ``mu*`` lies between them the active set is the right one and ``mu*`` is the exact root: stop.
-Otherwise the bracket ``[a, b]`` with ``g(a) >= P >= g(b)`` shrinks to ``mu`` and the next level is the Newton point
-``mu*`` when it lies inside the bracket, else the secant point, else (after two secant steps in a row) the midpoint.
-This is the safeguarded Newton method for continuous knapsack problems (Cominetti, Mascarenhas and Silva, 2014): it
-visits each linear piece at most once and in practice stops after 3-8 passes. The iteration count is reported.
+Algorithm. One pass computes the per-item constants ``ck = c / k``, ``1 / k``, ``n / k`` and the all-free closed
+form, the first level. Each further pass evaluates ``g(mu)`` and the slope ``s(mu) = sum_F n_i / k_i`` of its linear
+piece; since ``g`` is linear on the piece, ``mu* = mu + (g(mu) - P) / s(mu)`` is the closed form above. The next
+level is that Newton point when it lies inside the bracket ``[a, b]`` (``g(a) >= P >= g(b)``), else the secant point,
+else (after two secant steps in a row) the midpoint: the safeguarded Newton method for continuous knapsack problems
+(Cominetti, Mascarenhas and Silva, 2014), which visits each linear piece at most once. It stops when
+``|g(mu) - P| <= 64 eps g_max`` — the closed form of the right piece meets the budget to rounding — or when the bracket
+has shrunk to a few ulps. In practice: 1 setup pass, 2–4 evaluation passes, 1 pass to write the bits and the
+certificate. Every sum is accumulated in float64. On numpy and torch each pass runs over cache-sized chunks (its
+temporaries never leave the CPU cache); on JAX the passes are fused by XLA inside ``lax.while_loop``.
 
 Metadata: the continuous relaxation treats every item as quantized, so ``P = B - sum_i m_i``. Use
 :func:`rdalloc.allocate` for integer bits, menus, eviction and metadata that depends on the bit-width.
@@ -124,115 +127,161 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     check_values("metadata", metadata, nonnegative=True)
     check_values("lo", lo, nonnegative=True)
     check_values("hi", hi, nonnegative=True)
-    ones = xp.ones((n_items,), dtype=float_dtype(xp), device=dev)
-    f = lambda v, name: as_float64(xp, v, device=dev, name=name) * ones  # noqa: E731
+    f = lambda v, name: as_float64(xp, v, device=dev, name=name)  # noqa: E731  (scalars stay 0-d)
     alpha, beta = f(model.alpha, "alpha"), f(model.beta, "beta")
     n, w, lo_, hi_, m = f(sizes, "sizes"), f(weights, "weights"), f(lo, "lo"), f(hi, "hi"), f(metadata, "metadata")
     if not is_traced(lo_) and not is_traced(hi_):
-        bad = to_numpy(lo_) > to_numpy(hi_)
+        lo_np, hi_np = np.broadcast_to(to_numpy(lo_), (n_items,)), np.broadcast_to(to_numpy(hi_), (n_items,))
+        bad = lo_np > hi_np
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"lo must be <= hi, got lo={float(to_numpy(lo_)[i])!r} > hi={float(to_numpy(hi_)[i])!r} "
-                             f"at item {i}")
-        if (to_numpy(hi_) > FULL_BITS).any():
-            raise ValueError(f"hi must be <= {FULL_BITS}, got {float(to_numpy(hi_).max())!r}")
-    elements = xp.sum(n)
+            raise ValueError(f"lo must be <= hi, got lo={float(lo_np[i])!r} > hi={float(hi_np[i])!r} at item {i}")
+        if (hi_np > FULL_BITS).any():
+            raise ValueError(f"hi must be <= {FULL_BITS}, got {float(hi_np.max())!r}")
+    total_of = lambda x: xp.sum(x) if x.ndim else x * n_items  # noqa: E731
+    elements = total_of(n)
     total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
     B = xp.asarray(total, dtype=float_dtype(xp), device=dev)
-    P = B - xp.sum(m)  # payload budget
+    P = B - total_of(m)  # payload budget
+    # One pass: per-item constants ck, 1/k, n/k, and the sums that give the all-free closed form and [g_min, g_max].
+    def start(alpha, beta, w, n, lo, hi):
+        k, inv_k, useful, ck, nk = _constants(xp, alpha, beta, w, n)
+        zero = xp.zeros_like(ck)
+        sums = (xp.where(useful, n * ck, zero), xp.where(useful, zero, n * lo + zero), xp.where(useful, nk + zero, zero),
+                n * xp.where(useful, hi, lo) + zero, n * lo + zero, n * hi + zero)
+        at_lo_level = xp.where(useful, (ck - lo) / inv_k, -xp.inf)  # the level at which the item reaches lo
+        return (ck, inv_k + zero, nk + zero), sums, at_lo_level
 
-    k = xp.log(beta)
-    useful = w > 0
-    neg_inf = xp.asarray(-xp.inf, dtype=k.dtype, device=dev)
-    c = xp.where(useful, xp.log(xp.where(useful, w, ones)) + xp.log(alpha) + xp.log(k) - xp.log(n), neg_inf)
-    u = xp.where(useful, c - k * hi_, neg_inf)  # mu <= u_i: item at hi
-    l = xp.where(useful, c - k * lo_, neg_inf)  # mu >= l_i: item at lo
-    g_max = xp.sum(xp.where(useful, n * hi_, n * lo_))
-    g_min = xp.sum(n * lo_)
+    (ck, inv_k, nk), (s_nck, s_lo_useless, s_all, g_max, g_min, g_top), mu_min = \
+        _Chunked(xp, n_items, (alpha, beta, w, n, lo_, hi_)).finish(start)
+    over = _Chunked(xp, n_items, (ck, inv_k, nk, n, lo_, hi_, w, alpha))
     if not is_traced(P):
-        p, gmin, gmax = float(P), float(g_min), float(g_max)
-        scale = max(abs(gmin), 1.0)
-        if p < gmin - 1e-12 * scale:
-            used_meta = float(xp.sum(m))
-            raise ValueError(f"budget {float(B):.6g} bits is infeasible: the box needs between {gmin + used_meta:.6g} "
-                             f"and {float(xp.sum(n * hi_)) + used_meta:.6g} bits (average "
-                             f"{(gmin + used_meta) / float(elements):.6g} to "
-                             f"{(float(xp.sum(n * hi_)) + used_meta) / float(elements):.6g})")
-
-    pos_inf = -neg_inf
-    a0 = xp.min(xp.where(useful, u, pos_inf))  # at mu <= a0 every useful item is at hi
-    b0 = xp.max(xp.where(useful, l, neg_inf))  # at mu >= b0 every item is at lo
+        p, gmin = float(P), float(g_min)
+        if p < gmin - 1e-12 * max(abs(gmin), 1.0):
+            meta, top = float(total_of(m)), float(g_top)
+            raise ValueError(f"budget {float(B):.6g} bits is infeasible: the box needs between {gmin + meta:.6g} "
+                             f"and {top + meta:.6g} bits (average {(gmin + meta) / float(elements):.6g} to "
+                             f"{(top + meta) / float(elements):.6g})")
     saturated = P >= g_max
     at_min = P <= g_min
     infeasible = P < g_min - 1e-12 * xp.maximum(xp.abs(g_min), xp.ones_like(g_min))
-    # All-free closed form as the first guess (items with w = 0 sit at lo).
-    inv_k = xp.where(useful, n / k, 0 * n)
-    s_free = xp.sum(inv_k)
-    safe_s = xp.where(s_free > 0, s_free, xp.ones_like(s_free))
-    guess = (xp.sum(xp.where(useful, n * c / k, 0 * n)) + xp.sum(xp.where(useful, 0 * n, n * lo_)) - P) / safe_s
-    a_fin = xp.where(saturated | at_min, xp.zeros_like(a0), a0)
-    b_fin = xp.where(saturated | at_min, xp.ones_like(b0), b0)
-    mu0 = xp.clip(guess, a_fin, b_fin) if not is_jax(xp) else xp.minimum(xp.maximum(guess, a_fin), b_fin)
+    eps = float(xp.finfo(P.dtype).eps)
+    tol = 64 * eps * xp.maximum(g_max, xp.ones_like(g_max))  # |g(mu) - P| at rounding level
+    safe = lambda x: xp.where(x > 0, x, xp.ones_like(x))  # noqa: E731
+    mu0 = (s_nck + s_lo_useless - P) / safe(s_all)  # every useful item free
+    big = xp.asarray(float(xp.finfo(mu0.dtype).max) / 4, dtype=mu0.dtype, device=dev)
     zero_i = xp.asarray(0, dtype=xp.int32, device=dev)
 
     def evaluate(mu):
-        t = xp.where(useful, (c - mu) / k, neg_inf)
-        at_hi = t >= hi_
-        at_lo = (t <= lo_) & ~at_hi
-        free = ~at_hi & ~at_lo
-        g = xp.sum(xp.where(at_hi, n * hi_, xp.where(at_lo, n * lo_, n * t)))
-        s_f = xp.sum(xp.where(free, inv_k, 0 * n))
-        s_fc = xp.sum(xp.where(free, n * c / k, 0 * n))
-        const = xp.sum(xp.where(at_hi, n * hi_, 0 * n)) + xp.sum(xp.where(at_lo, n * lo_, 0 * n))
-        left = xp.maximum(xp.max(xp.where(u <= mu, u, neg_inf)), xp.max(xp.where(l <= mu, l, neg_inf)))
-        right = xp.minimum(xp.min(xp.where(u >= mu, u, pos_inf)), xp.min(xp.where(l >= mu, l, pos_inf)))
-        newton = (s_fc + const - P) / xp.where(s_f > 0, s_f, xp.ones_like(s_f))
-        return g, s_f, newton, left, right
+        """One pass: ``g(mu) = sum n clip(t, lo, hi)`` and its slope magnitude ``sum over free items of n / k``."""
+        def at(ck, inv_k, nk, n, lo, hi, w, alpha):
+            t = ck - mu * inv_k
+            return n * xp.clip(t, lo, hi), xp.where((t > lo) & (t < hi), nk, xp.zeros_like(t))
+        return over.sums(at)
 
     def cond(state):
-        mu, a, b, ga, gb, it, done, stall = state
-        return ~done & (it < max_iter)
+        return ~state[6] & (state[5] < max_iter)
 
     def body(state):
-        mu, a, b, ga, gb, it, done, stall = state
-        g, s_f, newton, left, right = evaluate(mu)
-        slack = 1e-13 * xp.maximum(xp.abs(mu), xp.ones_like(mu))
-        found = ((s_f > 0) & (newton >= left - slack) & (newton <= right + slack)) | (g == P)
+        mu, a, b, ga, gb, it, _, stall = state
+        g, s = evaluate(mu)
+        found = xp.abs(g - P) <= tol
         a, ga = xp.where(g > P, mu, a), xp.where(g > P, g, ga)
         b, gb = xp.where(g < P, mu, b), xp.where(g < P, g, gb)
+        found = found | ((b - a) <= 4 * eps * xp.maximum(xp.abs(a), xp.abs(b)))
         inside = lambda x: (x > a) & (x < b)  # noqa: E731
-        secant = a + (ga - P) * (b - a) / xp.where(ga > gb, ga - gb, xp.ones_like(ga))
-        use_newton = (s_f > 0) & inside(newton)
-        use_secant = ~use_newton & inside(secant) & (stall < 2)
-        nxt = xp.where(use_newton, newton, xp.where(use_secant, secant, (a + b) / 2))
-        nxt = xp.where(found, xp.where(s_f > 0, newton, mu), nxt)
+        bounded = (a > -big) & (b < big)
+        newton = mu + (g - P) / safe(s)
+        secant = a + (ga - P) * xp.where(bounded, b - a, xp.zeros_like(a)) / safe(ga - gb)
+        use_newton = (s > 0) & inside(newton)
+        use_secant = ~use_newton & bounded & inside(secant) & (stall < 2)
+        far = xp.where(a > -big, a + xp.maximum(xp.abs(a), xp.ones_like(a)), b - xp.maximum(xp.abs(b), xp.ones_like(b)))
+        mid = xp.where(bounded, (a + b) / 2, far)
+        nxt = xp.where(use_newton, newton, xp.where(use_secant, secant, mid))
+        nxt = xp.where(found, mu, nxt)
         stall = xp.where(use_secant, stall + 1, zero_i)
         return nxt, a, b, ga, gb, it + 1, found, stall
 
-    state = (mu0, a_fin, b_fin, xp.where(saturated | at_min, g_max, g_max), g_min, zero_i,
-             saturated | at_min | infeasible, zero_i)
+    # Bracket: a with g(a) >= P, b with g(b) <= P (open ends at -/+big until an evaluation closes them).
+    state = (mu0, -big, big, g_max, g_min, zero_i, saturated | infeasible | at_min, zero_i)
     mu, _, _, _, _, iters, done, _ = while_loop(xp, cond, body, state)
-    mu = xp.where(saturated, a0, xp.where(at_min, b0, mu))
-    t = xp.where(useful, (c - mu) / k, neg_inf)
-    bits = xp.minimum(xp.maximum(t, lo_), hi_)
-    bits = xp.where(saturated & useful, hi_, bits)
+    mu = xp.where(at_min & ~saturated, mu_min, mu)  # everything at lo: the lowest level that keeps it there
+    level = xp.where(saturated, -xp.inf * xp.ones_like(mu), mu)  # lambda = 0 when the budget is slack
+
+    def finish(ck, inv_k, nk, n, lo, hi, w, alpha):
+        """Bits, and per item: payload, distortion and KKT violation in log marginal value.
+
+        ``r_i = ln(marginal_i) - mu = k_i (ck_i - b_i) - mu`` is 0 on free items, >= 0 at ``hi``, <= 0 at ``lo``;
+        the residual is the largest violation (rounding only, by construction).
+        """
+        k, useful = 1.0 / inv_k, w > 0
+        bits = xp.clip(ck - mu * inv_k, lo, hi)
+        bits = xp.where(saturated, xp.where(useful, hi, lo) + 0 * bits, xp.where(at_min, lo + 0 * bits, bits))
+        r = xp.where(useful, k * (ck - bits) - level, -xp.inf)
+        zero = xp.zeros_like(bits)
+        kkt = xp.maximum(xp.where(bits < hi, xp.maximum(r, zero), zero), xp.where(bits > lo, xp.maximum(-r, zero), zero))
+        return (bits,), (n * bits, w * alpha * xp.exp(-k * bits)), kkt
+
+    (bits,), (payload, distortion), kkt = over.finish(finish)
+    bits = xp.where(infeasible, xp.nan, bits)
     code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
     status = xp.where(infeasible, code(INFEASIBLE),
                       xp.where(saturated, code(SATURATED), xp.where(done, code(OPTIMAL), code(MAX_ITER))))
-    bits = xp.where(infeasible, xp.nan * ones, bits)
-    log_level = xp.where(saturated & (P > g_max), neg_inf, mu)
-
-    payload = xp.sum(n * bits)
     target = xp.minimum(P, g_max)
-    marginal = xp.where(useful, c - k * bits, neg_inf)  # ln of the marginal value per element
-    below_hi = xp.where((bits < hi_) & useful, xp.maximum(marginal - log_level, 0 * n), 0 * n)
-    above_lo = xp.where((bits > lo_) & useful, xp.maximum(log_level - marginal, 0 * n), 0 * n)
-    kkt = xp.max(xp.maximum(below_hi, above_lo))
     return WaterfillResult(
-        bits=bits, log_water_level=log_level, budget=B, budget_used=payload + xp.sum(m),
-        distortion=xp.sum(w * alpha * xp.exp(-k * bits)), kkt_residual=kkt,
+        bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
+        budget_used=payload + total_of(m), distortion=distortion, kkt_residual=kkt,
         budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
         iterations=iters, status=status)
+
+
+def _constants(xp, alpha, beta, w, n):
+    """``k = ln beta``, ``1/k``, ``w > 0``, ``ck = ln(w alpha k / n) / k`` (``-inf`` where ``w = 0``) and ``n / k``."""
+    k = xp.log(beta)
+    inv_k = 1.0 / k
+    useful = w > 0
+    prod = w * alpha * k / n
+    ck = xp.where(useful, xp.log(xp.where(useful, prod, xp.ones_like(prod))) * inv_k, -xp.inf)
+    return k, inv_k, useful, ck, n * inv_k
+
+
+class _Chunked:
+    """Passes over the items, in cache-sized chunks on eager backends (numpy, torch, array_api_strict), whole on JAX.
+
+    A chunk's temporaries stay in the CPU cache, so a pass of a dozen elementwise operations costs about one trip
+    through memory; XLA fuses the same operations on JAX. Sums are float64 over chunks (a different summation order
+    than one ``sum``, both accurate to rounding).
+    """
+
+    CHUNK = 1 << 15
+
+    def __init__(self, xp, n_items: int, arrays: tuple):
+        self.xp, self.n, self.arrays = xp, n_items, arrays
+        whole = is_jax(xp) or n_items <= self.CHUNK or any(is_traced(a) for a in arrays)
+        self.slices = [slice(None)] if whole else [slice(i, i + self.CHUNK) for i in range(0, n_items, self.CHUNK)]
+
+    def _parts(self, sl):
+        return tuple(a if a.ndim == 0 else a[sl] for a in self.arrays)
+
+    def sums(self, fn) -> tuple:
+        """``tuple(sum(x) for x in fn(*chunk))`` accumulated over all chunks."""
+        xp, total = self.xp, None
+        for sl in self.slices:
+            part = tuple(xp.sum(x) for x in fn(*self._parts(sl)))
+            total = part if total is None else tuple(a + b for a, b in zip(total, part))
+        return total
+
+    def finish(self, fn):
+        """``fn`` returns (arrays, sums, maxima) per chunk: each array concatenated, sums summed, the max of maxima."""
+        xp, values, sums, peak = self.xp, [], None, None
+        for sl in self.slices:
+            v, s, mx = fn(*self._parts(sl))
+            values.append(v)
+            s = tuple(xp.sum(x) for x in s)
+            sums = s if sums is None else tuple(a + b for a, b in zip(sums, s))
+            peak = xp.max(mx) if peak is None else xp.maximum(peak, xp.max(mx))
+        arrays = values[0] if len(values) == 1 else tuple(xp.concat([v[j] for v in values]) for j in range(len(values[0])))
+        return arrays, sums, peak
 
 
 def _device(x: Any):
