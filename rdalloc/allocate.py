@@ -165,40 +165,35 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
     Bt = xp.asarray(total, dtype=fdt, device=dev)
 
-    # ---- the table: weighted distortion W, cost C, allowed mask, each (N, K) -------------------------------------
-    D, allowed = _table(xp, model, menu, N, dev, fdt)
-    for name, bound, side in (("lo", lo, 1), ("hi", hi, -1)):
-        if bound is None:
-            continue
-        check_shape(name, bound, N)
-        check_values(name, bound)
-        bnd = as_float64(xp, bound, device=dev, name=name) * ones
-        for k, b in enumerate(menu):
-            ok = (bnd <= b) if side == 1 else (bnd >= b)
-            allowed[k] = allowed[k] & ok
+    K = len(menu)
+    bounds = []
+    for name, bound in (("lo", lo), ("hi", hi)):
+        if bound is not None:
+            check_shape(name, bound, N)
+            check_values(name, bound)
+        bounds.append(None if bound is None else as_float64(xp, bound, device=dev, name=name) * ones)
     if lo is not None and hi is not None and not is_traced(lo) and not is_traced(hi):
         bad = np.broadcast_to(to_numpy(lo), (N,)) > np.broadcast_to(to_numpy(hi), (N,))
         if bad.any():
             i = int(np.argmax(bad))
             lo_i, hi_i = (float(np.broadcast_to(to_numpy(x), (N,))[i]) for x in (lo, hi))
             raise ValueError(f"lo must be <= hi, got lo={lo_i!r} > hi={hi_i!r} at item {i}")
-    K = len(menu)
-    zero = xp.zeros((N,), dtype=fdt, device=dev)
-    # The table is laid out (K, N): one contiguous row per menu entry.
-    W = xp.stack([xp.where(allowed[k], w * D[k], zero) for k in range(K)], axis=0)
-    C = xp.stack([n * b + (m if 0 < b < FULL_BITS else zero) for b in menu], axis=0)
-    valid = xp.stack(allowed, axis=0)
-    if not is_traced(valid):
-        none = ~to_numpy(xp.any(valid, axis=0))
-        if none.any():
-            i = int(np.argmax(none))
-            raise ValueError(f"item {i} has no feasible bit-width in menu {list(menu)} (check the model's range "
-                             f"[lo, hi], its eviction distortion for 0, and the lo/hi bounds)")
 
-    # ---- 1. per-item lower convex hull and its segments -----------------------------------------------------------
-    order, C, W, valid = _sort_by_cost(xp, C, W, valid, static=jax_mode or is_traced(C))
-    valid = _hull(xp, C, W, valid)
-    first, nxt, E, dC = _segments(xp, C, W, valid)
+    # ---- 1. per item: the (K, N) table, its lower convex hull and the hull's segments ------------------------------
+    # Items are independent here, so eager backends run this stage over cache-sized chunks of items.
+    static = jax_mode or is_traced(n)
+    parts = _model_arrays(xp, model, menu, dev, ones)
+    per_item = (n, w, m, bounds[0], bounds[1], *parts)
+    chunk = N if static or N <= _CHUNK else _CHUNK
+    pieces = []
+    for start in range(0, N, chunk):
+        sl = slice(start, start + chunk)
+        n_c, w_c, m_c, lo_c, hi_c, *parts_c = (None if a is None else a[sl] for a in per_item)
+        pieces.append(_item_stage(xp, model, menu, parts_c, n_c, w_c, m_c, lo_c, hi_c, static, start))
+    if len(pieces) == 1:
+        order, C, W, first, nxt, E, dC = pieces[0]
+    else:
+        order, C, W, first, nxt, E, dC = (xp.concat([p[j] for p in pieces], axis=-1) for j in range(7))
     base = xp.sum(_at(xp, C, first))
     top = base + xp.sum(dC)
     if not is_traced(Bt) and float(Bt) < float(base) * (1 - 1e-15):
@@ -229,7 +224,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
 
     # ---- solution and certificate ----------------------------------------------------------------------------------
     menu_arr = xp.asarray(list(menu), dtype=xp.int32, device=dev)
-    bits = xp.take(menu_arr, _at(xp, order, cur)) if order is not None else xp.take(menu_arr, cur)
+    bits = xp.take(menu_arr, xp.astype(_at(xp, order, cur), index_dtype(xp)))
     bits_f = xp.astype(bits, fdt)
     distortion = xp.sum(_at(xp, W, cur))
     lam_eff = xp.where(saturated, xp.zeros_like(lam), lam)
@@ -237,7 +232,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     lower = xp.minimum(lower, distortion)  # equal in exact arithmetic when the threshold spends B; rounding aside
     quantized = (bits_f > 0) & (bits_f < FULL_BITS)
     payload = xp.sum(n * bits_f)
-    meta = xp.sum(xp.where(quantized, m, zero))
+    meta = xp.sum(xp.where(quantized, m, xp.zeros_like(m)))
     gap = distortion - lower
     tol = 1e-12 * xp.maximum(xp.abs(distortion), xp.asarray(1e-300, dtype=fdt, device=dev))
     code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
@@ -256,45 +251,70 @@ def _at(xp, X, col):
     return xp.take_along_axis(X, idx, axis=0)[0, :]
 
 
-def _table(xp, model, menu, N, dev, fdt) -> tuple[list, list]:
-    """Columns of distortion and the allowed mask, one ``(N,)`` array per menu entry (invalid distortion is 0)."""
-    zero = xp.zeros((N,), dtype=fdt, device=dev)
-    yes = xp.ones((N,), dtype=xp.bool, device=dev)
-    no = xp.zeros((N,), dtype=xp.bool, device=dev)
-    D, ok = [], []
+_CHUNK = 1 << 13  # items per chunk in the per-item stage: a (K, chunk) float64 table stays in the CPU cache
+
+
+def _model_arrays(xp, model, menu, dev, ones) -> tuple:
+    """The model's per-item arrays, sliceable along the items: (alpha, beta, eviction, full) or the table columns."""
     if isinstance(model, TabulatedModel):
         missing = sorted(set(menu) - set(model.bits))
         if missing:
             raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
                              f"(it has {list(model.bits)})")
-        table = as_float64(xp, model.distortion, device=dev, name="distortion")
-        mask = None if model.allowed is None else xp.asarray(model.allowed_mask, device=dev)
+        cols = xp.asarray([model.bits.index(b) for b in menu], device=dev)
+        table = xp.take(as_float64(xp, model.distortion, device=dev, name="distortion"), cols, axis=1)
+        mask = xp.take(xp.asarray(model.allowed_mask, device=dev), cols, axis=1)
+        return table, mask
+    f = lambda v, name: as_float64(xp, v, device=dev, name=name) * ones  # noqa: E731
+    eviction = f(model.eviction, "eviction") if model.can_evict else 0 * ones
+    return f(model.alpha, "alpha"), f(model.beta, "beta"), eviction, f(model.full, "full")
+
+
+def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, offset: int) -> tuple:
+    """Table, sort, hull and segments for a block of items: ``(order, C, W, first, nxt, E, dC)``, tables ``(K, n)``.
+
+    ``order[k, i]`` is the menu index of item ``i``'s ``k``-th point by cost.
+    """
+    zero = xp.zeros_like(n)
+    yes, no = zero == 0, zero != 0
+    D, allowed = [], []
+    if isinstance(model, TabulatedModel):
+        table, mask = parts
+        for k in range(len(menu)):
+            D.append(xp.where(mask[:, k], table[:, k], zero))
+            allowed.append(mask[:, k])
+    else:
+        alpha, beta, eviction, full = parts
+        log_beta = xp.log(beta)
         for b in menu:
-            k = model.bits.index(b)
-            allowed = yes if mask is None else mask[:, k]
-            D.append(xp.where(allowed, table[:, k], zero))
-            ok.append(allowed)
-        return D, ok
-    alpha = as_float64(xp, model.alpha, device=dev, name="alpha")
-    log_beta = xp.log(as_float64(xp, model.beta, device=dev, name="beta") * xp.ones_like(alpha))
-    for b in menu:
-        if b == 0:
-            if model.can_evict:
-                D.append(as_float64(xp, model.eviction, device=dev, name="eviction") * xp.ones_like(alpha))
-                ok.append(yes)
+            if b == 0:
+                D.append(eviction), allowed.append(yes if model.can_evict else no)
+            elif b == FULL_BITS:
+                D.append(full), allowed.append(yes)
+            elif model.lo <= b <= model.hi:
+                D.append(alpha * xp.exp(-log_beta * float(b))), allowed.append(yes)
             else:
-                D.append(zero)
-                ok.append(no)
-        elif b == FULL_BITS:
-            D.append(as_float64(xp, model.full, device=dev, name="full") * xp.ones_like(alpha))
-            ok.append(yes)
-        elif model.lo <= b <= model.hi:
-            D.append(alpha * xp.exp(-log_beta * float(b)))
-            ok.append(yes)
-        else:
-            D.append(zero)
-            ok.append(no)
-    return D, ok
+                D.append(zero), allowed.append(no)
+    for k, b in enumerate(menu):
+        if lo is not None:
+            allowed[k] = allowed[k] & (lo <= b)
+        if hi is not None:
+            allowed[k] = allowed[k] & (hi >= b)
+    W = xp.stack([xp.where(allowed[k], w * D[k], zero) for k in range(len(menu))], axis=0)
+    C = xp.stack([n * b + (m if 0 < b < FULL_BITS else zero) for b in menu], axis=0)
+    valid = xp.stack(allowed, axis=0)
+    if not is_traced(valid):
+        none = ~to_numpy(xp.any(valid, axis=0))
+        if none.any():
+            i = offset + int(np.argmax(none))
+            raise ValueError(f"item {i} has no feasible bit-width in menu {list(menu)} (check the model's range "
+                             f"[lo, hi], its eviction distortion for 0, and the lo/hi bounds)")
+    order, C, W, valid = _sort_by_cost(xp, C, W, valid, static=static)
+    if order is None:
+        order = xp.broadcast_to(xp.reshape(xp.arange(len(menu), dtype=xp.int8, device=_device(C)), (-1, 1)), C.shape)
+    valid = _hull(xp, C, W, valid)
+    first, nxt, E, dC = _segments(xp, C, W, valid)
+    return xp.astype(order, xp.int8), C, W, first, nxt, E, dC
 
 
 def _sort_by_cost(xp, C, W, valid, static: bool):
