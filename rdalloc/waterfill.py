@@ -155,7 +155,7 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
         sums = (xp.where(useful, n * ck, zero), xp.where(useful, zero, n * lo + zero), xp.where(useful, nk + zero, zero),
                 n * xp.where(useful, hi, lo) + zero, n * lo + zero, n * hi + zero)
         at_lo_level = xp.where(useful, (ck - lo) / inv_k, -xp.inf)  # the level at which the item reaches lo
-        return (ck, inv_k + zero, nk + zero), sums, at_lo_level
+        return (ck, inv_k, nk), sums, at_lo_level  # 1/k and n/k stay scalars when beta and n are
 
     (ck, inv_k, nk), (s_nck, s_lo_useless, s_all, g_max, g_min, g_top), mu_min = \
         _Chunked(xp, n_items, (alpha, beta, w, n, lo_, hi_), reducer).finish(start)
@@ -278,14 +278,19 @@ class _Chunked:
 
     def finish(self, fn):
         """``fn`` returns (arrays, sums, maxima) per chunk: each array concatenated, sums summed, the max of maxima."""
-        xp, values, sums, peak = self.xp, [], None, None
+        xp, arrays, sums, peak = self.xp, None, None, None
         for sl in self.slices:
             v, s, mx = fn(*self._parts(sl))
-            values.append(v)
+            if arrays is None:  # whole outputs, filled chunk by chunk (scalars stay scalars)
+                arrays = v if len(self.slices) == 1 else tuple(
+                    x if x.ndim == 0 else xp.empty((self.n,), dtype=x.dtype, device=_device(x)) for x in v)
+            if len(self.slices) > 1:
+                for out, x in zip(arrays, v):
+                    if x.ndim:
+                        out[sl] = x
             s = tuple(xp.sum(x) for x in s)
             sums = s if sums is None else tuple(a + b for a, b in zip(sums, s))
             peak = xp.max(mx) if peak is None else xp.maximum(peak, xp.max(mx))
-        arrays = values[0] if len(values) == 1 else tuple(xp.concat([v[j] for v in values]) for j in range(len(values[0])))
         return arrays, self.reducer.sum(sums), self.reducer.max(peak)
 
 
