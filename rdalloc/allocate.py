@@ -187,7 +187,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     chunk = N if static or N <= _CHUNK else _CHUNK
     pieces = []
     for start in range(0, N, chunk):
-        sl = slice(start, start + chunk)
+        sl = slice(start, min(start + chunk, N))
         n_c, w_c, m_c, lo_c, hi_c, *parts_c = (None if a is None else a[sl] for a in per_item)
         pieces.append(_item_stage(xp, model, menu, parts_c, n_c, w_c, m_c, lo_c, hi_c, static, start))
     if len(pieces) == 1:

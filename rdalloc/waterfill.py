@@ -263,7 +263,7 @@ class _Chunked:
     def __init__(self, xp, n_items: int, arrays: tuple, reducer: Any = None):
         self.xp, self.n, self.arrays, self.reducer = xp, n_items, arrays, reducer or _LOCAL
         whole = is_jax(xp) or n_items <= self.CHUNK or any(is_traced(a) for a in arrays)
-        self.slices = [slice(None)] if whole else [slice(i, i + self.CHUNK) for i in range(0, n_items, self.CHUNK)]
+        self.slices = [slice(None)] if whole else [slice(i, min(i + self.CHUNK, n_items)) for i in range(0, n_items, self.CHUNK)]
 
     def _parts(self, sl):
         return tuple(a if a.ndim == 0 else a[sl] for a in self.arrays)
