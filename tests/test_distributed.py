@@ -41,7 +41,7 @@ def _rank_main(rank, world, port, backend_name, out):
 def test_torch_distributed_gives_the_single_process_plan(world, backend_name):
     alpha, beta, n, w = instance()
     ref = waterfill(ExponentialModel(alpha, beta), n, average_bits=3.1, weights=w)
-    out = mp.Manager().dict()
+    out = mp.get_context("spawn").Manager().dict()  # no fork: JAX may already run threads here
     port = 29500 + world + (10 if backend_name == "torch" else 0) + os.getpid() % 1000
     mp.start_processes(_rank_main, args=(world, port, backend_name, out), nprocs=world, start_method="spawn")
     bits = np.concatenate([out[r]["bits"] for r in range(world)])
