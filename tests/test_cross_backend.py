@@ -1,0 +1,152 @@
+"""torch and JAX give the same codes, bytes and dequantized values on the same arrays and plans."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rdalloc import Plan
+from rdalloc.backends import jax as rdj
+from rdalloc.backends import torch as rdt
+from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
+
+MENU = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+@st.composite
+def cases(draw):
+    """Shapes, a quantizer and a plan (head, token, or per-channel keys) that the quantizer accepts."""
+    b = draw(st.integers(1, 2))
+    h = draw(st.integers(1, 3))
+    t = draw(st.integers(1, 13))
+    d = draw(st.sampled_from([4, 8, 16]))
+    kind = draw(st.sampled_from(["kivi", "quarot", "per_token", "absmax"]))
+    g = draw(st.sampled_from([1, 2, 4]))
+    q = {"kivi": KIVI(group_size=g), "quarot": QuaRot(), "per_token": PerTokenAsymmetric(group_size=g),
+         "absmax": SymmetricAbsmax()}[kind]
+    gran = draw(st.sampled_from(["head", "token", "channel"] if kind == "kivi" else ["head", "token"]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    rng = np.random.default_rng(seed)
+    menu = np.asarray(MENU)
+    nz = menu[menu > 0]
+    if gran == "head":
+        plan = Plan(key=rng.choice(menu, (1, h)), value=rng.choice(menu, (1, h)), quantizer=kind)
+    elif gran == "channel":
+        plan = Plan(key=rng.choice(nz, (1, h, d)), value=rng.choice(menu, (1, h, t)), quantizer=kind,
+                    key_axes=("layer", "kv_head", "channel"), value_axes=("layer", "kv_head", "token"))
+    else:
+        vt = rng.choice(menu, (1, h, t))
+        if kind == "kivi":  # KIVI keys group g tokens: per-token key bits constant per aligned block
+            kt = np.repeat(rng.choice(nz, (1, h, -(-t // g))), g, axis=2)[:, :, :t]
+        else:
+            kt = rng.choice(nz, (1, h, t))
+        kt = np.where(vt == 0, 0, kt)
+        plan = Plan(key=kt, value=vt, quantizer=kind, key_axes=("layer", "kv_head", "token"),
+                    value_axes=("layer", "kv_head", "token"))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    x = (rng.standard_normal((2, b, h, t, d)) * scale).astype(np.float32)
+    x[0, ..., 0] *= 8.0  # an outlier key channel
+    return q, plan, x[0], x[1]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_torch_and_jax_agree(case):
+    q, plan, k, v = case
+    tk, tv = torch.as_tensor(k), torch.as_tensor(v)
+    jk, jv = jnp.asarray(k), jnp.asarray(v)
+    ta, ja = rdt.PlanApplier(plan, q), rdj.PlanApplier(plan, q)
+    tf, jf = ta.fake_quantize(tk, tv, layer=0), ja.fake_quantize(jk, jv, layer=0)
+    tp, jp = ta.pack(tk, tv, layer=0), ja.pack(jk, jv, layer=0)
+    for a, b in ((tf.keys, jf.keys), (tf.values, jf.values)):
+        np.testing.assert_allclose(a.numpy(), np.asarray(b), rtol=1e-6, atol=1e-6 * float(np.abs(k).max()))
+    # the same codes (payload bytes) and the same float16 parameters
+    assert tp.nbytes == jp.nbytes
+    for t_part, j_part in ((tp.keys, jp.keys), (tp.values, jp.values)):
+        for a, b in zip(t_part.payload, j_part.payload):
+            np.testing.assert_array_equal(a.numpy(), np.asarray(b))
+        for a, b in zip(t_part.params, j_part.params):
+            np.testing.assert_array_equal(a.numpy(), np.asarray(b))
+        np.testing.assert_array_equal(t_part.full.numpy(), np.asarray(j_part.full))
+    # dequantized from storage == fake quantization, on both
+    for fq, (uk, uv) in ((tf, ta.unpack(tp)), (jf, ja.unpack(jp))):
+        np.testing.assert_array_equal(np.asarray(uk), np.asarray(fq.keys))
+        np.testing.assert_array_equal(np.asarray(uv), np.asarray(fq.values))
+    if plan.kept() is not None:
+        np.testing.assert_array_equal(np.asarray(jf.kept), plan.kept()[0])
+        np.testing.assert_array_equal(tf.kept.numpy(), plan.kept()[0])
+
+
+def _example():
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 2, 3, 12, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 3, 12, 16)).astype(np.float32)
+    vt = rng.choice([0, 2, 3, 16], (2, 3, 12))
+    plan = Plan(key=rng.choice([1, 2, 4, 16], (2, 3, 16)), value=vt, quantizer="kivi",
+                key_axes=("layer", "kv_head", "channel"), value_axes=("layer", "kv_head", "token"))
+    return k, v, plan
+
+
+def test_jax_functions_run_inside_a_user_jit():
+    k, v, plan = _example()
+    q = KIVI(group_size=4)
+    jk, jv = jnp.asarray(k), jnp.asarray(v)
+
+    @jax.jit
+    def roundtrip(keys, values):
+        packed = rdj.pack(keys, values, plan, q)  # the plan is a closure constant
+        return rdj.fake_quantize(keys, values, plan, q), rdj.unpack(packed), packed
+
+    fq, un, packed = roundtrip(jk, jv)
+    eager = rdj.fake_quantize(jk, jv, plan, q)
+    tfq = rdt.fake_quantize(torch.as_tensor(k), torch.as_tensor(v), plan, q)
+    assert packed.nbytes == rdt.pack(torch.as_tensor(k), torch.as_tensor(v), plan, q).nbytes
+    for layer in range(2):
+        for a, b, c, d in ((fq[layer].keys, un[layer][0], eager[layer].keys, tfq[layer].keys),
+                           (fq[layer].values, un[layer][1], eager[layer].values, tfq[layer].values)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(d.numpy(), np.asarray(c), rtol=1e-6, atol=1e-6)
+
+
+def test_measure_distortion_agrees():
+    k, v, _ = _example()
+    cases = [(KIVI(group_size=4), role, gran) for role in ("key", "value") for gran in ("head", "token", "channel")]
+    cases += [(QuaRot(), "value", "head"), (SymmetricAbsmax(), "key", "token")]
+    for q, role, gran in cases:
+        x = k if role == "key" else v
+        a = rdt.measure_distortion(torch.as_tensor(x), q, [0, 1, 3, 8, 16], role=role, granularity=gran)
+        b = rdj.measure_distortion(jnp.asarray(x), q, [0, 1, 3, 8, 16], role=role, granularity=gran)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), np.asarray(b), rtol=1e-5, atol=1e-12)
+
+
+def test_regression_division_rounding():
+    """Found by hypothesis: XLA compiles ``x / 255`` as ``x * (1/255)``, one ulp above 1.8239021e-04 / 255 = 12 *
+    2**-24, a float16 grid point; a scale taken as f16_up(quotient) then differed between torch and JAX (12 vs 13
+    float16 ulps) and so did the codes. The scale is now decided by exact multiplication (f16_ceil_div)."""
+    k = np.array([[[[-1.0568389, 0.64042264, 0.10490011, -0.5356694],
+                    [2.8927605, 1.304, 0.94708097, -0.70373523]]]], dtype=np.float32)
+    plan = Plan(key=np.array([[8]]), value=np.array([[6]]), quantizer="kivi")
+    q = KIVI(group_size=1)
+    tp = rdt.pack(torch.as_tensor(k), torch.as_tensor(k), plan, q, layer=0)
+    jp = rdj.pack(jnp.asarray(k), jnp.asarray(k), plan, q, layer=0)
+    np.testing.assert_array_equal(tp.keys.payload[0].numpy(), np.asarray(jp.keys.payload[0]))
+    np.testing.assert_array_equal(tp.keys.params[0].numpy(), np.asarray(jp.keys.params[0]))
+    assert tp.keys.payload[0][1] == 255  # (x - zero) / scale = 255 exactly with scale = 12 * 2**-24
+
+
+def test_jax_validation_names_the_problem():
+    k, v, plan = _example()
+    ap = rdj.PlanApplier(plan, KIVI(group_size=4))
+    import pytest
+    with pytest.raises(TypeError, match="keys must be a jax.Array, got ndarray"):
+        ap.fake_quantize(k[0], jnp.asarray(v[0]), layer=0)
+    with pytest.raises(TypeError, match="values must be a floating array.*int32"):
+        ap.fake_quantize(jnp.asarray(k[0]), jnp.asarray(v[0]).astype(jnp.int32), layer=0)
+    with pytest.raises(ValueError, match="tokens=12, but the cache has tokens=6"):
+        ap.fake_quantize(jnp.asarray(k[0][:, :, :6]), jnp.asarray(v[0][:, :, :6]), layer=0)
