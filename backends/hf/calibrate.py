@@ -1,0 +1,252 @@
+"""Calibrate a real model for per-head allocation: distortion curves per quantizer, and head importance.
+
+:func:`calibrate` runs the model over calibration windows (disjoint from evaluation text, see :mod:`.text`) and
+
+1. captures the cached K/V (post-RoPE keys, values) of every layer (:func:`~.capture.capture_kv`);
+2. measures, per quantizer and role, the per-element MSE ``D[i, b]`` of every (layer, kv_head) item at
+   ``b = 1..8`` (:func:`rdalloc.measure.measure_distortion`, the whole cache quantized uniformly at each width);
+3. fits ``D_i(b) = alpha_i * beta**(-b)`` on the widths ``fit_bits`` (default ``2..8``, the allocation menu; the
+   1-bit point is measured and stored but left out: on SmolLM2 its step to 2 bits is 11-13x, far off the ~4.4x/bit
+   curve of the other widths, and any head at 1 bit wrecks perplexity, see :mod:`.experiment`), with **one pooled
+   beta per (quantizer, role)** (keys and values of a
+   quantizer are grouped differently, e.g. KIVI keys per channel and values per token, so their decays differ; one
+   beta per item would over-fit eight points of a single calibration run, and a pooled beta keeps the closed-form
+   water level exact). The two role fits are joined into one :class:`rdalloc.ExponentialModel` over the
+   ``2 * layers * kv_heads`` items of a head plan: all key heads ``(layer, kv_head)`` in C order, then all value
+   heads (the order of :meth:`rdalloc.Plan.from_allocation`), with ``beta`` one entry per item;
+4. estimates head importance with both estimators, :func:`~.capture.fisher_importance` (nats per token per unit
+   MSE, through every later layer) and :func:`~.capture.attention_importance` (``relative=True``: the relative error
+   a head's MSE adds to the residual stream at its own layer).
+
+The result is a :class:`Calibration`: plain data, saved as JSON (models via ``to_dict``), timed step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from rdalloc.fit import ExponentialFit, fit_exponential
+from rdalloc.models import ExponentialModel
+from rdalloc.quantizers import get_quantizer
+
+from .capture import HeadImportance, attention_importance, capture_kv, fisher_importance
+from .model import ModelFacts
+
+__all__ = ["Calibration", "calibrate", "CALIBRATION_FORMAT", "IMPORTANCE_METHODS", "DEFAULT_IMPORTANCE",
+           "DEFAULT_QUANTIZERS", "CALIBRATION_BITS", "FIT_BITS", "fixed_beta_model"]
+
+CALIBRATION_FORMAT = "rdalloc.calibration"
+CALIBRATION_VERSION = 1
+IMPORTANCE_METHODS = ("fisher", "attention")
+DEFAULT_IMPORTANCE = "fisher"
+"""The estimator allocations use unless told otherwise. Measured on SmolLM2-135M (benchmarks/results/demo): see the
+experiment's ``importance`` comparison, where Fisher weights gave lower perplexity than attention-output weights."""
+DEFAULT_QUANTIZERS = ("kivi", "quarot")
+CALIBRATION_BITS = tuple(range(1, 9))
+FIT_BITS = tuple(range(2, 9))
+ROLES = ("key", "value")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What allocation needs to know about one model: per-quantizer distortion fits and head importance.
+
+    Attributes:
+      facts: the model's :class:`~.model.ModelFacts` (a plan made from this calibration is for this model only).
+      fits: ``{quantizer: {"key": ExponentialFit, "value": ExponentialFit}}`` over ``layers * kv_heads`` items each.
+      importance: ``{"fisher": HeadImportance, "attention": HeadImportance}`` (either may be absent).
+      default_importance: the estimator :meth:`weights` uses when none is named.
+      text: facts about the calibration text (source, windows, window length).
+      timings: seconds per step (``capture``, ``measure_fit``, ``fisher``, ``attention``, ``total``).
+    """
+
+    facts: ModelFacts
+    fits: Mapping[str, Mapping[str, ExponentialFit]]
+    importance: Mapping[str, HeadImportance]
+    default_importance: str = DEFAULT_IMPORTANCE
+    text: Mapping[str, Any] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    fit_bits: tuple[int, ...] = FIT_BITS
+
+    @property
+    def quantizers(self) -> tuple[str, ...]:
+        return tuple(self.fits)
+
+    def _quantizer(self, quantizer: str) -> str:
+        name = get_quantizer(quantizer).name
+        if name not in self.fits:
+            raise ValueError(f"quantizer {name!r} was not calibrated; this calibration has {list(self.fits)} (run "
+                             f"calibrate with quantizers including {name!r})")
+        return name
+
+    def betas(self, quantizer: str) -> dict[str, float]:
+        """``{"key": beta, "value": beta}``: the pooled decay per role."""
+        name = self._quantizer(quantizer)
+        return {role: float(self.fits[name][role].beta[0]) for role in ROLES}
+
+    def model(self, quantizer: str) -> ExponentialModel:
+        """The fitted :class:`rdalloc.ExponentialModel` over key heads then value heads, ``beta`` per item."""
+        name = self._quantizer(quantizer)
+        k, v = (self.fits[name][role].model for role in ROLES)
+        n = self.facts.layers * self.facts.kv_heads
+        beta = np.concatenate([np.full(n, float(np.ravel(k.beta)[0])), np.full(n, float(np.ravel(v.beta)[0]))])
+        return ExponentialModel(alpha=np.concatenate([np.asarray(k.alpha), np.asarray(v.alpha)]), beta=beta,
+                                lo=float(min(self.fit_bits)), hi=float(max(self.fit_bits)), quantizer=name)
+
+    def distortions(self, quantizer: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Measured ``(2 * layers * kv_heads, len(bits))`` MSE (keys then values) and the widths measured."""
+        name = self._quantizer(quantizer)
+        k, v = (self.fits[name][role] for role in ROLES)
+        return np.concatenate([k.distortions, v.distortions]), tuple(k.bits)
+
+    def weights(self, method: str | None = None) -> np.ndarray:
+        """Item weights ``w`` (keys then values, ``2 * layers * kv_heads``) from the named estimator (default:
+        :attr:`default_importance`)."""
+        method = self.default_importance if method is None else method
+        if method not in IMPORTANCE_METHODS:
+            raise ValueError(f"importance must be one of {IMPORTANCE_METHODS}, got {method!r}")
+        if method not in self.importance:
+            raise ValueError(f"this calibration has no {method!r} importance (it has {list(self.importance)})")
+        imp = self.importance[method]
+        return np.concatenate([np.ravel(imp.key), np.ravel(imp.value)]).astype(np.float64)
+
+    def check_model(self, facts: ModelFacts) -> "Calibration":
+        """``ValueError`` when the calibration was made for a model with another cache layout."""
+        for name in ("layers", "kv_heads", "head_dim"):
+            have, want = getattr(self.facts, name), getattr(facts, name)
+            if have != want:
+                raise ValueError(f"the calibration was made for {self.facts.name} with {name}={have}, but the model "
+                                 f"{facts.name} has {name}={want}")
+        return self
+
+    # ---- serialization -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "facts": self.facts.to_dict(),
+                "default_importance": self.default_importance, "text": dict(self.text),
+                "timings": {k: float(v) for k, v in self.timings.items()}, "fit_bits": list(self.fit_bits),
+                "betas": {q: self.betas(q) for q in self.fits},
+                "r2": {q: {r: float(self.fits[q][r].r2_overall) for r in ROLES} for q in self.fits},
+                "models": {q: self.model(q).to_dict() for q in self.fits},
+                "fits": {q: {r: f.to_dict() for r, f in roles.items()} for q, roles in self.fits.items()},
+                "importance": {m: imp.to_dict() for m, imp in self.importance.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+        if not isinstance(d, Mapping) or d.get("format") != CALIBRATION_FORMAT:
+            got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"not an rdalloc calibration: format={got!r} (expected {CALIBRATION_FORMAT!r})")
+        if d.get("version") != CALIBRATION_VERSION:
+            raise ValueError(f"unsupported calibration version {d.get('version')!r} (this rdalloc reads "
+                             f"{CALIBRATION_VERSION})")
+        try:
+            fits = {q: {r: ExponentialFit.from_dict(f[r]) for r in ROLES} for q, f in d["fits"].items()}
+            importance = {m: HeadImportance.from_dict(i) for m, i in d["importance"].items()}
+            return cls(facts=ModelFacts.from_dict(d["facts"]), fits=fits, importance=importance,
+                       default_importance=d.get("default_importance", DEFAULT_IMPORTANCE), text=d.get("text") or {},
+                       timings=d.get("timings") or {}, fit_bits=tuple(int(b) for b in d.get("fit_bits", FIT_BITS)))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"corrupted calibration: missing or malformed field {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"calibration file {str(path)!r} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): not an rdalloc calibration") \
+                from None
+        return cls.from_dict(d)
+
+
+def fixed_beta_model(calibration: Calibration, quantizer: str, beta: float = 4.0) -> ExponentialModel:
+    """The naive model: one ``beta`` for every quantizer and role, ``alpha_i`` the least-squares fit of
+    ``log D_i(b) = log alpha_i - b log beta`` to the same measurements (``alpha_i`` is the geometric mean of
+    ``D_i(b) * beta**b`` over the measured widths with ``D > 0``)."""
+    if not beta > 1:
+        raise ValueError(f"beta must be > 1, got {beta!r}")
+    d, bits = calibration.distortions(quantizer)
+    b = np.asarray(bits, dtype=np.float64)
+    q = np.isin(b, calibration.fit_bits)
+    d, b = d[:, q], b[q]
+    ok = d > 0
+    logs = np.where(ok, np.log(np.where(ok, d, 1.0)) + b[None, :] * np.log(beta), 0.0)
+    count = ok.sum(axis=1)
+    if (count == 0).any():
+        i = int(np.argmin(count))
+        raise ValueError(f"item {i} has no positive distortion measurement to fit alpha from")
+    alpha = np.exp(logs.sum(axis=1) / count)
+    return ExponentialModel(alpha=alpha, beta=float(beta), lo=float(b.min()), hi=float(b.max()),
+                            quantizer=get_quantizer(quantizer).name)
+
+
+def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequence[str] = DEFAULT_QUANTIZERS,
+              importance: Sequence[str] = IMPORTANCE_METHODS, default_importance: str = DEFAULT_IMPORTANCE,
+              bits: Sequence[int] = CALIBRATION_BITS, fit_bits: Sequence[int] = FIT_BITS, fisher_samples: int = 1,
+              text: Mapping[str, Any] | None = None,
+              progress: bool = True) -> Calibration:
+    """Capture K/V over ``windows`` (``[count, length]`` token ids), measure and fit every quantizer's curves, and
+    estimate head importance with each estimator in ``importance``. See the module docstring."""
+    import torch
+
+    from rdalloc.measure import measure_distortion
+
+    names = [get_quantizer(q).name for q in quantizers]
+    fit_bits = tuple(int(b) for b in fit_bits)
+    if len(fit_bits) < 2 or not set(fit_bits) <= set(int(b) for b in bits):
+        raise ValueError(f"fit_bits must be at least two of the measured widths {list(bits)}, got {list(fit_bits)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"quantizers must be distinct registered names, got {list(quantizers)!r}")
+    bad = [m for m in importance if m not in IMPORTANCE_METHODS]
+    if bad or not importance:
+        raise ValueError(f"importance must name estimators among {IMPORTANCE_METHODS}, got {list(importance)!r}")
+    if default_importance not in importance:
+        raise ValueError(f"default_importance {default_importance!r} must be one of the estimators run "
+                         f"{list(importance)}")
+    for q in names:  # e.g. QuaRot needs a power-of-two head_dim: fail before any forward pass
+        for role in ROLES:
+            get_quantizer(q).grouping(role, facts.head_dim)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    kv = capture_kv(model, windows, progress=progress)
+    timings["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fits: dict[str, dict[str, ExponentialFit]] = {}
+    with torch.no_grad():
+        for q in names:
+            fits[q] = {}
+            for role, x in (("key", kv.keys), ("value", kv.values)):
+                d = measure_distortion(x, q, list(bits), role=role).double().cpu().numpy()
+                use = np.asarray([1.0 if b in fit_bits else 0.0 for b in bits])
+                fit = fit_exponential(d, list(bits), pooled=True, sample_weights=use, quantizer=q)
+                fit.model  # raises ValueError naming the item if a fit is unusable (beta <= 1, NaN)
+                fits[q][role] = fit
+    timings["measure_fit"] = time.perf_counter() - t0
+    del kv
+
+    found: dict[str, HeadImportance] = {}
+    for method in importance:
+        t0 = time.perf_counter()
+        if method == "fisher":
+            found[method] = fisher_importance(model, windows, samples=fisher_samples, progress=progress)
+        else:
+            found[method] = attention_importance(model, windows, relative=True, progress=progress)
+        timings[method] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+    ids = windows if hasattr(windows, "shape") else np.asarray(windows)
+    text_facts = {"calibration_windows": int(ids.shape[0]), "length": int(ids.shape[1]), **dict(text or {})}
+    return Calibration(facts=facts, fits=fits, importance=found, default_importance=default_importance,
+                       text=text_facts, timings=timings, fit_bits=fit_bits)

@@ -1,0 +1,283 @@
+"""rdalloc.backends.hf.calibrate / .experiment and the real-model CLI steps, on a tiny random Llama (no download)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from rdalloc import Plan  # noqa: E402
+from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
+from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
+from rdalloc.backends.hf.experiment import (  # noqa: E402
+    allocate_plan, check_plan, evaluate_plan, head_costs, markdown_table, plan_transform, plot_results,
+    random_plan, run_experiment, uniform_bits, uniform_plan,
+)
+from rdalloc.cli import main  # noqa: E402
+from rdalloc.quantizers import get_quantizer  # noqa: E402
+
+LAYERS, KV_HEADS, Q_HEADS, HIDDEN, VOCAB = 2, 2, 4, 128, 128  # head_dim 32: KIVI's value groups of 32 fit
+TEXT = ("The quick brown fox jumps over the lazy dog while the cache holds keys and values of every token. " * 40)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=Q_HEADS,
+                         num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, vocab_size=VOCAB,
+                         max_position_embeddings=512, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def facts(tiny):
+    return model_facts(tiny)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (2, 64), generator=g)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, facts, ids):
+    return calibrate(tiny, facts, ids, progress=False)
+
+
+def logits(model, ids, cache=None):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=cache is not None).logits
+
+
+# ---- the cache wiring --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantizer", ["kivi", "quarot"])
+def test_sixteen_bit_plan_is_bit_exact(tiny, facts, ids, quantizer):
+    plan = uniform_plan(facts, quantizer, 16, tokens=ids.shape[1])
+    assert torch.equal(logits(tiny, ids, TransformCache(plan_transform(plan), tiny.config)), logits(tiny, ids))
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "quarot"])
+def test_two_bit_plan_changes_logits_more_than_eight(tiny, facts, ids, quantizer):
+    plain = logits(tiny, ids)
+    err = {b: (logits(tiny, ids, TransformCache(plan_transform(uniform_plan(facts, quantizer, b, tokens=64)),
+                                                tiny.config)) - plain).abs().max().item() for b in (2, 8)}
+    assert err[2] > 1e-3
+    assert err[8] < err[2]
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "quarot"])
+def test_per_head_bits_land_on_their_heads(tiny, facts, ids, quantizer):
+    key = np.full((LAYERS, KV_HEADS), 16)
+    value = np.full((LAYERS, KV_HEADS), 16)
+    key[1, 0] = 2
+    value[0, 1] = 3
+    plan = Plan(key=key, value=value, quantizer=quantizer)
+    cache = TransformCache(plan_transform(plan), tiny.config, keep_transformed=True)
+    logits(tiny, ids, cache)
+    q = get_quantizer(quantizer)
+    for layer in range(LAYERS):
+        k, v = cache.layers[layer].transformed
+        ko, vo = cache.original(layer)
+        for h in range(KV_HEADS):
+            for got, orig, bits, role in ((k, ko, key, "key"), (v, vo, value, "value")):
+                b = int(bits[layer, h])
+                if b == 16:
+                    assert torch.equal(got[:, h], orig[:, h]), (layer, h, role)
+                else:  # exactly the quantizer's uniform fake quantization of that head alone
+                    want = q.fake_quantize(orig[:, h:h + 1], b, role)[:, 0]
+                    assert torch.allclose(got[:, h], want, atol=1e-6), (layer, h, role)
+                    assert not torch.equal(got[:, h], orig[:, h])
+
+
+def test_fp16_evaluate_matches_plain_perplexity(tiny, facts, ids):
+    plain = evaluate_plan(tiny, ids, None, progress=False)
+    sixteen = evaluate_plan(tiny, ids, uniform_plan(facts, "kivi", 16, tokens=64), progress=False)
+    assert sixteen.ppl == plain.ppl
+
+
+# ---- calibration -------------------------------------------------------------------------------------------------
+def test_calibration_fits_and_round_trip(calib, facts, tmp_path):
+    n = 2 * facts.layers * facts.kv_heads
+    for q in ("kivi", "quarot"):
+        m = calib.model(q)
+        assert m.n_items == n and m.quantizer == q
+        assert np.all(np.isfinite(m.alpha)) and np.all(np.asarray(m.beta) > 1)
+        b = calib.betas(q)
+        assert np.all(np.asarray(m.beta)[: n // 2] == b["key"]) and np.all(np.asarray(m.beta)[n // 2:] == b["value"])
+    for method in ("fisher", "attention"):
+        w = calib.weights(method)
+        assert w.shape == (n,) and np.all(np.isfinite(w)) and np.all(w >= 0)
+    assert set(calib.timings) >= {"capture", "measure_fit", "fisher", "attention", "total"}
+    path = tmp_path / "calib.json"
+    calib.save(path)
+    back = Calibration.load(path)
+    assert back.facts == calib.facts and back.default_importance == calib.default_importance
+    for q in ("kivi", "quarot"):
+        assert np.array_equal(back.model(q).alpha, calib.model(q).alpha)
+    d = json.loads(path.read_text())
+    assert d["models"]["kivi"]["kind"] == "exponential"
+
+
+def test_fit_leaves_out_one_bit(calib):
+    assert calib.fit_bits == tuple(range(2, 9))
+    m = calib.model("kivi")
+    assert (m.lo, m.hi) == (2.0, 8.0)
+    d, bits = calib.distortions("kivi")
+    assert bits == tuple(range(1, 9)) and np.all(d[:, 0] > d[:, 1])  # 1 bit measured and kept, not fitted
+
+
+def test_fixed_beta_model(calib):
+    m = fixed_beta_model(calib, "kivi", 4.0)
+    assert float(m.beta) == 4.0 and np.all(np.isfinite(m.alpha))
+    with pytest.raises(ValueError, match="beta"):
+        fixed_beta_model(calib, "kivi", 1.0)
+
+
+def test_calibration_errors(tiny, facts, ids, calib):
+    with pytest.raises(ValueError, match="not calibrated"):
+        calib.model("per_token")
+    with pytest.raises(ValueError, match="importance"):
+        calib.weights("gradient")
+    other = type(facts)(name="other", layers=3, kv_heads=2, q_heads=4, head_dim=32)
+    with pytest.raises(ValueError, match="layers=2"):
+        calib.check_model(other)
+    with pytest.raises(ValueError, match="not an rdalloc calibration"):
+        Calibration.from_dict({"format": "x"})
+
+
+# ---- plans ---------------------------------------------------------------------------------------------------------
+def test_allocate_plan_meets_budget_and_follows_importance(calib, facts):
+    sizes, meta = head_costs(facts, "kivi", 64)
+    assert np.all(sizes == 64 * 32) and np.all(meta > 0)
+    plan = allocate_plan(calib, "kivi", 4.0, tokens=64)
+    assert plan.quantizer == "kivi" and plan.key.shape == (LAYERS, KV_HEADS)
+    assert plan.usage.average_bits <= 4.0 + 1e-9 and plan.key.min() >= 2 and plan.value.min() >= 2
+    assert plan.usage.average_payload_bits < plan.usage.average_bits
+    # a head made far more important than the rest gets at least as many bits as it had
+    boosted = Calibration(facts=calib.facts, fits=calib.fits, importance={
+        "fisher": type(calib.importance["fisher"])(key=np.asarray(calib.importance["fisher"].key) * np.array(
+            [[1e6, 1.0], [1.0, 1.0]]), value=calib.importance["fisher"].value, method="fisher", units="",
+            windows=1, tokens=1, meta={})}, default_importance="fisher")
+    p2 = allocate_plan(boosted, "kivi", 4.0, tokens=64)
+    assert p2.key[0, 0] == 8
+
+
+def test_uniform_and_random_plans(facts):
+    assert uniform_bits(facts, "kivi", 3.0, 64) == 2  # 1 bit of KIVI metadata per element at groups of 32
+    assert uniform_bits(facts, "quarot", 2.5, 64) is None  # per token over head_dim 32: 1 bit of metadata too
+    assert uniform_bits(facts, "quarot", 3.0, 64) == 2
+    p = uniform_plan(facts, "kivi", 2, tokens=64)
+    assert abs(p.usage.average_bits - 3.0) < 1e-12
+    r1, r2 = (random_plan(facts, "kivi", 4.0, tokens=64, seed=s) for s in (0, 1))
+    assert r1.usage.average_bits <= 4.0 + 1e-9
+    assert not (np.array_equal(r1.key, r2.key) and np.array_equal(r1.value, r2.value))
+
+
+def test_check_plan_rejects_other_model_and_quantizer(facts):
+    plan = uniform_plan(facts, "kivi", 4, tokens=64)
+    assert check_plan(plan, facts) == "kivi"
+    with pytest.raises(ValueError, match="mismatch"):
+        check_plan(plan, facts, "quarot")
+    other = type(facts)(name="other", layers=30, kv_heads=3, q_heads=9, head_dim=64)
+    with pytest.raises(ValueError, match="layers"):
+        check_plan(plan, other)
+
+
+def test_run_experiment_table_and_plot(tiny, calib, ids, tmp_path):
+    r = run_experiment(tiny, calib, ids, budgets=(2.5, 4.0), seeds=(0, 1), progress=False)
+    # 2.5 average bits is below the 2-bit menu floor plus KIVI's 1 bit of metadata: recorded, not evaluated
+    assert any(x["quantizer"] == "kivi" and x["budget"] == 2.5 for x in r.facts["infeasible"])
+    table = r.table()
+    assert set(table) == {"kivi", "quarot"}
+    assert set(table["kivi"]) == {"uniform", "rdalloc", "rdalloc_other_importance", "mismatch", "beta4", "random"}
+    assert set(table["kivi"]["rdalloc"]) == {4.0}
+    assert all(np.isfinite(v) for rows in table.values() for cells in rows.values() for v in cells.values())
+    comp = r.importance_comparison()
+    assert comp["winner"] in ("fisher", "attention")
+    md = markdown_table(r)
+    assert "| FP16 |" in md and "### kivi" in md
+    plot_results(r, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ---- the CLI steps -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved as a local Hugging Face directory with a character-level tokenizer (no download)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    vocab = {chr(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(d)
+    _tiny_model().save_pretrained(d)
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
+def test_cli_steps_round_trip(model_dir, tmp_path, capsys):
+    text = str(model_dir / "text.txt")
+    calib_path, plan_path, out = tmp_path / "c.json", tmp_path / "p.json", tmp_path / "e.json"
+    assert main(["calibrate", "--model", str(model_dir), "--text", text, "--windows", "2", "--length", "64",
+                 "--no-progress", "--out", str(calib_path)]) == 0
+    c = Calibration.load(calib_path)
+    assert c.facts.layers == LAYERS and set(c.quantizers) == {"kivi", "quarot"}
+    assert main(["allocate", "--calibration", str(calib_path), "--quantizer", "quarot", "--average-bits", "3",
+                 "--tokens", "64", "--out", str(plan_path)]) == 0
+    plan = Plan.load(plan_path)
+    assert plan.quantizer == "quarot" and plan.usage.average_bits <= 3.0 + 1e-9
+    assert main(["eval", "--model", str(model_dir), "--text", text, "--plan", str(plan_path), "--windows", "2",
+                 "--length", "64", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["quantizer"] == "quarot" and np.isfinite(result["ppl"])
+    assert main(["eval", "--model", str(model_dir), "--text", text, "--windows", "2", "--length", "64",
+                 "--no-progress"]) == 0
+    assert "FP16" in capsys.readouterr().out
+
+
+def test_cli_bad_input(model_dir, tmp_path, capsys):
+    text = str(model_dir / "text.txt")
+    # missing model, missing text
+    assert main(["calibrate", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "c.json")]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--text", str(tmp_path / "none.txt")]) == 2
+    assert "--text" in capsys.readouterr().err
+    # a text too short for the windows
+    assert main(["calibrate", "--model", str(model_dir), "--text", text, "--windows", "50", "--length", "256",
+                 "--no-progress", "--out", str(tmp_path / "c.json")]) == 2
+    assert "tokens" in capsys.readouterr().err
+    # a plan for another model (layer/head counts) and for another quantizer
+    facts = type(model_facts(_tiny_model()))(name="big", layers=30, kv_heads=3, q_heads=9, head_dim=64)
+    uniform_plan(facts, "kivi", 4, tokens=64).save(tmp_path / "big.json")
+    assert main(["eval", "--model", str(model_dir), "--text", text, "--plan", str(tmp_path / "big.json"),
+                 "--windows", "1", "--length", "64", "--no-progress"]) == 2
+    assert "layers=30" in capsys.readouterr().err
+    small = model_facts(_tiny_model())
+    uniform_plan(small, "kivi", 4, tokens=64).save(tmp_path / "kivi.json")
+    assert main(["eval", "--model", str(model_dir), "--text", text, "--plan", str(tmp_path / "kivi.json"),
+                 "--quantizer", "quarot", "--windows", "1", "--length", "64", "--no-progress"]) == 2
+    assert "mismatch" in capsys.readouterr().err
+    # a calibration that does not exist, a plan file that is not a plan
+    assert main(["allocate", "--calibration", str(tmp_path / "none.json"), "--average-bits", "3", "--out",
+                 str(tmp_path / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{}")
+    assert main(["eval", "--model", str(model_dir), "--plan", str(tmp_path / "junk.json")]) == 2
+    assert "not an rdalloc plan" in capsys.readouterr().err
