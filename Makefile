@@ -1,10 +1,11 @@
-# `make demo` runs the main job on the bundled model; `make test` runs every test. Both build .venv first.
+# `make demo` runs the main job (calibrate, allocate and measure perplexity on the bundled model); `make test` runs
+# every test. Both build .venv first. `make solve` solves the bundled allocation problem alone (seconds).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo solve test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/rdalloc demo
+
+solve: $(STAMP)
 	$(BIN)/rdalloc solve --average-bits 3
 
 test: $(STAMP)

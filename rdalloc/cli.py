@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calibration-length", type=int, default=None)
     d.add_argument("--evaluation-windows", type=int, default=None)
     d.add_argument("--evaluation-length", type=int, default=None)
-    d.add_argument("--out", default="benchmarks/results/demo", help="output directory")
+    d.add_argument("--out", default="rdalloc-demo", help="output directory (default: ./rdalloc-demo)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     return parser
