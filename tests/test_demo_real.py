@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,21 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from rdalloc.backends.hf import load_model, smollm2_gguf, text_windows  # noqa: E402
+from rdalloc.backends.hf import text_windows  # noqa: E402
 from rdalloc.backends.hf.calibrate import calibrate  # noqa: E402
 from rdalloc.backends.hf.experiment import allocate_plan, evaluate_plan, uniform_plan  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def real():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        smollm2_gguf()
-    except ValueError as e:
-        pytest.skip(str(e))
-    return load_model(progress=False)
+# `real`: the bundled model, loaded once per session (tests/conftest.py).
 
 
 @pytest.fixture(scope="module")

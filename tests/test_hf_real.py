@@ -4,7 +4,6 @@ plus ~40 s the first time, when the GGUF is converted into the cache). Run with 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,7 @@ pytestmark = pytest.mark.slow
 FIXTURE = Path(__file__).parent / "data" / "smollm2_kv.npz"
 
 
-@pytest.fixture(scope="module")
-def real():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        smollm2_gguf()
-    except ValueError as e:
-        pytest.skip(str(e))
-    return load_model()
+# `real`: the bundled model, loaded once per session (tests/conftest.py).
 
 
 @pytest.fixture(scope="module")
