@@ -204,7 +204,6 @@ def cmd_allocate(args) -> int:
 
 def cmd_eval(args) -> int:
     from rdalloc.backends.hf.experiment import check_plan, evaluate_plan
-    from rdalloc.backends.hf.model import model_facts  # noqa: F401
 
     plan = None
     if args.plan is not None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost
-from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
+from rdalloc.allocate import OPTIMAL, SATURATED
 
 MENU = (0, 1, 2, 3, 4, 6, 8, 16)
 
