@@ -202,7 +202,27 @@ def cmd_allocate(args) -> int:
     return 0
 
 
+def cmd_eval_joint(args) -> int:
+    from rdalloc.backends.hf.joint import run_joint
+    from rdalloc.backends.hf.model import load_model
+
+    _check_path(args.model, "--model")
+    _check_path(args.text, "--text")
+    if args.plan is not None:
+        raise ValueError("rdalloc eval joint allocates its own token plans; --plan is for rdalloc eval plan")
+    retentions = tuple(float(r) for r in args.retentions.split(","))
+    model, tokenizer, _ = load_model(args.model, progress=not args.no_progress)
+    result = run_joint(model, tokenizer, retentions=retentions, context=args.length, windows=args.windows,
+                       quantizer=args.quantizer or "kivi", text_path=args.text, out_dir=args.out or "rdalloc-joint",
+                       progress=not args.no_progress)
+    print(result.markdown())
+    print(f"results written to {args.out or 'rdalloc-joint'}/")
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if args.what == "joint":
+        return cmd_eval_joint(args)
     from rdalloc.backends.hf.experiment import check_plan, evaluate_plan
 
     plan = None
@@ -312,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="plan JSON to write")
     a.set_defaults(func=cmd_allocate)
 
-    e = sub.add_parser("eval", help="perplexity with a plan's quantized KV cache (no plan: the full cache)")
-    _add_source(e, windows=2, length=512, what="evaluation")
+    e = sub.add_parser("eval", help="plan: perplexity with a plan's quantized KV cache (no plan: the full cache); "
+                       "joint: compress-after-prefill NLL/KL vs retention (joint eviction + quantization)")
+    e.add_argument("what", nargs="?", choices=("plan", "joint"), default="plan")
+    _add_source(e, windows=2, length=512, what="evaluation (joint: context)")
+    e.add_argument("--retentions", default="0.02,0.05,0.1,0.25,0.5", help="joint: retentions vs FP16 bytes")
     e.add_argument("--plan", default=None, help="plan JSON (from rdalloc allocate); omit for FP16")
     e.add_argument("--quantizer", default=None, help="apply with this quantizer (default: the plan's)")
     e.add_argument("--out", default=None, help="result JSON to write")

@@ -44,3 +44,18 @@ def test_errors(tmp_path, capsys):
         main(["solve", "--problem", str(tmp_path / "bad.json")])
     assert main(["solve", "--alpha", "1,2", "--average-bits", "0.5"]) == 2
     assert "infeasible" in capsys.readouterr().err
+
+
+def test_eval_joint_refuses_a_plan_before_loading_anything(tmp_path, capsys):
+    assert main(["eval", "joint", "--plan", str(tmp_path / "p.json")]) == 2
+    assert "allocates its own token plans" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_joint_on_the_real_model(tmp_path, capsys):
+    out = tmp_path / "joint"
+    assert main(["eval", "joint", "--retentions", "0.5", "--windows", "1", "--length", "256", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "joint-global" in capsys.readouterr().out
+    result = json.loads((out / "joint.json").read_text())
+    assert result["rows"], result

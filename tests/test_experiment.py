@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
 
 from rdalloc import Plan  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
@@ -28,14 +28,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the cache holds keys 
 
 
 def _tiny_model():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=Q_HEADS,
-                         num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, vocab_size=VOCAB,
-                         max_position_embeddings=512, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
-    return model
+    return tiny_llama(hidden=HIDDEN, layers=LAYERS, q_heads=Q_HEADS, kv_heads=KV_HEADS, vocab=VOCAB, max_positions=512)
 
 
 @pytest.fixture(scope="module")

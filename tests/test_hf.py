@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny_llama  # noqa: E402
 
 from rdalloc.backends.hf import (  # noqa: E402
     INSTALL_HINT, TransformCache, attention_importance, cache_factory, capture_kv, cut_windows, default_text,
@@ -59,15 +59,7 @@ def per_token_quant(bits):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=Q_HEADS,
-                         num_key_value_heads=KV_HEADS, num_hidden_layers=LAYERS, vocab_size=VOCAB,
-                         max_position_embeddings=256, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    model.requires_grad_(False)
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_llama(layers=LAYERS, q_heads=Q_HEADS, kv_heads=KV_HEADS, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")

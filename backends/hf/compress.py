@@ -1,0 +1,524 @@
+"""Compress a prefilled KV cache once (RDKV setting): attention-derived weights, packed storage, per-head eviction.
+
+Three pieces, used in this order by :mod:`.joint`:
+
+1. :func:`observe_prefill` runs the prefill of ``C`` tokens through an observing attention function and keeps the
+   post-RoPE keys and values ``[layers, kv_heads, C, head_dim]`` plus, for the last ``window`` prefill queries (the
+   observation window), their queries, their attention probabilities ``a[q_head, i, t]`` and their attention outputs
+   ``o[q_head, i]`` (per head, before ``o_proj``).
+2. :func:`token_weights` turns them into the weights of the joint problem, per ``(layer, kv_head)`` (the query heads
+   of a GQA group ``G(h)`` pooled by summation), for three kinds of error (``scale = head_dim**-0.5``):
+
+   * a token's value quantized with error ``dv_t``: distortion ``u_t * |dv_t|^2``;
+   * a token evicted: distortion ``e_t``;
+   * a token's key channel ``c`` quantized with error ``dk_tc``: distortion ``K_tc * dk_tc^2``.
+
+   ``method="mse"`` is the first-order expected squared error of
+   the attention outputs of the observation queries. Value noise: ``do_i = sum_t a_it dv_t``, so with independent
+   errors ``u_t = sum_{g,i} a_git^2``. Eviction renormalizes the softmax: ``do_i = a_it (o_i - v_t) / (1 - a_it)``,
+   so ``e_t = sum_{g,i} a_git^2 |v_t - o_gi|^2``. Key noise moves the logit by ``scale * q_i . dk_t`` and
+   ``do_i = a_it (v_t - o_i) dlogit``, so ``K_tc = scale^2 sum_{g,i} a_git^2 |v_t - o_gi|^2 q_gic^2``.
+
+   ``method="rdkv"`` follows RDKV/SnapKV: the token score is the attention it receives from the observation queries,
+   normalized by how many of them can see it (``min(W, C - t)``) and average-pooled over ``pool`` neighbouring
+   tokens, ``s_t``; then ``u_t = s_t``, ``e_t = s_t * nu`` and ``K_tc = s_t * nu * scale^2 * Q_c`` where
+   ``Q_c = sum_g mean_i q_gic^2`` is the query energy of channel ``c`` (the key energy enters through ``dk``, measured
+   on the keys) and ``nu = mean_t |v_t - mean o|^2`` puts keys, values and eviction in the same units.
+
+   ``method="hybrid"`` (the default) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s per-head totals. On
+   SmolLM2 (:mod:`.joint`, 2 windows of 1024 + 64 tokens) ``mse`` beats ``rdkv`` at 2-10% retention and loses badly at
+   25-50%; the hybrid tracks the better of the two (``benchmarks/results/joint/joint.md``).
+
+3. :class:`CompressedCache` holds the compressed prefix: the plan's middle tokens packed
+   (:mod:`rdalloc.packing`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
+   tokens at full precision, and every token appended afterwards at full precision. On each ``update`` a layer
+   dequantizes its packed part, gathers each kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the
+   largest kept count of the layer; shorter heads padded) and hands attention the prefix followed by the appended
+   tokens. The attention function registered as ``"rdalloc_joint"`` (:func:`joint_attention`, a context manager
+   that always restores the model's own implementation) masks, per kv head and its query heads, the padding slots
+   (``-inf``: an evicted token is out of its own head's softmax and nobody else's) and applies causality within
+   the appended tokens. ``get_seq_length`` is the true number of tokens seen, so rotary positions of new tokens
+   are their true positions. :func:`reference_attention` computes the same attention by explicit per-head gathers.
+
+Bytes: ``CompressedCache.nbytes`` = packed bytes (payload + 16-bit metadata, :attr:`PackedCache.nbytes`) + 2 bytes
+per full-precision element (sink, window, appended), whatever dtype the model computes in (DESIGN §5).
+Batch size 1 per cache (one sequence; no padding masks).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from rdalloc.packing import PackedLayer, predict_nbytes, unpack_tensor
+from rdalloc.plan import Plan
+from rdalloc.backends.torch import PlanApplier
+
+__all__ = ["Prefill", "observe_prefill", "TokenWeights", "token_weights", "WEIGHTINGS", "CompressedCache",
+           "CompressedLayer", "joint_attention", "reference_attention", "storage_plan", "protected_mask",
+           "compressed_nbytes"]
+
+WEIGHTINGS = ("hybrid", "mse", "rdkv")
+_OBSERVE = "rdalloc_observe"
+_JOINT = "rdalloc_joint"
+
+
+# ---- 1. observing the prefill --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prefill:
+    """What the prefill left: ``keys``/``values`` ``[layers, kv_heads, C, head_dim]`` (float32, post-RoPE), and for
+    the last ``window`` queries ``queries`` ``[layers, q_heads, window, head_dim]``, ``probs`` ``[layers, q_heads,
+    window, C]``, ``outputs`` ``[layers, q_heads, window, head_dim]``; ``scaling`` (the softmax scale)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    probs: torch.Tensor
+    outputs: torch.Tensor
+    scaling: float
+    window: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(s) for s in self.keys.shape)
+
+
+_observed: list = []
+
+
+def _observe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
+    if _observed:
+        rec = _observed[-1]
+        w = rec["window"]
+        g = query.shape[1] // key.shape[1]
+        s = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q = query[0, :, -w:].float()
+        k = key[0].float().repeat_interleave(g, 0)
+        v = value[0].float().repeat_interleave(g, 0)
+        T = k.shape[1]
+        scores = torch.matmul(q, k.transpose(1, 2)) * s
+        pos = torch.arange(T - w, T)
+        scores = scores.masked_fill(torch.arange(T)[None, :] > pos[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        rec["layers"][module.layer_idx] = (q, p, torch.matmul(p, v), float(s))
+    return out
+
+
+_ACTIVE: dict[str, int] = {}  # attention implementations currently entered through `_attention`
+
+
+class _attention:
+    """Context manager: run ``model`` with attention ``name`` (registered with ``fn``), then restore."""
+
+    def __init__(self, model, name, fn):
+        self.model, self.name, self.fn = model, name, fn
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(self.name, self.fn)
+        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        self.old = self.model.config._attn_implementation
+        self.model.set_attn_implementation(self.name)
+        _ACTIVE[self.name] = _ACTIVE.get(self.name, 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE[self.name] -= 1
+        self.model.set_attn_implementation(self.old)
+        return False
+
+
+def _facts(model) -> tuple[int, int, int, int]:
+    c = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return int(c.num_hidden_layers), int(c.num_key_value_heads), int(c.num_attention_heads), int(hd)
+
+
+@torch.no_grad()
+def observe_prefill(model: Any, input_ids: Any, *, window: int = 32) -> Prefill:
+    """Prefill ``input_ids`` (``[C]`` or ``[1, C]``) and observe the last ``window`` queries (see the module doc)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be one sequence, [C] or [1, C], got shape {tuple(ids.shape)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    C = int(ids.shape[1])
+    if C <= window:
+        raise ValueError(f"the context has {C} tokens, not more than the observation window of {window}: a context "
+                         f"must be longer than the window it is scored by")
+    L, _, _, _ = _facts(model)
+    rec = {"window": window, "layers": {}}
+    cache = DynamicCache(config=model.config)
+    _observed.append(rec)
+    try:
+        with _attention(model, _OBSERVE, _observe_attention):
+            model(ids, past_key_values=cache, use_cache=True)
+    finally:
+        _observed.remove(rec)
+    if len(rec["layers"]) != L:
+        raise ValueError(f"observed {len(rec['layers'])} of {L} layers: every layer must route through transformers' "
+                         f"AttentionInterface")
+    keys = torch.stack([cache.layers[i].keys[0].float() for i in range(L)])
+    values = torch.stack([cache.layers[i].values[0].float() for i in range(L)])
+    q, p, o = (torch.stack([rec["layers"][i][j] for i in range(L)]) for j in range(3))
+    s = rec["layers"][0][3]
+    return Prefill(keys=keys, values=values, queries=q, probs=p, outputs=o, scaling=s, window=window)
+
+
+# ---- 2. weights -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenWeights:
+    """Weights of the joint problem (numpy float64): ``token`` ``u`` ``[L, H, C]`` (value error), ``eviction`` ``e``
+    ``[L, H, C]``, ``key`` ``K`` ``[L, H, C, D]`` (key error per token and channel); ``method``."""
+
+    token: np.ndarray
+    eviction: np.ndarray
+    key: np.ndarray
+    method: str
+
+    @property
+    def channel(self) -> np.ndarray:
+        """Key-channel weights ``[L, H, D]``: ``K`` summed over tokens."""
+        return self.key.sum(axis=2)
+
+
+@torch.no_grad()
+def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
+                  evicted: np.ndarray | None = None, floor: float = 0.1) -> TokenWeights:
+    """Attention-derived weights from an observed prefill (formulas in the module docstring).
+
+    ``evicted`` (``method="mse"`` only; bool ``[L, H, C]``, e.g. ``~plan.kept()`` of a first solve) re-linearizes the
+    eviction distortion around that eviction set ``S``: evictions add up coherently, ``dO_i = sum_{s in S} a_is (o_i -
+    v_s)``, so the marginal cost of evicting ``t`` is ``a_it^2 |o_i - v_t|^2 + 2 a_it (o_i - v_t) . dO_i^{(-t)}``
+    (``dO`` without ``t``), summed over the observation queries and clamped at 0, instead of the independent-error
+    ``a_it^2 |o_i - v_t|^2``. (Measured on SmolLM2: not better; kept for study.)
+
+    ``method="hybrid"`` (the default): ``mse`` plus ``floor`` times ``rdkv`` rescaled, per ``(layer, kv_head)`` and per
+    kind of weight, to the same total as ``mse``; see :func:`_hybrid`."""
+    if method not in WEIGHTINGS:
+        raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
+    if method == "hybrid":
+        return _hybrid(token_weights(prefill, method="mse", pool=pool, evicted=evicted),
+                       token_weights(prefill, method="rdkv", pool=pool), floor)
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+        raise ValueError(f"pool must be a positive odd integer (tokens averaged around each token), got {pool!r}")
+    L, H, C, D = prefill.shape
+    Hq = prefill.queries.shape[1]
+    G = Hq // H
+    W = prefill.window
+    s2 = prefill.scaling ** 2
+    a = prefill.probs.double().reshape(L, H, G, W, C)
+    q = prefill.queries.double().reshape(L, H, G, W, D)
+    o = prefill.outputs.double().reshape(L, H, G, W, D)
+    v = prefill.values.double()
+    if method == "mse":
+        # |v_t - o_gi|^2 = |v_t|^2 - 2 v_t.o_gi + |o_gi|^2  ->  [L, H, G, W, C]
+        dist = ((v * v).sum(-1)[:, :, None, None, :] - 2 * torch.einsum("lhtd,lhgid->lhgit", v, o)
+                + (o * o).sum(-1)[..., None]).clamp_min(0)
+        a2 = a * a
+        token = a2.sum(dim=(2, 3))
+        eviction = (a2 * dist).sum(dim=(2, 3))
+        if evicted is not None:
+            S = torch.as_tensor(np.asarray(evicted), dtype=torch.float64)
+            if S.shape != (L, H, C):
+                raise ValueError(f"evicted must be bool [layers, kv_heads, tokens] = {(L, H, C)}, got {tuple(S.shape)}")
+            aS = a * S[:, :, None, None, :]
+            delta = aS.sum(-1)[..., None] * o - torch.einsum("lhgit,lhtd->lhgid", aS, v)  # [L, H, G, W, D]
+            od = (o * delta).sum(-1)  # [L, H, G, W]
+            cross = 2 * ((a * od[..., None]).sum(dim=(2, 3)) - torch.einsum("lhgit,lhtd,lhgid->lht", a, v, delta))
+            eviction = (eviction * (1 - 2 * S) + cross).clamp_min(0) + 1e-3 * eviction
+        key = s2 * torch.einsum("lhgit,lhgic->lhtc", a2 * dist, q * q)
+    else:
+        visible = torch.clamp(C - torch.arange(C, dtype=torch.float64), max=W)
+        score = a.sum(dim=(2, 3)) / visible
+        score = torch.nn.functional.avg_pool1d(score.reshape(L * H, 1, C), pool, stride=1, padding=pool // 2,
+                                               count_include_pad=False).reshape(L, H, C)
+        obar = o.mean(dim=(2, 3))
+        nu = ((v - obar[:, :, None, :]) ** 2).sum(-1).mean(-1)  # [L, H]
+        Q = (q * q).mean(dim=3).sum(dim=2)  # [L, H, D]
+        token = score
+        eviction = score * nu[..., None]
+        key = s2 * score[..., None] * (nu[..., None] * Q)[:, :, None, :]
+    return TokenWeights(token=token.numpy(), eviction=eviction.numpy(), key=key.numpy(), method=method)
+
+
+def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights:
+    """``mse + floor * (sum mse / sum rdkv) * rdkv`` per (layer, kv_head), for ``token``, ``eviction`` and ``key``.
+
+    Why: the squared-attention weights of ``mse`` follow the observation queries closely, which wins at low
+    retention, but they give near-zero weight to tokens those queries ignore and later queries may need; the linear,
+    pooled ``rdkv`` score is a floor under them (measured in :mod:`.joint`)."""
+    if not (isinstance(floor, (int, float)) and floor >= 0):
+        raise ValueError(f"floor must be a non-negative number, got {floor!r}")
+    out = {}
+    for f in ("token", "eviction", "key"):
+        a, b = getattr(mse, f), getattr(rdkv, f)
+        ax = tuple(range(2, a.ndim))
+        sa, sb = a.sum(axis=ax, keepdims=True), b.sum(axis=ax, keepdims=True)
+        out[f] = a + floor * np.divide(sa, sb, out=np.zeros_like(sa), where=sb > 0) * b
+    return TokenWeights(token=out["token"], eviction=out["eviction"], key=out["key"], method="hybrid")
+
+
+# ---- 3. the compressed cache ----------------------------------------------------------------------------------------
+def protected_mask(tokens: int, sink: int, window: int) -> np.ndarray:
+    """``[tokens]`` bool: the first ``sink`` and last ``window`` tokens (kept at full precision, outside packing)."""
+    m = np.zeros(tokens, dtype=bool)
+    m[:sink] = True
+    if window:
+        m[tokens - window:] = True
+    return m
+
+
+def storage_plan(plan: Plan) -> Plan:
+    """The plan the packed part stores: ``plan`` with its protected tokens (``meta["sink"]``, ``meta["window"]``)
+    left out (value bits 0); those are held at full precision beside the packed storage."""
+    sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
+    prot = protected_mask(plan.tokens, sink, window)
+    value = np.where(prot[None, None, :], 0, plan.value)
+    return Plan(key=plan.key, value=value, key_axes=plan.key_axes, value_axes=plan.value_axes,
+                quantizer=plan.quantizer, meta=plan.meta)
+
+
+def compressed_nbytes(plan: Plan, quantizer: Any = None, *, head_dim: int, batch: int = 1) -> int:
+    """Exact bytes a :class:`CompressedCache` of ``plan`` holds right after compression: the packed middle
+    (:func:`rdalloc.packing.predict_nbytes` of :func:`storage_plan`) + 2 bytes per element of the protected tokens
+    (keys and values). Computed from the plan alone."""
+    sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
+    protected = int(protected_mask(plan.tokens, sink, window).sum())
+    full = 2 * 2 * batch * plan.layers * plan.kv_heads * protected * head_dim
+    return predict_nbytes(storage_plan(plan), quantizer, batch=batch, tokens=plan.tokens, head_dim=head_dim) + full
+
+
+_pending = threading.local()
+
+
+def _pending_map() -> dict:
+    if not hasattr(_pending, "masks"):
+        _pending.masks = {}
+    return _pending.masks
+
+
+class CompressedLayer(DynamicLayer):
+    """One decoder layer of a :class:`CompressedCache`: packed middle, full-precision sink/window, appended tokens
+    (``self.keys``/``self.values``, as in ``DynamicLayer``)."""
+
+    def __init__(self, layer_idx: int, packed: PackedLayer, sink: tuple, window: tuple, kept: np.ndarray,
+                 tokens: int):
+        super().__init__()
+        self.layer_idx = int(layer_idx)
+        self.packed = packed
+        self.sink_kv = sink
+        self.window_kv = window
+        self.tokens = int(tokens)
+        H = kept.shape[0]
+        counts = kept.sum(axis=1)
+        P = int(counts.max()) if H else 0
+        idx = np.zeros((H, P), dtype=np.int64)
+        valid = np.zeros((H, P), dtype=bool)
+        for h in range(H):
+            pos = np.flatnonzero(kept[h])
+            idx[h, :pos.size] = pos
+            valid[h, :pos.size] = True
+        self.gather_index = torch.from_numpy(idx)
+        self.gather_valid = torch.from_numpy(valid)
+        self.kept_counts = counts
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.sink_kv[0].shape[-2] + self.gather_index.shape[1] + self.window_kv[0].shape[-2])
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(keys, values, valid)``: the compressed prefix ``[batch, kv_heads, P', head_dim]`` and ``[kv_heads, P']``
+        valid slots (sink, then each head's kept middle tokens padded, then the window)."""
+        k = unpack_tensor(self.packed.keys)
+        v = unpack_tensor(self.packed.values)
+        B, H, _, D = k.shape
+        idx = self.gather_index.to(k.device)[None, :, :, None].expand(B, H, -1, D)
+        mk, mv = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        sk, sv = self.sink_kv
+        wk, wv = self.window_kv
+        H_ = self.gather_valid.shape[0]
+        valid = torch.cat([torch.ones(H_, sk.shape[-2], dtype=torch.bool), self.gather_valid,
+                           torch.ones(H_, wk.shape[-2], dtype=torch.bool)], dim=1).to(k.device)
+        return torch.cat([sk, mk, wk], dim=2), torch.cat([sv, mv, wv], dim=2), valid
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not _ACTIVE.get(_JOINT, 0):
+            raise RuntimeError(f"layer {self.layer_idx}: a compressed cache needs the per-head masked attention; run the "
+                               f"model under `with joint_attention(model):` (a plain attention would attend to the "
+                               f"padding slots of evicted tokens)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        pending = _pending_map()
+        if self.layer_idx in pending:
+            pending.pop(self.layer_idx)
+            raise RuntimeError(f"layer {self.layer_idx}: the per-head mask of the previous step was never used; run the "
+                               f"model under `with joint_attention(model):` (a plain attention would attend to the "
+                               f"padding slots of evicted tokens)")
+        pk, pv, valid = self.prefix()
+        pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])
+        return (torch.cat([pk.to(self.keys.dtype), self.keys], dim=-2),
+                torch.cat([pv.to(self.values.dtype), self.values], dim=-2))
+
+    def get_seq_length(self) -> int:
+        appended = 0 if not self.is_initialized or self.keys is None else int(self.keys.shape[-2])
+        return self.tokens + appended
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    @property
+    def appended_nbytes(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return 2 * (self.keys.numel() + self.values.numel())
+
+    @property
+    def nbytes(self) -> int:
+        full = sum(2 * t.numel() for t in (*self.sink_kv, *self.window_kv))
+        return self.packed.nbytes + full + self.appended_nbytes
+
+
+class CompressedCache(Cache):
+    """A ``transformers.Cache`` holding a prefix compressed by a token plan (module docstring).
+
+    Build it with :meth:`compress`; run the model under :func:`joint_attention` (``model(...)`` or
+    ``model.generate(...)``). ``nbytes`` (held now), ``compressed_nbytes`` (the prefix only), ``fp16_nbytes`` (the
+    prefix at 16 bits), ``retention``.
+    """
+
+    def __init__(self, layers: list[CompressedLayer], plan: Plan, head_dim: int):
+        super().__init__(layers=layers)
+        self.plan = plan
+        self.head_dim = int(head_dim)
+
+    @classmethod
+    @torch.no_grad()
+    def compress(cls, keys: torch.Tensor, values: torch.Tensor, plan: Plan, quantizer: Any = None) -> "CompressedCache":
+        """Compress ``keys``/``values`` (``[layers, kv_heads, C, head_dim]`` or ``[layers, 1, kv_heads, C,
+        head_dim]``; e.g. :attr:`Prefill.keys`) once with ``plan`` (``meta["sink"]``/``meta["window"]`` protected)."""
+        if keys.ndim == 4:
+            keys, values = keys[:, None], values[:, None]
+        if keys.ndim != 5 or keys.shape != values.shape or keys.shape[1] != 1:
+            raise ValueError(f"keys and values must be [layers, kv_heads, tokens, head_dim] (one sequence), got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        L, _, H, C, D = (int(s) for s in keys.shape)
+        if plan.granularity != "token" or plan.value_axes[-1] != "token":
+            raise ValueError(f"a compressed cache needs a token plan with per-token value bits, got value axes "
+                             f"{plan.value_axes}")
+        plan.check(layers=L, kv_heads=H, tokens=C, head_dim=D)
+        sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
+        if sink + window > C:
+            raise ValueError(f"the plan protects sink={sink} + window={window} tokens, more than the {C} the cache has")
+        prot = protected_mask(C, sink, window)
+        ap = PlanApplier(storage_plan(plan), quantizer)
+        kept = plan.kept() & ~prot[None, None, :]
+        layers = []
+        for i in range(L):
+            packed = ap.pack(keys[i], values[i], layer=i)
+            sk = (keys[i][:, :, :sink].clone(), values[i][:, :, :sink].clone())
+            wk = (keys[i][:, :, C - window:].clone(), values[i][:, :, C - window:].clone())
+            layers.append(CompressedLayer(i, packed, sk, wk, kept[i], C))
+        return cls(layers, plan, D)
+
+    @property
+    def compressed_nbytes(self) -> int:
+        return sum(layer.nbytes - layer.appended_nbytes for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def fp16_nbytes(self) -> int:
+        return 2 * 2 * self.plan.layers * self.plan.kv_heads * self.plan.tokens * self.head_dim
+
+    @property
+    def retention(self) -> float:
+        """Bytes of the compressed prefix / its bytes at 16 bits."""
+        return self.compressed_nbytes / self.fp16_nbytes
+
+    @property
+    def predicted_nbytes(self) -> int:
+        return compressed_nbytes(self.plan, self.layers[0].packed.keys.layout.quantizer, head_dim=self.head_dim)
+
+
+def _joint_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    pending = _pending_map().pop(module.layer_idx, None)
+    if pending is None:  # not a compressed layer: plain attention
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    valid, P, T = pending
+    if key.shape[-2] != P + T:
+        raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed cache "
+                         f"announced {P} prefix + {T} appended")
+    mask = _mask(valid, query.shape[-2], T, query.shape[1] // key.shape[1])
+    return _masked_sdpa(query, key, value, mask, scaling), None
+
+
+def _mask(valid: torch.Tensor, q: int, T: int, groups: int) -> torch.Tensor:
+    """``[1, q_heads, q, P + T]`` bool: each kv head's valid prefix slots (expanded to its query heads), and causality
+    among the ``T`` appended tokens (the ``q`` queries are the last ``q`` of them)."""
+    H, P = valid.shape
+    pre = valid.repeat_interleave(groups, 0)[:, None, :].expand(-1, q, -1)
+    causal = torch.arange(T, device=valid.device)[None, :] <= (T - q + torch.arange(q, device=valid.device))[:, None]
+    tail = causal[None].expand(H * groups, -1, -1)
+    return torch.cat([pre, tail], dim=-1)[None]
+
+
+def _masked_sdpa(query, key, value, mask, scaling):
+    g = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(g, 1)
+    v = value.repeat_interleave(g, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype),
+                                                           attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def joint_attention(model: Any) -> _attention:
+    """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (layers whose
+    cache is not compressed run plain SDPA). Restores the model's own implementation on exit."""
+    return _attention(model, _JOINT, _joint_attention)
+
+
+@torch.no_grad()
+def reference_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """Attention of ``query`` (``[1, q_heads, q, head_dim]``, the last ``q`` appended tokens) over ``layer``, by
+    explicit gathers: for each query head, the sink, its kv head's kept middle tokens, the window and the appended
+    tokens up to the query's own. Returns ``[1, q, q_heads, head_dim]`` like the attention functions."""
+    k_all = unpack_tensor(layer.packed.keys)[0]
+    v_all = unpack_tensor(layer.packed.values)[0]
+    H = k_all.shape[0]
+    Hq, q, D = query.shape[1], query.shape[2], query.shape[3]
+    g = Hq // H
+    s = D ** -0.5 if scaling is None else scaling
+    T = layer.keys.shape[-2]
+    out = torch.zeros(1, q, Hq, D, dtype=query.dtype)
+    for qh in range(Hq):
+        h = qh // g
+        pos = layer.gather_index[h][layer.gather_valid[h]]
+        ks = torch.cat([layer.sink_kv[0][0, h], k_all[h, pos], layer.window_kv[0][0, h]])
+        vs = torch.cat([layer.sink_kv[1][0, h], v_all[h, pos], layer.window_kv[1][0, h]])
+        for j in range(q):
+            kk = torch.cat([ks, layer.keys[0, h, :T - q + j + 1]]).to(query.dtype)
+            vv = torch.cat([vs, layer.values[0, h, :T - q + j + 1]]).to(query.dtype)
+            p = torch.softmax((kk @ query[0, qh, j]) * s, dim=0)
+            out[0, j, qh] = p @ vv
+    return out

@@ -1,0 +1,42 @@
+"""Joint compression after prefill on the bundled SmolLM2 (slow: loads the real model)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from rdalloc.backends.hf import load_model, text_windows
+
+    try:
+        model, tok, _ = load_model(progress=False)
+    except (ImportError, FileNotFoundError, OSError) as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"bundled model unavailable: {e}")
+    ids = text_windows(tok, length=576, calibration=1, evaluation=1).evaluation[0]
+    return model, ids
+
+
+def test_bytes_and_nll_at_half_retention(setup):
+    from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, token_weights
+    from rdalloc.backends.hf.joint import allocate_joint
+
+    model, ids = setup
+    C = 512
+    pre = observe_prefill(model, ids[:C], window=32)
+    plan = allocate_joint(token_weights(pre), pre.keys, pre.values, retention=0.5, sink=4, window=8)
+    cache = CompressedCache.compress(pre.keys, pre.values, plan)
+    assert cache.compressed_nbytes == cache.predicted_nbytes
+    assert 0.45 < cache.retention <= 0.5 + 1e-3
+    with torch.no_grad():
+        full = model(ids[None]).logits[0, C:-1]
+        with joint_attention(model):
+            comp = model(ids[None, C:], past_key_values=cache, use_cache=True).logits[0, :-1]
+    tgt = ids[C + 1:]
+    nll = lambda lg: float(-torch.log_softmax(lg.float(), -1).gather(-1, tgt[:, None]).mean())  # noqa: E731
+    assert abs(nll(comp) - nll(full)) < 0.05, (nll(comp), nll(full))
