@@ -182,3 +182,25 @@ def test_bad_solver_input(kwargs, exc, match):
 def test_wrong_model_type():
     with pytest.raises(TypeError, match="model must be an ExponentialModel"):
         waterfill(object(), 1.0, average_bits=2)
+
+
+# ---- regressions pinned from hypothesis ---------------------------------------------------------------------------
+
+def test_regression_budget_at_the_minimum_reports_a_consistent_water_level():
+    # hypothesis: inst=(default_rng(0), 2 items, average_bits=1.0, per-item beta) gave KKT residual 2.15 when the
+    # level was left at the all-free guess; at the minimum the level must keep every item at lo.
+    model, n, w, r = solve((np.random.default_rng(0), 2, 1.0, False))
+    np.testing.assert_array_equal(np.asarray(r.bits), 1.0)
+    assert float(r.kkt_residual) < 1e-12
+
+
+def test_regression_float32_bracket_does_not_overflow():
+    # The open bracket used +-1e300, which is inf in float32 (JAX without x64): the loop wandered to the cap.
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    model, n, w = problem(rng, 50)
+    r = jax.jit(lambda a, b: waterfill(ExponentialModel(a, b), jnp.asarray(n), average_bits=3.0))(
+        jnp.asarray(model.alpha, dtype=jnp.float32), jnp.asarray(model.beta, dtype=jnp.float32))
+    assert int(r.status) == OPTIMAL and int(r.iterations) < 20
