@@ -13,11 +13,14 @@ Algorithm (Shoham–Gersho, then a greedy fill). Every item is a set of ``K`` (c
    hull points form *segments* with cost ``dC > 0`` and efficiency ``e = dW / dC``, non-increasing along each item.
 2. **Threshold.** For a multiplier ``lambda`` every item takes exactly its segments with ``e > lambda`` (a prefix);
    ``T(lambda)`` is the cost. The split level ``lambda*`` is the smallest segment efficiency with ``T(lambda*) <= B``.
-   It is found exactly on the set of efficiency *values*: safeguarded interpolation (Illinois) on ``ln lambda``,
-   every trial snapped to an efficiency present in the bracket, bisection on ``ln lambda`` when the bracket shrinks
-   slowly; it stops when no efficiency lies strictly inside the bracket. On numpy and torch the candidates outside
-   the bracket are dropped as it shrinks (quickselect-like, ``O(NK)`` total work); on JAX the loop keeps static
-   shapes and runs in ``lax.while_loop``. The segments tied at ``lambda*`` are then taken in item order while they fit.
+   It is found exactly on the set of efficiency *values*. On numpy and torch: sample-select — sort a strided sample
+   of the candidates, evaluate the exact cost at two pivots around the estimated split, keep only the candidates
+   between them (quickselect-like, ``O(NK)`` total work), and finish with an exact sort once few remain. On JAX:
+   safeguarded interpolation (Illinois) on ``ln lambda`` with every trial snapped to an efficiency in the bracket and
+   bisection when it shrinks slowly, in ``lax.while_loop`` with static shapes; it stops when no efficiency lies
+   strictly inside the bracket. The segments tied at ``lambda*`` are then taken in item order while they fit.
+
+   Step 1 is independent per item; eager backends run it over cache-sized chunks of items.
 3. **Greedy fill.** While slack remains, take the most efficient next segment (ties: lowest item) that still fits.
    The solution never exceeds ``B``; its cost meets ``B`` exactly whenever the threshold solution does (for instance
    equal segment costs and integral budgets).
