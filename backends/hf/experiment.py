@@ -362,15 +362,16 @@ def markdown_table(result: ExperimentResult) -> str:
     for q, rows in table.items():
         budgets = sorted({b for cells in rows.values() for b in cells})
         payload = {}
-        for r in result.rows:
-            if r["quantizer"] == q and r["row"] == "rdalloc":
+        for r in result.rows:  # payload-only bits of the column: rdalloc's row, else any row that met the budget
+            if r["quantizer"] == q and (r["row"] == "rdalloc" or float(r["budget"]) not in payload):
                 payload[float(r["budget"])] = r["payload_bits"]
         beta = f.get("betas", {}).get(q, {})
         lines.append("")
         lines.append(f"### {q} (fitted beta: keys {beta.get('key', float('nan')):.2f}, values "
                      f"{beta.get('value', float('nan')):.2f})")
         lines.append("")
-        lines.append("| row | " + " | ".join(f"{b:g} ({payload.get(b, float('nan')):.2f})" for b in budgets) + " |")
+        lines.append("| row | " + " | ".join(f"{b:g} ({payload[b]:.2f})" if b in payload else f"{b:g}"
+                                             for b in budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         lines.append("| FP16 | " + " | ".join(f"{result.fp16['ppl']:.3f}" for _ in budgets) + " |")
         for row in ROWS:
