@@ -84,17 +84,9 @@ def _measurements(distortions: Any, bits: Any, sample_weights: Any = None,
     NaN, infinities or negative values, shapes that do not match, bits not strictly increasing integers in
     ``[0, 16]``, or fewer than two quantized widths (``0 < b < 16``).
     """
-    bits = _bits(bits)
-    d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
-    if d.dtype.kind not in "iuf":
-        raise TypeError(f"distortions must be a real numeric array, got dtype {d.dtype}")
-    if d.ndim != 2 or d.shape[1] != len(bits):
-        raise ValueError(f"distortions must have shape (items, {len(bits)}) to match bits={list(bits)}, "
-                         f"got shape {d.shape}")
+    d, bits = _distortion_table(distortions, bits)
     if d.shape[0] == 0:
         raise ValueError("distortions must hold at least one item, got shape (0, ...)")
-    d = d.astype(np.float64)
-    _check_finite_nonnegative("distortions", d, bits)
     q = [b for b in bits if 0 < b < FULL_BITS]
     if len(q) < 2:
         raise ValueError(f"bits must hold at least two quantized widths (0 < b < {FULL_BITS}) to fit a curve, "
@@ -113,6 +105,20 @@ def _measurements(distortions: Any, bits: Any, sample_weights: Any = None,
                              f"{d.shape} (one per measurement), got shape {w.shape}") from None
         _check_finite_nonnegative("sample_weights", w, bits)
     return d, bits, w
+
+
+def _distortion_table(distortions: Any, bits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``(D, bits)``: ``D`` float64 ``(N, K)``, finite and ``>= 0``, matching ``K`` valid widths (else a clear error)."""
+    bits = _bits(bits)
+    d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
+    if d.dtype.kind not in "iuf":
+        raise TypeError(f"distortions must be a real numeric array, got dtype {d.dtype}")
+    if d.ndim != 2 or d.shape[1] != len(bits):
+        raise ValueError(f"distortions must have shape (items, {len(bits)}) to match bits={list(bits)}, "
+                         f"got shape {d.shape}")
+    d = d.astype(np.float64)
+    _check_finite_nonnegative("distortions", d, bits)
+    return d, bits
 
 
 def _check_finite_nonnegative(name: str, x: np.ndarray, bits: tuple[int, ...]) -> None:
@@ -421,15 +427,7 @@ def fit_exponential(distortions: Any, bits: Sequence[int], *, pooled: bool = Tru
 def tabulate(distortions: Any, bits: Sequence[int], *, quantizer: str | None = None) -> TabulatedModel:
     """A :class:`TabulatedModel` straight from measurements (validated as for :func:`fit_exponential`, except that
     any number of quantized widths is fine here)."""
-    bits = _bits(bits)
-    d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
-    if d.dtype.kind not in "iuf":
-        raise TypeError(f"distortions must be a real numeric array, got dtype {d.dtype}")
-    if d.ndim != 2 or d.shape[1] != len(bits):
-        raise ValueError(f"distortions must have shape (items, {len(bits)}) to match bits={list(bits)}, "
-                         f"got shape {d.shape}")
-    d = d.astype(np.float64)
-    _check_finite_nonnegative("distortions", d, bits)
+    d, bits = _distortion_table(distortions, bits)
     return TabulatedModel(bits=bits, distortion=d, quantizer=_quantizer(quantizer))
 
 

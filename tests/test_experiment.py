@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tiny_llama import tiny_llama  # noqa: E402
+from hf_fixtures import tiny_llama  # noqa: E402
 
 from rdalloc import Plan  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402

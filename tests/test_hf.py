@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tiny_llama import tiny_llama  # noqa: E402
+from hf_fixtures import per_token_quant, tiny_llama  # noqa: E402
 
 from rdalloc.backends.hf import (  # noqa: E402
     INSTALL_HINT, TransformCache, attention_importance, cache_factory, capture_kv, cut_windows, default_text,
@@ -44,17 +44,6 @@ def fake_quant(bits_k, bits_v):
         return q(key, bits_k[layer]), q(value, bits_v[layer])
 
     return transform
-
-
-def per_token_quant(bits):
-    """Per-token asymmetric quantization over head_dim (groups never span tokens)."""
-
-    def q(x):
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        s = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
-        return torch.round((x - lo) / s).clamp(0, 2 ** bits - 1) * s + lo
-
-    return lambda layer, key, value: (q(key), q(value))
 
 
 @pytest.fixture(scope="module")

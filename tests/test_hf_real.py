@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+from hf_fixtures import per_token_quant  # noqa: E402
 from rdalloc.backends.hf import (  # noqa: E402
     TransformCache, attention_importance, cache_dir, capture_kv, fisher_importance, load_model, perplexity,
     smollm2_gguf, text_windows,
@@ -28,15 +29,6 @@ FIXTURE = Path(__file__).parent / "data" / "smollm2_kv.npz"
 @pytest.fixture(scope="module")
 def windows(real):
     return text_windows(real.tokenizer, length=256, calibration=2, evaluation=2)
-
-
-def per_token_quant(bits):
-    def q(x):
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        s = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
-        return torch.round((x - lo) / s).clamp(0, 2 ** bits - 1) * s + lo
-
-    return lambda layer, key, value: (q(key), q(value))
 
 
 def test_loads_through_the_cache_dir(real):

@@ -1,4 +1,4 @@
-"""A seeded tiny random Llama (no download) shared by the Hugging Face tests."""
+"""Shared by the Hugging Face tests: a seeded tiny random Llama (no download) and a plain per-token fake quantizer."""
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,3 +16,14 @@ def tiny_llama(*, hidden: int = 64, layers: int = 2, q_heads: int = 4, kv_heads:
     model.requires_grad_(False)
     model.generation_config.pad_token_id = 0
     return model
+
+
+def per_token_quant(bits: int):
+    """A cache transform: per-token asymmetric round-to-grid over head_dim at ``bits`` (groups never span tokens)."""
+
+    def q(x):
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        s = (hi - lo).clamp_min(1e-8) / (2 ** bits - 1)
+        return torch.round((x - lo) / s).clamp(0, 2 ** bits - 1) * s + lo
+
+    return lambda layer, key, value: (q(key), q(value))
