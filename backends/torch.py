@@ -23,6 +23,7 @@ import torch
 from rdalloc.measure import measure_distortion as _measure_distortion
 from rdalloc.packing import (FakeQuantized, PackedCache, PackedLayer, PackedTensor, unpack_tensor)
 from rdalloc.packing import PlanApplier as _PlanApplier
+from rdalloc.packing import check_kv_rank
 from rdalloc.plan import Plan
 from rdalloc.quantizers import Quantizer, fake_quantize_uniform as _fake_quantize_uniform, get_quantizer
 
@@ -35,11 +36,7 @@ def _check_tensor(x: Any, name: str, ndim: tuple[int, ...] = (4,)) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
-    if x.ndim not in ndim:
-        want = {(4,): "4-D [batch, kv_heads, tokens, head_dim]",
-                (5,): "5-D [layers, batch, kv_heads, tokens, head_dim] (or a sequence of 4-D per-layer tensors)",
-                (4, 5): "4-D [batch, kv_heads, tokens, head_dim] or 5-D [layers, batch, kv_heads, tokens, head_dim]"}
-        raise ValueError(f"{name} must be {want[ndim]}, got shape {tuple(x.shape)}")
+    check_kv_rank(x, name, ndim)
 
 
 class PlanApplier(_PlanApplier):

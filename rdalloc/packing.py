@@ -50,10 +50,21 @@ from .quantizers import (Grouping, Quantizer, _compute_dtype, from_groups, get_q
 
 __all__ = ["pack_bits", "unpack_bits", "TensorLayout", "tensor_layout", "PackedTensor", "PackedLayer",
            "PackedCache", "FakeQuantized", "fake_quantize_tensor", "pack_tensor", "unpack_tensor", "item_costs",
-           "plan_usage", "predict_nbytes", "PlanApplier", "resolve_quantizer"]
+           "plan_usage", "predict_nbytes", "PlanApplier", "resolve_quantizer", "check_kv_rank"]
 
 
 # ---- bit packing ----------------------------------------------------------------------------------------------------
+_LAYOUTS = {(4,): "4-D [batch, kv_heads, tokens, head_dim]",
+            (5,): "5-D [layers, batch, kv_heads, tokens, head_dim] (or a sequence of 4-D per-layer tensors)",
+            (4, 5): "4-D [batch, kv_heads, tokens, head_dim] or 5-D [layers, batch, kv_heads, tokens, head_dim]"}
+
+
+def check_kv_rank(x: Any, name: str, ndim: tuple[int, ...] = (4,)) -> None:
+    """``ValueError`` naming ``name`` unless ``x`` has one of the K/V layouts ``ndim`` allows (the adapters' check)."""
+    if x.ndim not in ndim:
+        raise ValueError(f"{name} must be {_LAYOUTS[ndim]}, got shape {tuple(x.shape)}")
+
+
 def _byte_map(bits: int) -> list[tuple[int, int, int]]:
     """``(byte k, code j, shift s)`` for 8 codes of ``bits`` bits laid LSB-first over ``bits`` bytes: code ``j``
     holds stream bits ``[bits*j, bits*j + bits)``, byte ``k`` stream bits ``[8k, 8k + 8)``; ``s = bits*j - 8k``."""
