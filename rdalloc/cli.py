@@ -153,6 +153,14 @@ def _load(args, *, calibration: int, evaluation: int, cal_length: int | None = N
     return model, facts, tw.calibration, tw.evaluation, tw.to_dict()
 
 
+def _bits_list(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``; ``""`` -> ``()``."""
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integer widths such as 1,2, got {text!r}") from None
+
+
 def _quantizer_names(text: str) -> list[str]:
     from .quantizers import get_quantizer
 
@@ -168,7 +176,8 @@ def cmd_calibrate(args) -> int:
     t0 = time.perf_counter()
     model, facts, cal, _, text = _load(args, calibration=args.windows, evaluation=0)
     c = calibrate(model, facts, cal, quantizers=quantizers, importance=args.importance.split(","),
-                  default_importance=args.default_importance, text=text, progress=not args.no_progress)
+                  default_importance=args.default_importance, probe_bits=_bits_list(args.probe_bits, "--probe-bits"),
+                  probe_length=args.probe_length, text=text, progress=not args.no_progress)
     c.save(args.out)
     print(f"calibrated {facts.name} ({facts.layers} layers x {facts.kv_heads} kv-heads) on {cal.shape[0]} windows "
           f"of {cal.shape[1]} tokens in {c.timings['total']:.1f} s (wall {time.perf_counter() - t0:.1f} s with "
@@ -189,7 +198,7 @@ def cmd_allocate(args) -> int:
     if args.method == "uniform":
         plan = uniform_plan(c.facts, q, int(args.average_bits), tokens=args.tokens)
     elif args.method == "random":
-        plan = random_plan(c.facts, q, args.average_bits, tokens=args.tokens, seed=args.seed)
+        plan = random_plan(c.facts, q, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
     else:
         plan = allocate_plan(c, q, args.average_bits, tokens=args.tokens, importance=args.importance,
                              model_from=args.model_from, fixed_beta=args.beta)
@@ -265,7 +274,9 @@ def cmd_demo(args) -> int:
     model, facts, cal, ev, text = _load(args, calibration=grid["calibration_windows"],
                                         evaluation=grid["evaluation_windows"], cal_length=grid["calibration_length"])
     t_load = time.perf_counter() - t0
-    c = calibrate(model, facts, cal, quantizers=quantizers, text=text, progress=not args.no_progress)
+    probe_bits = grid["probe_bits"] if args.probe_bits is None else _bits_list(args.probe_bits, "--probe-bits")
+    c = calibrate(model, facts, cal, quantizers=quantizers, probe_bits=probe_bits, text=text,
+                  progress=not args.no_progress)
     print(f"calibration: {c.timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()
                                                                    if k != "total") + ")", flush=True)
     r = run_experiment(model, c, ev, quantizers=quantizers, budgets=grid["budgets"], seeds=grid["seeds"],
@@ -315,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--importance", default="fisher,attention", help="estimators to run (default fisher,attention)")
     c.add_argument("--default-importance", default="fisher", choices=("fisher", "attention"),
                    help="the estimator allocations use by default (default fisher: lower PPL in the demo)")
+    c.add_argument("--probe-bits", default="", help="widths whose single-head KL is measured, e.g. 1,2 (needed "
+                   "for 1-bit plans; default none)")
+    c.add_argument("--probe-length", type=int, default=128, help="tokens of the probe window (default 128)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
     c.set_defaults(func=cmd_calibrate)
 
@@ -347,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text", default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
     d.add_argument("--full", action="store_true", help="the whole grid (budgets 2..4 by 0.5, 3 random seeds)")
     d.add_argument("--budgets", default=None, help="comma-separated average bits (metadata charged)")
+    d.add_argument("--probe-bits", default=None, help="widths whose single-head KL is measured (default: 1,2 with "
+                   "--full, none in the quick grid; 1 joins the menu only when probed)")
     d.add_argument("--quantizers", default="kivi,quarot")
     d.add_argument("--calibration-windows", type=int, default=None)
     d.add_argument("--calibration-length", type=int, default=None)

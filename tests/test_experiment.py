@@ -274,3 +274,69 @@ def test_cli_bad_input(model_dir, tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     assert main(["eval", "--model", str(model_dir), "--plan", str(tmp_path / "junk.json")]) == 2
     assert "not an rdalloc plan" in capsys.readouterr().err
+
+
+# ---- single-head KL probes and the loss model -------------------------------------------------------------------
+def _kl_with_plan(model, ids, key, value, quantizer):
+    """Mean KL to the plain model with a head plan (the direct, one-forward-per-plan measurement)."""
+    plan = Plan(key=key, value=value, quantizer=quantizer, budget_bits=0.0, meta={"head_dim": HIDDEN // Q_HEADS})
+    full = torch.log_softmax(logits(model, ids).float(), -1)
+    lq = torch.log_softmax(logits(model, ids, TransformCache(plan_transform(plan), model.config)).float(), -1)
+    return float((full.exp() * (full - lq)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "quarot"])
+def test_single_head_kl_equals_one_plan_per_head(tiny, ids, quantizer):
+    from rdalloc.backends.hf.capture import single_head_kl
+
+    probe = single_head_kl(tiny, ids, quantizer, 1, batch_size=3, progress=False)
+    assert probe.key.shape == (LAYERS, KV_HEADS) and probe.method == "single_head_kl"
+    for role, (layer, head) in (("key", (1, 0)), ("value", (0, 1))):
+        key, value = np.full((LAYERS, KV_HEADS), 16), np.full((LAYERS, KV_HEADS), 16)
+        (key if role == "key" else value)[layer, head] = 1
+        direct = np.mean([_kl_with_plan(tiny, ids[i:i + 1], key, value, quantizer) for i in range(ids.shape[0])])
+        assert getattr(probe, role)[layer, head] == pytest.approx(direct, rel=1e-4, abs=1e-7)
+    # the batching does not change the numbers, and a finer width does less damage in total
+    again = single_head_kl(tiny, ids, quantizer, 1, batch_size=8, progress=False)
+    np.testing.assert_allclose(again.key, probe.key, rtol=1e-4, atol=1e-8)
+    four = single_head_kl(tiny, ids, quantizer, 4, batch_size=8, progress=False)
+    assert four.key.sum() + four.value.sum() < probe.key.sum() + probe.value.sum()
+
+
+def test_single_head_kl_rejects_bad_arguments(tiny, ids):
+    from rdalloc.backends.hf.capture import single_head_kl
+
+    with pytest.raises(ValueError, match="bits"):
+        single_head_kl(tiny, ids, "kivi", 9, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        single_head_kl(tiny, ids, "kivi", 1, batch_size=0, progress=False)
+
+
+def test_probed_calibration_loss_model_and_one_bit_menu(tiny, facts, ids, tmp_path):
+    c = calibrate(tiny, facts, ids, quantizers=("kivi",), probe_bits=(1, 2), probe_length=32, progress=False)
+    assert c.probed_bits("kivi") == (1, 2) and c.menu("kivi") == tuple(range(1, 9))
+    m = c.loss_model("kivi")
+    table = np.asarray(m.distortion)
+    probe = {b: np.concatenate([np.ravel(p.key), np.ravel(p.value)]) for b, p in c.probes["kivi"].items()}
+    np.testing.assert_array_equal(table[:, 0], probe[1])
+    np.testing.assert_array_equal(table[:, 1], probe[2])
+    # above the probes: the scaled importance x curve, the scale matching the sums at the widest probed width
+    fitted = c.model("kivi")
+    curve = c.weights() * np.asarray(fitted.alpha) * np.asarray(fitted.beta) ** -3.0
+    two = c.weights() * np.asarray(fitted.alpha) * np.asarray(fitted.beta) ** -2.0
+    np.testing.assert_allclose(table[:, 2], curve * probe[2].sum() / two.sum(), rtol=1e-12)
+    # without probes the loss model is the curve times the weights, over 2..8
+    plain = calibrate(tiny, facts, ids, quantizers=("kivi",), progress=False)
+    assert plain.menu("kivi") == tuple(range(2, 9))
+    np.testing.assert_allclose(np.asarray(plain.loss_model("kivi").distortion)[:, 1],
+                               plain.weights() * np.asarray(plain.model("kivi").alpha)
+                               * np.asarray(plain.model("kivi").beta) ** -3.0, rtol=1e-12)
+    # 2.0 average bits with KIVI's 1 bit of metadata is only reachable with the probed 1-bit width
+    plan = allocate_plan(c, "kivi", 2.0, tokens=64)
+    assert plan.key.max() == 1 and plan.value.max() == 1 and plan.meta["probed_bits"] == [1, 2]
+    with pytest.raises(ValueError, match="infeasible"):
+        allocate_plan(plain, "kivi", 2.0, tokens=64)
+    # probes survive the JSON round trip
+    c.save(tmp_path / "c.json")
+    back = Calibration.load(tmp_path / "c.json")
+    np.testing.assert_array_equal(np.asarray(back.loss_model("kivi").distortion), table)

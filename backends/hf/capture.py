@@ -10,6 +10,8 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
 * :func:`fisher_importance` (gradient / Fisher), in nats per token: ``w * D`` approximates the mean KL divergence
   of the model's next-token predictions from the full-precision ones (and, when the model fits the text, the
   increase of the mean NLL); see its docstring for the derivation.
+* :func:`single_head_kl` is not a weight but the measured loss itself, for the low widths where the second-order
+  (Fisher) picture breaks down: the mean KL to the full model with one head's K (or V) alone at ``b`` bits.
 * :func:`attention_importance` (attention-output sensitivity), in units of squared attention-block output (what
   the layer adds to the residual stream, after ``o_proj``), per token: ``w * D`` is the expected squared error of
   that output (``relative=True``: relative to the residual stream's energy). Cheaper (no backward pass), but blind
@@ -26,7 +28,8 @@ import torch
 
 from .cache import TransformCache
 
-__all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance"]
+__all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance",
+           "single_head_kl"]
 
 
 def _windows(windows: Any) -> torch.Tensor:
@@ -220,6 +223,66 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
                           units="nats per token per unit per-element MSE (mean KL to the full model ~= sum w * D)",
                           windows=int(ids.shape[0]), tokens=int(ids.shape[0] * n_pred),
                           meta={"labels": labels, "samples": samples, "seed": seed, "length": int(ids.shape[1])})
+
+
+@torch.no_grad()
+def single_head_kl(model: Any, windows: Any, quantizer: Any, bits: int, *, batch_size: int = 16,
+                   progress: bool = True) -> HeadImportance:
+    r"""Measured damage of one head at ``bits``: ``KL_h(b) = (1/n) sum_t KL(p_t || p_t^{(h, b)})``, nats per token.
+
+    ``p_t`` is the full-precision model's next-token distribution and ``p_t^{(h, b)}`` the same model with head
+    ``h``'s cached K (resp. V) alone fake-quantized at ``bits`` by ``quantizer`` (every position, as in the simulated
+    cache), every other head at full precision. Where :func:`fisher_importance` is a second-order estimate at zero
+    perturbation (``w_h D_h(b)``), this is the exact effect of the perturbation the allocation would make, so it also
+    sees what a large error does (a 1-bit key that scrambles a head's attention pattern) and the cross-terms of
+    the noise within the head. One forward pass per head and window, ``batch_size`` heads per batched pass (the
+    window repeated, each copy perturbing another head). Returns a :class:`HeadImportance` (``method="single_head_kl"``)
+    whose ``key``/``value`` are ``KL_h(b)`` itself, not a weight.
+    """
+    from rdalloc.quantizers import fake_quantize_uniform, get_quantizer
+
+    q = get_quantizer(quantizer)
+    q.check_bits(np.asarray([bits]), "bits")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ids = _windows(windows)
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    n_layers = _num_layers(model)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    items = [(role, layer, head) for role in (0, 1) for layer in range(n_layers) for head in range(kv_heads)]
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    total = np.zeros(len(items))
+    steps = _progress([(w, c) for w in range(ids.shape[0]) for c in range(len(chunks))],
+                      desc=f"single-head KL ({q.name}, {bits} bits)", total=ids.shape[0] * len(chunks),
+                      enabled=progress)
+    full = None
+    for w, c in steps:
+        window = ids[w:w + 1].to(model.device)
+        if c == 0:
+            full = torch.log_softmax(model(window).logits[0].float(), dim=-1)
+        chunk = chunks[c]
+        masks = torch.zeros(2, n_layers, len(chunk), kv_heads, 1, 1, dtype=torch.bool)
+        for j, (role, layer, head) in enumerate(chunk):
+            masks[role, layer, j, head] = True
+
+        def perturb(layer_idx, key, value, masks=masks):
+            mk, mv = masks[0, layer_idx].to(key.device), masks[1, layer_idx].to(key.device)
+            if mk.any():
+                key = torch.where(mk, fake_quantize_uniform(key, q, int(bits), "key"), key)
+            if mv.any():
+                value = torch.where(mv, fake_quantize_uniform(value, q, int(bits), "value"), value)
+            return key, value
+
+        cache = TransformCache(perturb, n_layers)
+        logits = model(window.expand(len(chunk), -1), past_key_values=cache, use_cache=True).logits.float()
+        kl = (full.exp() * (full - torch.log_softmax(logits, dim=-1))).sum(-1).mean(-1)
+        start = c * batch_size
+        total[start:start + len(chunk)] += kl.double().cpu().numpy()
+    kl = (total / ids.shape[0]).clip(min=0.0).reshape(2, n_layers, kv_heads)
+    return HeadImportance(key=kl[0], value=kl[1], method="single_head_kl",
+                          units=f"nats per token: mean KL to the full model with this head alone at {bits} bits",
+                          windows=int(ids.shape[0]), tokens=int(ids.shape[0] * ids.shape[1]),
+                          meta={"quantizer": q.name, "bits": int(bits), "length": int(ids.shape[1])})
 
 
 # ---- attention-output sensitivity --------------------------------------------------------------------------------

@@ -1,18 +1,26 @@
 """End to end on a real model: per-head plans from a calibration, a quantized-KV cache, perplexity vs bits.
 
 Plans. For a quantizer and an average-bit budget **with metadata charged** (DESIGN §2), each row of the experiment
-is a head plan (one width per (layer, kv_head) for K and one for V) over the menu ``2..8`` (:data:`MENU`):
+is a head plan (one width per (layer, kv_head) for K and one for V) over the calibration's menu
+(:meth:`.calibrate.Calibration.menu`: the fitted widths ``2..8``, plus ``1`` when the calibration probed it):
 
 * ``uniform`` — every head at the same integer width ``b``; only where the budget is exactly ``b`` plus the
   quantizer's metadata per element (KIVI with groups of 32: 1 bit; QuaRot per token over ``head_dim = 64``: 0.5).
-* ``rdalloc`` — :func:`rdalloc.allocate` with the quantizer's fitted model and the calibration's importance.
+* ``rdalloc`` — :func:`rdalloc.allocate` with the quantizer's calibrated loss model
+  (:meth:`.calibrate.Calibration.loss_model`: importance x fitted curve, measured single-head KL at probed widths).
 * ``rdalloc_attention`` / ``rdalloc_fisher`` — the same with the other importance estimator (the comparison).
 * ``mismatch`` — the model fitted for the *other* quantizer (costs still the true quantizer's).
-* ``beta4`` — one fixed ``beta = 4`` for every quantizer and role, ``alpha`` refitted
-  (:func:`.calibrate.fixed_beta_model`).
+* ``beta4`` — one fixed ``beta = 4`` for every quantizer and role, ``alpha`` refitted, extrapolated over the whole
+  menu (:func:`.calibrate.fixed_beta_model`), times the importance: what systems that assume ``beta = 4`` do.
 * ``random`` — random allocation at the same budget: :func:`rdalloc.allocate` on a flat model (all items alike,
   ``beta = 4``) with log-normal random weights (``sigma = 1.5``: about one bit of spread), per seed; the table
   shows the mean perplexity over seeds.
+
+Why 1 bit only with probes: on SmolLM2-135M the measured 1->2-bit MSE step is 11-13x, far steeper than the
+~4.4x/bit of the other widths, and the Fisher weights, a local (second-order) estimate, cannot see how badly 1-bit
+keys derail the softmax: over ``1..8`` without probes rdalloc put 37 of 180 heads at 1 bit at KIVI 3.0 average bits
+and scored PPL 26.5 against uniform 2-bit 16.6 (``benchmarks/results/demo_menu1to8``). The single-head KL probes
+measure that damage instead of extrapolating it.
 
 Costs. Item ``i`` of a head plan holds ``n = tokens * head_dim`` elements of one window of ``tokens`` tokens (the
 evaluation length) and carries the quantizer's metadata ``m = quantizer.item_metadata_bits(role, "head", tokens,
@@ -48,16 +56,13 @@ __all__ = ["MENU", "ROWS", "head_costs", "allocate_plan", "uniform_plan", "unifo
            "run_experiment", "markdown_table", "plot_results", "QUICK", "FULL"]
 
 MENU = tuple(range(2, 9))
-"""The allocation menu. Not 1..8: on SmolLM2-135M any head at 1 bit wrecks perplexity (KIVI at 3.0 average bits:
-rdalloc over 1..8 put 37 of 180 heads at 1 bit and scored PPL 26.5 against uniform 2-bit 16.6; QuaRot at 2.5:
-17310 against 59.1). The measured 1->2-bit MSE step is 11-13x, far steeper than the ~4.4x/bit of the other widths,
-and the Fisher weights, a local (second-order) estimate, cannot see how badly 1-bit keys derail the softmax. With
-the floor at 2 bits those plans become uniform, and the budgets above it are where allocation helps."""
+"""The menu of a calibration without probes (see the module docstring, "Why 1 bit only with probes")."""
 ROWS = ("uniform", "rdalloc", "rdalloc_other_importance", "mismatch", "beta4", "random")
 QUICK = {"calibration_windows": 2, "calibration_length": 256, "evaluation_windows": 2, "evaluation_length": 512,
-         "budgets": (3.0, 3.5, 4.0), "seeds": (0,), "importance_budgets": (3.5,)}
+         "budgets": (3.0, 3.5, 4.0), "seeds": (0,), "importance_budgets": (3.5,), "probe_bits": ()}
 FULL = {"calibration_windows": 4, "calibration_length": 512, "evaluation_windows": 4, "evaluation_length": 512,
-        "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0)}
+        "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0),
+        "probe_bits": (1, 2)}
 RANDOM_SIGMA = 1.5
 
 
@@ -75,32 +80,40 @@ def head_costs(facts: ModelFacts, quantizer: str, tokens: int) -> tuple[np.ndarr
     return sizes, meta
 
 
-def _plan(allocation, facts: ModelFacts, quantizer: str, meta: Mapping[str, Any]) -> Plan:
+def _plan(allocation, facts: ModelFacts, quantizer: str, meta: Mapping[str, Any], menu: Sequence[int]) -> Plan:
     q = get_quantizer(quantizer)
     return Plan.from_allocation(allocation, (facts.layers, facts.kv_heads), quantizer=q.name,
                                 meta={"model": facts.name, "head_dim": facts.head_dim, "quantizer_spec": q.spec(),
-                                      "menu": list(MENU), **dict(meta)})
+                                      "menu": [int(b) for b in menu], **dict(meta)})
 
 
 def allocate_plan(calibration: Calibration, quantizer: str, average_bits: float, *, tokens: int,
                   importance: str | None = None, model_from: str | None = None, fixed_beta: float | None = None,
-                  menu: Sequence[int] = MENU) -> Plan:
-    """The rdalloc head plan for ``quantizer`` at ``average_bits`` (metadata charged).
+                  menu: Sequence[int] | None = None) -> Plan:
+    """The rdalloc head plan for ``quantizer`` at ``average_bits`` (metadata charged), over ``menu`` (default:
+    :meth:`.calibrate.Calibration.menu` of ``quantizer``).
 
-    ``model_from`` allocates with another quantizer's fitted model (the mismatch experiment; the plan is still for
-    ``quantizer``, whose costs it is charged). ``fixed_beta`` replaces the fitted model by
-    :func:`.calibrate.fixed_beta_model`. ``importance`` names the estimator (default: the calibration's).
+    Allocates the calibration's loss model (:meth:`.calibrate.Calibration.loss_model`, unit weights). ``model_from``
+    uses another quantizer's model (the mismatch experiment; the plan is still for ``quantizer``, whose costs it is
+    charged). ``fixed_beta`` replaces the fitted curve by :func:`.calibrate.fixed_beta_model` extrapolated over the
+    menu, times the importance (no probes). ``importance`` names the estimator (default: the calibration's).
     """
     q = get_quantizer(quantizer).name
     source = q if model_from is None else get_quantizer(model_from).name
-    model = calibration.model(source) if fixed_beta is None else fixed_beta_model(calibration, source, fixed_beta)
     method = calibration.default_importance if importance is None else importance
+    menu = calibration.menu(q) if menu is None else tuple(int(b) for b in menu)
     sizes, meta = head_costs(calibration.facts, q, tokens)
-    r = allocate(model, sizes, average_bits=float(average_bits), weights=calibration.weights(method), menu=menu,
-                 metadata=meta)
+    if fixed_beta is None:
+        model = calibration.loss_model(source, method)
+        weights = np.ones(model.n_items)
+    else:
+        model = fixed_beta_model(calibration, source, fixed_beta, lo=min(menu))
+        weights = calibration.weights(method)
+    r = allocate(model, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
     return _plan(r, calibration.facts, q, {"method": "rdalloc", "importance": method, "model_from": source,
                                            "fixed_beta": fixed_beta, "tokens": int(tokens),
-                                           "average_bits_asked": float(average_bits)})
+                                           "probed_bits": list(calibration.probed_bits(source)),
+                                           "average_bits_asked": float(average_bits)}, menu)
 
 
 def uniform_bits(facts: ModelFacts, quantizer: str, average_bits: float, tokens: int) -> int | None:
@@ -138,7 +151,7 @@ def random_plan(facts: ModelFacts, quantizer: str, average_bits: float, *, token
                             quantizer=q)
     r = allocate(flat, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
     return _plan(r, facts, q, {"method": "random", "seed": int(seed), "sigma": float(sigma), "tokens": int(tokens),
-                               "average_bits_asked": float(average_bits)})
+                               "average_bits_asked": float(average_bits)}, menu)
 
 
 def check_plan(plan: Plan, facts: ModelFacts, quantizer: str | None = None) -> str:
@@ -300,7 +313,7 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
                 elif row == "random":
                     for s in seeds:
                         add({**base, "row": row, "seed": int(s)},
-                            lambda: random_plan(facts, q, b, tokens=tokens, seed=int(s)))
+                            lambda: random_plan(facts, q, b, tokens=tokens, seed=int(s), menu=calibration.menu(q)))
 
     t0 = time.perf_counter()
     fp16 = evaluate_plan(model, windows, None, progress=False)
@@ -331,7 +344,9 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
                             facts={"model": facts.to_dict(), "evaluation_windows": int(windows.shape[0]),
                                    "evaluation_length": tokens, "tokens_scored": fp16.tokens,
                                    "quantizers": names, "budgets": [float(b) for b in budgets],
-                                   "seeds": [int(s) for s in seeds], "menu": list(MENU),
+                                   "seeds": [int(s) for s in seeds],
+                                   "menu": sorted({b for q in names for b in calibration.menu(q)}),
+                                   "probed_bits": {q: list(calibration.probed_bits(q)) for q in names},
                                    "default_importance": calibration.default_importance,
                                    "betas": {q: calibration.betas(q) for q in calibration.quantizers},
                                    "plans_evaluated": len(done), "infeasible": infeasible})
