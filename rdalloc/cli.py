@@ -223,6 +223,7 @@ def cmd_eval_joint(args) -> int:
     model, tokenizer, _ = load_model(args.model, progress=not args.no_progress)
     result = run_joint(model, tokenizer, retentions=retentions, context=args.length, windows=args.windows,
                        quantizer=args.quantizer or "kivi", text_path=args.text, out_dir=args.out or "rdalloc-joint",
+                       head_scale=None if args.head_scale == "none" else args.head_scale, continuation=args.continuation,
                        progress=not args.no_progress)
     print(result.markdown())
     print(f"results written to {args.out or 'rdalloc-joint'}/")
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("what", nargs="?", choices=("plan", "joint"), default="plan")
     _add_source(e, windows=2, length=512, what="evaluation (joint: context)")
     e.add_argument("--retentions", default="0.02,0.05,0.1,0.25,0.5", help="joint: retentions vs FP16 bytes")
+    e.add_argument("--head-scale", default="fisher", choices=("fisher", "none"),
+                   help="joint: put each head's weights in loss units with a calibrated Fisher importance (default)")
+    e.add_argument("--continuation", type=int, default=64, help="joint: teacher-forced tokens after the context")
     e.add_argument("--plan", default=None, help="plan JSON (from rdalloc allocate); omit for FP16")
     e.add_argument("--quantizer", default=None, help="apply with this quantizer (default: the plan's)")
     e.add_argument("--out", default=None, help="result JSON to write")

@@ -183,3 +183,36 @@ def test_running_without_joint_attention_is_refused(tiny, ids, pre):
     with torch.no_grad(), pytest.raises(RuntimeError, match="joint_attention"):
         tiny(ids[None, C:C + 1], past_key_values=cache, use_cache=True)
     assert not _pending_map()
+
+
+def test_scale_heads_puts_each_head_in_loss_units(pre):
+    from rdalloc.backends.hf.capture import HeadImportance
+    from rdalloc.backends.hf.compress import scale_heads
+
+    w = token_weights(pre, method="hybrid")
+    rng = np.random.default_rng(0)
+    F = HeadImportance(key=rng.uniform(0.5, 2, (LAYERS, KV_HEADS)), value=rng.uniform(0.5, 2, (LAYERS, KV_HEADS)),
+                       method="fisher", units="", windows=1, tokens=1, meta={})
+    s = scale_heads(w, F)
+    assert s.method == "hybrid+fisher"
+    # i.i.d. noise of variance m on a head's whole cache: modelled distortion = F_h * m
+    m = 0.3
+    np.testing.assert_allclose(s.token.sum(-1) * HEAD_DIM * m, F.value * m, rtol=1e-12)
+    np.testing.assert_allclose(s.key.sum(axis=(2, 3)) * m, F.key * m, rtol=1e-12)
+    # within a head nothing moves: the scaled weights are proportional to the originals
+    for kind, f in (("token", F.value), ("eviction", F.value), ("key", F.key)):
+        a, b = getattr(w, kind), getattr(s, kind)
+        ratio = b.reshape(LAYERS, KV_HEADS, -1) / a.reshape(LAYERS, KV_HEADS, -1)
+        np.testing.assert_allclose(ratio, ratio[..., :1] * np.ones_like(ratio), rtol=1e-10)
+    # eviction and value errors share a head's scale (both are errors of the head's output)
+    np.testing.assert_allclose(s.eviction / w.eviction, s.token / w.token, rtol=1e-10)
+    # scaling the importance of one head by 10 moves bits towards that head under a global budget
+    hot = HeadImportance(key=F.key * np.array([[10.0, 1.0], [1.0, 1.0]]),
+                         value=F.value * np.array([[10.0, 1.0], [1.0, 1.0]]), method="fisher", units="", windows=1,
+                         tokens=1, meta={})
+    base = allocate_joint(s, pre.keys, pre.values, retention=0.45, quantizer=Q, sink=SINK, window=WIN)
+    more = allocate_joint(scale_heads(w, hot), pre.keys, pre.values, retention=0.45, quantizer=Q, sink=SINK, window=WIN)
+    assert more.value[0, 0].sum() > base.value[0, 0].sum()
+    with pytest.raises(ValueError, match="kv_heads"):
+        scale_heads(w, HeadImportance(key=np.ones((1, 1)), value=np.ones((1, 1)), method="fisher", units="",
+                                      windows=1, tokens=1, meta={}))

@@ -29,6 +29,13 @@ Three pieces, used in this order by :mod:`.joint`:
    SmolLM2 (:mod:`.joint`, 2 windows of 1024 + 64 tokens) ``mse`` beats ``rdkv`` at 2-10% retention and loses badly at
    25-50%; the hybrid tracks the better of the two (``benchmarks/results/joint/joint.md``).
 
+   These weights measure each head's error at its own attention output, so they compare tokens *within* a head
+   but not heads with each other: a unit of output error costs the loss more in some layers than in others. One
+   global budget needs a common unit, and :func:`scale_heads` gives it: per head, the weights are rescaled so that
+   i.i.d. noise of per-element variance ``m`` on the head's whole cache costs what the Fisher importance
+   (:func:`~.capture.fisher_importance`, calibrated once per model on other text) says it costs, ``F_h m`` nats
+   per token.
+
 3. :class:`CompressedCache` holds the compressed prefix: the plan's middle tokens packed
    (:mod:`rdalloc.packing`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
    tokens at full precision, and every token appended afterwards at full precision. On each ``update`` a layer
@@ -61,7 +68,7 @@ from rdalloc.backends.torch import PlanApplier
 
 __all__ = ["Prefill", "observe_prefill", "TokenWeights", "token_weights", "WEIGHTINGS", "CompressedCache",
            "CompressedLayer", "joint_attention", "reference_attention", "storage_plan", "protected_mask",
-           "compressed_nbytes"]
+           "compressed_nbytes", "scale_heads"]
 
 WEIGHTINGS = ("hybrid", "mse", "rdkv")
 _OBSERVE = "rdalloc_observe"
@@ -270,6 +277,32 @@ def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights
         sa, sb = a.sum(axis=ax, keepdims=True), b.sum(axis=ax, keepdims=True)
         out[f] = a + floor * np.divide(sa, sb, out=np.zeros_like(sa), where=sb > 0) * b
     return TokenWeights(token=out["token"], eviction=out["eviction"], key=out["key"], method="hybrid")
+
+
+def scale_heads(weights: TokenWeights, importance: Any) -> TokenWeights:
+    r"""The weights in the loss's units: per ``(layer, kv_head)``, values and evictions times ``s^V``, keys times
+    ``s^K``, where
+
+        s^V_h = F^V_h / (D sum_t u_t),     s^K_h = F^K_h / sum_{t,c} K_tc,
+
+    ``F`` the head importance (``importance.value``/``.key``, ``[L, H]``, e.g. :func:`~.capture.fisher_importance`
+    in nats per token per unit MSE) and ``D`` the head dimension. Then i.i.d. noise of per-element variance ``m``
+    on all of head ``h``'s values has modelled distortion ``s^V_h sum_t u_t D m = F^V_h m``, the Fisher prediction
+    (the same for keys); the split among tokens and channels within the head is the attention's. A head whose
+    weights sum to 0 keeps zeros. ``method`` gains the suffix ``"+fisher"`` (or ``"+" + importance.method``)."""
+    L, H, C, D = weights.key.shape
+    fk, fv = (np.asarray(getattr(importance, r), dtype=np.float64) for r in ("key", "value"))
+    if fk.shape != (L, H) or fv.shape != (L, H):
+        raise ValueError(f"importance must have key and value shaped (layers, kv_heads) = {(L, H)}, got "
+                         f"{fk.shape} and {fv.shape}")
+    if not (np.isfinite(fk).all() and np.isfinite(fv).all() and fk.min() >= 0 and fv.min() >= 0):
+        raise ValueError("importance must be finite and non-negative")
+    u, k = weights.token.sum(-1), weights.key.sum(axis=(2, 3))
+    sv = np.divide(fv, D * u, out=np.zeros_like(fv), where=u > 0)
+    sk = np.divide(fk, k, out=np.zeros_like(fk), where=k > 0)
+    return TokenWeights(token=weights.token * sv[..., None], eviction=weights.eviction * sv[..., None],
+                        key=weights.key * sk[..., None, None],
+                        method=f"{weights.method}+{getattr(importance, 'method', 'scaled')}")
 
 
 # ---- 3. the compressed cache ----------------------------------------------------------------------------------------

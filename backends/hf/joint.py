@@ -53,7 +53,7 @@ from rdalloc.plan import Plan
 from rdalloc.quantizers import Quantizer, fake_quantize_uniform, get_quantizer
 
 from .compress import (WEIGHTINGS, CompressedCache, TokenWeights, compressed_nbytes, joint_attention,
-                       observe_prefill, protected_mask, token_weights)
+                       observe_prefill, protected_mask, scale_heads, token_weights)
 
 __all__ = ["allocate_joint", "eviction_plan", "uniform_plan", "measure_errors", "KVErrors", "run_joint",
            "JointResult", "DEFAULT_MENU", "RETENTIONS"]
@@ -354,14 +354,18 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
               context: int = 1024, continuation: int = 64, windows: int = 2, window: int = 32, sink: int = 4,
               protect_window: int = 8,
               quantizer: str = "kivi", menu: Sequence[int] = DEFAULT_MENU, weightings: Sequence[str] = WEIGHTINGS,
-              weighting: str = "hybrid", text_path: str | None = None, out_dir: str | Path | None =
-              "benchmarks/results/joint", progress: bool = True) -> JointResult:
+              weighting: str = "hybrid", head_scale: str | None = "fisher", fisher_samples: int = 2,
+              text_path: str | None = None, out_dir: str | Path | None = "benchmarks/results/joint",
+              progress: bool = True) -> JointResult:
     """Compress-after-prefill experiment (module docstring). Rows: ``joint-global`` for every weighting in
     ``weightings``; ``joint-per-head`` (RDKV protocol), ``eviction`` (SnapKV-style top-k) with ``weighting``;
-    ``uniform`` (quantization only). Writes ``joint.json``, ``joint.md`` and ``joint.png`` to ``out_dir`` (``None``:
-    write nothing). ``model``/``tokenizer`` default to the bundled SmolLM2. ``window`` queries score the tokens;
-    ``sink`` first and ``protect_window`` last tokens are kept at 16 bits (a budget that cannot hold them gives an
-    n/a cell)."""
+    ``uniform`` (quantization only). With ``head_scale="fisher"`` (the default) every weighting is put in the loss's
+    units by :func:`.compress.scale_heads` with a Fisher importance calibrated once on a calibration window of the
+    same length (disjoint text, ``fisher_samples`` label draws), and one more row, ``joint-global`` with the unscaled
+    ``weighting``, shows what the scale buys. Writes ``joint.json``, ``joint.md`` and ``joint.png`` to ``out_dir``
+    (``None``: write nothing). ``model``/``tokenizer`` default to the bundled SmolLM2. ``window`` queries score the
+    tokens; ``sink`` first and ``protect_window`` last tokens are kept at 16 bits (a budget that cannot hold them
+    gives an n/a cell)."""
     from .model import load_model
     from .text import text_windows
 
@@ -370,8 +374,17 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
         model, tokenizer, _ = load_model(progress=progress)
     if weighting not in WEIGHTINGS or any(w not in WEIGHTINGS for w in weightings):
         raise ValueError(f"weightings must be among {WEIGHTINGS}, got {weighting!r} and {list(weightings)}")
+    if head_scale not in (None, "fisher"):
+        raise ValueError(f"head_scale must be 'fisher' or None, got {head_scale!r}")
     tw = text_windows(tokenizer, length=context + continuation, calibration=1, evaluation=windows,
                       path=text_path)
+    fisher, t_fisher = None, 0.0
+    if head_scale == "fisher":
+        from .capture import fisher_importance
+
+        t1 = time.perf_counter()
+        fisher = fisher_importance(model, tw.calibration[:1, :context], samples=fisher_samples, progress=progress)
+        t_fisher = time.perf_counter() - t1
     acc: dict = {}
     full_nlls = []
     for wi in range(windows):
@@ -384,9 +397,17 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
         q = get_quantizer(quantizer)
         err = measure_errors(pre.keys, pre.values, q, [b for b in menu if 0 < b < FULL_BITS])
         wts = {w: token_weights(pre, method=w) for w in set(weightings) | {weighting}}
+        label = dict.fromkeys(wts)
+        for w in list(wts):
+            label[w] = w
+            if fisher is not None:
+                wts[f"{w}+fisher"] = scale_heads(wts[w], fisher)
+                label[w] = f"{w}+fisher"
+        main = label[weighting]
         for r in retentions:
-            jobs = [("joint-global", w) for w in weightings] + [("joint-per-head", weighting), ("eviction", weighting),
-                                                                 ("uniform", "-")]
+            jobs = ([("joint-global", label[w]) for w in weightings]
+                    + ([("joint-global", weighting)] if fisher is not None else [])
+                    + [("joint-per-head", main), ("eviction", main), ("uniform", "-")])
             for method, w in jobs:
                 kw = dict(retention=r, quantizer=q, sink=sink, window=protect_window)
                 try:
@@ -420,6 +441,7 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
                      "predicted_bytes": int(sum(v["predicted_bytes"] for v in vals))})
     settings = {"protect_window": protect_window, "context": context, "continuation": continuation, "windows": windows, "window": window, "sink": sink,
                 "quantizer": quantizer, "menu": list(menu), "weightings": list(weightings), "weighting": weighting,
+                "head_scale": head_scale, "fisher_samples": fisher_samples, "fisher_seconds": t_fisher,
                 "text": tw.source}
     res = JointResult(rows=rows, full_nll=float(np.mean(full_nlls)), settings=settings,
                       seconds=time.perf_counter() - t0)
