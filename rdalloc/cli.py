@@ -223,7 +223,8 @@ def cmd_eval_joint(args) -> int:
     model, tokenizer, _ = load_model(args.model, progress=not args.no_progress)
     result = run_joint(model, tokenizer, retentions=retentions, context=args.length, windows=args.windows,
                        quantizer=args.quantizer or "kivi", text_path=args.text, out_dir=args.out or "rdalloc-joint",
-                       head_scale=None if args.head_scale == "none" else args.head_scale, continuation=args.continuation,
+                       head_scale=None if args.head_scale == "none" else args.head_scale,
+                       continuation=args.continuation,
                        progress=not args.no_progress)
     print(result.markdown())
     print(f"results written to {args.out or 'rdalloc-joint'}/")

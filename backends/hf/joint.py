@@ -323,8 +323,13 @@ class JointResult:
         rets = sorted({r["retention_target"] for r in self.rows})
         methods = list(dict.fromkeys((r["method"], r["weighting"]) for r in self.rows))
         head = "| method | weighting | " + " | ".join(f"{100 * t:g}% NLL / KL" for t in rets) + " |"
+        st = self.settings
+        scale = ("weightings marked +fisher are scaled per head by a Fisher importance calibrated on a disjoint "
+                 "window (scale_heads)" if st.get("head_scale") else "no head scale")
         lines = [f"Full cache NLL: {self.full_nll:.4f} nats/token. Cells: NLL / KL (nats/token); retention = bytes "
-                 f"held / FP16 bytes (payload + metadata + full-precision parts).", "", head,
+                 f"held / FP16 bytes (payload + metadata + full-precision parts). {st.get('windows')} windows of "
+                 f"{st.get('context')} context + {st.get('continuation')} continuation tokens, {st.get('quantizer')}; "
+                 f"{scale}.", "", head,
                  "|---|---|" + "---|" * len(rets)]
         for m, w in methods:
             cells = []
