@@ -6,6 +6,9 @@
 Prints a markdown table and writes benchmarks/results/solver.json (with the machine described) and solver.png.
 "passes" = solver time / time of one ``exp`` over the same arrays (N numbers for the continuous solve, the (N, K)
 table for the menu solve), measured side by side in the same run, best of a few repetitions.
+
+torch runs with ``--torch-threads`` intra-op threads (default 1, like numpy): on a small machine shared with other
+jobs, OpenMP hand-offs between busy cores cost milliseconds per operation and swamp what is being measured.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def run_scaling(sizes, backends, menu_max):
             alpha, beta, ev, n, w = (to(x) for x in instance(n_items))
             ref = np.random.default_rng(1).uniform(-1.0, 1.0, n_items)  # exp of this neither overflows nor denormals
             ref_1, table = to(ref), to(np.tile(ref, (len(MENU), 1)))
-            repeat = 3 if n_items <= 10**6 else 1
+            repeat = 3
             if name == "jax":
                 cont = lambda: sync(solvers[0](alpha, beta, n, w).bits)  # noqa: E731
                 menu = lambda: sync(solvers[1](alpha, beta, ev, n, w).bits)  # noqa: E731
@@ -209,7 +212,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--backends", default="numpy,torch,jax")
+    parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
+    if "torch" in args.backends:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    load_start = __import__("os").getloadavg()
     sizes = [10**3, 10**4, 10**5] if args.quick else [10**3, 10**4, 10**5, 10**6, 10**7]
     print("scaling:")
     scaling = run_scaling(sizes, args.backends.split(","), menu_max=10**5 if args.quick else 10**6)
@@ -220,7 +229,9 @@ def main():
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-               "cpus": __import__("os").cpu_count(), "numpy": np.__version__}
+               "cpus": __import__("os").cpu_count(), "numpy": np.__version__,
+               "load_average_start": load_start, "load_average_end": __import__("os").getloadavg(),
+               "torch_threads": args.torch_threads}
     (OUT / "solver.json").write_text(json.dumps({"machine": machine, "command": "python benchmarks/solver.py",
                                                  "scaling": scaling, "oracles": oracles}, indent=1))
     (OUT / "solver.md").write_text(table + "\n")

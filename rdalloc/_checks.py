@@ -25,6 +25,12 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
     if is_traced(x):
         return
     v = np.asarray(to_numpy(x), dtype=np.float64)
+    if v.size:  # fast path: two reductions (min and max propagate NaN) decide the common, valid case
+        lo, hi = v.min(), v.max()
+        if (not np.isnan(lo) and not np.isnan(hi) and (allow_inf or np.isfinite(lo) and np.isfinite(hi))
+                and not (positive and lo <= 0) and not (nonnegative and lo < 0)
+                and not (greater is not None and lo <= greater)):
+            return
     if np.isnan(v).any():
         raise ValueError(f"{name} must not contain NaN, got {_first_bad(v, np.isnan(v))}")
     if not allow_inf and np.isinf(v).any():

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import array_api_compat
 import numpy as np
 
-__all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "to_numpy"]
+__all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "cond", "to_numpy"]
 
 
 def namespace(*arrays: Any):
@@ -64,7 +64,7 @@ def as_float64(xp, x: Any, device=None, name: str = "array"):
     dtype = getattr(x, "dtype", None)
     if dtype is not None and not (xp.isdtype(dtype, ("real floating", "integral")) or dtype == xp.bool):
         raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
-    return xp.asarray(xp.astype(x, float_dtype(xp)), device=device)
+    return xp.asarray(xp.astype(x, float_dtype(xp), copy=False), device=device)  # no copy if already float64
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -91,3 +91,13 @@ def while_loop(xp, cond: Callable[[tuple], Any], body: Callable[[tuple], tuple],
     while bool(cond(state)):
         state = body(state)
     return state
+
+
+def cond(xp, pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple) -> Any:
+    """``true_fn(*operands) if pred else false_fn(*operands)`` — ``jax.lax.cond`` on JAX (both branches traced, one
+    run; they must return the same shapes and dtypes), a Python branch elsewhere."""
+    if is_jax(xp):
+        import jax
+
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
