@@ -3,8 +3,10 @@
     HF_HUB_OFFLINE=1 python benchmarks/passkey.py                 # contexts 1024,2048,4096; depths 10/50/90 %
     HF_HUB_OFFLINE=1 python benchmarks/passkey.py --contexts 2048 --retentions 0.05,0.1
 
-A prompt of ``context`` tokens of ``pydoc_data.topics`` prose with ``"The pass key is NNNNN. Remember it. NNNNN is the
-pass key."`` inserted at a relative ``depth``, ending in ``"What is the pass key? The pass key is"``. The model
+A prompt of ``context`` tokens of filler (``--filler grass``, the default: the repeated "The grass is green. The sky is
+blue. ..." of the original passkey test; ``--filler pydoc``: ``pydoc_data.topics`` prose, which this 135M model
+mostly cannot see through even with the full cache) with ``"The pass key is NNNNN. Remember it. NNNNN is the pass
+key."`` inserted at a relative ``depth``, ending in ``"What is the pass key? The pass key is"``. The model
 (bundled SmolLM2-135M-Instruct) prefills all but the last token, the cache is compressed once
 (:mod:`rdalloc.backends.hf.joint`: rdalloc's joint global allocation with Fisher-scaled hybrid weights, and the
 SnapKV-style eviction baseline at the same bytes), and greedy decoding continues for 8 tokens; a trial passes when
@@ -31,6 +33,7 @@ from rdalloc.backends.hf.text import default_text, tokenize
 from rdalloc.quantizers import get_quantizer
 
 OUT = Path(__file__).resolve().parent / "results" / "joint"
+GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def prompt(tokenizer, text_ids: torch.Tensor, context: int, depth: float, key: int) -> torch.Tensor:
@@ -57,18 +60,20 @@ def main() -> None:
     p.add_argument("--contexts", default="1024,2048,4096")
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--retentions", default="0.05,0.1,0.25")
+    p.add_argument("--filler", default="grass", choices=("grass", "pydoc"))
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args()
     t0 = time.perf_counter()
     model, tok, facts = load_model(progress=False)
     q = get_quantizer("kivi")
-    text = tokenize(default_text(), tok)
+    prose = tokenize(default_text(), tok)
+    text = prose if a.filler == "pydoc" else tokenize(GRASS * (max(int(c) for c in a.contexts.split(",")) // 10), tok)
     rng = np.random.default_rng(0)
     rows = []
     fisher = {}
     for context in (int(c) for c in a.contexts.split(",")):
         # Fisher head scale, calibrated once per length on text the prompts do not use (the last part of the text)
-        fisher[context] = fisher_importance(model, text[-context:][None], samples=2, progress=False)
+        fisher[context] = fisher_importance(model, prose[-context:][None], samples=2, progress=False)
         for depth in (float(d) for d in a.depths.split(",")):
             key = int(rng.integers(10000, 99999))
             ids = prompt(tok, text, context, depth, key)
@@ -92,11 +97,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = {"rows": rows, "seconds": time.perf_counter() - t0, "model": facts.name,
            "command": "HF_HUB_OFFLINE=1 python benchmarks/passkey.py " + " ".join(
-               f"--{k} {getattr(a, k)}" for k in ("contexts", "depths", "retentions"))}
+               f"--{k} {getattr(a, k)}" for k in ("contexts", "depths", "retentions", "filler"))}
     (out / "passkey.json").write_text(json.dumps(res, indent=1))
     cols = ["full"] + [f"{n}@{r}" for r in a.retentions.split(",") for n in ("joint-global", "eviction")]
     lines = [f"Passkey retrieval, {facts.name}, KIVI g32 joint plans (sink 4, window 8 at 16 bits); cells: trials "
-             f"passed / trials ({len(a.depths.split(','))} depths per context).", "",
+             f"passed / trials ({len(a.depths.split(','))} depths per context, filler {a.filler}).", "",
              "| context | " + " | ".join(c.replace("@", " @ ") for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for context in sorted({r["context"] for r in rows}):
         sel = [r for r in rows if r["context"] == context]
