@@ -64,6 +64,8 @@ FULL = {"calibration_windows": 4, "calibration_length": 512, "evaluation_windows
         "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0),
         "probe_bits": (1, 2)}
 RANDOM_SIGMA = 1.5
+BROKEN = 10.0
+"""Perplexity above ``BROKEN`` times FP16's counts as a wrecked model (left out of the estimator comparison)."""
 
 
 # ---- costs and plans ---------------------------------------------------------------------------------------------
@@ -237,18 +239,23 @@ class ExperimentResult:
         return {q: {row: {b: float(np.mean(v)) for b, v in cells.items()} for row, cells in rows.items()}
                 for q, rows in out.items()}
 
-    def importance_comparison(self) -> dict:
-        """Mean log-perplexity of rdalloc with each estimator over the (quantizer, budget) cells where both ran."""
+    def importance_comparison(self, broken: float = BROKEN) -> dict:
+        """Mean log-perplexity of rdalloc with each estimator over the (quantizer, budget) cells where both ran and
+        at least one kept the model working (perplexity within ``broken`` times FP16's: between two wrecked models,
+        e.g. 1e5 against 2e5, the ratio says nothing about the estimators)."""
         per: dict = {}
         for r in self.rows:
             if r["row"] in ("rdalloc", "rdalloc_other_importance"):
                 per.setdefault((r["quantizer"], float(r["budget"])), {})[r["importance"]] = float(r["ppl"])
-        cells = {k: v for k, v in per.items() if all(m in v for m in IMPORTANCE_METHODS)}
+        limit = broken * float(self.fp16["ppl"])
+        both = {k: v for k, v in per.items() if all(m in v for m in IMPORTANCE_METHODS)}
+        cells = {k: v for k, v in both.items() if min(v.values()) <= limit}
         if not cells:
             return {}
         mean = {m: float(np.mean([math.log(v[m]) for v in cells.values()])) for m in IMPORTANCE_METHODS}
         winner = min(mean, key=mean.get)
         return {"cells": [{"quantizer": q, "budget": b, **v} for (q, b), v in sorted(cells.items())],
+                "left_out": len(both) - len(cells), "broken_factor": float(broken),
                 "mean_log_ppl": mean, "winner": winner,
                 "ppl_ratio_other_over_winner": float(math.exp(max(mean.values()) - min(mean.values())))}
 
@@ -413,7 +420,8 @@ def markdown_table(result: ExperimentResult) -> str:
         lines.append("")
         lines.append(f"Importance estimators (rdalloc PPL, same plans otherwise): winner **{comp['winner']}**; "
                      f"the other's perplexity is x{comp['ppl_ratio_other_over_winner']:.4f} the winner's "
-                     f"(geometric mean over {len(comp['cells'])} cells).")
+                     f"(geometric mean over {len(comp['cells'])} cells; {comp['left_out']} cells where both "
+                     f"estimators left perplexity above {comp['broken_factor']:g}x FP16 left out).")
         for c in comp["cells"]:
             lines.append(f"- {c['quantizer']} @ {c['budget']:g} bits: "
                          + ", ".join(f"{m} {c[m]:.3f}" for m in IMPORTANCE_METHODS))
