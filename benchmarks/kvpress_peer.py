@@ -39,7 +39,7 @@ text windows)::
     python3 -m venv /tmp/kvpress-env
     /tmp/kvpress-env/bin/pip install torch==2.13.0          # pinned: the CPU build; an unpinned torch pulls GBs
     /tmp/kvpress-env/bin/pip install kvpress==0.5.5         # pulls transformers 5.2.0, datasets, pandas, peft, ...
-    /tmp/kvpress-env/bin/pip install --no-deps -e .         # rdalloc, for text_windows
+    /tmp/kvpress-env/bin/pip install --no-deps -e .         # rdalloc: text windows, NLL/KL
     /tmp/kvpress-env/bin/pip install numpy scipy array-api-compat tqdm
     HF_HUB_OFFLINE=1 /tmp/kvpress-env/bin/python benchmarks/kvpress_peer.py \
         --presses snapkv,snapkv_w8,expected_attention
@@ -100,15 +100,6 @@ def make_press(name: str, compression_ratio: float):
     if name == "expected_attention":
         return ExpectedAttentionPress(compression_ratio=compression_ratio)
     raise ValueError(f"press must be one of {PRESSES} or snapkv_w<N> (SnapKV with window_size=N), got {name!r}")
-
-
-def scores(logits, full_logits, targets):
-    """(nll, kl) exactly as ``backends/hf/joint.py::_scores``: ``logits`` over the teacher-forced continuation."""
-    lp = torch.log_softmax(logits[:-1], -1)
-    lf = torch.log_softmax(full_logits, -1)
-    nll = float(-lp.gather(-1, targets[:, None]).mean())
-    kl = float((lf.exp() * (lf - lp)).sum(-1).mean())
-    return nll, kl
 
 
 @torch.no_grad()
@@ -249,6 +240,7 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rdalloc.backends.hf.joint import continuation_scores
     from rdalloc.backends.hf.text import text_windows
 
     transformers.utils.logging.set_verbosity_error()
@@ -282,7 +274,7 @@ def main(argv=None) -> int:
         print(f"window {wi}: full nll={full_nll:.5f}", flush=True)
         for p in presses:
             logits, kept = compressed_run(model, make_press(p, 0.0), ids[:C], ids[C:C + M])
-            nll, kl = scores(logits, full, targets)
+            nll, kl = continuation_scores(logits, full, targets)
             ratio0.append({"window": wi, "press": p, "nll": nll, "kl": kl, "full_nll": full_nll,
                            "kept": sorted(set(kept))})
             print(f"window {wi} {p:18s} ratio=0   nll={nll:.6f} kl={kl:.2e} (full {full_nll:.6f})", flush=True)
@@ -291,7 +283,7 @@ def main(argv=None) -> int:
         for p in presses:
             for r in retentions:
                 logits, kept = compressed_run(model, make_press(p, 1.0 - r), ids[:C], ids[C:C + M])
-                nll, kl = scores(logits, full, targets)
+                nll, kl = continuation_scores(logits, full, targets)
                 nbytes = sum(k * H * D * 2 * 2 for k in kept)
                 per_window.append({"window": wi, "press": p, "retention_target": r, "compression_ratio": 1.0 - r,
                                    "kept_tokens_per_layer": sorted(set(kept)), "bytes": nbytes,

@@ -56,7 +56,7 @@ from .compress import (WEIGHTINGS, CompressedCache, TokenWeights, compressed_nby
                        observe_prefill, protected_mask, scale_heads, token_weights)
 
 __all__ = ["allocate_joint", "eviction_plan", "uniform_plan", "measure_errors", "KVErrors", "run_joint",
-           "JointResult", "DEFAULT_MENU", "RETENTIONS"]
+           "JointResult", "DEFAULT_MENU", "RETENTIONS", "continuation_scores"]
 
 DEFAULT_MENU = (0, 2, 4, 8, 16)
 RETENTIONS = (0.02, 0.05, 0.10, 0.25, 0.50)
@@ -347,7 +347,10 @@ def _continuation(model, cache, ids_cont):
         return model(ids_cont[None], past_key_values=cache, use_cache=True).logits[0].float()
 
 
-def _scores(logits, full_logits, targets):
+def continuation_scores(logits, full_logits, targets) -> tuple[float, float]:
+    """``(nll, kl)`` of a teacher-forced continuation: ``logits`` ``[M, V]`` of the compressed run (the last row
+    predicts past the window and is dropped), ``full_logits`` ``[M - 1, V]`` of the full cache, ``targets``
+    ``[M - 1]``; mean NLL of the targets and mean KL(full || compressed), nats per token."""
     lp = torch.log_softmax(logits[:-1], -1)
     lf = torch.log_softmax(full_logits, -1)
     nll = float(-lp.gather(-1, targets[:, None]).mean())
@@ -402,12 +405,9 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
         q = get_quantizer(quantizer)
         err = measure_errors(pre.keys, pre.values, q, [b for b in menu if 0 < b < FULL_BITS])
         wts = {w: token_weights(pre, method=w) for w in set(weightings) | {weighting}}
-        label = dict.fromkeys(wts)
-        for w in list(wts):
-            label[w] = w
-            if fisher is not None:
-                wts[f"{w}+fisher"] = scale_heads(wts[w], fisher)
-                label[w] = f"{w}+fisher"
+        label = {w: w if fisher is None else f"{w}+fisher" for w in wts}  # the rows' weighting, by method
+        if fisher is not None:
+            wts.update({label[w]: scale_heads(wts[w], fisher) for w in list(wts)})
         main = label[weighting]
         for r in retentions:
             jobs = ([("joint-global", label[w]) for w in weightings]
@@ -427,7 +427,7 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
                     continue
                 cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
                 logits = _continuation(model, cache, ids[context:context + continuation])
-                nll, kl = _scores(logits, full, targets)
+                nll, kl = continuation_scores(logits, full, targets)
                 acc.setdefault(key, []).append({"nll": nll, "kl": kl, "bytes": cache.compressed_nbytes,
                                                 "predicted_bytes": cache.predicted_nbytes,
                                                 "retention": cache.retention})
