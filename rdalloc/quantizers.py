@@ -231,7 +231,8 @@ class Quantizer:
     Class attributes: ``name`` (registry key, also the name plans record), ``params`` (names of the per-group
     parameters, each stored as a 16-bit float), ``min_bits``/``max_bits`` (the quantized widths it takes; 0 and 16
     are always allowed), ``mixes_channels`` (True when ``transform`` mixes a token's channels, so per-channel key
-    bits cannot be applied).
+    bits cannot be applied), ``orthogonal`` (True when ``transform`` is an orthogonal map of each token's channels,
+    so a token's squared error is the same before and after ``inverse_transform``; the default claims nothing).
     """
 
     name: ClassVar[str] = "quantizer"
@@ -239,6 +240,7 @@ class Quantizer:
     min_bits: ClassVar[int] = 1
     max_bits: ClassVar[int] = 8
     mixes_channels: ClassVar[bool] = False
+    orthogonal: ClassVar[bool] = False
 
     # -- to implement --
     def grouping(self, role: str, head_dim: int) -> Grouping:
@@ -417,6 +419,7 @@ class QuaRot(AsymmetricQuantizer):
     group_size: int | None = None
     name: ClassVar[str] = "quarot"
     mixes_channels: ClassVar[bool] = True
+    orthogonal: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_group_size("QuaRot", self.group_size)

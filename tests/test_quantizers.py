@@ -340,9 +340,16 @@ def test_distortion_decreases_with_bits(q, role):
             assert torch.mean((d[:, 1:] < d[:, :-1]).double()) > 0.95, gran
 
 
-def test_measure_matches_a_per_item_oracle_and_plan_order():
+@pytest.mark.parametrize("q", [KIVI(group_size=4), QuaRot()], ids=["kivi", "quarot"])
+@pytest.mark.parametrize("chunk", [None, 1], ids=["one-chunk", "head-by-head"])
+def test_measure_matches_a_per_item_oracle_and_plan_order(q, chunk, monkeypatch):
+    """Against fake quantization item by item, whether all heads are quantized at once or one head per chunk, and
+    for QuaRot (errors measured in rotated coordinates for head/token items) as for KIVI."""
+    import rdalloc.measure
+
+    if chunk is not None:
+        monkeypatch.setattr(rdalloc.measure, "_CHUNK_ELEMENTS", chunk)
     x = _kv(shape=(2, 2, 2, 12, 8), seed=7)  # [layers, batch, heads, tokens, head_dim]
-    q = KIVI(group_size=4)
     bits = [0, 2, 3, 16]
     for role in ("key", "value"):
         for gran, item_shape in (("head", (2, 2)), ("token", (2, 2, 12)), ("channel", (2, 2, 8))):
