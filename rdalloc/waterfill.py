@@ -221,7 +221,14 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     zero_i = xp.asarray(0, dtype=xp.int32, device=dev)
     done0 = saturated | infeasible | at_min
     # Bracket: a with g(a) >= P, b with g(b) <= P (open ends at -/+big until an evaluation closes them).
-    state = (mu0 if bracket is None else bracket[2], -big, big, g_max, g_min, zero_i, done0, zero_i)
+    if bracket is not None:
+        start_level = bracket[2]
+    elif static and reducer is _LOCAL and n_items >= _SAMPLED:  # traced: the sampled level as Newton's start
+        mu_s, ok = _sample_level(xp, n_items, alpha, beta, w, n, lo_, hi_, P, elements, max_iter)[:2]
+        start_level = xp.where(ok, mu_s, mu0)
+    else:
+        start_level = mu0
+    state = (start_level, -big, big, g_max, g_min, zero_i, done0, zero_i)
     if bracket is not None and not bool(done0):
         state = _solve_in_bracket(xp, bracket, sums, kept, P, tol, eps, state, max_iter)
     if isinstance(state, tuple):  # safeguarded Newton over all items (from the all-free level or a checked bracket)
@@ -346,12 +353,10 @@ class _Solved:
     done: Any
 
 
-def _sample_bracket(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter):
-    """A bracket ``(a, b, mu_s)`` for the level from a strided sample of about ``N**(2/3)`` items, or ``None``.
-
-    The sample, its budget scaled by its share of the elements, is solved exactly (level ``mu_s``); ``a, b`` lie 8
-    standard errors of the sampled ``g`` either side of it, along the sample's slope. Only a guess: pass 1 checks it.
-    """
+def _sample_level(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter):
+    """The exact level ``mu_s`` of a strided sample of about ``N**(2/3)`` items, its budget scaled by its share of
+    the elements, with what a bracket needs: ``(mu_s, ok, slope, spread)``; no host syncs (``ok`` is False when the
+    sample is degenerate: budget outside its box, nothing useful, or Newton not converged)."""
     stride = max(n_items // max(int(n_items ** (2 / 3)), 1 << 13), 2)
     cut = lambda x: x if x.ndim == 0 else x[::stride]  # noqa: E731
     alpha, beta, w, n, lo, hi = (cut(x) for x in (alpha, beta, w, n, lo, hi))
@@ -361,20 +366,28 @@ def _sample_bracket(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_ite
     P_s = P * (n_tot / elements)
     gmin, gmax = xp.sum(n * lo * ones), xp.sum(n * xp.where(useful, hi, lo) * ones)
     s_all = xp.sum(xp.where(useful, n * inv_k * ones, 0 * ones))
-    if not bool((P_s > gmin) & (P_s < gmax) & (s_all > 0)):
-        return None
-    mu0 = (xp.sum(xp.where(useful, n * ck, 0 * ones)) + xp.sum(xp.where(useful, 0 * ones, n * lo * ones)) - P_s) / s_all
+    inside = (P_s > gmin) & (P_s < gmax) & (s_all > 0)
+    mu0 = (xp.sum(xp.where(useful, n * ck, 0 * ones)) + xp.sum(xp.where(useful, 0 * ones, n * lo * ones)) - P_s) / \
+        _safe(xp, s_all)
     eps = float(xp.finfo(P.dtype).eps)
     big = xp.asarray(float(xp.finfo(P.dtype).max) / 4, dtype=P.dtype, device=_device(P))
     zero_i = xp.asarray(0, dtype=xp.int32, device=_device(P))
     sample = lambda mu: tuple(xp.sum(x) for x in _g_and_slope(xp, mu)(ck, inv_k, n, lo, hi))  # noqa: E731
-    mu_s, _, ok = _newton(xp, sample, P_s, 64 * eps * gmax, eps, (mu0, -big, big, gmax, gmin, zero_i, gmax < gmin,
-                                                                  zero_i), max_iter)
+    mu_s, _, done = _newton(xp, sample, P_s, 64 * eps * gmax, eps, (mu0, -big, big, gmax, gmin, zero_i, ~inside,
+                                                                    zero_i), max_iter)
     t = ck - mu_s * inv_k
     bits = xp.minimum(xp.maximum(t, lo), hi)
     slope = xp.sum(xp.where((t > lo) & (t < hi), n * inv_k * ones, 0 * ones))
     spread = 8 * xp.sqrt(xp.sum((n * (bits - P_s / n_tot)) ** 2))  # 8 standard errors of the sampled g
-    if not bool(ok & (slope > 0)):
+    return mu_s, inside & done & (slope > 0) & (xp.abs(mu_s) < big), slope, spread
+
+
+def _sample_bracket(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter):
+    """A bracket ``(a, b, mu_s)`` for the level, ``mu_s`` the sampled level (:func:`_sample_level`) and ``a, b`` 8
+    standard errors of the sampled ``g`` either side of it along the sample's slope; ``None`` if the sample is
+    degenerate. Only a guess: pass 1 checks it."""
+    mu_s, ok, slope, spread = _sample_level(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter)
+    if not bool(ok):
         return None
     return mu_s - spread / slope, mu_s + spread / slope, mu_s
 
@@ -384,8 +397,8 @@ def _classify(xp, a, b, ck, inv_k, n, lo, hi):
     size of the items free on all of ``[a, b]``)."""
     ta, tb = ck - a * inv_k, ck - b * inv_k
     free = (tb >= lo) & (ta <= hi)
-    keep = (ta > lo) & (tb < hi) & ~free
-    kept = tuple(x if x.ndim == 0 else x[keep] for x in (ck, inv_k, n, lo, hi))
+    keep = xp.nonzero((ta > lo) & (tb < hi) & ~free)[0]  # few: one scan of the mask, then gathers
+    kept = tuple(x if x.ndim == 0 else xp.take(x, keep, axis=0) for x in (ck, inv_k, n, lo, hi))
     return kept, (_dot(xp, n, _clip(xp, ta, lo, hi)), _dot(xp, n, _sel(xp, free, inv_k)))
 
 

@@ -1,5 +1,6 @@
 """Continuous reverse water-filling: closed forms, invariants (hypothesis) and bad input."""
 
+import importlib
 import math
 
 import numpy as np
@@ -79,6 +80,57 @@ def test_large_problem_is_exact_in_few_passes():
     assert float(r.kkt_residual) < 1e-9
     assert float(r.budget_residual) < 1e-12
     assert int(r.iterations) <= 10
+
+
+def _misleading(n_items, every):
+    """Items whose strided sample (every ``every``-th item) sees only tiny alphas: the sampled level is far off."""
+    rng = np.random.default_rng(3)
+    alpha = rng.lognormal(3.0, 1.0, n_items)
+    alpha[::every] = 1e-8
+    return ExponentialModel(alpha, rng.uniform(2.0, 6.0, n_items)), rng.integers(16, 128, n_items).astype(float)
+
+
+@pytest.mark.parametrize("case", ["random", "misleading sample"])
+def test_sampled_bracket_gives_the_full_solve(case, monkeypatch):
+    """From 2**16 items on, the level is first solved on a strided sample and only items with a breakpoint inside
+    the bracket are kept; the answer must be the plain Newton-over-everything answer, also when the sample misleads
+    (the bracket check falls back)."""
+    wf = importlib.import_module("rdalloc.waterfill")  # (the package exports the function under the same name)
+    n_items = 200_000
+    if case == "random":
+        model, n, w = problem(np.random.default_rng(5), n_items)
+    else:
+        stride = max(n_items // max(int(n_items ** (2 / 3)), 1 << 13), 2)
+        (model, n), w = _misleading(n_items, stride), 1.0
+    fast = waterfill(model, n, weights=w, average_bits=3.3)
+    monkeypatch.setattr(wf, "_SAMPLED", 1 << 40)
+    plain = waterfill(model, n, weights=w, average_bits=3.3)
+    assert int(fast.status) == int(plain.status) == OPTIMAL
+    np.testing.assert_allclose(fast.bits, plain.bits, rtol=0, atol=1e-9)
+    assert float(fast.kkt_residual) < 1e-9 and float(fast.budget_residual) < 1e-12
+    assert float(fast.distortion) == pytest.approx(float(plain.distortion), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["random", "misleading sample"])
+def test_traced_solve_starts_from_the_sampled_level(case):
+    """Under ``jax.jit`` (no host syncs, no compaction) Newton starts from the sample's level: same answer as numpy,
+    in at most 3 evaluations over all items on a random instance."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    n_items = 200_000
+    if case == "random":
+        model, n, w = problem(np.random.default_rng(6), n_items)
+    else:
+        stride = max(n_items // max(int(n_items ** (2 / 3)), 1 << 13), 2)
+        (model, n), w = _misleading(n_items, stride), np.ones(n_items)
+    ref = waterfill(model, n, weights=w, average_bits=3.3)
+    with jax.enable_x64(True):
+        solve = jax.jit(lambda a, b, n, w: waterfill(ExponentialModel(a, b), n, weights=w, average_bits=3.3))
+        got = solve(*(jnp.asarray(x) for x in (model.alpha, model.beta, n, w)))
+        assert int(got.status) == OPTIMAL
+        np.testing.assert_allclose(np.asarray(got.bits), ref.bits, rtol=0, atol=1e-9)
+        if case == "random":
+            assert int(got.iterations) <= 3
 
 
 # ---- invariants --------------------------------------------------------------------------------------------------
