@@ -13,6 +13,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# A walkthrough that loads the real model takes minutes on CPU: slow, like the other real-model tests.
+CASES = [pytest.param(p, marks=pytest.mark.slow) if "load_model(" in p.read_text() else p for p in NOTEBOOKS]
 NUMBER = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?|-?\d+e[-+]?\d+")
 
 
@@ -30,7 +32,7 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no walkthroughs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
 def test_notebook_runs_and_its_outputs_are_current(path):
     committed = nbformat.read(path, as_version=4)
     assert all(c.get("outputs") for c in committed.cells if c.cell_type == "code"), f"{path.name} is not executed"
