@@ -65,7 +65,9 @@ DEFAULT_MODEL = Path.home() / ".cache" / "rdalloc" / "models" / "SmolLM2-135M-In
 OUT = Path(__file__).resolve().parent / "results" / "joint"
 PRESSES = ("snapkv", "expected_attention")
 ROOT = Path(__file__).resolve().parents[1]
-COMPARE = (("joint-global", "hybrid"), ("joint-per-head", "hybrid"), ("eviction", "hybrid"))
+# rdalloc's rows shown beside the presses, those present in joint.json (with the Fisher head scale, the default, and
+# without it)
+COMPARE = tuple((m, w) for m in ("joint-global", "joint-per-head", "eviction") for w in ("hybrid+fisher", "hybrid"))
 
 _IDS_SNIPPET = """
 import hashlib, sys
@@ -188,6 +190,8 @@ def markdown(res: dict) -> str:
         lines += ["", f"rdalloc at the same settings (`{ours['source']}`, full cache NLL {ours['full_nll']:.4f}):", "",
                   head.replace("| press |", "| method |"), "|---|" + "---|" * len(rets)]
         for m, w in COMPARE:
+            if not any((x["method"], x["weighting"]) == (m, w) for x in ours["rows"]):
+                continue
             cells = []
             for t in rets:
                 r = [x for x in ours["rows"] if (x["method"], x["weighting"]) == (m, w)
