@@ -7,6 +7,7 @@ Solvers call :func:`namespace` once, convert inputs with :func:`as_float64`, and
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import array_api_compat
@@ -65,6 +66,17 @@ def as_float64(xp, x: Any, device=None, name: str = "array"):
     if dtype is not None and not (xp.isdtype(dtype, ("real floating", "integral")) or dtype == xp.bool):
         raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
     return xp.asarray(xp.astype(x, float_dtype(xp), copy=False), device=device)  # no copy if already float64
+
+
+def concrete(xp):
+    """A context in which operations on concrete arrays give concrete results: ``jax.ensure_compile_time_eval`` on
+    JAX (so input checks inside a ``jax.jit`` trace still see the values of arrays that are not traced), nothing
+    elsewhere."""
+    if is_jax(xp):
+        import jax
+
+        return jax.ensure_compile_time_eval()
+    return contextlib.nullcontext()
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import array_api_compat
 import numpy as np
 
-from ._checks import check_budget, check_shape, check_values
+from ._checks import check_budget, check_ordered, check_shape, check_values
 from ._namespace import (as_float64, cond, float_dtype, index_dtype, is_jax, is_traced, namespace, to_numpy,
                          while_loop)
 from .cost import Usage
@@ -181,12 +181,8 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
             check_shape(name, bound, N)
             check_values(name, bound)
         bounds.append(None if bound is None else as_float64(xp, bound, device=dev, name=name) * ones)
-    if lo is not None and hi is not None and not is_traced(lo) and not is_traced(hi):
-        bad = np.broadcast_to(to_numpy(lo), (N,)) > np.broadcast_to(to_numpy(hi), (N,))
-        if bad.any():
-            i = int(np.argmax(bad))
-            lo_i, hi_i = (float(np.broadcast_to(to_numpy(x), (N,))[i]) for x in (lo, hi))
-            raise ValueError(f"lo must be <= hi, got lo={lo_i!r} > hi={hi_i!r} at item {i}")
+    if lo is not None and hi is not None:
+        check_ordered(lo, hi, N)
 
     # ---- 1. per item: the (K, N) table, its lower convex hull and the hull's segments ------------------------------
     # Items are independent here, so eager backends run this stage over cache-sized chunks of items.

@@ -41,10 +41,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import array_api_compat
-import numpy as np
 
-from ._checks import check_budget, check_shape, check_values
-from ._namespace import as_float64, float_dtype, is_jax, is_traced, namespace, to_numpy, while_loop
+from ._checks import check_budget, check_ordered, check_shape, check_values
+from ._namespace import as_float64, concrete, float_dtype, is_jax, is_traced, namespace, to_numpy, while_loop
 from .models import FULL_BITS, ExponentialModel
 
 __all__ = ["waterfill", "WaterfillResult", "OPTIMAL", "SATURATED", "INFEASIBLE", "MAX_ITER"]
@@ -142,14 +141,12 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     f = lambda v, name: as_float64(xp, v, device=dev, name=name)  # noqa: E731  (scalars stay 0-d)
     alpha, beta = f(model.alpha, "alpha"), f(model.beta, "beta")
     n, w, lo_, hi_, m = f(sizes, "sizes"), f(weights, "weights"), f(lo, "lo"), f(hi, "hi"), f(metadata, "metadata")
-    if not is_traced(lo_) and not is_traced(hi_):
-        lo_np, hi_np = np.broadcast_to(to_numpy(lo_), (n_items,)), np.broadcast_to(to_numpy(hi_), (n_items,))
-        bad = lo_np > hi_np
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"lo must be <= hi, got lo={float(lo_np[i])!r} > hi={float(hi_np[i])!r} at item {i}")
-        if (hi_np > FULL_BITS).any():
-            raise ValueError(f"hi must be <= {FULL_BITS}, got {float(hi_np.max())!r}")
+    check_ordered(lo_, hi_, n_items)
+    if not is_traced(hi_):
+        with concrete(xp):
+            top = float(xp.max(hi_))
+        if top > FULL_BITS:
+            raise ValueError(f"hi must be <= {FULL_BITS}, got {top!r}")
     reducer = _LOCAL if reducer is None else reducer
     static = is_jax(xp) or any(is_traced(x) for x in (alpha, beta, n, w, lo_, hi_, m))  # no host syncs
     total_of = lambda x: reducer.sum((xp.sum(x) if x.ndim else x * n_items,))[0]  # noqa: E731

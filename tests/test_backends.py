@@ -121,3 +121,31 @@ def test_chunked_passes_agree_across_backends(backend):
     assert float(to_numpy(got.kkt_residual)) < 1e-9
     ref_m, got_m = run_allocate(np.asarray, 7, n_items, 2.7), run_allocate(BACKENDS[backend], 7, n_items, 2.7)
     np.testing.assert_array_equal(to_numpy(got_m.bits), ref_m.bits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "array_api_strict"])
+def test_validation_moves_only_scalars_off_the_device(backend, monkeypatch):
+    """Checking device arrays reduces them where they live: on valid input no array larger than the two scalars
+    (min, max) is copied to the host; invalid input still gets the first offending element in the message."""
+    import rdalloc._checks as checks
+
+    to = torch.asarray if backend == "torch" else xs.asarray
+    copied = []
+    real = checks.to_numpy
+    monkeypatch.setattr(checks, "to_numpy", lambda x: copied.append(int(np.prod(np.shape(x) if np.isscalar(x) else x.shape))) or real(x))
+    rng = np.random.default_rng(0)
+    n_items = 1000
+    model = ExponentialModel(to(rng.uniform(0.5, 2.0, n_items)), to(rng.uniform(2.0, 5.0, n_items)))
+    r = waterfill(model, to(rng.uniform(1.0, 9.0, n_items)), average_bits=3.0, weights=to(np.ones(n_items)),
+                  lo=to(np.zeros(n_items)), hi=to(np.full(n_items, 8.0)))
+    assert int(r.status) == 0 and copied and max(copied) <= 2
+    sizes = rng.uniform(1.0, 9.0, n_items)
+    sizes[417] = -3.0
+    with pytest.raises(ValueError, match=r"sizes must be > 0, got -3.0 at index 417"):
+        waterfill(model, to(sizes), average_bits=3.0)
+    lo = np.zeros(n_items)
+    lo[12] = 9.0
+    with pytest.raises(ValueError, match=r"lo must be <= hi, got lo=9.0 > hi=8.0 at item 12"):
+        waterfill(model, to(np.ones(n_items)), average_bits=3.0, lo=to(lo), hi=to(np.full(n_items, 8.0)))
+    with pytest.raises(ValueError, match=r"lo must be <= hi, got lo=9.0 > hi=8.0 at item 12"):
+        allocate(model, to(np.ones(n_items)), average_bits=3.0, lo=to(lo), hi=to(np.full(n_items, 8.0)))
