@@ -19,9 +19,8 @@ All widths are quantized at once (a leading axis of ``K'`` quantized widths), ov
 the ``K'`` copies stay within about ``2**21`` elements (8 MB of float32, cache-sized): on CPU that is 4-9x faster
 than one pass over the whole stack, with the same numbers up to the order of float32 sums (each head's items are
 computed alone). For a quantizer whose transform is orthogonal per token (``Quantizer.orthogonal``, e.g. QuaRot's
-Hadamard rotation),
-per-head and per-token errors are measured in the rotated coordinates, which skips rotating ``K'`` copies back;
-per-channel errors always rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit``
+Hadamard rotation), per-head and per-token errors are measured in the rotated coordinates, which skips rotating the
+``K'`` copies back; per-channel errors always rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit``
 (with ``bits``, ``role``, ``granularity`` and the quantizer static) run the same function.
 """
 
