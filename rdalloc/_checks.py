@@ -21,7 +21,7 @@ def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
 
 
 def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool = False, greater: float | None = None,
-                 allow_inf: bool = False) -> None:
+                 at_most: float | None = None, allow_inf: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN, infinities (unless allowed) or out-of-range values.
 
     The common, valid case costs two reductions where the data lives (min and max propagate NaN), and only those two
@@ -36,10 +36,10 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
         xp = array_api_compat.array_namespace(x)
         with concrete(xp):
             lo, hi = (float(v) for v in to_numpy(xp.stack([xp.min(x), xp.max(x)])))
-        if _in_range(lo, hi, positive, nonnegative, greater, allow_inf):
+        if _in_range(lo, hi, positive, nonnegative, greater, at_most, allow_inf):
             return
     v = np.asarray(to_numpy(x), dtype=np.float64)
-    if v.size and _in_range(v.min(), v.max(), positive, nonnegative, greater, allow_inf):
+    if v.size and _in_range(v.min(), v.max(), positive, nonnegative, greater, at_most, allow_inf):
         return
     if np.isnan(v).any():
         raise ValueError(f"{name} must not contain NaN, got {_first_bad(v, np.isnan(v))}")
@@ -51,13 +51,16 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
         raise ValueError(f"{name} must be >= 0, got {_first_bad(v, v < 0)}")
     if greater is not None and (v <= greater).any():
         raise ValueError(f"{name} must be > {greater:g}, got {_first_bad(v, v <= greater)}")
+    if at_most is not None and (v > at_most).any():
+        raise ValueError(f"{name} must be <= {at_most:g}, got {_first_bad(v, v > at_most)}")
 
 
-def _in_range(lo: float, hi: float, positive: bool, nonnegative: bool, greater: float | None, allow_inf: bool) -> bool:
+def _in_range(lo: float, hi: float, positive: bool, nonnegative: bool, greater: float | None, at_most: float | None,
+              allow_inf: bool) -> bool:
     """Whether every value lies in range, from the smallest and largest (NaN in either: no)."""
     return (not np.isnan(lo) and not np.isnan(hi) and (allow_inf or np.isfinite(lo) and np.isfinite(hi))
             and not (positive and lo <= 0) and not (nonnegative and lo < 0)
-            and not (greater is not None and lo <= greater))
+            and not (greater is not None and lo <= greater) and not (at_most is not None and hi > at_most))
 
 
 def check_ordered(lo: Any, hi: Any, n: int) -> None:

@@ -53,7 +53,7 @@ __all__ = ["pack_bits", "unpack_bits", "TensorLayout", "tensor_layout", "PackedT
            "plan_usage", "predict_nbytes", "PlanApplier", "resolve_quantizer", "check_kv_rank"]
 
 
-# ---- bit packing ----------------------------------------------------------------------------------------------------
+# ---- input checks shared by the adapters ----------------------------------------------------------------------
 _LAYOUTS = {(4,): "4-D [batch, kv_heads, tokens, head_dim]",
             (5,): "5-D [layers, batch, kv_heads, tokens, head_dim] (or a sequence of 4-D per-layer tensors)",
             (4, 5): "4-D [batch, kv_heads, tokens, head_dim] or 5-D [layers, batch, kv_heads, tokens, head_dim]"}
@@ -65,6 +65,7 @@ def check_kv_rank(x: Any, name: str, ndim: tuple[int, ...] = (4,)) -> None:
         raise ValueError(f"{name} must be {_LAYOUTS[ndim]}, got shape {tuple(x.shape)}")
 
 
+# ---- bit packing ----------------------------------------------------------------------------------------------------
 def _byte_map(bits: int) -> list[tuple[int, int, int]]:
     """``(byte k, code j, shift s)`` for 8 codes of ``bits`` bits laid LSB-first over ``bits`` bytes: code ``j``
     holds stream bits ``[bits*j, bits*j + bits)``, byte ``k`` stream bits ``[8k, 8k + 8)``; ``s = bits*j - 8k``."""

@@ -77,7 +77,8 @@ from rdalloc.backends.hf import load_model
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.capture import fisher_importance
 from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, scale_heads, token_weights
-from rdalloc.backends.hf.joint import allocate_joint, continuation_scores, eviction_plan, measure_errors
+from rdalloc.backends.hf.joint import (allocate_joint, continuation_logits, continuation_scores, eviction_plan,
+                                      measure_errors)
 
 torch.manual_seed(0)
 model, tokenizer, facts = load_model(progress=False)
@@ -126,9 +127,7 @@ targets = ids[C + 1:C + M]
 
 def score(plan):
     cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
-    with torch.no_grad(), joint_attention(model):
-        logits = model(ids[None, C:C + M], past_key_values=cache, use_cache=True).logits[0].float()
-    return continuation_scores(logits, full, targets)
+    return continuation_scores(continuation_logits(model, cache, ids[C:C + M]), full, targets)
 
 kw = dict(errors=errors, sink=4, window=8)
 makers = {"rdalloc global": lambda r: allocate_joint(weights, pre.keys, pre.values, retention=r, **kw),

@@ -220,6 +220,7 @@ def test_bad_models(kwargs, match):
     (dict(sizes=np.ones(3), average_bits=2), ValueError, r"sizes must be a scalar or shape \(2,\)"),
     (dict(sizes=1.0, average_bits=2, lo=np.array([4.0, 1.0]), hi=np.array([3.0, 8.0])), ValueError,
      "lo must be <= hi, got lo=4.0 > hi=3.0 at item 0"),
+    (dict(sizes=1.0, average_bits=2, hi=np.array([8.0, 17.0])), ValueError, r"hi must be <= 16, got 17.0 at index 1"),
     (dict(sizes=1.0, budget=0.5), ValueError, r"infeasible: the box needs between 2 and 16 bits"),
     (dict(sizes=1.0), TypeError, "exactly one of budget"),
     (dict(sizes=1.0, budget=3.0, average_bits=2.0), TypeError, "exactly one of budget"),

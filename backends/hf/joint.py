@@ -56,7 +56,8 @@ from .compress import (WEIGHTINGS, CompressedCache, TokenWeights, compressed_nby
                        observe_prefill, protected_mask, scale_heads, token_weights)
 
 __all__ = ["allocate_joint", "eviction_plan", "uniform_plan", "measure_errors", "KVErrors", "run_joint",
-           "JointResult", "DEFAULT_MENU", "RETENTIONS", "continuation_scores"]
+           "JointResult", "DEFAULT_MENU", "RETENTIONS", "continuation_logits",
+           "continuation_scores"]
 
 DEFAULT_MENU = (0, 2, 4, 8, 16)
 RETENTIONS = (0.02, 0.05, 0.10, 0.25, 0.50)
@@ -342,7 +343,10 @@ class JointResult:
 
 
 @torch.no_grad()
-def _continuation(model, cache, ids_cont):
+@torch.no_grad()
+def continuation_logits(model: Any, cache: CompressedCache, ids_cont: torch.Tensor) -> torch.Tensor:
+    """``[M, V]`` float32 logits of ``ids_cont`` (``[M]``) teacher-forced through a compressed ``cache`` (which it
+    extends), under :func:`.compress.joint_attention`."""
     with joint_attention(model):
         return model(ids_cont[None], past_key_values=cache, use_cache=True).logits[0].float()
 
@@ -426,7 +430,7 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
                     acc.setdefault(key, [])
                     continue
                 cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
-                logits = _continuation(model, cache, ids[context:context + continuation])
+                logits = continuation_logits(model, cache, ids[context:context + continuation])
                 nll, kl = continuation_scores(logits, full, targets)
                 acc.setdefault(key, []).append({"nll": nll, "kl": kl, "bytes": cache.compressed_nbytes,
                                                 "predicted_bytes": cache.predicted_nbytes,
