@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from rdalloc.backends.hf import load_model
+from rdalloc.backends.hf.compat import forward, generate
 from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, token_weights
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
@@ -59,14 +60,12 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
     def decode(cache, joint: bool):
         if joint:
             with joint_attention(model):
-                return model.generate(prompt, past_key_values=cache, max_new_tokens=tokens, min_new_tokens=tokens,
-                                      do_sample=False)
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False)
+                return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     full = DynamicCache(config=model.config)
     t = time.perf_counter()
-    model(ids[None, :context], past_key_values=full, use_cache=True)
+    forward(model, full, ids[None, :context])
     t_prefill = time.perf_counter() - t
     full_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in full.layers)  # FP16 bytes
     t_full = best_time(lambda: copy.deepcopy(full), lambda c: decode(c, False), repeats) / tokens

@@ -7,7 +7,7 @@ Same model (the bundled SmolLM2-135M-Instruct, converted once by ``rdalloc.backe
 
 * full cache: one pass over ``ids[:context + continuation]``; logits at ``context .. context + continuation - 2``
   predict the targets ``ids[context + 1 : context + continuation]``;
-* compressed: prefill ``ids[:context]`` under the press (``with press(model): model.model(ids, past_key_values=
+* compressed: prefill ``ids[:context]`` under the press (``with press(model): model.model(ids, cache=
   DynamicCache())``; kvpress hooks every attention layer and, in the prefill pass only, replaces the layer's cache
   by the ``n_kept = int(context * (1 - compression_ratio))`` highest-scoring tokens of every kv head), then
   teacher-force ``ids[context : context + continuation]`` with ``position_ids = context + arange(continuation)``
@@ -110,14 +110,16 @@ def compressed_run(model, press, ids_ctx, ids_cont):
     layer)."""
     from transformers import DynamicCache
 
+    from rdalloc.backends.hf.compat import forward
+
     cache = DynamicCache()
     with press(model):
-        model.model(input_ids=ids_ctx[None], past_key_values=cache)
+        forward(model.model, cache, input_ids=ids_ctx[None])
     kept = [int(cache.layers[i].keys.shape[2]) for i in range(len(cache.layers))]
     assert all(int(cache.layers[i].values.shape[2]) == k for i, k in enumerate(kept))
     C = ids_ctx.numel()
     pos = torch.arange(C, C + ids_cont.numel())[None]
-    logits = model(input_ids=ids_cont[None], past_key_values=cache, position_ids=pos).logits[0].float()
+    logits = forward(model, cache, input_ids=ids_cont[None], position_ids=pos).logits[0].float()
     return logits, kept
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rdalloc.backends.hf import load_model
+from rdalloc.backends.hf.compat import generate
 from rdalloc.backends.hf.capture import fisher_importance
 from rdalloc.backends.hf.compress import (CompressedCache, joint_attention, observe_prefill, scale_heads,
                                           token_weights)
@@ -51,7 +52,7 @@ def answer(model, ids: torch.Tensor, cache=None) -> str:
         out = model.generate(ids[None], max_new_tokens=8, do_sample=False)
     else:
         with joint_attention(model):
-            out = model.generate(ids[None], past_key_values=cache, max_new_tokens=8, do_sample=False)
+            out = generate(model, cache, ids[None], max_new_tokens=8, do_sample=False)
     return out[0, ids.numel():]
 
 

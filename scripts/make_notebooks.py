@@ -74,6 +74,7 @@ cache, an evicted token masked in its own head only (`rdalloc eval joint` runs t
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about notebook widgets
 import numpy as np, torch
 from rdalloc.backends.hf import load_model
+from rdalloc.backends.hf.compat import generate
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.capture import fisher_importance
 from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, scale_heads, token_weights
@@ -150,7 +151,7 @@ with torch.no_grad():
     ref = model.generate(prompt, max_new_tokens=16, do_sample=False)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
     with joint_attention(model):
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = generate(model, cache, prompt, max_new_tokens=16, do_sample=False)
 print("full cache :", repr(tokenizer.decode(ref[0, C + 1:])))
 print("10 % bytes :", repr(tokenizer.decode(out[0, C + 1:])))"""),
 ]

@@ -1,7 +1,10 @@
-"""Shared by the Hugging Face tests: a seeded tiny random Llama (no download) and a plain per-token fake quantizer."""
+"""Shared by the Hugging Face tests: a seeded tiny random Llama (no download), a plain per-token fake quantizer and
+logits with or without a cache."""
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from rdalloc.backends.hf.compat import forward
 
 
 def tiny_llama(*, hidden: int = 64, layers: int = 2, q_heads: int = 4, kv_heads: int = 2, vocab: int = 128,
@@ -27,3 +30,9 @@ def per_token_quant(bits: int):
         return torch.round((x - lo) / s).clamp(0, 2 ** bits - 1) * s + lo
 
     return lambda layer, key, value: (q(key), q(value))
+
+
+def logits(model, ids, cache=None):
+    """``model(ids).logits`` without gradients; with ``cache``, through :func:`rdalloc.backends.hf.compat.forward`."""
+    with torch.no_grad():
+        return (model(ids) if cache is None else forward(model, cache, ids)).logits

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from hf_fixtures import tiny_llama  # noqa: E402
+from hf_fixtures import logits, tiny_llama  # noqa: E402
 
 from rdalloc import Plan  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
@@ -50,11 +50,6 @@ def ids():
 @pytest.fixture(scope="module")
 def calib(tiny, facts, ids):
     return calibrate(tiny, facts, ids, progress=False)
-
-
-def logits(model, ids, cache=None):
-    with torch.no_grad():
-        return model(ids, past_key_values=cache, use_cache=cache is not None).logits
 
 
 # ---- the cache wiring --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_fixtures import per_token_quant, tiny_llama  # noqa: E402
+from hf_fixtures import logits, per_token_quant, tiny_llama  # noqa: E402
+from rdalloc.backends.hf.compat import generate  # noqa: E402
 
 from rdalloc.backends.hf import (  # noqa: E402
     INSTALL_HINT, TransformCache, attention_importance, cache_factory, capture_kv, cut_windows, default_text,
@@ -57,11 +58,6 @@ def ids():
     return torch.randint(3, VOCAB, (3, 24), generator=g)
 
 
-def logits(model, ids, cache=None):
-    with torch.no_grad():
-        return model(ids, past_key_values=cache, use_cache=cache is not None).logits
-
-
 # ---- cache -------------------------------------------------------------------------------------------------------
 def test_identity_cache_is_bit_exact(tiny, ids):
     plain = logits(tiny, ids)
@@ -73,7 +69,7 @@ def test_identity_cache_generate_matches_plain_greedy(tiny, ids):
     prompt = ids[:1, :8]
     plain = tiny.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     cache = TransformCache(identity_transform, tiny.config)
-    ours = tiny.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, past_key_values=cache)
+    ours = generate(tiny, cache, prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert torch.equal(ours, plain)
     assert cache.get_seq_length() == ours.shape[1] - 1  # the last token is never fed back
 
@@ -129,8 +125,7 @@ def test_generate_with_quantized_cache_matches_one_shot_forward(tiny, ids):
     generated sequence see the same quantized K/V: the greedy tokens are the arg-max of the one-shot logits."""
     prompt = ids[:1, :8]
     transform = per_token_quant(3)
-    out = tiny.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                        past_key_values=TransformCache(transform, 2))
+    out = generate(tiny, TransformCache(transform, 2), prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     one_shot = logits(tiny, out[:, :-1], TransformCache(transform, 2))
     one_shot[..., tiny.generation_config.eos_token_id] = -math.inf  # min_new_tokens suppresses EOS in generate
     assert torch.equal(one_shot[0, prompt.shape[1] - 1:].argmax(-1), out[0, prompt.shape[1]:])

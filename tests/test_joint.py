@@ -13,6 +13,7 @@ from hf_fixtures import tiny_llama  # noqa: E402
 from rdalloc.plan import Plan  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
 from rdalloc.backends.hf import compress  # noqa: E402
+from rdalloc.backends.hf.compat import cache_kwargs, forward, generate  # noqa: E402
 from rdalloc.backends.hf.compress import (  # noqa: E402
     CompressedCache, _joint_attention, _pending_map, compressed_nbytes, joint_attention, observe_prefill,
     reference_attention, token_weights)
@@ -47,7 +48,7 @@ def full_plan(value=None, key_bits=16):
 
 def run(model, cache, ids):
     with torch.no_grad(), joint_attention(model):
-        return model(ids[None, C:], past_key_values=cache, use_cache=True).logits[0]
+        return forward(model, cache, ids[None, C:]).logits[0]
 
 
 def test_full_retention_equals_plain_model(tiny, ids, pre):
@@ -133,7 +134,7 @@ def test_generate_after_compression(tiny, ids, pre):
     plan = allocate_joint(w, pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, Q)
     with torch.no_grad(), joint_attention(tiny):
-        out = tiny.generate(ids[None, :C + 1], past_key_values=cache, max_new_tokens=4, do_sample=False)
+        out = generate(tiny, cache, ids[None, :C + 1], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, C + 5)
     assert cache.get_seq_length() == C + 4
     assert tiny.config._attn_implementation == "sdpa"  # restored
@@ -181,7 +182,7 @@ def test_running_without_joint_attention_is_refused(tiny, ids, pre):
     # Refused at the very first step: a plain attention would silently attend to the padding of evicted tokens.
     cache = CompressedCache.compress(pre.keys, pre.values, full_plan(), Q)
     with torch.no_grad(), pytest.raises(RuntimeError, match="joint_attention"):
-        tiny(ids[None, C:C + 1], past_key_values=cache, use_cache=True)
+        tiny(ids[None, C:C + 1], **cache_kwargs(tiny, cache), use_cache=True)
     assert not _pending_map()
 
 

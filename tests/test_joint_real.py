@@ -23,6 +23,7 @@ def setup():
 
 
 def test_bytes_and_nll_at_half_retention(setup):
+    from rdalloc.backends.hf.compat import forward
     from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, token_weights
     from rdalloc.backends.hf.joint import allocate_joint
 
@@ -36,7 +37,7 @@ def test_bytes_and_nll_at_half_retention(setup):
     with torch.no_grad():
         full = model(ids[None]).logits[0, C:-1]
         with joint_attention(model):
-            comp = model(ids[None, C:], past_key_values=cache, use_cache=True).logits[0, :-1]
+            comp = forward(model, cache, ids[None, C:]).logits[0, :-1]
     tgt = ids[C + 1:]
     nll = lambda lg: float(-torch.log_softmax(lg.float(), -1).gather(-1, tgt[:, None]).mean())  # noqa: E731
     assert abs(nll(comp) - nll(full)) < 0.05, (nll(comp), nll(full))

@@ -119,8 +119,8 @@ class TransformCache(Cache):
       config_or_layers: the model config (its layers must all be full attention) or the number of decoder layers.
       keep_transformed: keep the last transformed K/V on each layer (``layer.transformed``), for inspection.
 
-    Use: ``model(ids, past_key_values=TransformCache(t, model.config), use_cache=True)`` or
-    ``model.generate(ids, past_key_values=TransformCache(t, model.config))``. One cache per sequence (batch):
+    Use: ``compat.forward(model, TransformCache(t, model.config), ids)`` or ``compat.generate(model, cache, ids)``
+    (they pass the cache under the keyword the installed transformers takes). One cache per sequence (batch):
     a fresh cache for each new window.
     """
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .cache import TransformCache
+from .compat import forward
 
 __all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance",
            "single_head_kl"]
@@ -95,7 +96,7 @@ def capture_kv(model: Any, windows: Any, *, layers: Sequence[int] | None = None,
     batches = _batches(ids, batch_size)
     for batch in _progress(batches, desc="capture K/V", total=len(batches), enabled=progress):
         cache = DynamicCache(config=model.config)
-        model(batch.to(model.device), past_key_values=cache, use_cache=True)
+        forward(model, cache, batch.to(model.device))
         for slot, layer in enumerate(chosen):
             ks[slot].append(cache.layers[layer].keys.float().cpu())
             vs[slot].append(cache.layers[layer].values.float().cpu())
@@ -199,7 +200,7 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
 
         cache = TransformCache(perturb, n_layers)
         with torch.enable_grad():
-            logits = model(batch.to(model.device), past_key_values=cache, use_cache=True).logits[:, :-1].float()
+            logits = forward(model, cache, batch.to(model.device)).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)
             if len(leaves) != n_layers:
                 raise ValueError(f"the model updated {len(leaves)} of its {n_layers} cache layers; the Fisher "
@@ -274,7 +275,7 @@ def single_head_kl(model: Any, windows: Any, quantizer: Any, bits: int, *, batch
             return key, value
 
         cache = TransformCache(perturb, n_layers)
-        logits = model(window.expand(len(chunk), -1), past_key_values=cache, use_cache=True).logits.float()
+        logits = forward(model, cache, window.expand(len(chunk), -1)).logits.float()
         kl = (full.exp() * (full - torch.log_softmax(logits, dim=-1))).sum(-1).mean(-1)
         start = c * batch_size
         total[start:start + len(chunk)] += kl.double().cpu().numpy()

@@ -66,6 +66,8 @@ from rdalloc.packing import PackedLayer, predict_nbytes, unpack_tensor
 from rdalloc.plan import Plan
 from rdalloc.backends.torch import PlanApplier
 
+from .compat import forward
+
 __all__ = ["Prefill", "observe_prefill", "TokenWeights", "token_weights", "WEIGHTINGS", "CompressedCache",
            "CompressedLayer", "joint_attention", "reference_attention", "storage_plan", "protected_mask",
            "compressed_nbytes", "scale_heads"]
@@ -172,7 +174,7 @@ def observe_prefill(model: Any, input_ids: Any, *, window: int = 32) -> Prefill:
     _observed.append(rec)
     try:
         with _attention(model, _OBSERVE, _observe_attention):
-            model(ids, past_key_values=cache, use_cache=True)
+            forward(model, cache, ids)
     finally:
         _observed.remove(rec)
     if len(rec["layers"]) != L:

@@ -52,6 +52,7 @@ from rdalloc.models import FULL_BITS
 from rdalloc.plan import Plan
 from rdalloc.quantizers import Quantizer, fake_quantize_uniform, get_quantizer
 
+from .compat import forward
 from .compress import (WEIGHTINGS, CompressedCache, TokenWeights, compressed_nbytes, joint_attention,
                        observe_prefill, protected_mask, scale_heads, token_weights)
 
@@ -343,12 +344,11 @@ class JointResult:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def continuation_logits(model: Any, cache: CompressedCache, ids_cont: torch.Tensor) -> torch.Tensor:
     """``[M, V]`` float32 logits of ``ids_cont`` (``[M]``) teacher-forced through a compressed ``cache`` (which it
     extends), under :func:`.compress.joint_attention`."""
     with joint_attention(model):
-        return model(ids_cont[None], past_key_values=cache, use_cache=True).logits[0].float()
+        return forward(model, cache, ids_cont[None]).logits[0].float()
 
 
 def continuation_scores(logits, full_logits, targets) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .capture import _progress, _windows
+from .compat import forward
 
 __all__ = ["PerplexityResult", "perplexity"]
 
@@ -64,7 +65,7 @@ def perplexity(model: Any, windows: Any, cache_factory: Callable[[], Any] | None
     for row in _progress(ids, desc=desc, total=ids.shape[0], enabled=progress):
         cache = DynamicCache(config=model.config) if cache_factory is None else cache_factory()
         batch = row[None].to(model.device)
-        logits = model(batch, past_key_values=cache, use_cache=True).logits[0, :-1]
+        logits = forward(model, cache, batch).logits[0, :-1]
         logp = torch.log_softmax(logits.double(), dim=-1)
         nll = -logp.gather(-1, batch[0, 1:, None]).sum().item()
         total += nll
