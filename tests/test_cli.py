@@ -1,6 +1,8 @@
 """The ``rdalloc solve`` command: bundled real problem, flags, problem files, plan output and errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +51,24 @@ def test_errors(tmp_path, capsys):
 def test_eval_joint_refuses_a_plan_before_loading_anything(tmp_path, capsys):
     assert main(["eval", "joint", "--plan", str(tmp_path / "p.json")]) == 2
     assert "allocates its own token plans" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["calibrate", "--out", "c.json"], ["eval"], ["eval", "joint"]])
+def test_real_model_commands_without_the_hf_extra_say_what_to_install(command, tmp_path):
+    """torch hidden from the import system, as in a core-only install: one line naming the extra, no traceback."""
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from rdalloc.cli import main\n"
+            f"sys.exit(main({command!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"rdalloc: error: 'rdalloc {command[0]}' needs the hf extra (module 'torch' is missing): "
+        "pip install 'rdalloc[hf]'"]
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ import torch
 
 from rdalloc import TabulatedModel, allocate
 from rdalloc.cost import Usage
+from rdalloc.environment import environment
 from rdalloc.models import FULL_BITS
 from rdalloc.plan import Plan
 from rdalloc.quantizers import Quantizer, fake_quantize_uniform, get_quantizer
@@ -451,7 +452,7 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
     settings = {"protect_window": protect_window, "context": context, "continuation": continuation, "windows": windows, "window": window, "sink": sink,
                 "quantizer": quantizer, "menu": list(menu), "weightings": list(weightings), "weighting": weighting,
                 "head_scale": head_scale, "fisher_samples": fisher_samples, "fisher_seconds": t_fisher,
-                "text": tw.source}
+                "text": tw.source, "environment": environment(next(model.parameters()).dtype)}
     res = JointResult(rows=rows, full_nll=float(np.mean(full_nlls)), settings=settings,
                       seconds=time.perf_counter() - t0)
     if out_dir is not None:

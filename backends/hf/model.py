@@ -14,8 +14,8 @@ first load converts it once into a plain safetensors model directory::
 and every later load reads that directory in seconds. The directory is written under a temporary name and renamed
 into place, so an interrupted conversion never leaves a half-written model behind.
 
-``load_model()`` returns ``(model, tokenizer, facts)``: the model in eval mode, float32 on CPU, with gradients off for
-its parameters; ``facts`` is a :class:`ModelFacts` (layers, kv_heads, q_heads, head_dim, name).
+``load_model()`` returns ``(model, tokenizer, facts)``: the model in eval mode, float32 (or ``dtype``) on CPU, with
+gradients off for its parameters; ``facts`` is a :class:`ModelFacts` (layers, kv_heads, q_heads, head_dim, name).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_facts", "smollm2_gguf", "convert_gguf", "cache_dir",
+__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_facts", "smollm2_gguf", "convert_gguf", "cache_dir",
            "SMOLLM2", "INSTALL_HINT"]
 
 SMOLLM2 = "smollm2"
@@ -68,6 +68,19 @@ class LoadedModel(NamedTuple):
     model: Any
     tokenizer: Any
     facts: ModelFacts
+
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def model_dtype(dtype: Any) -> Any:
+    """The torch dtype named by ``dtype`` (one of :data:`DTYPES`, or such a torch dtype itself)."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return getattr(torch, name)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -179,8 +192,8 @@ def _cached_conversion(gguf: Path, cache: Path, *, name: str | None, progress: b
 
 
 def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
-               attn_implementation: str | None = "sdpa", progress: bool = True) -> LoadedModel:
-    """Load ``(model, tokenizer, facts)`` offline, float32 on CPU, in eval mode, parameters without gradients.
+               attn_implementation: str | None = "sdpa", dtype: Any = "float32", progress: bool = True) -> LoadedModel:
+    """Load ``(model, tokenizer, facts)`` offline, on CPU, in eval mode, parameters without gradients.
 
     Args:
       source: ``None`` or ``"smollm2"`` for the bundled SmolLM2-135M-Instruct (converted once from its GGUF into the
@@ -188,12 +201,16 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
         Hugging Face model directory (``config.json`` plus weights and tokenizer).
       cache: the cache directory (default: ``$RDALLOC_CACHE`` or ``~/.cache/rdalloc``).
       attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
+      dtype: ``"float32"`` (default), ``"float64"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype). float64
+        makes low-bit results independent of the CPU's SIMD kernels (see :mod:`rdalloc.environment`) at about twice
+        float32's time on CPU.
       progress: print a line when a conversion starts and ends, and show transformers' weight-loading bar.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    torch_dtype = model_dtype(dtype)
     name = None
     if source is None or (isinstance(source, str) and source.lower() == SMOLLM2):
         directory = _cached_conversion(smollm2_gguf(), cache_dir(cache), name=_SMOLLM2_NAME, progress=progress)
@@ -216,7 +233,7 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True,
                                                      **kwargs)
     finally:
         if bars:
