@@ -343,7 +343,8 @@ def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_n
         rows_t = np.arange(core.shape[0])
         budget = B - (base_cost - float(np.sum(Cc[rows_t, tc])))
         fixed = base_w - float(np.sum(Wc[rows_t, tc]))  # the distortion of the items outside the core
-        found, pruned, used, complete = _core_dp(Cc, Wc, Rc, tc, budget, fixed, U, dual, tol, max_nodes - nodes)
+        found, pruned, used, complete = _core_dp(Cc, Wc, Vc, Rc, tc, budget, fixed, U, dual, tol,
+                                                 max_nodes - nodes)
         nodes += used
         if found is not None:
             U, rows = found
@@ -354,7 +355,7 @@ def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_n
             return best, None, nodes
         outside = _outside_min(xp, rmin, core)
         if outside >= U - dual - tol:  # nothing outside the core can improve on U: proven
-            return best, min(U, dual + pruned, dual + outside), nodes
+            return best, min(U, pruned, dual + outside), nodes
         size *= 4
 
 
@@ -372,72 +373,89 @@ def _outside_min(xp, rmin, core) -> float:
     return float(xp.min(xp.where(out, rmin, xp.full_like(rmin, xp.inf))))
 
 
-def _core_dp(C, W, R, t, budget: float, fixed: float, U: float, L: float, tol: float, max_nodes: int):
-    """Exact multiple-choice knapsack over the core (host numpy; ``(p, K)`` rows: cost, weighted distortion, reduced
-    cost, ``inf`` where not allowed), the other items at their Lagrangian rows (distortion ``fixed``) and the core's
+def _core_dp(C, W, V, R, t, budget: float, fixed: float, U: float, L: float, tol: float, max_nodes: int):
+    """Exact multiple-choice knapsack over the core (host numpy; ``(p, K)`` rows sorted by cost: cost, weighted
+    distortion, allowed, reduced cost), the other items at their Lagrangian rows (distortion ``fixed``) and the core's
     ``budget``; ``U``, ``L`` are the incumbent's and the dual bound's total distortion.
 
-    Items are added one at a time to a list of partial solutions (states: cost ``c``, distortion ``w``, reduced cost
-    ``r``), keeping only states that are (a) Pareto-optimal in ``(c, w)`` (a dominated state's completions are no
-    better), (b) completable: ``c`` plus the cheapest points of the items to come fits, and (c) promising:
-    ``r < U - L - tol``, since every completion has distortion ``>= L + r``. Each state completed with the items to
-    come at ``t`` is a feasible allocation; the best one below ``U`` becomes the incumbent. Returns ``(found, pruned,
-    nodes, complete)``: ``found`` ``(value, rows)`` or ``None``, the smallest reduced cost cut by (c), the states
-    generated, and whether every item was added within ``max_nodes`` (then nothing below ``min(U, L + pruned)``
-    exists among allocations that move only the core).
+    Items are added one at a time (by increasing smallest reduced cost off ``t``: nearest the split first) to a list
+    of partial allocations (states: cost ``c``, distortion ``w``), keeping only states that are (a) Pareto-optimal in
+    ``(c, w)`` (a dominated state's completions are no better) and (b) promising: ``fixed + w + LP(budget - c) < U -
+    tol``, ``LP(x)`` the LP relaxation (convex hulls, fractional fill by efficiency) of the items still to come with
+    ``x`` bits, ``+inf`` below their cheapest points. Only points with reduced cost ``< U - L - tol`` are tried (every
+    allocation has distortion ``>= L + sum of its reduced costs``). A state completed with the items to come at
+    ``t`` is a feasible allocation; the best one below ``U`` becomes the incumbent. Returns ``(found, pruned, nodes,
+    complete)``: ``found`` ``(value, rows)`` or ``None``; the smallest bound cut by (b) or by the reduced cost; the
+    states generated; whether every item was added within ``max_nodes`` (then no allocation that moves only the core
+    is below ``min(U, pruned)``).
     """
-    p = C.shape[0]
+    p, K = C.shape
+    off = np.where(np.arange(K)[None, :] == t[:, None], np.inf, R).min(axis=1)
+    order = np.argsort(off, kind="stable")
+    C, W, V, R, t = C[order], W[order], V[order], R[order], t[order]
     rows_t = np.arange(p)
     tC, tW = C[rows_t, t], W[rows_t, t]
-    ok0 = R < U - L - tol
-    minC = np.where(ok0, C, np.inf).min(axis=1)
     after = lambda x: np.concatenate([np.cumsum(x[::-1])[::-1][1:], [0.0]])  # noqa: E731  sum over items j+1..p-1
-    minC_after, tC_after, tW_after = after(minC), after(tC), fixed + after(tW)
-    c, w, r = np.zeros(1), np.zeros(1), np.zeros(1)
+    first, _, E, dC = _hull(np, C.T, W.T, V.T, static=False)
+    first = first.astype(np.int64)
+    c0, w0 = C[rows_t, first], W[rows_t, first]
+    c0_after, w0_after, tC_after, tW_after = after(c0), fixed + after(w0), after(tC), fixed + after(tW)
+    seg_k, seg_i = np.nonzero(E > -np.inf)  # hull segments, item i = position in the order
+    seg_e = E[seg_k, seg_i]
+    by_e = np.argsort(-seg_e, kind="stable")
+    seg_i, seg_c, seg_w = seg_i[by_e], dC[seg_k, seg_i][by_e], (seg_e * dC[seg_k, seg_i])[by_e]
+    c, w = np.zeros(1), np.zeros(1)
     parents, choices = [], []
     found, pruned, nodes = None, np.inf, 0
     for j in range(p):
         thr = U - L - tol
         ks = np.nonzero(R[j] < thr)[0]
-        cut = R[j][R[j] >= thr]
+        cut = R[j][(R[j] >= thr) & V[j]]
         if cut.shape[0]:
-            pruned = min(pruned, float(cut.min()))
+            pruned = min(pruned, L + float(cut.min()))
         S, kj = c.shape[0], ks.shape[0]
         nodes += S * kj
         if nodes > max_nodes:
             return found, pruned, nodes, False
         nc = (c[:, None] + C[j, ks][None, :]).ravel()
         nw = (w[:, None] + W[j, ks][None, :]).ravel()
-        nr = (r[:, None] + R[j, ks][None, :]).ravel()
         parent = np.repeat(np.arange(S), kj)
         choice = np.tile(ks, S)
-        keep = (nr < thr) & (nc + minC_after[j] <= budget)
-        if np.any(~keep & (nr >= thr)):
-            pruned = min(pruned, float(nr[nr >= thr].min()))
+        rest = seg_i > j  # the LP relaxation of the items to come: gain of a fractional fill by efficiency
+        gc = np.concatenate([[0.0], np.cumsum(seg_c[rest])])
+        gw = np.concatenate([[0.0], np.cumsum(seg_w[rest])])
+        cap = budget - nc - c0_after[j]
+        bound = np.where(cap >= 0, nw + w0_after[j] - np.interp(cap, gc, gw), np.inf)
+        keep = bound < U - tol
+        cut = bound[~keep & (cap >= 0)]
+        if cut.shape[0]:
+            pruned = min(pruned, float(cut.min()))
         o = np.lexsort((nw[keep], nc[keep]))  # by cost, then distortion
-        nc, nw, nr, parent, choice = (x[keep][o] for x in (nc, nw, nr, parent, choice))
+        nc, nw, bound, parent, choice = (x[keep][o] for x in (nc, nw, bound, parent, choice))
         pareto = np.ones(nc.shape[0], dtype=bool)
         pareto[1:] = nw[1:] < np.minimum.accumulate(nw)[:-1]
-        nc, nw, nr, parent, choice = (x[pareto] for x in (nc, nw, nr, parent, choice))
-        parents.append(parent), choices.append(choice)
+        nc, nw, bound, parent, choice = (x[pareto] for x in (nc, nw, bound, parent, choice))
         value, cost = nw + tW_after[j], nc + tC_after[j]  # completed with the items to come at t
         fits = cost <= budget
         if np.any(fits):
             i = int(np.argmin(np.where(fits, value, np.inf)))
             if value[i] < U:
-                rows = t.copy()
-                s = i
-                for level in range(j, -1, -1):
+                rows, s = t.copy(), i
+                rows[j] = choice[s]
+                s = parent[s]
+                for level in range(j - 1, -1, -1):
                     rows[level] = choices[level][s]
                     s = parents[level][s]
-                U, found = float(value[i]), (float(value[i]), rows)
-                thr = U - L - tol
-                keep = nr < thr
-                if np.any(~keep):
-                    pruned = min(pruned, float(nr[~keep].min()))
-                nc, nw, nr = nc[keep], nw[keep], nr[keep]
-                parents[-1], choices[-1] = parent[keep], choice[keep]
-        c, w, r = nc, nw, nr
+                U = float(value[i])
+                found = (U, np.empty_like(rows))
+                found[1][order] = rows
+                keep = bound < U - tol
+                cut = bound[~keep]
+                if cut.shape[0]:
+                    pruned = min(pruned, float(cut.min()))
+                nc, nw, parent, choice = nc[keep], nw[keep], parent[keep], choice[keep]
+        parents.append(parent), choices.append(choice)
+        c, w = nc, nw
         if c.shape[0] == 0:
             break
     return found, pruned, nodes, True
