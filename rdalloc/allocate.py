@@ -4,7 +4,8 @@ Problem: minimize ``sum_i w_i D_i(b_i)`` subject to ``sum_i C_i(b_i) <= B`` with
 (e.g. ``{0, 1, 2, 3, 4, 5, 6, 8, 16}``) and ``C_i(b) = n_i b + m_i [0 < b < 16]`` (see :mod:`rdalloc.cost`).
 ``b = 0`` evicts the item at its own measured distortion; ``b = 16`` keeps it exactly with no metadata.
 
-Algorithm (Shoham–Gersho, then a greedy fill). Every item is a set of ``K`` (cost, weighted distortion) points.
+Algorithm (Shoham–Gersho, a greedy fill, then an exact phase). Every item is a set of ``K`` (cost, weighted
+distortion) points.
 
 1. **Hull.** Per item, keep the lower convex hull of its points on the decreasing branch: sort by cost, drop points
    that are not strictly better than a cheaper one, then repeatedly drop every point that lies strictly above the chord
@@ -28,13 +29,30 @@ Algorithm (Shoham–Gersho, then a greedy fill). Every item is a set of ``K`` (c
 3. **Greedy fill.** While slack remains, take the most efficient next segment (ties: lowest item) that still fits.
    The solution never exceeds ``B``; its cost meets ``B`` exactly whenever the threshold solution does (for instance
    equal segment costs and integral budgets).
+4. **Exact phase** (numpy, torch, array_api_strict; not on JAX). The fill moves along hulls only, so off-hull points
+   are never chosen and the answer can be above the optimum. With ``t_i`` the Lagrangian row of item ``i`` and the
+   reduced costs ``r_ik = W_ik + lambda* C_ik - (W_it + lambda* C_it) >= 0``, every allocation ``x`` within the budget
+   has ``sum_i W_i(x_i) >= q(lambda*) + sum_i r_i(x_i)`` (``lambda* >= 0``, ``sum C <= B``). So against the incumbent
+   ``U`` (the fill's answer), an item whose every other point has ``r_ik >= U - q - tol`` is fixed at ``t_i``
+   (reduced-cost fixing, as in Pisinger's core algorithms). The *core* — the ``64``, then ``256``, ... items with the
+   smallest reduced cost off ``t_i`` — is solved exactly with the other items at ``t_i``: a dynamic program over
+   Pareto-optimal ``(cost, distortion)`` partial allocations, items nearest the split first, states cut when their
+   distortion plus the LP relaxation (fractional hull fill) of the items to come reaches ``U - tol``; every state
+   completed at ``t`` is an incumbent candidate. Stopping rule: proven when every item outside the core is fixed by
+   the new ``U``; else a 4 times larger core, until ``max_nodes`` states (all rounds together) are spent — then the
+   best allocation found (never worse than the fill's) is returned with status ``FEASIBLE`` and the dual gap. Only
+   the ``(K, N)`` pass for ``min_{k != t_i} r_ik`` touches every item; at ``N = 10^6`` the phase adds about 30% and,
+   with relative gaps near ``1e-8``, stops at the work limit.
 
-Certificate. The Lagrangian dual ``q(lambda) = sum_i min_b [w_i D_i(b) + lambda C_i(b)] - lambda B`` is a lower bound on
-the optimum for every ``lambda >= 0`` and is maximal at ``lambda*`` (it equals the LP relaxation there). ``gap =
-distortion - q(lambda*) >= 0`` bounds how far the returned allocation can be from the integer optimum; it is at most
-one segment's distortion drop, and 0 (status ``OPTIMAL``) whenever the threshold solution spends the budget exactly
-(Everett's theorem). With equal item costs, unit steps and convex curves the greedy solution is optimal for every
-budget (Gross; Fox) even when the reported gap is positive.
+Certificate. The Lagrangian dual ``q(lambda*) = sum_i min_b [w_i D_i(b) + lambda* C_i(b)] - lambda* B`` (``dual_bound``)
+is a lower bound on the optimum for every ``lambda >= 0`` and is maximal at ``lambda*`` (it equals the LP relaxation
+there); it is at most one segment's distortion drop below the fill's answer, and equal to it when the threshold
+solution spends the budget exactly (Everett's theorem). ``lower_bound`` is the best proven bound: when the exact
+phase finishes, ``min(U, q + smallest reduced cost fixed, smallest bound cut)`` (= the distortion unless a cut bound
+fell within ``tol``), else ``q(lambda*)``; ``gap = distortion - lower_bound``. Status ``OPTIMAL`` means proven up to
+``tol = 1e-9 (|distortion| + lambda* B)`` (float summation aside). Under JAX (``jax.jit`` or not) there is no exact
+phase: the fill's answer with the dual certificate, ``OPTIMAL`` only when the dual gap is 0 (to ``1e-12``
+relative).
 """
 
 from __future__ import annotations
@@ -55,7 +73,10 @@ from .models import FULL_BITS, ExponentialModel, TabulatedModel, _menu
 __all__ = ["allocate", "Allocation", "default_menu"]
 
 OPTIMAL, FEASIBLE, SATURATED, INFEASIBLE = 0, 1, 2, 3
-_STATUS = {OPTIMAL: "optimal (dual gap 0)", FEASIBLE: "feasible, within the reported dual gap of the optimum",
+_RTOL = 1e-9  # OPTIMAL from the exact phase: no allocation is below distortion - _RTOL (|distortion| + lambda* B)
+_MAX_NODES = 1 << 20  # default work limit of the exact phase: dynamic-program states generated, all rounds together
+_CORE0 = 64  # items in the first core; each further round takes 4 times as many
+_STATUS = {OPTIMAL: "optimal (proven)", FEASIBLE: "feasible, within the reported dual gap of the optimum",
            SATURATED: "budget at or above what every item's best point costs", INFEASIBLE: "budget below the minimum"}
 
 
@@ -65,9 +86,11 @@ class Allocation:
 
     bits: chosen bit-width per item (int32). budget: ``B`` in total bits. payload_bits / metadata_bits / elements:
     ``sum n_i b_i``, ``sum m_i [0 < b_i < 16]`` and ``sum n_i``. distortion: ``sum_i w_i D_i(b_i)``.
-    lower_bound: the Lagrangian dual bound ``q(lambda*)``; no allocation within the budget has lower distortion.
+    lower_bound: the best proven bound; no allocation within the budget has lower distortion: the exact phase's bound
+    when it finished, else ``dual_bound``. dual_bound: the Lagrangian dual bound ``q(lambda*)`` (the LP relaxation).
     multiplier: ``lambda*``, distortion per bit at the split. iterations: threshold-search passes. fill_steps:
-    segments taken by the greedy fill. status: 0 optimal, 1 feasible within the gap, 2 saturated, 3 infeasible.
+    segments taken by the greedy fill. nodes: dynamic-program states generated by the exact phase (0 when it did not
+    run). status: 0 optimal, 1 feasible within the gap, 2 saturated, 3 infeasible.
     """
 
     bits: Any
@@ -77,9 +100,11 @@ class Allocation:
     elements: Any
     distortion: Any
     lower_bound: Any
+    dual_bound: Any
     multiplier: Any
     iterations: Any
     fill_steps: Any
+    nodes: Any
     status: Any
 
     @property
@@ -104,9 +129,10 @@ class Allocation:
                 "payload_bits": usage.payload_bits, "metadata_bits": usage.metadata_bits,
                 "average_bits": usage.average_bits, "average_payload_bits": usage.average_payload_bits,
                 "distortion": float(to_numpy(self.distortion)), "lower_bound": float(to_numpy(self.lower_bound)),
-                "gap": self.gap, "relative_gap": self.relative_gap, "multiplier": float(to_numpy(self.multiplier)),
+                "dual_bound": float(to_numpy(self.dual_bound)), "gap": self.gap, "relative_gap": self.relative_gap,
+                "multiplier": float(to_numpy(self.multiplier)),
                 "iterations": int(to_numpy(self.iterations)), "fill_steps": int(to_numpy(self.fill_steps)),
-                "status": status, "status_message": _STATUS[status]}
+                "nodes": int(to_numpy(self.nodes)), "status": status, "status_message": _STATUS[status]}
 
     def to_dict(self) -> dict:
         return {**self.certificate(), "bits": to_numpy(self.bits).astype(int).tolist()}
@@ -133,7 +159,7 @@ def default_menu(model: ExponentialModel | TabulatedModel) -> tuple[int, ...]:
 
 def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any = None, *, average_bits: Any = None,
              weights: Any = 1.0, menu: Sequence[int] | None = None, metadata: Any = 0.0, lo: Any = None,
-             hi: Any = None, max_fill: int | None = None) -> Allocation:
+             hi: Any = None, max_fill: int | None = None, max_nodes: int = _MAX_NODES) -> Allocation:
     """Minimize ``sum_i w_i D_i(b_i)`` s.t. ``sum_i n_i b_i + m_i [0 < b_i < 16] <= B``, ``b_i`` in ``menu``.
 
     Args:
@@ -146,12 +172,20 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
       metadata: ``m_i >= 0`` bits an item carries when ``0 < b_i < 16``.
       lo, hi: optional per-item bounds; menu entries outside ``[lo_i, hi_i]`` are not allowed for item ``i``.
       max_fill: cap on greedy-fill steps (default: until nothing fits).
+      max_nodes: work limit of the exact phase, in dynamic-program states generated (default ``2**20``; ``0``: no
+        exact phase, the hull/greedy answer). Reached: the best allocation found, status ``FEASIBLE``.
 
-    Returns an :class:`Allocation`. Raises ``ValueError`` for invalid input or a budget below the cheapest allocation
-    (the message gives the feasible range); under ``jax.jit`` an infeasible budget gives status 3 instead.
+    Returns an :class:`Allocation`: on numpy/torch/array_api_strict the optimum of the menu problem (status
+    ``OPTIMAL``, proven up to ``1e-9 (|distortion| + lambda* B)``) unless ``max_nodes`` ran out; under JAX the
+    hull/greedy answer with its dual gap. Raises ``ValueError`` for invalid input or a budget below the cheapest
+    allocation (the message gives the feasible range); under ``jax.jit`` an infeasible budget gives status 3 instead.
     """
     if not isinstance(model, (ExponentialModel, TabulatedModel)):
         raise TypeError(f"model must be an ExponentialModel or TabulatedModel, got {type(model).__name__}")
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, (int, np.integer)):
+        raise TypeError(f"max_nodes must be an int, got {type(max_nodes).__name__}")
+    if max_nodes < 0:
+        raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
     menu = default_menu(model) if menu is None else _menu(menu)
     arrays = (model.alpha,) if isinstance(model, ExponentialModel) else (model.distortion,)
     xp = namespace(*arrays, sizes, weights, metadata, lo, hi)
@@ -202,7 +236,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
             tables = tuple(xp.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=_device(x)) for x in piece)
         for out, x in zip(tables, piece):
             out[..., sl] = x
-    order, C, W, first, nxt, E, dC = tables
+    order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))
     top = base + xp.sum(dC)
     if not is_traced(Bt) and float(Bt) < float(base) * (1 - 1e-15):
@@ -242,27 +276,212 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     # ---- 3. greedy fill of the slack ------------------------------------------------------------------------------
     cur, slack, steps = _fill(xp, E, dC, nxt, cur, slack, N if max_fill is None else int(max_fill))
 
-    # ---- solution and certificate ----------------------------------------------------------------------------------
-    menu_arr = xp.asarray(list(menu), dtype=xp.int32, device=dev)
-    bits = xp.take(menu_arr, xp.astype(_at(xp, order, cur), index_dtype(xp)))
-    bits_f = xp.astype(bits, fdt)
-    distortion = xp.sum(_at(xp, W, cur))
+    # ---- 4. exact phase (eager backends): reduced-cost fixing, then a dynamic program over the core ----------------
     lam_eff = xp.where(saturated, xp.zeros_like(lam), lam)
-    lower = xp.sum(_at(xp, W, cur_t) + lam_eff * _at(xp, C, cur_t)) - lam_eff * Bt
-    lower = xp.minimum(lower, distortion)  # equal in exact arithmetic when the threshold spends B; rounding aside
-    quantized = (bits_f > 0) & (bits_f < FULL_BITS)
-    payload = xp.sum(n * bits_f)
-    meta = xp.sum(xp.where(quantized, m, xp.zeros_like(m)))
-    gap = distortion - lower
-    tol = 1e-12 * xp.maximum(xp.abs(distortion), xp.asarray(1e-300, dtype=fdt, device=dev))
+    dual = xp.sum(_at(xp, W, cur_t) + lam_eff * _at(xp, C, cur_t)) - lam_eff * Bt
+    menu_arr = xp.asarray(list(menu), dtype=xp.int32, device=dev)
+
+    def solution(cur):
+        bits = xp.take(menu_arr, xp.astype(_at(xp, order, cur), index_dtype(xp)))
+        bits_f = xp.astype(bits, fdt)
+        quantized = (bits_f > 0) & (bits_f < FULL_BITS)
+        return bits, xp.sum(_at(xp, W, cur)), xp.sum(n * bits_f), xp.sum(xp.where(quantized, m, xp.zeros_like(m)))
+
+    bits, distortion, payload, meta = solution(cur)
+    exact, nodes = None, 0
+    if not static and not bool(saturated) and max_nodes > 0:
+        new_cur, proven_lb, nodes = _exact(xp, C, W, valid, cur_t, cur, float(lam), float(dual), float(Bt),
+                                           max_nodes)
+        if new_cur is not None:  # an improvement: kept unless float summation puts it a hair over the budget
+            found = solution(new_cur)
+            if float(found[2] + found[3]) <= float(Bt):
+                cur, (bits, distortion, payload, meta) = new_cur, found
+            else:
+                proven_lb = None
+        exact = proven_lb
+
+    # ---- solution and certificate ----------------------------------------------------------------------------------
+    dual = xp.minimum(dual, distortion)  # q(lambda*) <= optimum <= distortion; rounding aside
     code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
-    status = xp.where(infeasible, code(INFEASIBLE),
-                      xp.where(saturated, code(SATURATED), xp.where(gap <= tol, code(OPTIMAL), code(FEASIBLE))))
+    if exact is not None:  # proven optimal by the exact phase (up to _RTOL)
+        lower = xp.minimum(xp.maximum(xp.asarray(exact, dtype=fdt, device=dev), dual), distortion)
+        status = code(OPTIMAL)
+    else:
+        lower = dual
+        gap = distortion - lower
+        tol = 1e-12 * xp.maximum(xp.abs(distortion), xp.asarray(1e-300, dtype=fdt, device=dev))
+        status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
+                                                                 xp.where(gap <= tol, code(OPTIMAL), code(FEASIBLE))))
     if jax_mode:
         bits = xp.where(infeasible, xp.full_like(bits, -1), bits)
     return Allocation(bits=bits, budget=Bt, payload_bits=payload, metadata_bits=meta, elements=elements,
-                      distortion=distortion, lower_bound=lower, multiplier=lam_eff, iterations=iterations,
-                      fill_steps=steps, status=status)
+                      distortion=distortion, lower_bound=lower, dual_bound=dual, multiplier=lam_eff,
+                      iterations=iterations, fill_steps=steps, nodes=xp.asarray(nodes, dtype=xp.int32, device=dev),
+                      status=status)
+
+
+
+
+def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_nodes: int):
+    """Exact phase: reduced-cost fixing against the incumbent, then an exact dynamic program over the core items.
+
+    With ``r_ik = W_ik + lam C_ik - min_k (W_ik + lam C_ik) >= 0`` (``min`` at the Lagrangian row ``t_i``) every
+    allocation within the budget has ``sum_i W_i(x_i) >= L + sum_i r_i(x_i)``, ``L = q(lam)`` the dual bound. So an
+    allocation below ``U - tol`` (``U`` the incumbent) uses no point with ``r_ik >= U - L - tol``: an item whose every
+    other point has such a reduced cost stays at ``t_i``. The core — the items that may move, taken ``_CORE0``, then
+    4 times as many, ... by increasing ``min_{k != t_i} r_ik`` — is solved exactly by :func:`_core_dp` with the other
+    items at ``t_i``; its optimum is the new incumbent. Done (proven) when every item outside the core is fixed by the
+    new ``U``. Returns ``(cur or None, proven lower bound or None, nodes)``: the improved rows (``None`` when the
+    incumbent stands), and when proven the bound ``min(U, smallest bound the program cut, L + smallest reduced cost
+    off t outside the core)``; ``None`` when ``max_nodes`` ran out first.
+    """
+    K = C.shape[0]
+    lag_t = _at(xp, W, cur_t) + lam * _at(xp, C, cur_t)
+    U = float(xp.sum(_at(xp, W, cur)))
+    tol = _RTOL * (abs(U) + lam * B)
+    if U - dual <= tol:
+        return None, dual, 0
+    inf = xp.asarray(xp.inf, dtype=C.dtype)
+    rmin = xp.full_like(lag_t, xp.inf)
+    t = xp.astype(cur_t, xp.int64)
+    for k in range(K):  # the smallest reduced cost of moving each item off t_i
+        r = W[k, :] + lam * C[k, :] - lag_t
+        rmin = xp.minimum(rmin, xp.where(valid[k, :] & (t != k), r, inf))
+    base_cost, base_w = float(xp.sum(_at(xp, C, cur_t))), float(xp.sum(_at(xp, W, cur_t)))
+    best, nodes, size = None, 0, _CORE0
+    while True:
+        thr = U - dual - tol
+        cand = xp.nonzero(rmin < thr)[0]
+        if cand.shape[0] > size:  # the `size` smallest (a sort of the candidates only)
+            o = xp.argsort(xp.take(rmin, cand), stable=True)[:size]
+            cand = xp.take(cand, o)
+        core = np.sort(to_numpy(cand).astype(np.int64))
+        if core.shape[0] == 0:
+            return best, min(U, dual + _outside_min(xp, rmin, core)), nodes
+        idx = xp.asarray(core, device=_device(C))
+        Cc, Wc, Vc = (to_numpy(xp.take(X, idx, axis=1)).T for X in (C, W, valid))
+        tc = to_numpy(xp.take(cur_t, idx)).astype(np.int64)
+        lag_c = to_numpy(xp.take(lag_t, idx))
+        Rc = np.where(Vc, Wc + lam * Cc - lag_c[:, None], np.inf)
+        rows_t = np.arange(core.shape[0])
+        budget = B - (base_cost - float(np.sum(Cc[rows_t, tc])))
+        fixed = base_w - float(np.sum(Wc[rows_t, tc]))  # the distortion of the items outside the core
+        found, pruned, used, complete = _core_dp(Cc, Wc, Vc, Rc, tc, budget, fixed, U, dual, tol,
+                                                 max_nodes - nodes)
+        nodes += used
+        if found is not None:
+            U, rows = found
+            best = xp.asarray(cur_t, copy=True)
+            for j in np.nonzero(rows != tc)[0]:
+                best[int(core[j])] = int(rows[j])
+        if not complete:
+            return best, None, nodes
+        outside = _outside_min(xp, rmin, core)
+        if outside >= U - dual - tol:  # nothing outside the core can improve on U: proven
+            return best, min(U, pruned, dual + outside), nodes
+        size *= 4
+
+
+def _outside_min(xp, rmin, core) -> float:
+    """The smallest ``rmin`` over the items not in ``core`` (sorted host indices)."""
+    if core.shape[0] == 0:
+        return float(xp.min(rmin))
+    out = xp.ones(rmin.shape, dtype=xp.bool, device=_device(rmin))
+    idx = xp.asarray(core, device=_device(rmin))
+    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_torch_namespace(xp):
+        out[idx] = False
+    else:
+        for i in core.tolist():
+            out[i] = False
+    return float(xp.min(xp.where(out, rmin, xp.full_like(rmin, xp.inf))))
+
+
+def _core_dp(C, W, V, R, t, budget: float, fixed: float, U: float, L: float, tol: float, max_nodes: int):
+    """Exact multiple-choice knapsack over the core (host numpy; ``(p, K)`` rows sorted by cost: cost, weighted
+    distortion, allowed, reduced cost), the other items at their Lagrangian rows (distortion ``fixed``) and the core's
+    ``budget``; ``U``, ``L`` are the incumbent's and the dual bound's total distortion.
+
+    Items are added one at a time (by increasing smallest reduced cost off ``t``: nearest the split first) to a list
+    of partial allocations (states: cost ``c``, distortion ``w``), keeping only states that are (a) Pareto-optimal in
+    ``(c, w)`` (a dominated state's completions are no better) and (b) promising: ``fixed + w + LP(budget - c) < U -
+    tol``, ``LP(x)`` the LP relaxation (convex hulls, fractional fill by efficiency) of the items still to come with
+    ``x`` bits, ``+inf`` below their cheapest points. Only points with reduced cost ``< U - L - tol`` are tried (every
+    allocation has distortion ``>= L + sum of its reduced costs``). A state completed with the items to come at
+    ``t`` is a feasible allocation; the best one below ``U`` becomes the incumbent. Returns ``(found, pruned, nodes,
+    complete)``: ``found`` ``(value, rows)`` or ``None``; the smallest bound cut by (b) or by the reduced cost; the
+    states generated; whether every item was added within ``max_nodes`` (then no allocation that moves only the core
+    is below ``min(U, pruned)``).
+    """
+    p, K = C.shape
+    off = np.where(np.arange(K)[None, :] == t[:, None], np.inf, R).min(axis=1)
+    order = np.argsort(off, kind="stable")
+    C, W, V, R, t = C[order], W[order], V[order], R[order], t[order]
+    rows_t = np.arange(p)
+    tC, tW = C[rows_t, t], W[rows_t, t]
+    after = lambda x: np.concatenate([np.cumsum(x[::-1])[::-1][1:], [0.0]])  # noqa: E731  sum over items j+1..p-1
+    first, _, E, dC = _hull(np, C.T, W.T, V.T, static=False)
+    first = first.astype(np.int64)
+    c0, w0 = C[rows_t, first], W[rows_t, first]
+    c0_after, w0_after, tC_after, tW_after = after(c0), fixed + after(w0), after(tC), fixed + after(tW)
+    seg_k, seg_i = np.nonzero(E > -np.inf)  # hull segments, item i = position in the order
+    seg_e = E[seg_k, seg_i]
+    by_e = np.argsort(-seg_e, kind="stable")
+    seg_i, seg_c, seg_w = seg_i[by_e], dC[seg_k, seg_i][by_e], (seg_e * dC[seg_k, seg_i])[by_e]
+    c, w = np.zeros(1), np.zeros(1)
+    parents, choices = [], []
+    found, pruned, nodes = None, np.inf, 0
+    for j in range(p):
+        thr = U - L - tol
+        ks = np.nonzero(R[j] < thr)[0]
+        cut = R[j][(R[j] >= thr) & V[j]]
+        if cut.shape[0]:
+            pruned = min(pruned, L + float(cut.min()))
+        S, kj = c.shape[0], ks.shape[0]
+        nodes += S * kj
+        if nodes > max_nodes:
+            return found, pruned, nodes, False
+        nc = (c[:, None] + C[j, ks][None, :]).ravel()
+        nw = (w[:, None] + W[j, ks][None, :]).ravel()
+        parent = np.repeat(np.arange(S), kj)
+        choice = np.tile(ks, S)
+        rest = seg_i > j  # the LP relaxation of the items to come: gain of a fractional fill by efficiency
+        gc = np.concatenate([[0.0], np.cumsum(seg_c[rest])])
+        gw = np.concatenate([[0.0], np.cumsum(seg_w[rest])])
+        cap = budget - nc - c0_after[j]
+        bound = np.where(cap >= 0, nw + w0_after[j] - np.interp(cap, gc, gw), np.inf)
+        keep = bound < U - tol
+        cut = bound[~keep & (cap >= 0)]
+        if cut.shape[0]:
+            pruned = min(pruned, float(cut.min()))
+        o = np.lexsort((nw[keep], nc[keep]))  # by cost, then distortion
+        nc, nw, bound, parent, choice = (x[keep][o] for x in (nc, nw, bound, parent, choice))
+        pareto = np.ones(nc.shape[0], dtype=bool)
+        pareto[1:] = nw[1:] < np.minimum.accumulate(nw)[:-1]
+        nc, nw, bound, parent, choice = (x[pareto] for x in (nc, nw, bound, parent, choice))
+        value, cost = nw + tW_after[j], nc + tC_after[j]  # completed with the items to come at t
+        fits = cost <= budget
+        if np.any(fits):
+            i = int(np.argmin(np.where(fits, value, np.inf)))
+            if value[i] < U:
+                rows, s = t.copy(), i
+                rows[j] = choice[s]
+                s = parent[s]
+                for level in range(j - 1, -1, -1):
+                    rows[level] = choices[level][s]
+                    s = parents[level][s]
+                U = float(value[i])
+                found = (U, np.empty_like(rows))
+                found[1][order] = rows
+                keep = bound < U - tol
+                cut = bound[~keep]
+                if cut.shape[0]:
+                    pruned = min(pruned, float(cut.min()))
+                nc, nw, parent, choice = nc[keep], nw[keep], parent[keep], choice[keep]
+        parents.append(parent), choices.append(choice)
+        c, w = nc, nw
+        if c.shape[0] == 0:
+            break
+    return found, pruned, nodes, True
 
 
 def _at(xp, X, col):
@@ -305,7 +524,8 @@ def _model_arrays(xp, model, menu, dev, ones) -> tuple:
 
 
 def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, offset: int) -> tuple:
-    """Table, sort, hull and segments for a block of items: ``(order, C, W, first, nxt, E, dC)``, tables ``(K, n)``.
+    """Table, sort, hull and segments for a block of items: ``(order, C, W, first, nxt, E, dC, valid)``, tables
+    ``(K, n)`` (``valid``: the allowed points, rows sorted like ``C``).
 
     ``order[k, i]`` is the menu index of item ``i``'s ``k``-th point by cost.
     """
@@ -346,7 +566,7 @@ def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, offset: i
                              f"[lo, hi], its eviction distortion for 0, and the lo/hi bounds)")
     order, C, W, valid = _sort_by_cost(xp, C, W, valid)
     first, nxt, E, dC = _hull(xp, C, W, valid, static)
-    return order, C, W, first, nxt, E, dC
+    return order, C, W, first, nxt, E, dC, valid
 
 
 def _sort_by_cost(xp, C, W, valid):

@@ -1,13 +1,11 @@
 """Integer and menu allocation: brute force on tiny cases, exact cases, invariants (hypothesis) and bad input."""
 
-import itertools
-
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost
-from rdalloc.allocate import OPTIMAL, SATURATED
+from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
 
 MENU = (0, 1, 2, 3, 4, 6, 8, 16)
 
@@ -30,30 +28,58 @@ def table(model, menu, sizes, meta, weights):
 
 
 def brute_force(W, C, budget):
-    best = np.inf
-    for combo in itertools.product(range(W.shape[1]), repeat=W.shape[0]):
-        idx = (np.arange(W.shape[0]), np.array(combo))
-        if C[idx].sum() <= budget:
-            best = min(best, W[idx].sum())
-    return best
+    """The optimum over every combination (``inf`` where none fits): all ``K**N`` at once."""
+    N, K = W.shape
+    combo = np.indices((K,) * N).reshape(N, -1)
+    rows = np.arange(N)[:, None]
+    cost, value = C[rows, combo].sum(axis=0), W[rows, combo].sum(axis=0)
+    return float(np.min(np.where(cost <= budget, value, np.inf)))
 
 
-@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.floats(0.0, 1.0))
-def test_bracketed_by_the_dual_bound_and_the_brute_force_optimum(seed, n_items, frac):
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.floats(0.0, 1.0), st.booleans())
+@example(seed=1, n_items=4, frac=0.5, eviction=True)  # found by hypothesis: a core-only objective compared with U
+def test_optimal_against_the_brute_force(seed, n_items, frac, eviction):
     rng = np.random.default_rng(seed)
-    model, n, m, w = random_problem(rng, n_items)
-    W, C = table(model, MENU, n, m, w)
-    budget = frac * C.max(axis=1).sum()
-    r = allocate(model, n, budget, weights=w, menu=MENU, metadata=m)
+    model, n, m, w = random_problem(rng, n_items, eviction=eviction)
+    menu = MENU if eviction else MENU[1:]
+    W, C = table(model, menu, n, m, w)
+    budget = max(frac * C.max(axis=1).sum(), C.min(axis=1).sum())
+    r = allocate(model, n, budget, weights=w, menu=menu, metadata=m)
     opt = brute_force(W, C, budget)
     bits = np.asarray(r.bits)
-    chosen = W[np.arange(n_items), [MENU.index(b) for b in bits]].sum()
+    chosen = W[np.arange(n_items), [menu.index(b) for b in bits]].sum()
     assert r.usage.total_bits <= budget
     assert float(r.distortion) == pytest.approx(chosen, rel=1e-12, abs=1e-300)
-    assert float(r.lower_bound) <= opt * (1 + 1e-12) + 1e-300
-    assert opt <= float(r.distortion) * (1 + 1e-12) + 1e-300
-    if int(r.status) == OPTIMAL:
-        assert float(r.distortion) == pytest.approx(opt, rel=1e-10)
+    assert float(r.dual_bound) <= float(r.lower_bound) <= opt * (1 + 1e-12) + 1e-300
+    assert int(r.status) in (OPTIMAL, SATURATED)
+    assert float(r.distortion) == pytest.approx(opt, rel=1e-9, abs=1e-300)
+
+
+def test_one_item_off_the_hull():
+    # (200, 10), (400, 8), (800, 0): 4 bits lies above the hull chord; with 500 bits it is the optimum.
+    model = TabulatedModel(bits=(2, 4, 8), distortion=np.array([[10.0, 8.0, 0.0]]))
+    r = allocate(model, 100.0, 500.0)
+    assert int(r.bits[0]) == 4 and float(r.distortion) == 8.0
+    assert int(r.status) == OPTIMAL and r.gap == 0.0 and r.usage.total_bits == 400.0
+    assert float(r.dual_bound) == pytest.approx(5.0)  # q(1/60) = 10 + 200/60 - 500/60
+    hull = allocate(model, 100.0, 500.0, max_nodes=0)  # no exact phase: the hull/greedy answer, not proven
+    assert int(hull.bits[0]) == 2 and int(hull.status) == FEASIBLE and hull.gap == pytest.approx(5.0)
+
+
+def test_work_limit_keeps_the_greedy_answer_or_better():
+    model, n, m, w = random_problem(np.random.default_rng(11), 200)
+    W, C = table(model, MENU, n, m, w)
+    budget = 0.4 * C.max(axis=1).sum()
+    greedy = allocate(model, n, budget, weights=w, menu=MENU, metadata=m, max_nodes=0)
+    for limit in (1, 50, 1000):
+        r = allocate(model, n, budget, weights=w, menu=MENU, metadata=m, max_nodes=limit)
+        assert r.usage.total_bits <= budget
+        assert float(r.distortion) <= float(greedy.distortion)
+        assert float(r.lower_bound) <= float(r.distortion)
+        if int(r.status) == FEASIBLE:
+            assert float(r.lower_bound) == float(r.dual_bound)
+    full = allocate(model, n, budget, weights=w, menu=MENU, metadata=m)
+    assert int(full.status) == OPTIMAL and float(full.distortion) < float(greedy.distortion)
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.data())
@@ -98,15 +124,16 @@ def test_full_precision_is_chosen_when_metadata_makes_it_cheaper():
     assert int(r.bits[0]) == 16 and float(r.distortion) == 0.0
 
 
-def test_tabulated_non_convex_table_uses_its_hull():
-    # Item with a non-convex point at 2 bits: the hull skips it; the fill may still use it when it fits exactly.
+def test_tabulated_non_convex_table_is_solved_exactly():
+    # Item 0 has a non-convex point at 2 bits: the hull skips it, the exact phase takes it when it is best.
     d = np.array([[10.0, 9.9, 1.0, 0.5], [10.0, 5.0, 2.5, 1.25]])
     model = TabulatedModel(bits=(1, 2, 3, 4), distortion=d)
     for budget in range(2, 9):
         r = allocate(model, 1.0, float(budget))
         W, C = d, np.broadcast_to(np.array([1.0, 2, 3, 4]), d.shape)
         opt = brute_force(W, C, float(budget))
-        assert float(r.lower_bound) <= opt + 1e-12 <= float(r.distortion) + 2e-12
+        assert float(r.dual_bound) <= opt + 1e-12
+        assert float(r.distortion) == pytest.approx(opt, rel=1e-12) and int(r.status) in (OPTIMAL, SATURATED)
         assert r.usage.total_bits <= budget
 
 
@@ -189,10 +216,12 @@ def test_permutation_equivariance(case, seed):
 
 
 @given(cases, st.floats(0.01, 0.5))
-def test_dual_bound_is_monotone_in_the_budget(case, extra):
+def test_dual_bound_and_optimum_are_monotone_in_the_budget(case, extra):
     a, (model, n, m, w, W, C, budget) = solve_case(case)
     b = allocate(model, n, budget + extra * n.sum(), weights=w, menu=MENU, metadata=m)
-    assert float(b.lower_bound) <= float(a.lower_bound) * (1 + 1e-12) + 1e-300
+    assert float(b.dual_bound) <= float(a.dual_bound) * (1 + 1e-12) + 1e-300
+    if int(a.status) in (OPTIMAL, SATURATED) and int(b.status) in (OPTIMAL, SATURATED):
+        assert float(b.distortion) <= float(a.distortion) * (1 + 1e-9) + 1e-300
 
 
 @given(cases, st.integers(0, 2**32 - 1))
@@ -229,6 +258,8 @@ def test_infeasible_budget_names_the_range():
     (dict(metadata=-1.0), ValueError, "metadata must be >= 0"),
     (dict(weights=np.array([1.0, np.nan])), ValueError, "weights must not contain NaN"),
     (dict(lo=np.array([3.0, 1.0]), hi=np.array([2.0, 8.0])), ValueError, "lo must be <= hi, got lo=3.0 > hi=2.0"),
+    (dict(max_nodes=-1), ValueError, "max_nodes must be >= 0, got -1"),
+    (dict(max_nodes=10.0), TypeError, "max_nodes must be an int, got float"),
 ])
 def test_bad_input(kwargs, exc, match):
     model = ExponentialModel(np.array([1.0, 2.0]), 4.0, lo=1, hi=2)
