@@ -419,7 +419,7 @@ def _core_dp(C, W, V, R, t, budget: float, fixed: float, U: float, L: float, tol
     rows_t = np.arange(p)
     tC, tW = C[rows_t, t], W[rows_t, t]
     after = lambda x: np.concatenate([np.cumsum(x[::-1])[::-1][1:], [0.0]])  # noqa: E731  sum over items j+1..p-1
-    first, _, E, dC = _hull(np, C.T, W.T, V.T, static=False)
+    first, _, E, dC = _hull(namespace(C), C.T, W.T, V.T, static=False)
     first = first.astype(np.int64)
     c0, w0 = C[rows_t, first], W[rows_t, first]
     c0_after, w0_after, tC_after, tW_after = after(c0), fixed + after(w0), after(tC), fixed + after(tW)
