@@ -73,6 +73,8 @@ def test_real_model_commands_without_the_hf_extra_say_what_to_install(command, t
 
 @pytest.mark.slow
 def test_eval_joint_on_the_real_model(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     out = tmp_path / "joint"
     assert main(["eval", "joint", "--retentions", "0.5", "--windows", "1", "--length", "256", "--no-progress",
                  "--out", str(out)]) == 0

@@ -9,7 +9,6 @@ from scipy.sparse import eye, kron
 from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost, waterfill
 from rdalloc.allocate import OPTIMAL
 
-cp = pytest.importorskip("cvxpy")  # a test extra; installed by `make test`
 
 
 def continuous_instance(seed, n_items):
@@ -24,6 +23,7 @@ def continuous_instance(seed, n_items):
 
 @pytest.mark.parametrize("seed, n_items", [(0, 10), (1, 200), (2, 2000)])
 def test_waterfill_matches_cvxpy(seed, n_items):
+    cp = pytest.importorskip("cvxpy")  # a test extra; installed by `make test`
     model, n, w, lo, hi = continuous_instance(seed, n_items)
     budget = 3.0 * n.sum()
     r = waterfill(model, n, budget, weights=w, lo=lo, hi=hi)

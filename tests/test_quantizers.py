@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
+torch = pytest.importorskip("torch")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
