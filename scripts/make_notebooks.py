@@ -72,7 +72,8 @@ The bundled **SmolLM2-135M-Instruct** prefills 1024 tokens of `pydoc_data.topics
 (layer, kv-head, token) from the last 32 queries, puts the heads in the loss's units with a Fisher importance measured
 on a disjoint window, and decides bits from 16 down to 0 (evicted) for token values and key channels under **one**
 budget across all 30 layers x 3 heads. The plan is packed into real bytes and decoding goes on from the compressed
-cache, an evicted token masked in its own head only (`rdalloc eval joint` runs the full experiment)."""),
+cache, an evicted token masked in its own head only (`rdalloc eval joint` runs the full experiment). The model runs in
+float64: in float32 the CPU's SIMD kernels move low-bit results in their second digit."""),
     ("code", """import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about notebook widgets
 import numpy as np, torch
@@ -85,7 +86,7 @@ from rdalloc.backends.hf.joint import (allocate_joint, continuation_logits, cont
                                       measure_errors)
 
 torch.manual_seed(0)
-model, tokenizer, facts = load_model(progress=False)
+model, tokenizer, facts = load_model(dtype="float64", progress=False)  # float64: the same numbers on any CPU
 C, M = 1024, 65  # context tokens, continuation tokens (teacher-forced, 64 scored)
 tw = text_windows(tokenizer, length=C + M, calibration=1, evaluation=1)
 ids = tw.evaluation[0]
