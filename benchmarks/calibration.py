@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from rdalloc.environment import environment
+
 OUT = Path(__file__).resolve().parent / "results" / "calibration.json"
 TARGET = 2.0
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"settings": {}}
     waited = wait_for_load(args.max_load, args.max_wait)
     threads = torch.get_num_threads()
-    result.update(model=facts.name, machine={"platform": platform.platform(), "processor": platform.processor(),
+    result.update(model=facts.name, environment=environment(next(model.parameters()).dtype), machine={"platform": platform.platform(), "processor": platform.processor(),
                                              "cpu_count": os.cpu_count(), "torch": torch.__version__,
                                              "python": platform.python_version()})
     command = "python benchmarks/calibration.py " + " ".join(sys.argv[1:] if argv is None else argv)

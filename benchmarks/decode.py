@@ -38,6 +38,7 @@ from rdalloc.backends.hf.compress import CompressedCache, joint_attention, obser
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
 from rdalloc.quantizers import get_quantizer
+from rdalloc.environment import environment
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -122,7 +123,7 @@ def main() -> None:
     for context in (int(c) for c in a.contexts.split(",")):
         rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats)
     res = {"model": facts.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows,
-           "seconds": time.perf_counter() - t0,
+           "seconds": time.perf_counter() - t0, "environment": environment(next(model.parameters()).dtype),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "load_start": load_start,
                        "load_end": [round(x, 2) for x in os.getloadavg()]},

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from rdalloc.environment import environment
+
 DEFAULT_MODEL = Path.home() / ".cache" / "rdalloc" / "models" / "SmolLM2-135M-Instruct.Q4_1"
 OUT = Path(__file__).resolve().parent / "results" / "joint"
 PRESSES = ("snapkv", "expected_attention")
@@ -335,6 +337,7 @@ def main(argv=None) -> int:
                                   "python": platform.python_version()}},
         "command": cmd,
         "seconds": time.perf_counter() - t0,
+        "environment": environment("float32"),
     }
     res["rdalloc_joint"] = load_ours(Path(a.out_dir or OUT) / "joint.json", res["settings"])
     print(markdown(res))

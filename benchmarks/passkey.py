@@ -32,6 +32,7 @@ from rdalloc.backends.hf.compress import (CompressedCache, joint_attention, obse
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
 from rdalloc.quantizers import get_quantizer
+from rdalloc.environment import environment
 
 OUT = Path(__file__).resolve().parent / "results" / "joint"
 GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -97,6 +98,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"rows": rows, "seconds": time.perf_counter() - t0, "model": facts.name,
+           "environment": environment(next(model.parameters()).dtype),
            "command": "HF_HUB_OFFLINE=1 python benchmarks/passkey.py " + " ".join(
                f"--{k} {getattr(a, k)}" for k in ("contexts", "depths", "retentions", "filler"))}
     (out / "passkey.json").write_text(json.dumps(res, indent=1))

@@ -23,6 +23,7 @@ import numpy as np
 
 import rdalloc
 from rdalloc import ExponentialModel, allocate, waterfill
+from rdalloc.environment import environment
 
 MENU = (0, 1, 2, 3, 4, 5, 6, 8, 16)
 OUT = Path(__file__).resolve().parent / "results"
@@ -232,7 +233,7 @@ def main():
                "cpus": __import__("os").cpu_count(), "numpy": np.__version__,
                "load_average_start": load_start, "load_average_end": __import__("os").getloadavg(),
                "torch_threads": args.torch_threads}
-    (OUT / "solver.json").write_text(json.dumps({"machine": machine, "command": "python benchmarks/solver.py",
+    (OUT / "solver.json").write_text(json.dumps({"machine": machine, "environment": environment(), "command": "python benchmarks/solver.py",
                                                  "scaling": scaling, "oracles": oracles}, indent=1))
     (OUT / "solver.md").write_text(table + "\n")
     plot(scaling, OUT / "solver.png")
