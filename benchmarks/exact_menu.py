@@ -6,18 +6,24 @@
 Random instances like the oracle tests': exponential curves, eviction off the curve, metadata, unequal integer sizes,
 menus {0..6, 8, 16}, {0, 2, 4, 8, 16} and {2..8} in turn, a budget drawn between the cheapest and the richest
 allocation. "hull" is ``allocate(..., max_nodes=0)`` (threshold and greedy fill only: the solver before the exact
-phase), "exact" the default; both timed in the same run, best of 3 at N = 1e6. Prints a markdown table.
+phase), "exact" the default; both timed in the same run, best of 3 at N = 1e6. Prints a markdown table and
+writes it, with the environment, to benchmarks/results/exact_menu.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from rdalloc import ExponentialModel, allocate, item_cost
 from rdalloc.allocate import OPTIMAL
+from rdalloc.environment import environment
+
+OUT = Path(__file__).resolve().parent / "results"
 
 MENUS = [(0, 1, 2, 3, 4, 5, 6, 8, 16), (0, 2, 4, 8, 16), (2, 3, 4, 5, 6, 7, 8)]
 
@@ -49,10 +55,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
     counts = {10: 60, 100: 60, 1000: 30, 10_000: 12} if not args.quick else {10: 15, 100: 15, 1000: 6, 10_000: 3}
-    print("| N | instances | proven optimal | improved on hull | median hull s | median exact s | median extra |"
-          " max nodes |")
-    print("|---|---|---|---|---|---|---|---|")
+    say("| N | instances | proven optimal | improved on hull | median hull s | median exact s | median extra |"
+        " max nodes |")
+    say("|---|---|---|---|---|---|---|---|")
     for N, count in counts.items():
         proven = improved = 0
         t_hull, t_exact, nodes = [], [], []
@@ -64,11 +76,20 @@ def main() -> None:
             improved += float(re.distortion) < float(rh.distortion) * (1 - 1e-12)
             t_hull.append(th), t_exact.append(te), nodes.append(int(re.nodes))
         extra = np.median(np.array(t_exact) / np.array(t_hull))
-        print(f"| {N} | {count} | {proven} ({proven / count:.0%}) | {improved} | {np.median(t_hull):.4f} | "
-              f"{np.median(t_exact):.4f} | {extra:.2f}x | {max(nodes)} |")
-    if args.quick:
-        return
-    print("\nN = 1e6, menu (0, 1, 2, 3, 4, 6, 8, 16), sizes 1..99, metadata 32, average 2.7 bits (best of 3):")
+        say(f"| {N} | {count} | {proven} ({proven / count:.0%}) | {improved} | {np.median(t_hull):.4f} | "
+            f"{np.median(t_exact):.4f} | {extra:.2f}x | {max(nodes)} |")
+    if not args.quick:
+        n_million(say)
+    OUT.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/exact_menu.py" + (" --quick" if args.quick else "")
+    (OUT / "exact_menu.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+    (OUT / "exact_menu.json").write_text(json.dumps({"command": command, "table": lines,
+                                                     "environment": environment()}, indent=1))
+    print(f"wrote {OUT / 'exact_menu.md'} and exact_menu.json")
+
+
+def n_million(say) -> None:
+    say("\nN = 1e6, menu (0, 1, 2, 3, 4, 6, 8, 16), sizes 1..99, metadata 32, average 2.7 bits (best of 3):")
     rng = np.random.default_rng(7)
     N = 1_000_000
     alpha, beta = rng.lognormal(0, 2, N), rng.uniform(1.5, 6.0, N)
@@ -78,8 +99,8 @@ def main() -> None:
     for name, extra in (("hull (max_nodes=0)", dict(max_nodes=0)), ("exact (default)", {})):
         t, r = timed(model, kw, repeat=3, **extra)
         c = r.certificate()
-        print(f"  {name:20s} {t:.3f} s  status {c['status']}  distortion {c['distortion']:.10g}  "
-              f"gap {c['gap']:.3g} (relative {c['relative_gap']:.2g})  nodes {c['nodes']}")
+        say(f"  {name:20s} {t:.3f} s  status {c['status']}  distortion {c['distortion']:.10g}  "
+            f"gap {c['gap']:.3g} (relative {c['relative_gap']:.2g})  nodes {c['nodes']}")
 
 
 if __name__ == "__main__":
