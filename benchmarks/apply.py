@@ -11,8 +11,8 @@ operation the time of a mixed-precision plan divided by the time of uniform quan
 * packing (quantize + bit-pack + metadata) and unpacking: uniform = a uniform 3-bit plan; mixed = the same plans.
 
 JAX runs jit-compiled (compile excluded, ``block_until_ready``); torch runs eagerly (one thread by default). Times
-are CPU seconds of this process, medians of interleaved runs. Ratios only: absolute CPU times say little (DESIGN §5).
-Target: mixed <= 1.5x uniform.
+are CPU seconds of this process, medians of interleaved runs. Ratios only: absolute CPU times say little
+(docs/design.md §5). Target: mixed <= 1.5x uniform.
 
 Part 2 (memory): real SmolLM2-135M K/V (``tests/data/smollm2_kv.npz`` when present, else synthetic), head plans
 allocated by ``rdalloc.allocate`` from measured distortion at 2, 2.5, 3 and 4 average bits **with metadata charged**,

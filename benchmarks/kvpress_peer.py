@@ -3,7 +3,7 @@
 Same model (the bundled SmolLM2-135M-Instruct, converted once by ``rdalloc.backends.hf.model.load_model`` into
 ``~/.cache/rdalloc/models/SmolLM2-135M-Instruct.Q4_1``), same text windows
 (``text_windows(tokenizer, length=context + continuation, calibration=1, evaluation=windows)``) and same protocol as
-``rdalloc eval joint`` (``backends/hf/joint.py``, DESIGN §5): per evaluation window
+``rdalloc eval joint`` (``backends/hf/joint.py``, docs/design.md §5): per evaluation window
 
 * full cache: one pass over ``ids[:context + continuation]``; logits at ``context .. context + continuation - 2``
   predict the targets ``ids[context + 1 : context + continuation]``;
@@ -17,7 +17,7 @@ Same model (the bundled SmolLM2-135M-Instruct, converted once by ``rdalloc.backe
 Equal bytes: kvpress keeps whole tokens at full precision, so a press at ``compression_ratio = 1 - r`` holds a
 fraction ``r`` of the FP16 cache (payload only; no metadata). The retention reported is counted from the cache:
 ``sum over layers of kept tokens * kv_heads * head_dim * 2 (K, V) * 2 bytes`` over the same for ``context`` tokens
-(2 bytes per element whatever dtype the CPU run computes in, DESIGN §5).
+(2 bytes per element whatever dtype the CPU run computes in, docs/design.md §5).
 
 Presses: ``SnapKVPress`` (defaults: ``window_size=64`` observation queries, always kept, ``kernel_size=5``) and
 ``ExpectedAttentionPress`` (defaults: ``n_future_positions=512``, ``n_sink=4`` first tokens always kept, covariance

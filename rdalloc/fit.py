@@ -6,7 +6,7 @@ Measurements are a table ``D[i, k]`` (items x bit-widths) measured at strictly i
 
 **What is fitted.** Only the *quantized points* ``0 < b_k < 16``. Eviction ``D(0)`` and full precision ``D(16)`` are
 kept as measured values (they become :class:`~rdalloc.models.ExponentialModel`'s ``eviction`` and ``full``), never
-forced onto the curve: eviction usually lies well below the curve's extrapolation ``alpha`` (DESIGN.md §2), and
+forced onto the curve: eviction usually lies well below the curve's extrapolation ``alpha`` (docs/design.md §2), and
 ``D(16)`` is 0. The model's quantized range ``[lo, hi]`` is the smallest and largest quantized width measured.
 
 **Estimator.** In log space ``y_ik = ln D_ik = a_i - k_i b_k + e_ik`` with ``a_i = ln alpha_i`` and ``k_i = ln beta_i``,

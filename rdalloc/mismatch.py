@@ -1,7 +1,7 @@
 """Distortion-model mismatch: what allocating with one quantizer's curve costs when another quantizer is used.
 
-Each quantizer has its own distortion curve (DESIGN.md §1): the decay ``beta`` differs from quantizer to quantizer and
-the per-item ``alpha`` differ too. An allocation is optimal only for the curve it was computed with.
+Each quantizer has its own distortion curve (docs/design.md §1): the decay ``beta`` differs from quantizer to quantizer
+and the per-item ``alpha`` differ too. An allocation is optimal only for the curve it was computed with.
 :func:`compare_models` quantifies the damage for one problem (item sizes, weights, budget):
 
 * ``b_true = argmin_b sum_i w_i D_i^true(b_i)`` and ``b_assumed = argmin_b sum_i w_i D_i^assumed(b_i)`` over the same

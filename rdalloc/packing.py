@@ -25,7 +25,7 @@ elements in group-view order (batch rows one after the other), bit-packed LSB-fi
 are not stored at all. :func:`unpack_tensor` returns exactly what :func:`fake_quantize_tensor` returns.
 
 **Bytes.** ``PackedTensor.nbytes = payload bytes + 2 * parameters + 2 * full-precision elements``: full precision counts
-2 bytes per element whatever dtype the tensors compute in (DESIGN §5), so CPU float32 runs and GPU bfloat16 runs
+2 bytes per element whatever dtype the tensors compute in (docs/design.md §5), so CPU float32 runs and GPU bfloat16 runs
 report the same figures (``storage_nbytes`` is what the arrays really occupy). It equals the cost model's prediction
 ``sum_i C_i(b_i) = sum_i n_i b_i + m_i [0 < b_i < 16]`` (:func:`item_costs`, :func:`plan_usage`) divided by 8 plus the
 padding that rounds each width's stream up to whole bytes (``padding_bits``; zero whenever every stream holds a
@@ -456,8 +456,8 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: packed payload + 2 per float16 parameter + 2 per full-precision element (DESIGN §5: 2 bytes
-        whatever the compute dtype)."""
+        """Bytes held: packed payload + 2 per float16 parameter + 2 per full-precision element (docs/design.md §5: 2
+        bytes whatever the compute dtype)."""
         return sum(int(p.shape[0]) for p in self.payload) + self.metadata_bits // 8 + 2 * self.full_elements
 
     @property
@@ -589,7 +589,7 @@ class PackedLayer:
 
 @dataclass(frozen=True, eq=False)
 class PackedCache:
-    """Packed keys and values of every layer. ``nbytes``: bytes held (DESIGN §5); ``fp16_nbytes``: what the same
+    """Packed keys and values of every layer. ``nbytes``: bytes held (docs/design.md §5); ``fp16_nbytes``: what the same
     cache holds at 16 bits; ``retention = nbytes / fp16_nbytes``."""
 
     layers: tuple

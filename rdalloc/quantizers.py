@@ -6,7 +6,7 @@ along one axis and gives each group its own parameters:
 * ``grouping(role, head_dim).axis == "token"``: a group is ``g`` consecutive tokens of one channel (KIVI keys);
 * ``axis == "channel"``: a group is ``g`` consecutive channels of one token (KIVI values, per-token quantizers).
 
-**Asymmetric uniform** (reference semantics, DESIGN §3). Over a group with extremes ``lo, hi``::
+**Asymmetric uniform** (reference semantics, docs/design.md §3). Over a group with extremes ``lo, hi``::
 
     zero  = f16_down(lo)                          # largest float16 <= lo
     scale = f16_up((hi - zero) / (2**b - 1))      # smallest float16 with scale * (2**b - 1) >= hi - zero

@@ -10,7 +10,7 @@ For a fixed active set (F free, U at ``hi``, L at ``lo``) the root of ``g(mu) = 
 
     mu* = (sum_F n_i c_i / k_i + sum_U n_i hi_i + sum_L n_i lo_i - P) / sum_F n_i / k_i.
 
-With a shared ``beta`` this is the water level ``theta = mu / ln beta`` of DESIGN.md §2.
+With a shared ``beta`` this is the water level ``theta = mu / ln beta`` of docs/design.md §2.
 
 Algorithm. Each evaluation of ``g(mu)`` also gives the slope ``s(mu) = sum_F n_i / k_i`` of its linear piece; since
 ``g`` is linear on the piece, ``mu* = mu + (g(mu) - P) / s(mu)`` is the closed form above. The next level is that

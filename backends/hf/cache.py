@@ -7,7 +7,7 @@
 2. returns ``transform(layer_idx, keys, values)`` of the **whole** stored cache to the attention.
 
 So each query attends to transformed (e.g. fake-quantized) keys and values of every position, its own included
-(DESIGN §5, the RateQuant/QuaRot simulated protocol), and it works unchanged with ``model(...)`` and
+(docs/design.md §5, the RateQuant/QuaRot simulated protocol), and it works unchanged with ``model(...)`` and
 ``model.generate(...)`` (prefill, then one token at a time).
 
 Why the originals are stored, not the transformed values. Quantizer groups can grow during decoding: a KIVI key

@@ -48,7 +48,7 @@ Three pieces, used in this order by :mod:`.joint`:
    are their true positions. :func:`reference_attention` computes the same attention by explicit per-head gathers.
 
 Bytes: ``CompressedCache.nbytes`` = packed bytes (payload + 16-bit metadata, :attr:`PackedCache.nbytes`) + 2 bytes
-per full-precision element (sink, window, appended), whatever dtype the model computes in (DESIGN §5).
+per full-precision element (sink, window, appended), whatever dtype the model computes in (docs/design.md §5).
 Batch size 1 per cache (one sequence; no padding masks).
 """
 

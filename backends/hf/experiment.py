@@ -1,7 +1,7 @@
 """End to end on a real model: per-head plans from a calibration, a quantized-KV cache, perplexity vs bits.
 
-Plans. For a quantizer and an average-bit budget **with metadata charged** (DESIGN §2), each row of the experiment
-is a head plan (one width per (layer, kv_head) for K and one for V) over the calibration's menu
+Plans. For a quantizer and an average-bit budget **with metadata charged** (docs/design.md §2), each row of the
+experiment is a head plan (one width per (layer, kv_head) for K and one for V) over the calibration's menu
 (:meth:`.calibrate.Calibration.menu`: the fitted widths ``2..8``, plus ``1`` when the calibration probed it):
 
 * ``uniform`` — every head at the same integer width ``b``; only where the budget is exactly ``b`` plus the
@@ -28,7 +28,7 @@ head_dim)``; the plan records both the charged and the payload-only average bits
 
 Evaluation. :func:`plan_transform` turns a plan into a ``TransformCache`` transform (the torch ``PlanApplier``
 fake-quantizes every stored position on each update), and :func:`evaluate_plan` measures perplexity over the
-evaluation windows with it (DESIGN §5, simulated quantized-KV protocol).
+evaluation windows with it (docs/design.md §5, simulated quantized-KV protocol).
 """
 
 from __future__ import annotations

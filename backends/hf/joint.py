@@ -30,8 +30,9 @@ two stages, but each ``(layer, kv_head)`` solved with its own budget ``B / (L H)
 Baselines at the same budget: :func:`eviction_plan` (SnapKV-style: per head the same number of tokens, top ``e_t``,
 kept at 16 bits) and :func:`uniform_plan` (every unprotected token at one width, the largest that fits).
 
-The experiment :func:`run_joint` (DESIGN §5, "compress after prefill"): prefill ``context`` tokens, score, allocate,
-compress once, teacher-force ``continuation`` tokens, report their NLL and the KL divergence to the full cache.
+The experiment :func:`run_joint` (docs/design.md §5, "compress after prefill"): prefill ``context`` tokens,
+score, allocate, compress once, teacher-force ``continuation`` tokens, report their NLL and the KL divergence to
+the full cache.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 With ``cache_factory=None`` the windows run with a plain ``DynamicCache`` (the full-precision reference); with a
 factory making :class:`~rdalloc.backends.hf.cache.TransformCache` objects they run with fake-quantized K/V for every
-position (DESIGN §5). Within a window of ``T`` tokens the ``T - 1`` tokens after the first are scored; the mean NLL
-is token-weighted over all windows (summed in float64) and ``ppl = exp(nll)``.
+position (docs/design.md §5). Within a window of ``T`` tokens the ``T - 1`` tokens after the first are scored; the mean
+NLL is token-weighted over all windows (summed in float64) and ``ppl = exp(nll)``.
 """
 
 from __future__ import annotations
