@@ -10,6 +10,7 @@ from .models import FULL_BITS, ExponentialModel, TabulatedModel, model_from_dict
 from .packing import (FakeQuantized, PackedCache, PackedLayer, PackedTensor, PlanApplier, item_costs, pack_bits,
                       plan_usage, predict_nbytes, unpack_bits)
 from .plan import PLAN_VERSION, Plan
+from . import status
 from .quantizers import (KIVI, AsymmetricQuantizer, PerTokenAsymmetric, QuaRot, Quantizer, SymmetricAbsmax,
                          available_quantizers, fake_quantize_uniform, get_quantizer, hadamard_transform,
                          register_quantizer)
@@ -20,7 +21,7 @@ __all__ = [
     "FULL_BITS", "ExponentialModel", "TabulatedModel", "model_from_dict", "Usage", "item_cost", "metadata_bits",
     "Plan", "PLAN_VERSION",
     # solvers
-    "WaterfillResult", "waterfill", "allocate", "Allocation", "default_menu",
+    "WaterfillResult", "waterfill", "allocate", "Allocation", "default_menu", "status",
     # fitting, diagnostics, mismatch
     "fit_exponential", "ExponentialFit", "tabulate", "lower_hull", "choose_model", "ModelChoice", "fit_report",
     "diagnose", "FitReport", "Flag", "Tolerances", "compare_models", "MismatchReport", "check_quantizer",

@@ -47,12 +47,10 @@ import array_api_compat
 from ._checks import check_budget, check_ordered, check_shape, check_values
 from ._namespace import as_float64, float_dtype, is_jax, is_traced, namespace, to_numpy, while_loop
 from .models import FULL_BITS, ExponentialModel
+from .status import INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
 
 __all__ = ["waterfill", "WaterfillResult", "OPTIMAL", "SATURATED", "INFEASIBLE", "MAX_ITER"]
 
-OPTIMAL, SATURATED, INFEASIBLE, MAX_ITER = 0, 1, 2, 3
-_STATUS = {OPTIMAL: "optimal", SATURATED: "budget at or above the maximum: every item at hi",
-           INFEASIBLE: "budget below the minimum", MAX_ITER: "iteration limit reached"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ class WaterfillResult:
     kkt_residual: largest violation of the KKT conditions in log marginal value (``|ln(marginal_i / lambda)|`` on
     free items, one-sided at the bounds). budget_residual: ``|spent - target| / max(target, 1)``.
     iterations: evaluations of ``g`` (the classifying pass counts as one; the rest run on the kept items). status:
-    0 optimal, 1 saturated, 2 infeasible, 3 iteration limit.
+    a code of :mod:`rdalloc.status` (``OPTIMAL``, ``SATURATED``, ``INFEASIBLE`` or ``MAX_ITER``).
     Fields are 0-d arrays of the input backend (so the result can leave ``jax.jit``); ``to_dict`` gives floats.
     """
 
@@ -85,7 +83,7 @@ class WaterfillResult:
     def to_dict(self) -> dict:
         out = {f.name: float(to_numpy(getattr(self, f.name))) for f in fields(self) if f.name != "bits"}
         out["iterations"], out["status"] = int(out["iterations"]), int(out["status"])
-        out["status_message"] = _STATUS[out["status"]]
+        out["status_message"] = MESSAGES[out["status"]]
         out["bits"] = to_numpy(self.bits).astype(float).tolist()
         return out
 
@@ -116,13 +114,13 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
       weights: importance ``w_i >= 0`` (zero-weight items stay at ``lo``).
       lo, hi: the box, default the model's quantized range; ``0 <= lo_i <= hi_i <= 16``.
       metadata: ``m_i >= 0`` bits each item carries, charged as a constant (every item is quantized here).
-      max_iter: iteration cap (never reached in practice; status 3 if it is).
+      max_iter: iteration cap (never reached in practice; status ``MAX_ITER`` if it is).
       reducer: combines per-shard sums and maxima when the items are split over processes (see
         :mod:`rdalloc.distributed`); ``None`` for a single process. Collectives per solve: 4 to set up, 1 per
         iteration, 2 to finish — each a handful of scalars.
 
     Returns a :class:`WaterfillResult`. Raises ``ValueError`` for invalid or infeasible input (unless traced under
-    ``jax.jit``, where an infeasible budget gives status 2 and NaN bits).
+    ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits).
     """
     if not isinstance(model, ExponentialModel):
         raise TypeError(f"model must be an ExponentialModel, got {type(model).__name__}")
