@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._checks import check_shape, check_values
-from ._namespace import as_float64, namespace, to_numpy
+from ._namespace import as_float64, is_traced, namespace, to_numpy
 
 __all__ = ["ExponentialModel", "TabulatedModel", "FULL_BITS"]
 
@@ -151,8 +151,10 @@ class TabulatedModel:
         if len(shape) != 2 or shape[1] != len(self.bits):
             raise ValueError(f"distortion must have shape (items, {len(self.bits)}) to match bits={list(self.bits)}, "
                              f"got shape {shape}")
-        d = np.asarray(to_numpy(self.distortion), dtype=np.float64)
         ok = self.allowed_mask
+        if is_traced(self.distortion) or is_traced(ok):  # under jax.jit: shapes checked, values cannot be inspected
+            return
+        d = np.asarray(to_numpy(self.distortion), dtype=np.float64)
         check_values("distortion", np.where(ok, d, 0.0), nonnegative=True)
         if not ok.any(axis=1).all():
             i = int(np.argmin(ok.any(axis=1)))
@@ -163,14 +165,16 @@ class TabulatedModel:
         return int(np.shape(self.distortion)[0])
 
     @property
-    def allowed_mask(self) -> np.ndarray:
+    def allowed_mask(self) -> Any:
+        """``(items, len(bits))`` booleans: numpy, or the traced array itself under ``jax.jit``."""
         shape = (self.n_items, len(self.bits))
         if self.allowed is None:
             return np.ones(shape, dtype=bool)
-        ok = np.asarray(to_numpy(self.allowed))
-        if ok.shape != shape or ok.dtype != bool:
-            raise ValueError(f"allowed must be a boolean array of shape {shape}, got {ok.dtype} {ok.shape}")
-        return ok
+        a = self.allowed if hasattr(self.allowed, "dtype") else np.asarray(self.allowed)
+        got, dtype = tuple(a.shape), str(a.dtype)
+        if got != shape or not dtype.removeprefix("torch.").startswith("bool"):
+            raise ValueError(f"allowed must be a boolean array of shape {shape}, got {dtype} {got}")
+        return a if is_traced(a) else np.asarray(to_numpy(a))
 
     def table(self, menu: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Distortion ``(N, K)`` and feasibility mask at ``menu`` (a subset of ``bits``; all of them by default)."""

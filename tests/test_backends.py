@@ -154,3 +154,21 @@ def test_validation_moves_only_scalars_off_the_device(backend, monkeypatch):
         waterfill(model, to(np.ones(n_items)), average_bits=3.0, lo=to(lo), hi=to(np.full(n_items, 8.0)))
     with pytest.raises(ValueError, match=r"lo must be <= hi, got lo=9.0 > hi=8.0 at item 12"):
         allocate(model, to(np.ones(n_items)), average_bits=3.0, lo=to(lo), hi=to(np.full(n_items, 8.0)))
+
+
+def test_tabulated_model_from_traced_arrays_under_jit():
+    """A TabulatedModel built inside jax.jit (distortion and allowed traced) skips value checks, as documented, and
+    allocates like the eager model."""
+    D = np.array([[10.0, 8.0, 0.0], [5.0, 2.0, 1.0], [3.0, 1.0, 0.5]])
+    ok = np.array([[True, True, False], [True, True, True], [True, False, True]])
+
+    def solve(d, mask):
+        return allocate(TabulatedModel(bits=(2, 4, 8), distortion=d, allowed=mask), 100.0, budget=1400.0).bits
+
+    eager = np.asarray(solve(D, ok))
+    with jax.enable_x64(True):
+        traced = np.asarray(jax.jit(solve)(jnp.asarray(D), jnp.asarray(ok)))
+    np.testing.assert_array_equal(traced, eager)
+    assert ok[np.arange(3), [(2, 4, 8).index(int(b)) for b in eager]].all()
+    with pytest.raises(ValueError, match="allowed must be a boolean array of shape"):
+        TabulatedModel(bits=(2, 4, 8), distortion=D, allowed=jnp.asarray(ok, dtype=jnp.int32))
