@@ -119,6 +119,9 @@ def test_calibration_fits_and_round_trip(calib, facts, tmp_path):
         assert np.array_equal(back.model(q).alpha, calib.model(q).alpha)
     d = json.loads(path.read_text())
     assert d["models"]["kivi"]["kind"] == "exponential"
+    # what it was measured on travels with it
+    assert d["environment"]["dtype"] == "float32" and d["environment"]["packages"]["torch"] == torch.__version__
+    assert back.environment == calib.environment
 
 
 def test_fit_leaves_out_one_bit(calib):

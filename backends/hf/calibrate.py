@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rdalloc.environment import environment
 from rdalloc.fit import ExponentialFit, fit_exponential
 from rdalloc.models import ExponentialModel, TabulatedModel
 from rdalloc.quantizers import get_quantizer
@@ -71,6 +72,7 @@ class Calibration:
       text: facts about the calibration text (source, windows, window length).
       timings: seconds per step (``capture``, ``measure_fit``, ``probe``, ``fisher``, ``attention``, ``total``).
       probes: ``{quantizer: {bits: HeadImportance}}`` from :func:`~.capture.single_head_kl` (may be empty).
+      environment: what it was measured on (:func:`rdalloc.environment.environment`: versions, CPU, dtype).
     """
 
     facts: ModelFacts
@@ -81,6 +83,7 @@ class Calibration:
     timings: Mapping[str, float] = field(default_factory=dict)
     fit_bits: tuple[int, ...] = FIT_BITS
     probes: Mapping[str, Mapping[int, HeadImportance]] = field(default_factory=dict)
+    environment: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def quantizers(self) -> tuple[str, ...]:
@@ -175,7 +178,8 @@ class Calibration:
                 "models": {q: self.model(q).to_dict() for q in self.fits},
                 "fits": {q: {r: f.to_dict() for r, f in roles.items()} for q, roles in self.fits.items()},
                 "importance": {m: imp.to_dict() for m, imp in self.importance.items()},
-                "probes": {q: {str(b): p.to_dict() for b, p in ps.items()} for q, ps in self.probes.items()}}
+                "probes": {q: {str(b): p.to_dict() for b, p in ps.items()} for q, ps in self.probes.items()},
+                "environment": dict(self.environment)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
@@ -193,7 +197,7 @@ class Calibration:
             return cls(facts=ModelFacts.from_dict(d["facts"]), fits=fits, importance=importance,
                        default_importance=d.get("default_importance", DEFAULT_IMPORTANCE), text=d.get("text") or {},
                        timings=d.get("timings") or {}, fit_bits=tuple(int(b) for b in d.get("fit_bits", FIT_BITS)),
-                       probes=probes)
+                       probes=probes, environment=d.get("environment") or {})
         except (KeyError, TypeError) as e:
             raise ValueError(f"corrupted calibration: missing or malformed field {e}") from None
 
@@ -313,4 +317,5 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
     ids = windows if hasattr(windows, "shape") else np.asarray(windows)
     text_facts = {"calibration_windows": int(ids.shape[0]), "length": int(ids.shape[1]), **dict(text or {})}
     return Calibration(facts=facts, fits=fits, importance=found, default_importance=default_importance,
-                       text=text_facts, timings=timings, fit_bits=fit_bits, probes=probes)
+                       text=text_facts, timings=timings, fit_bits=fit_bits, probes=probes,
+                       environment=environment(next(model.parameters()).dtype))
