@@ -135,7 +135,7 @@ def _add_source(p, *, windows: int, length: int, what: str) -> None:
 def _add_dtype(p) -> None:
     p.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16", "float16"),
                    help="the model's dtype (default float64: low-bit results then do not depend on the CPU's SIMD "
-                        "kernels; float32 is about 2x faster)")
+                        "kernels; float32 is faster)")
 
 
 def _check_path(path, what: str) -> None:

@@ -202,8 +202,8 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
       cache: the cache directory (default: ``$RDALLOC_CACHE`` or ``~/.cache/rdalloc``).
       attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
       dtype: ``"float32"`` (default), ``"float64"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype). float64
-        makes low-bit results independent of the CPU's SIMD kernels (see :mod:`rdalloc.environment`) at about twice
-        float32's time on CPU.
+        makes low-bit results independent of the CPU's SIMD kernels (see :mod:`rdalloc.environment`) at some cost in
+        time on CPU.
       progress: print a line when a conversion starts and ends, and show transformers' weight-loading bar.
     """
     import torch
