@@ -45,7 +45,7 @@ from ._namespace import is_traced
 from .cost import Usage
 from .models import FULL_BITS
 from .plan import Plan
-from .quantizers import (Grouping, Quantizer, _compute_dtype, from_groups, get_quantizer, group_accounting,
+from .quantizers import (Grouping, Quantizer, compute_dtype, from_groups, get_quantizer, group_accounting,
                          to_device, to_groups)
 
 __all__ = ["pack_bits", "unpack_bits", "TensorLayout", "tensor_layout", "PackedTensor", "PackedLayer",
@@ -382,7 +382,7 @@ def tensor_layout(plan: Plan, quantizer: Quantizer, role: str, layer: int, shape
 def _encode(x: Any, layout: TensorLayout, arrays: dict):
     xp = array_api_compat.array_namespace(x)
     q, role = layout.quantizer, layout.role
-    cd = _compute_dtype(xp, x)
+    cd = compute_dtype(xp, x)
     xg = to_groups(q.transform(xp.astype(x, cd, copy=False), role), layout.grouping)
     bits = arrays["bits"]
     params = q.fit(xg, bits, arrays["valid"])
