@@ -7,8 +7,9 @@ from .fit import ExponentialFit, ModelChoice, choose_model, fit_exponential, low
 from .mismatch import MismatchReport, ModelMismatchWarning, check_quantizer, compare_models
 from .measure import measure_distortion
 from .models import FULL_BITS, ExponentialModel, TabulatedModel, model_from_dict
-from .packing import (FakeQuantized, PackedCache, PackedLayer, PackedTensor, PlanApplier, item_costs, pack_bits,
-                      plan_usage, predict_nbytes, unpack_bits)
+from .accounting import item_costs, plan_usage, predict_nbytes
+from .apply import FakeQuantized, PackedCache, PackedLayer, PackedTensor, PlanApplier
+from .bitpack import pack_bits, unpack_bits
 from .plan import PLAN_VERSION, Plan
 from . import status
 from .quantizers import (KIVI, AsymmetricQuantizer, PerTokenAsymmetric, QuaRot, Quantizer, SymmetricAbsmax,
