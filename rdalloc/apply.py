@@ -81,7 +81,8 @@ def _check_shape(x: Any, layout: TensorLayout) -> None:
                          f"{layout.shape}")
 
 
-def _encode(x: Any, layout: TensorLayout, arrays: dict):
+def _encode(x: Any, layout: TensorLayout, arrays: dict) -> tuple:
+    """``(group view, parameters, codes, widths)`` of ``x`` quantized as the layout says (in the compute dtype)."""
     xp = array_api_compat.array_namespace(x)
     q, role = layout.quantizer, layout.role
     cd = compute_dtype(xp, x)
