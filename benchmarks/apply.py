@@ -41,11 +41,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from rdalloc import Plan  # noqa: E402
+from rdalloc import Plan, PlanApplier, predict_nbytes  # noqa: E402
 from rdalloc.backends import jax as rdj  # noqa: E402
 from rdalloc.backends import torch as rdt  # noqa: E402
 from rdalloc.environment import environment  # noqa: E402
-from rdalloc.packing import predict_nbytes  # noqa: E402
 from rdalloc.quantizers import KIVI, QuaRot  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "smollm2_kv.npz"
@@ -106,8 +105,7 @@ def speed(args):
         uniform, head, token = plans_for(q, L, H, T, D)
         for bname, (mod, conv, sync) in backends.items():
             ks, vs = [conv(k[i]) for i in range(L)], [conv(v[i]) for i in range(L)]
-            aps = {name: mod.PlanApplier(p, q) for name, p in (("uniform", uniform), ("head", head),
-                                                                   ("token", token))}
+            aps = {name: PlanApplier(p, q) for name, p in (("uniform", uniform), ("head", head), ("token", token))}
 
             def fake_uniform():
                 return [(mod.fake_quantize_uniform(a, q, 3, "key"), mod.fake_quantize_uniform(b, q, 3, "value"))

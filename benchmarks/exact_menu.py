@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rdalloc import ExponentialModel, allocate, item_cost
+from rdalloc import ExponentialModel, allocate
+from rdalloc.cost import item_cost
 from rdalloc.allocate import OPTIMAL
 from rdalloc.environment import environment
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-import rdalloc
 from rdalloc import ExponentialModel, allocate, waterfill
+from rdalloc.cost import item_cost
 from rdalloc.environment import environment
 
 MENU = (0, 1, 2, 3, 4, 5, 6, 8, 16)
@@ -152,7 +152,7 @@ def run_oracles(sizes):
         a = allocate(em, n, budget, weights=w, menu=MENU, metadata=32.0)
         D, ok = em.table(MENU)
         W = np.where(ok, w[:, None] * np.where(ok, D, 0.0), 0.0)
-        C = np.stack([rdalloc.item_cost(bb, n, 32.0) for bb in MENU], axis=1)
+        C = np.stack([item_cost(bb, n, 32.0) for bb in MENU], axis=1)
         K = len(MENU)
         rows_a = kron(eye(n_items), np.ones((1, K)), format="csr")
         t = time.perf_counter()

@@ -1,35 +1,29 @@
-"""rdalloc — rate-distortion bit allocation for LLM key-value caches."""
+"""rdalloc — rate-distortion bit allocation for LLM key-value caches.
 
-from .allocate import Allocation, allocate, default_menu
-from .cost import Usage, item_cost, metadata_bits
-from .diagnostics import FitReport, Flag, Tolerances, diagnose, fit_report
-from .fit import ExponentialFit, ModelChoice, choose_model, fit_exponential, lower_hull, tabulate
-from .mismatch import MismatchReport, ModelMismatchWarning, check_quantizer, compare_models
+The entry points a user needs are here; everything else is reachable by module (``rdalloc.quantizers.KIVI``,
+``rdalloc.apply.PackedCache``, ``rdalloc.cost.item_cost``, ...).
+"""
+
+from .accounting import predict_nbytes
+from .allocate import Allocation, allocate
+from .apply import PlanApplier
+from .diagnostics import fit_report
+from .fit import choose_model, fit_exponential
 from .measure import measure_distortion
-from .models import FULL_BITS, ExponentialModel, TabulatedModel, model_from_dict
-from .packing import (FakeQuantized, PackedCache, PackedLayer, PackedTensor, PlanApplier, item_costs, pack_bits,
-                      plan_usage, predict_nbytes, unpack_bits)
-from .plan import PLAN_VERSION, Plan
-from . import status
-from .quantizers import (KIVI, AsymmetricQuantizer, PerTokenAsymmetric, QuaRot, Quantizer, SymmetricAbsmax,
-                         available_quantizers, fake_quantize_uniform, get_quantizer, hadamard_transform,
-                         register_quantizer)
+from .mismatch import ModelMismatchWarning, check_quantizer, compare_models
+from .models import ExponentialModel, TabulatedModel
+from .plan import Plan
+from .quantizers import Quantizer, available_quantizers, get_quantizer, register_quantizer
 from .waterfill import WaterfillResult, waterfill
 
 __all__ = [
-    # models, costs and plans
-    "FULL_BITS", "ExponentialModel", "TabulatedModel", "model_from_dict", "Usage", "item_cost", "metadata_bits",
-    "Plan", "PLAN_VERSION",
-    # solvers
-    "WaterfillResult", "waterfill", "allocate", "Allocation", "default_menu", "status",
-    # fitting, diagnostics, mismatch
-    "fit_exponential", "ExponentialFit", "tabulate", "lower_hull", "choose_model", "ModelChoice", "fit_report",
-    "diagnose", "FitReport", "Flag", "Tolerances", "compare_models", "MismatchReport", "check_quantizer",
-    "ModelMismatchWarning",
-    # quantizers, measurement, packing and plan application
-    "Quantizer", "AsymmetricQuantizer", "KIVI", "QuaRot", "PerTokenAsymmetric", "SymmetricAbsmax", "get_quantizer",
-    "register_quantizer", "available_quantizers", "hadamard_transform", "fake_quantize_uniform", "measure_distortion",
-    "PlanApplier", "PackedTensor", "PackedLayer", "PackedCache", "FakeQuantized", "pack_bits", "unpack_bits",
-    "item_costs", "plan_usage", "predict_nbytes",
+    # distortion models and the two solvers
+    "ExponentialModel", "TabulatedModel", "waterfill", "WaterfillResult", "allocate", "Allocation",
+    # fitting a model to measured distortion, its diagnostics, and the cost of using the wrong one
+    "fit_exponential", "choose_model", "fit_report", "compare_models", "check_quantizer", "ModelMismatchWarning",
+    # quantizers and measuring their distortion
+    "Quantizer", "get_quantizer", "register_quantizer", "available_quantizers", "measure_distortion",
+    # plans, applying them to KV tensors, and the bytes they hold
+    "Plan", "PlanApplier", "predict_nbytes",
 ]
 __version__ = "0.1.0"

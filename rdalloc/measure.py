@@ -16,12 +16,12 @@ Items and their order follow the plan axes, flattened row-major:
 so ``D[:, k].reshape(plan.key.shape)`` lines up with a plan's bits (``layer`` is absent for a single-layer tensor).
 
 All widths are quantized at once (a leading axis of ``K'`` quantized widths), over chunks of heads sized so that
-the ``K'`` copies stay within about ``2**21`` elements (8 MB of float32, cache-sized): on CPU that is 4-9x faster
-than one pass over the whole stack, with the same numbers up to the order of float32 sums (each head's items are
-computed alone). For a quantizer whose transform is orthogonal per token (``Quantizer.orthogonal``, e.g. QuaRot's
-Hadamard rotation), per-head and per-token errors are measured in the rotated coordinates, which skips rotating the
-``K'`` copies back; per-channel errors always rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit``
-(with ``bits``, ``role``, ``granularity`` and the quantizer static) run the same function.
+the ``K'`` copies stay within about ``2**21`` elements (cache-sized), with the same numbers as one pass over the
+whole stack up to the order of float32 sums (each head's items are computed alone). For a quantizer whose transform
+is orthogonal per token (``Quantizer.orthogonal``, e.g. QuaRot's Hadamard rotation), per-head and per-token errors
+are measured in the rotated coordinates, which skips rotating the ``K'`` copies back; per-channel errors always
+rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``jax.jit`` (with ``bits``, ``role``,
+``granularity`` and the quantizer static) run the same function.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import array_api_compat
 import numpy as np
 
 from .models import FULL_BITS
-from .quantizers import (GRANULARITIES, Quantizer, _check_role, _compute_dtype, _padding_mask, from_groups,
-                         get_quantizer, to_device, to_groups)
+from .quantizers import (GRANULARITIES, Quantizer, check_role, compute_dtype, from_groups, get_quantizer, padding_mask,
+                         to_device, to_groups)
 
 __all__ = ["measure_distortion"]
 
@@ -70,7 +70,7 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
       granularity: ``"head"``, ``"token"`` or ``"channel"`` (see the module docstring for the item order).
     """
     quantizer = get_quantizer(quantizer)
-    _check_role(role)
+    check_role(role)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     bits = _bits_list(bits, quantizer)
@@ -84,7 +84,7 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
         L, B, H, T, D = x.shape
         x = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3, 4)), (B, L * H, T, D))
     B, H, T, D = x.shape
-    cd = _compute_dtype(xp, x)
+    cd = compute_dtype(xp, x)
     xf = xp.astype(x, cd, copy=False)
     axes = {"head": (1, 3, 4), "token": (1, 4), "channel": (1, 3)}[granularity]
 
@@ -97,7 +97,7 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
     if quantized:
         grouping = quantizer.grouping(role, D)
         bk = to_device(np.asarray(quantized, dtype=np.int32).reshape(-1, 1, 1, 1, 1, 1), x)
-        valid = _padding_mask(grouping, T, D)
+        valid = padding_mask(grouping, T, D)
         if valid is not None:
             valid = to_device(valid, x)
         rotate_back = granularity == "channel" or not quantizer.orthogonal

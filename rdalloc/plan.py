@@ -58,6 +58,22 @@ class Plan:
       budget_bits: the budget asked, total bits with metadata; usage: the bits spent (payload, metadata, elements).
       predicted_distortion: the model's ``sum_i w_i D_i(b_i)``; certificate: the solver's certificate (budget used,
       KKT residual, dual bound, gap). meta: free-form facts (model name, group size, menu, head_dim ...).
+
+    >>> import numpy as np
+    >>> from rdalloc import Plan
+    >>> plan = Plan(key=np.array([[4, 2], [8, 16]]), value=np.array([[4, 4], [2, 0]]), quantizer="kivi")
+    >>> plan.granularity, plan.layers, plan.kv_heads, plan.tokens
+    ('head', 2, 2, None)
+    >>> Plan.from_dict(plan.to_dict()).value.tolist()  # the JSON round trip (save and load write and read this dict)
+    [[4, 4], [2, 0]]
+    >>> plan.check(kv_heads=4)
+    Traceback (most recent call last):
+        ...
+    ValueError: the plan was made for kv_heads=2, but the cache has kv_heads=4
+    >>> axes = ("layer", "kv_head", "token")
+    >>> tokens = Plan(key=np.array([[[16, 2, 0]]]), value=np.array([[[16, 3, 0]]]), key_axes=axes, value_axes=axes)
+    >>> tokens.granularity, tokens.kept().tolist()  # value bits 0: the token is evicted
+    ('token', [[[True, True, False]]])
     """
 
     key: Any

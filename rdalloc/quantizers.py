@@ -218,8 +218,9 @@ def to_device(a: np.ndarray, like: Any) -> Any:
     return xp.asarray(a, device=array_api_compat.device(like))
 
 
-def _compute_dtype(xp, x):
-    """float64 stays float64; every other float dtype (float16, bfloat16, float32) computes in float32."""
+def compute_dtype(xp, x):
+    """The dtype ``x`` is computed in: float64 stays float64; every other float dtype (float16, bfloat16, float32)
+    computes in float32."""
     return xp.float64 if x.dtype == xp.float64 else xp.float32
 
 
@@ -303,7 +304,7 @@ class Quantizer:
         ``metadata_bits_per_group * groups``. ``n_i`` is ``batch * tokens * head_dim``, ``batch * head_dim`` or
         ``batch * tokens``.
         """
-        _check_role(role)
+        check_role(role)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         item = {"head": np.zeros((1, 1, 1), np.int64), "token": np.arange(tokens).reshape(1, tokens, 1),
@@ -318,7 +319,8 @@ class Quantizer:
         return fake_quantize_uniform(x, self, bits, role)
 
 
-def _check_role(role: str) -> None:
+def check_role(role: str) -> None:
+    """``ValueError`` unless ``role`` is ``"key"`` or ``"value"``."""
     if role not in ROLES:
         raise ValueError(f"role must be 'key' or 'value', got {role!r}")
 
@@ -376,7 +378,7 @@ class KIVI(AsymmetricQuantizer):
             raise ValueError(f"KIVI group_size must be a positive integer, got {self.group_size!r}")
 
     def grouping(self, role, head_dim):
-        _check_role(role)
+        check_role(role)
         if role == "key":
             return Grouping("token", int(self.group_size))
         _check_divides(self, self.group_size, head_dim, role)
@@ -384,7 +386,7 @@ class KIVI(AsymmetricQuantizer):
 
 
 def _per_token_grouping(q: Quantizer, group_size: int | None, role: str, head_dim: int) -> Grouping:
-    _check_role(role)
+    check_role(role)
     g = head_dim if group_size is None else int(group_size)
     _check_divides(q, g, head_dim, role)
     return Grouping("channel", g)
@@ -491,16 +493,16 @@ def fake_quantize_uniform(x: Any, quantizer: Quantizer, bits: int, role: str) ->
     returns ``x``'s dtype. This is the uniform baseline plan application is measured against.
     """
     xp = array_api_compat.array_namespace(x)
-    _check_role(role)
+    check_role(role)
     quantizer.check_bits(np.asarray(bits), "bits")
     if bits == FULL_BITS:
         return x
     if bits == 0:
         return xp.zeros_like(x)
     *_, T, D = x.shape
-    cd = _compute_dtype(xp, x)
+    cd = compute_dtype(xp, x)
     grouping = quantizer.grouping(role, D)
-    valid = _padding_mask(grouping, T, D)
+    valid = padding_mask(grouping, T, D)
     xt = quantizer.transform(xp.astype(x, cd, copy=False), role)
     xg = to_groups(xt, grouping)
     if valid is not None:
@@ -511,7 +513,7 @@ def fake_quantize_uniform(x: Any, quantizer: Quantizer, bits: int, role: str) ->
     return xp.astype(out, x.dtype, copy=False)
 
 
-def _padding_mask(grouping: Grouping, tokens: int, head_dim: int) -> np.ndarray | None:
+def padding_mask(grouping: Grouping, tokens: int, head_dim: int) -> np.ndarray | None:
     """``(1, P, Q, g)`` bool marking real (not padding) elements of a token-grouped view, or ``None`` if no padding."""
     if grouping.axis != "token" or tokens % grouping.size == 0:
         return None

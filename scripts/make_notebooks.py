@@ -19,7 +19,8 @@ the certificates."""),
     ("code", """import json, numpy as np
 from importlib import resources
 import rdalloc
-from rdalloc import allocate, waterfill, model_from_dict, Plan
+from rdalloc import allocate, waterfill, Plan
+from rdalloc.models import model_from_dict
 
 problem = json.loads(resources.files("rdalloc.data").joinpath("smollm2_problem.json").read_text())
 model = model_from_dict(problem["model"])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import example, given, strategies as st
 
-from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost
+from rdalloc import ExponentialModel, TabulatedModel, allocate
+from rdalloc.cost import item_cost
 from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
 
 MENU = (0, 1, 2, 3, 4, 6, 8, 16)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 torch = pytest.importorskip("torch")
 
-from rdalloc import Plan
+from rdalloc import Plan, PlanApplier
 from rdalloc.backends import torch as rdt
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax, fake_quantize_uniform
 
@@ -57,7 +57,7 @@ def test_fake_quantize_equals_unpack_of_pack(q, dtype):
     head = Plan(key=rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 16], (L, H)),
                 value=rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 16], (L, H)), quantizer=q.name)
     for plan in (head, _token_plan(q, rng)):
-        ap = rdt.PlanApplier(plan, q)
+        ap = PlanApplier(plan, q)
         fq = ap.fake_quantize_cache(list(k), list(v))
         un = ap.unpack(ap.pack_cache(list(k), list(v)))
         for i in range(L):
@@ -190,7 +190,7 @@ def test_bad_input_is_named():
     q = KIVI(group_size=8)
     k, v = _kv()
     plan = Plan(key=np.full((L, H), 4), value=np.full((L, H), 4), quantizer="kivi")
-    ap = rdt.PlanApplier(plan, q)
+    ap = PlanApplier(plan, q)
     with pytest.raises(ValueError, match=r"keys must be 4-D \[batch, kv_heads, tokens, head_dim\], got shape "
                                          r"\(3, 24, 16\)"):
         ap.fake_quantize(k[0, 0], v[0], layer=0)
@@ -205,9 +205,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="agree on"):
         ap.fake_quantize(k[0], v[0][:, :, :5], layer=0)
     with pytest.raises(ValueError, match="distortion-model mismatch"):
-        rdt.PlanApplier(plan, QuaRot())
+        PlanApplier(plan, QuaRot())
     with pytest.raises(ValueError, match=r"holds 12 bits.*'kivi' supports 1\.\.8 bits"):
-        rdt.PlanApplier(Plan(key=np.full((L, H), 12), value=np.full((L, H), 4), quantizer="kivi"),
+        PlanApplier(Plan(key=np.full((L, H), 12), value=np.full((L, H), 4), quantizer="kivi"),
                         q).fake_quantize(k[0], v[0], layer=0)
     tok = Plan(key=np.full((L, H, T), 4), value=np.full((L, H, T), 4), quantizer="kivi", **TOKEN_AXES)
     with pytest.raises(ValueError, match="tokens=24, but the cache has tokens=20"):
@@ -224,7 +224,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="the plan has 2 layers, got 1 key"):
         rdt.fake_quantize(k[:1], v[:1], plan, q)
     with pytest.raises(TypeError, match="plan must be an rdalloc.Plan"):
-        rdt.PlanApplier({"key": 4}, q)
+        PlanApplier({"key": 4}, q)
 
 
 def test_plan_quantizer_is_the_default():
@@ -235,7 +235,7 @@ def test_plan_quantizer_is_the_default():
     assert all(torch.equal(x.keys, y.keys) for x, y in zip(a, b))
     spec = Plan(key=np.full((L, H), 3), value=np.full((L, H), 3), quantizer="kivi",
                 meta={"quantizer_spec": {"name": "kivi", "group_size": 8}})
-    assert rdt.PlanApplier(spec).quantizer == KIVI(group_size=8)
+    assert PlanApplier(spec).quantizer == KIVI(group_size=8)
 
 
 # ---- CUDA-readiness: no host synchronisation ------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_runs_on_meta_tensors(q):
     k = torch.empty(B, H, T, D, device="meta")
     for plan in (Plan(key=rng.choice([0, 2, 3, 16], (L, H)), value=rng.choice([1, 4, 16], (L, H)), quantizer=q.name),
                  _token_plan(q, rng)):
-        ap = rdt.PlanApplier(plan, q)
+        ap = PlanApplier(plan, q)
         out = ap.fake_quantize(k, k, layer=0)
         assert out.keys.device.type == "meta" and out.keys.shape == k.shape
         packed = ap.pack(k, k, layer=0)

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rdalloc import Plan
+from rdalloc import Plan, PlanApplier
 from rdalloc.backends import jax as rdj
 from rdalloc.backends import torch as rdt
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
@@ -61,7 +61,7 @@ def test_torch_and_jax_agree(case):
     q, plan, k, v = case
     tk, tv = torch.as_tensor(k), torch.as_tensor(v)
     jk, jv = jnp.asarray(k), jnp.asarray(v)
-    ta, ja = rdt.PlanApplier(plan, q), rdj.PlanApplier(plan, q)
+    ta, ja = PlanApplier(plan, q), PlanApplier(plan, q)
     tf, jf = ta.fake_quantize(tk, tv, layer=0), ja.fake_quantize(jk, jv, layer=0)
     tp, jp = ta.pack(tk, tv, layer=0), ja.pack(jk, jv, layer=0)
     for a, b in ((tf.keys, jf.keys), (tf.values, jf.values)):
@@ -144,7 +144,7 @@ def test_regression_division_rounding():
 
 def test_jax_validation_names_the_problem():
     k, v, plan = _example()
-    ap = rdj.PlanApplier(plan, KIVI(group_size=4))
+    ap = PlanApplier(plan, KIVI(group_size=4))
     import pytest
     with pytest.raises(TypeError, match="keys must be a jax.Array, got ndarray"):
         ap.fake_quantize(k[0], jnp.asarray(v[0]), layer=0)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, strategies as st
 from scipy import stats
 
-from rdalloc import ExponentialModel, TabulatedModel, item_cost
+from rdalloc import ExponentialModel, TabulatedModel
+from rdalloc.cost import item_cost
 from rdalloc.fit import (DEFAULT_TOLERANCE, ExponentialFit, ModelChoice, choose_model, fit_exponential, lower_hull,
                          tabulate)
 

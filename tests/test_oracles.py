@@ -6,7 +6,8 @@ import pytest
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import eye, kron
 
-from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost, waterfill
+from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
+from rdalloc.cost import item_cost
 from rdalloc.allocate import OPTIMAL
 
 

@@ -10,10 +10,11 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rdalloc import Plan
+from rdalloc import Plan, PlanApplier, predict_nbytes
+from rdalloc.accounting import item_costs, plan_usage
+from rdalloc.bitpack import pack_bits, unpack_bits
 from rdalloc.cost import item_cost
-from rdalloc.packing import (PlanApplier, item_costs, pack_bits, plan_usage, predict_nbytes, tensor_layout,
-                             unpack_bits)
+from rdalloc.layout import tensor_layout
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
 
 BACKENDS = {"numpy": np.asarray, "torch": torch.as_tensor, "jax": jnp.asarray}

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from rdalloc import ExponentialModel, Plan, TabulatedModel, Usage, allocate, item_cost, model_from_dict
+from rdalloc import ExponentialModel, Plan, TabulatedModel, allocate
+from rdalloc.cost import Usage, item_cost
+from rdalloc.models import model_from_dict
 
 
 def head_plan():

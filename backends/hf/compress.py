@@ -62,9 +62,9 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from rdalloc.packing import PackedLayer, predict_nbytes, unpack_tensor
+from rdalloc.accounting import predict_nbytes
+from rdalloc.apply import PackedLayer, PlanApplier, unpack_tensor
 from rdalloc.plan import Plan
-from rdalloc.backends.torch import PlanApplier
 
 from .compat import forward
 

@@ -179,7 +179,7 @@ def check_plan(plan: Plan, facts: ModelFacts, quantizer: str | None = None) -> s
 def plan_transform(plan: Plan, quantizer: Any = None):
     """A ``TransformCache`` transform fake-quantizing each layer's whole stored K/V with ``plan`` (torch
     :class:`~rdalloc.backends.torch.PlanApplier`, built once; a 16-bit plan returns the inputs bit for bit)."""
-    from rdalloc.backends.torch import PlanApplier
+    from rdalloc.apply import PlanApplier
 
     applier = PlanApplier(plan, quantizer)
 
