@@ -48,7 +48,8 @@ def _tables(W: Any, C: Any, budget: float) -> tuple[np.ndarray, np.ndarray, floa
 
 
 def brute_force_optimum(W: Any, C: Any, budget: float) -> float:
-    """``min sum_i W[i, x_i]`` s.t. ``sum_i C[i, x_i] <= budget`` over all ``K**N`` choices ``x`` (``inf``: none fits)."""
+    """``min sum_i W[i, x_i]`` s.t. ``sum_i C[i, x_i] <= budget`` over all ``K**N`` choices ``x`` (``inf``: none
+    fits)."""
     W, C, budget = _tables(W, C, budget)
     N, K = W.shape
     if K ** N > _BRUTE_FORCE_LIMIT:

@@ -102,17 +102,20 @@ def _budget(draw, cheapest: float, richest: float, integral: bool) -> float:
         return cheapest
     if where == "maximum":
         return richest
-    budget = cheapest + draw(st.floats(0.0, 1.0) if where == "between" else st.floats(1.0, 1.25)) * (richest - cheapest)
+    share = draw(st.floats(0.0, 1.0) if where == "between" else st.floats(1.0, 1.25))
+    budget = cheapest + share * (richest - cheapest)
     return float(np.clip(np.floor(budget), cheapest, None)) if integral else budget
 
 
 @st.composite
 def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tuple[str, ...] = ("exponential",
                   "tabulated"), menu: tuple[int, ...] | None = None) -> MenuProblem:
-    """A :class:`~rdalloc.testing.MenuProblem` of 1 to ``max_items`` items: a model of one of ``kinds``, a menu (drawn
-    by :func:`menus` unless given; it needs a width in ``[1, 15]``) every item can use, sizes in ``[1, 128]`` (equal or not), metadata in ``[0, 64]``,
-    weights 0 or in ``[1e-3, 3]`` (or all 1) and a budget placed as :data:`BUDGETS` says. ``integral``: integer sizes,
-    metadata and budget, so that :func:`~rdalloc.testing.dynamic_program_optimum` applies."""
+    """A :class:`~rdalloc.testing.MenuProblem` of 1 to ``max_items`` items: a model of one of ``kinds``; a menu
+    (:func:`menus` unless given; it needs a width in ``[1, 15]``) that every item can use; sizes in ``[1, 128]``
+    (equal or not); metadata in ``[0, 64]``; weights 0 or in ``[1e-3, 3]`` (or all 1); a budget placed as
+    :data:`BUDGETS` says. Sizes and metadata are multiples of 1/16, so that sums of costs are exact in float64;
+    ``integral``: integers, and an integer budget, so that :func:`~rdalloc.testing.dynamic_program_optimum`
+    applies."""
     n_items = draw(st.integers(1, max_items))
     menu = draw(menus()) if menu is None else tuple(menu)
     if draw(st.sampled_from(kinds)) == "exponential":
@@ -121,7 +124,11 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
         model = draw(exponential_models(n_items, eviction=(0 in menu) and draw(st.booleans()), lo=lo, hi=hi))
     else:
         model = draw(tabulated_models(n_items, menu))
-    number = (lambda lo, hi: st.integers(int(lo), int(hi)).map(float)) if integral else st.floats
+    step = 1 if integral else 16  # 1/16: exact sums of costs, so the budget edges are exact
+
+    def number(lo, hi):
+        return st.integers(lo * step, hi * step).map(lambda k: k / step)
+
     sizes = draw(st.one_of(number(1, 128), st.lists(number(1, 128), min_size=n_items, max_size=n_items).map(np.array)))
     metadata = draw(st.one_of(number(0, 64), st.lists(number(0, 64), min_size=n_items, max_size=n_items).map(np.array)))
     weights = draw(_weights(n_items))
@@ -135,9 +142,10 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
 
 @st.composite
 def continuous_problems(draw, max_items: int = 60) -> ContinuousProblem:
-    """A :class:`~rdalloc.testing.ContinuousProblem` of 1 to ``max_items`` items: an exponential model, sizes in
-    ``[1, 200]``, weights 0 or in ``[1e-3, 3]``, not all 0 (or all 1), a box ``0 <= lo_i <= hi_i <= 16`` (the model's ``[1, 8]`` or
-    drawn per item), metadata in ``[0, 64]`` (or none) and a budget placed as :data:`BUDGETS` says."""
+    """A :class:`~rdalloc.testing.ContinuousProblem` of 1 to ``max_items`` items: an exponential model; sizes in
+    ``[1, 200]``; weights 0 or in ``[1e-3, 3]``, not all 0 (or all 1); a box ``0 <= lo_i <= hi_i <= 16`` (the
+    model's ``[1, 8]`` or drawn per item); metadata in ``[0, 64]`` (or none); a budget placed as :data:`BUDGETS`
+    says."""
     n_items = draw(st.integers(1, max_items))
     model = draw(exponential_models(n_items, eviction=False, lo=1.0, hi=8.0))
     sizes = draw(st.one_of(st.floats(1.0, 200.0), _vectors(n_items, 1.0, 200.0)))
