@@ -54,7 +54,8 @@ def assert_in_menu(bits: Any, menu: Sequence[int], model: ExponentialModel | Tab
     off = ~np.isin(b, menu)
     if off.any():
         i = int(np.argmax(off))
-        raise AssertionError(f"item {i} has {b[i]!r} bits, not on the menu {list(menu)} ({int(off.sum())} such items)")
+        raise AssertionError(f"item {i} has {b[i].item()!r} bits, not on the menu {list(menu)} "
+                             f"({int(off.sum())} such items)")
     if model is not None:
         _, ok = model.table(menu)
         taken = ok[np.arange(b.size), np.searchsorted(menu, b)]
@@ -71,8 +72,8 @@ def assert_in_box(bits: Any, lo: Any, hi: Any, *, atol: float = 0.0) -> None:
     for name, bad in (("not a number", np.isnan(b)), ("below lo", b < lo - atol), ("above hi", b > hi + atol)):
         if bad.any():
             i = int(np.argmax(bad))
-            raise AssertionError(f"item {i} has {b[i]!r} bits: {name} (box [{lo[i]!r}, {hi[i]!r}], "
-                                 f"{int(bad.sum())} such items)")
+            raise AssertionError(f"item {i} has {float(b[i])!r} bits: {name} (box [{float(lo[i])!r}, "
+                                 f"{float(hi[i])!r}], {int(bad.sum())} such items)")
 
 
 def assert_kkt(model: ExponentialModel, sizes: Any, bits: Any, budget: float, *, weights: Any = 1.0, lo: Any = None,
@@ -104,15 +105,16 @@ def assert_kkt(model: ExponentialModel, sizes: Any, bits: Any, budget: float, *,
         def state(k):
             return "at lo" if at_lo[k] else "at hi" if at_hi[k] else "free"
 
-        raise AssertionError(f"KKT conditions fail by {need_above[i] - need_below[j]:.3g} in log marginal value: item "
-                             f"{i} ({state(i)}, {b[i]!r} bits) needs ln(lambda) >= {need_above[i]!r}, item {j} "
-                             f"({state(j)}, {b[j]!r} bits) needs ln(lambda) <= {need_below[j]!r}")
+        raise AssertionError(f"KKT conditions fail by {need_above[i] - need_below[j]:.3g} in log marginal value: "
+                             f"item {i} ({state(i)}, {float(b[i])!r} bits) needs ln(lambda) >= "
+                             f"{float(need_above[i])!r}, item {j} ({state(j)}, {float(b[j])!r} bits) needs "
+                             f"ln(lambda) <= {float(need_below[j])!r}")
     spent, budget = float(n @ b + m.sum()), float(budget)
     if spent > budget * (1 + rtol):
         raise AssertionError(f"the allocation spends {spent!r} bits, over the budget {budget!r}")
     if np.isfinite(need_above[i]) and spent < budget * (1 - rtol):
-        raise AssertionError(f"complementary slackness fails: item {i} wants more bits (ln v = {need_above[i]!r}) but "
-                             f"only {spent!r} of {budget!r} bits are spent")
+        raise AssertionError(f"complementary slackness fails: item {i} wants more bits (ln v = "
+                             f"{float(need_above[i])!r}) but only {spent!r} of {budget!r} bits are spent")
 
 
 def assert_certificate(result: Any, optimum: float | None = None, *, rtol: float = 1e-9, atol: float = 1e-12) -> None:

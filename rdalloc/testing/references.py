@@ -83,7 +83,8 @@ def dynamic_program_optimum(W: Any, C: Any, budget: float) -> float:
 def milp_optimum(W: Any, C: Any, budget: float) -> float:
     """The one-hot MILP ``x[i, k]`` in ``{0, 1}``, ``sum_k x[i, k] = 1``, ``sum C x <= budget``, minimize ``sum W x``,
     solved by HiGHS (``scipy.optimize.milp``). HiGHS also stops at an absolute gap of ``1e-6``, so the objective is
-    scaled to make its LP relaxation ``1e6``. Raises ``AssertionError`` when HiGHS does not solve it."""
+    scaled to make its LP relaxation ``1e6`` (when that is 0, the smallest positive ``W``). Raises ``AssertionError``
+    when HiGHS does not solve it."""
     W, C, budget = _tables(W, C, budget)
     N, K = W.shape
     ok = np.isfinite(W).ravel()
@@ -93,7 +94,8 @@ def milp_optimum(W: Any, C: Any, budget: float) -> float:
     bounds = Bounds(0, np.where(ok, 1, 0))
     lp = milp(c, constraints=cons, bounds=bounds)
     assert lp.status == 0, f"HiGHS could not solve the LP relaxation: {lp.message}"
-    scale = 1e6 / lp.fun if lp.fun > 0 else 1.0
+    positive = c[c > 0]
+    scale = 1e6 / lp.fun if lp.fun > 0 else 1e6 / positive.min() if positive.size else 1.0
     res = milp(c * scale, constraints=cons, integrality=np.ones(N * K), bounds=bounds, options={"mip_rel_gap": 1e-12})
     assert res.status == 0, f"HiGHS could not solve the MILP: {res.message}"
     return float(c @ np.round(res.x))

@@ -73,10 +73,11 @@ def exponential_models(draw, n_items: int, *, eviction: bool | None = None, lo: 
 
 @st.composite
 def tabulated_models(draw, n_items: int, bits: tuple[int, ...]) -> TabulatedModel:
-    """Distortion in ``[0, 100]`` at every width of ``bits``, in any order (points off the convex hull, even rising
-    ones); ``allowed`` either absent or a mask that leaves every item at least one width."""
+    """Distortion 0 or in ``[1e-3, 100]`` at every width of ``bits``, in any order (points off the convex hull,
+    even rising ones); ``allowed`` either absent or a mask that leaves every item at least one width."""
     K = len(bits)
-    d = draw(st.lists(_vectors(K, 0.0, 100.0), min_size=n_items, max_size=n_items))
+    values = st.one_of(st.just(0.0), st.floats(1e-3, 100.0))
+    d = draw(st.lists(_vectors(K, 0, 0, values), min_size=n_items, max_size=n_items))
     allowed = None
     if draw(st.booleans()):
         rows = st.lists(st.booleans(), min_size=K, max_size=K).filter(any)
