@@ -42,18 +42,21 @@ BUDGETS = ("minimum", "maximum", "between", "beyond")
 exactly the richest's, uniformly in between, or up to a quarter of the range beyond the richest."""
 
 
-def _vectors(n_items: int, lo: float, hi: float, elements: st.SearchStrategy | None = None) -> st.SearchStrategy:
-    elements = st.floats(lo, hi, allow_subnormal=False) if elements is None else elements
+def _floats(lo: float, hi: float) -> st.SearchStrategy:
+    return st.floats(lo, hi, allow_subnormal=False)
+
+
+def _vectors(n_items: int, elements: st.SearchStrategy) -> st.SearchStrategy:
     return st.lists(elements, min_size=n_items, max_size=n_items).map(np.array)
+
+
+def _zero_or(lo: float, hi: float) -> st.SearchStrategy:
+    return st.one_of(st.just(0.0), _floats(lo, hi))
 
 
 def _weights(n_items: int) -> st.SearchStrategy:
     """All 1, or each 0 or in ``[1e-3, 3]``."""
-    return st.one_of(st.just(1.0), _vectors(n_items, 0, 0, st.one_of(st.just(0.0), st.floats(1e-3, 3.0))))
-
-
-def _log_uniform(n_items: int, lo: float, hi: float) -> st.SearchStrategy:
-    return _vectors(n_items, math.log(lo), math.log(hi)).map(np.exp)
+    return st.one_of(st.just(1.0), _vectors(n_items, _zero_or(1e-3, 3.0)))
 
 
 @st.composite
@@ -62,10 +65,10 @@ def exponential_models(draw, n_items: int, *, eviction: bool | None = None, lo: 
     """``alpha`` log-uniform in ``[1e-3, 1e3]``; ``beta`` in ``[1.5, 8]`` shared or per item; eviction (drawn unless
     ``eviction`` says) at 0 to 3 times ``alpha``, off the curve; the quantized range ``[lo, hi]`` drawn on integers
     in ``[1, 15]`` unless given."""
-    alpha = draw(_log_uniform(n_items, 1e-3, 1e3))
-    beta = draw(st.one_of(st.floats(1.5, 8.0), _vectors(n_items, 1.5, 8.0)))
+    alpha = np.exp(draw(_vectors(n_items, _floats(math.log(1e-3), math.log(1e3)))))
+    beta = draw(st.one_of(_floats(1.5, 8.0), _vectors(n_items, _floats(1.5, 8.0))))
     evict = draw(st.booleans()) if eviction is None else eviction
-    ev = alpha * draw(_vectors(n_items, 0.0, 3.0)) if evict else None
+    ev = alpha * draw(_vectors(n_items, _floats(0.0, 3.0))) if evict else None
     lo = float(draw(st.integers(1, 8))) if lo is None else lo
     hi = float(draw(st.integers(int(math.ceil(lo)), FULL_BITS - 1))) if hi is None else hi
     return ExponentialModel(alpha, beta, eviction=ev, lo=lo, hi=hi)
@@ -76,8 +79,7 @@ def tabulated_models(draw, n_items: int, bits: tuple[int, ...]) -> TabulatedMode
     """Distortion 0 or in ``[1e-3, 100]`` at every width of ``bits``, in any order (points off the convex hull,
     even rising ones); ``allowed`` either absent or a mask that leaves every item at least one width."""
     K = len(bits)
-    values = st.one_of(st.just(0.0), st.floats(1e-3, 100.0))
-    d = draw(st.lists(_vectors(K, 0, 0, values), min_size=n_items, max_size=n_items))
+    d = draw(st.lists(_vectors(K, _zero_or(1e-3, 100.0)), min_size=n_items, max_size=n_items))
     allowed = None
     if draw(st.booleans()):
         rows = st.lists(st.booleans(), min_size=K, max_size=K).filter(any)
@@ -103,9 +105,9 @@ def _budget(draw, cheapest: float, richest: float, integral: bool) -> float:
         return cheapest
     if where == "maximum":
         return richest
-    share = draw(st.floats(0.0, 1.0) if where == "between" else st.floats(1.0, 1.25))
+    share = draw(_floats(0.0, 1.0) if where == "between" else _floats(1.0, 1.25))
     budget = cheapest + share * (richest - cheapest)
-    return float(np.clip(np.floor(budget), cheapest, None)) if integral else budget
+    return float(max(math.floor(budget), cheapest)) if integral else budget
 
 
 @st.composite
@@ -130,8 +132,8 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
     def number(lo, hi):
         return st.integers(lo * step, hi * step).map(lambda k: k / step)
 
-    sizes = draw(st.one_of(number(1, 128), st.lists(number(1, 128), min_size=n_items, max_size=n_items).map(np.array)))
-    metadata = draw(st.one_of(number(0, 64), st.lists(number(0, 64), min_size=n_items, max_size=n_items).map(np.array)))
+    sizes = draw(st.one_of(number(1, 128), _vectors(n_items, number(1, 128))))
+    metadata = draw(st.one_of(number(0, 64), _vectors(n_items, number(0, 64))))
     weights = draw(_weights(n_items))
     problem = MenuProblem(model, menu, sizes, 0.0, weights, metadata)
     W, C = problem.table()
@@ -149,14 +151,14 @@ def continuous_problems(draw, max_items: int = 60) -> ContinuousProblem:
     says."""
     n_items = draw(st.integers(1, max_items))
     model = draw(exponential_models(n_items, eviction=False, lo=1.0, hi=8.0))
-    sizes = draw(st.one_of(st.floats(1.0, 200.0), _vectors(n_items, 1.0, 200.0)))
+    sizes = draw(st.one_of(_floats(1.0, 200.0), _vectors(n_items, _floats(1.0, 200.0))))
     weights = draw(_weights(n_items).filter(lambda w: np.max(w) > 0))
     if draw(st.booleans()):
         lo, hi = 1.0, 8.0
     else:
-        lo = draw(_vectors(n_items, 0.0, 12.0))
-        hi = lo + draw(_vectors(n_items, 0.0, 4.0))
-    metadata = draw(st.one_of(st.just(0.0), st.floats(0.0, 64.0)))
+        lo = draw(_vectors(n_items, _floats(0.0, 12.0)))
+        hi = lo + draw(_vectors(n_items, _floats(0.0, 4.0)))
+    metadata = draw(_zero_or(0.0, 64.0))
     problem = ContinuousProblem(model, sizes, 0.0, weights, lo, hi, metadata)
     a = problem.arrays
     fixed = float(a["metadata"].sum())
