@@ -97,9 +97,8 @@ def assert_kkt(model: ExponentialModel, sizes: Any, bits: Any, budget: float, *,
         log_v = np.log(w * alpha * np.log(beta) / n) - b * np.log(beta)
     at_lo, at_hi = b <= lo + atol, b >= hi - atol
     # ln lambda >= ln v_i where b_i could rise (free or at lo); <= ln v_i where it could fall (free or at hi)
-    floor_items, ceiling_items = ~at_hi, ~at_lo
-    need_above = np.where(floor_items, log_v, -np.inf)
-    need_below = np.where(ceiling_items, log_v, np.inf)
+    need_above = np.where(~at_hi, log_v, -np.inf)
+    need_below = np.where(~at_lo, log_v, np.inf)
     i, j = int(np.argmax(need_above)), int(np.argmin(need_below))
     if need_above[i] - need_below[j] > 2 * tol:
         def state(k):

@@ -4,6 +4,13 @@ A :class:`MenuProblem` is :func:`rdalloc.allocate`'s problem: minimize ``sum_i w
 ``sum_i C_i(b_i) <= B`` with ``b_i`` in a menu and ``C_i(b) = n_i b + m_i [0 < b < 16]``. A :class:`ContinuousProblem`
 is :func:`rdalloc.waterfill`'s: the same objective for an exponential model, ``sum_i n_i b_i + m_i <= B`` and
 ``lo_i <= b_i <= hi_i`` with real ``b_i``.
+
+Example::
+
+    problem = MenuProblem(ExponentialModel(alpha, eviction=2 * alpha), menu=(0, 2, 4, 8, 16), sizes=64.0,
+                          budget=3.0 * 64 * len(alpha), metadata=32.0)
+    W, C = problem.table()  # what the references in rdalloc.testing.references read
+    result = problem.allocate()
 """
 
 from __future__ import annotations
