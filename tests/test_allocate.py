@@ -1,5 +1,7 @@
 """Integer and menu allocation: brute force on tiny cases, exact cases, invariants (hypothesis) and bad input."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import example, given, strategies as st
@@ -7,6 +9,8 @@ from hypothesis import example, given, strategies as st
 from rdalloc import ExponentialModel, TabulatedModel, allocate
 from rdalloc.cost import item_cost
 from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
+from rdalloc.testing import assert_allocation, brute_force_optimum, menu_table
+from rdalloc.testing.strategies import menu_problems
 
 MENU = (0, 1, 2, 3, 4, 6, 8, 16)
 
@@ -21,32 +25,16 @@ def random_problem(rng, n_items, menu=MENU, eviction=True):
     return ExponentialModel(alpha, beta, eviction=ev), sizes, meta, weights
 
 
-def table(model, menu, sizes, meta, weights):
-    D, ok = model.table(menu)
-    W = np.where(ok, weights[:, None] * np.where(ok, D, 0.0), np.inf)
-    C = np.stack([item_cost(b, sizes, meta) for b in menu], axis=1)
-    return W, C
-
-
-def brute_force(W, C, budget):
-    """The optimum over every combination (``inf`` where none fits): all ``K**N`` at once."""
-    N, K = W.shape
-    combo = np.indices((K,) * N).reshape(N, -1)
-    rows = np.arange(N)[:, None]
-    cost, value = C[rows, combo].sum(axis=0), W[rows, combo].sum(axis=0)
-    return float(np.min(np.where(cost <= budget, value, np.inf)))
-
-
 @given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.floats(0.0, 1.0), st.booleans())
 @example(seed=1, n_items=4, frac=0.5, eviction=True)  # found by hypothesis: a core-only objective compared with U
 def test_optimal_against_the_brute_force(seed, n_items, frac, eviction):
     rng = np.random.default_rng(seed)
     model, n, m, w = random_problem(rng, n_items, eviction=eviction)
     menu = MENU if eviction else MENU[1:]
-    W, C = table(model, menu, n, m, w)
+    W, C = menu_table(model, menu, n, w, m)
     budget = max(frac * C.max(axis=1).sum(), C.min(axis=1).sum())
     r = allocate(model, n, budget, weights=w, menu=menu, metadata=m)
-    opt = brute_force(W, C, budget)
+    opt = brute_force_optimum(W, C, budget)
     bits = np.asarray(r.bits)
     chosen = W[np.arange(n_items), [menu.index(b) for b in bits]].sum()
     assert r.usage.total_bits <= budget
@@ -69,7 +57,7 @@ def test_one_item_off_the_hull():
 
 def test_work_limit_keeps_the_greedy_answer_or_better():
     model, n, m, w = random_problem(np.random.default_rng(11), 200)
-    W, C = table(model, MENU, n, m, w)
+    W, C = menu_table(model, MENU, n, w, m)
     budget = 0.4 * C.max(axis=1).sum()
     greedy = allocate(model, n, budget, weights=w, menu=MENU, metadata=m, max_nodes=0)
     for limit in (1, 50, 1000):
@@ -93,7 +81,7 @@ def test_equal_costs_and_unit_steps_are_optimal_for_every_budget(seed, n_items, 
     r = allocate(model, 8.0, 8.0 * steps, menu=menu)
     D, _ = model.table(menu)
     C = np.broadcast_to(8.0 * np.array(menu, dtype=float), D.shape)
-    assert float(r.distortion) == pytest.approx(brute_force(D, C, 8.0 * steps), rel=1e-12)
+    assert float(r.distortion) == pytest.approx(brute_force_optimum(D, C, 8.0 * steps), rel=1e-12)
     assert r.usage.total_bits == 8.0 * steps  # the lattice allows it, so the budget is met exactly
 
 
@@ -132,7 +120,7 @@ def test_tabulated_non_convex_table_is_solved_exactly():
     for budget in range(2, 9):
         r = allocate(model, 1.0, float(budget))
         W, C = d, np.broadcast_to(np.array([1.0, 2, 3, 4]), d.shape)
-        opt = brute_force(W, C, float(budget))
+        opt = brute_force_optimum(W, C, float(budget))
         assert float(r.dual_bound) <= opt + 1e-12
         assert float(r.distortion) == pytest.approx(opt, rel=1e-12) and int(r.status) in (OPTIMAL, SATURATED)
         assert r.usage.total_bits <= budget
@@ -160,7 +148,7 @@ def test_zero_weights_all_equal_items_and_one_item():
 
 def test_budget_exactly_at_the_minimum_and_the_maximum():
     model, n, m, w = random_problem(np.random.default_rng(5), 20)
-    W, C = table(model, MENU, n, m, w)
+    W, C = menu_table(model, MENU, n, w, m)
     lo_r = allocate(model, n, C.min(axis=1).sum(), weights=w, menu=MENU, metadata=m)
     assert r_bits_cost(lo_r, n, m) == C.min(axis=1).sum()
     top = C[np.arange(20), np.nanargmin(np.where(np.isfinite(W), W, np.nan), axis=1)].sum()
@@ -175,69 +163,83 @@ def r_bits_cost(r, n, m):
 
 # ---- invariants --------------------------------------------------------------------------------------------------
 
-cases = st.builds(lambda seed, n, frac: (seed, n, frac), st.integers(0, 2**32 - 1), st.integers(1, 80),
-                  st.floats(0.0, 1.2))
+@given(menu_problems(max_items=5))
+def test_drawn_problems_against_the_brute_force(problem):
+    # Any model, menu, sizes, metadata, weights and budget edge: widths, budget, reported distortion and certificate.
+    W, C = problem.table()
+    assert_allocation(problem, problem.allocate(), brute_force_optimum(W, C, problem.budget))
 
 
-def solve_case(case, scale=1.0, perm=None):
-    seed, n_items, frac = case
-    model, n, m, w = random_problem(np.random.default_rng(seed), n_items)
-    W, C = table(model, MENU, n, m, w)
-    budget = C.min(axis=1).sum() + frac * (C.max(axis=1).sum() - C.min(axis=1).sum())
-    if perm is not None:
-        model = ExponentialModel(model.alpha[perm], model.beta[perm], eviction=model.eviction[perm])
-        n, m, w = n[perm], m[perm], w[perm]
-    return allocate(model, n, budget, weights=w * scale, menu=MENU, metadata=m), (model, n, m, w, W, C, budget)
+problems = menu_problems(max_items=80)
 
 
-@given(cases)
-def test_never_exceeds_the_budget_and_certifies_itself(case):
-    r, (model, n, m, w, W, C, budget) = solve_case(case)
-    assert r.usage.total_bits <= budget
-    assert set(np.asarray(r.bits).tolist()) <= set(MENU)
+def permuted(problem, perm):
+    """The same problem with its items in the order ``perm``."""
+    def take(x):
+        return x[perm] if np.ndim(x) else x
+
+    model = problem.model
+    if isinstance(model, ExponentialModel):
+        model = replace(model, alpha=take(model.alpha), beta=take(model.beta), eviction=None if model.eviction is None
+                        else take(model.eviction))
+    else:
+        model = replace(model, distortion=take(model.distortion), allowed=None if model.allowed is None
+                        else take(model.allowed))
+    return replace(problem, model=model, sizes=take(problem.sizes), weights=take(problem.weights),
+                   metadata=take(problem.metadata))
+
+
+@given(problems)
+def test_never_exceeds_the_budget_and_certifies_itself(problem):
+    r = problem.allocate()
+    W, C = problem.table()
+    assert r.usage.total_bits <= problem.budget
+    assert set(np.asarray(r.bits).tolist()) <= set(problem.menu)
     assert float(r.lower_bound) <= float(r.distortion) * (1 + 1e-12) + 1e-300
     # The gap is at most one hull segment's distortion drop.
     assert r.gap <= float(np.max(np.where(np.isfinite(W), W, 0))) + 1e-12
+    assert_allocation(problem, r)  # widths allowed, cost from the widths, distortion of the widths, certificate
 
 
-@given(cases, st.sampled_from([0.5, 2.0, 1024.0]))
-def test_invariant_to_scaling_all_weights(case, scale):
-    a, _ = solve_case(case)
-    b, _ = solve_case(case, scale=scale)
+@given(problems, st.sampled_from([0.5, 2.0, 1024.0]))
+def test_invariant_to_scaling_all_weights(problem, scale):
+    a = problem.allocate()
+    b = replace(problem, weights=problem.weights * scale).allocate()
     np.testing.assert_array_equal(np.asarray(a.bits), np.asarray(b.bits))
 
 
-@given(cases, st.integers(0, 2**32 - 1))
-def test_permutation_equivariance(case, seed):
-    a, _ = solve_case(case)
-    p = np.random.default_rng(seed).permutation(case[1])
-    b, _ = solve_case(case, perm=p)
+@given(problems, st.integers(0, 2**32 - 1))
+def test_permutation_equivariance(problem, seed):
+    a = problem.allocate()
+    b = permuted(problem, np.random.default_rng(seed).permutation(problem.model.n_items)).allocate()
     assert float(b.distortion) == pytest.approx(float(a.distortion), rel=1e-9, abs=1e-300)
     assert float(b.lower_bound) == pytest.approx(float(a.lower_bound), rel=1e-9, abs=1e-300)
 
 
-@given(cases, st.floats(0.01, 0.5))
-def test_dual_bound_and_optimum_are_monotone_in_the_budget(case, extra):
-    a, (model, n, m, w, W, C, budget) = solve_case(case)
-    b = allocate(model, n, budget + extra * n.sum(), weights=w, menu=MENU, metadata=m)
+@given(problems, st.floats(0.01, 0.5))
+def test_dual_bound_and_optimum_are_monotone_in_the_budget(problem, extra):
+    a = problem.allocate()
+    elements = float(np.sum(np.broadcast_to(problem.sizes, (problem.model.n_items,))))
+    b = replace(problem, budget=problem.budget + extra * elements).allocate()
     assert float(b.dual_bound) <= float(a.dual_bound) * (1 + 1e-12) + 1e-300
     if int(a.status) in (OPTIMAL, SATURATED) and int(b.status) in (OPTIMAL, SATURATED):
         assert float(b.distortion) <= float(a.distortion) * (1 + 1e-9) + 1e-300
 
 
-@given(cases, st.integers(0, 2**32 - 1))
-def test_no_single_swap_does_better_when_optimal(case, seed):
-    r, (model, n, m, w, W, C, budget) = solve_case(case)
+@given(problems, st.integers(0, 2**32 - 1))
+def test_no_single_swap_does_better_when_optimal(problem, seed):
+    r = problem.allocate()
+    W, C = problem.table()
     if int(r.status) != OPTIMAL:
         return
     rng = np.random.default_rng(seed)
-    idx = np.array([MENU.index(b) for b in np.asarray(r.bits)])
+    idx = np.array([problem.menu.index(b) for b in np.asarray(r.bits)])
     for _ in range(50):
         cand = idx.copy()
         i, j = rng.integers(0, len(idx), 2)
-        cand[i], cand[j] = rng.integers(0, len(MENU), 2)
+        cand[i], cand[j] = rng.integers(0, len(problem.menu), 2)
         rows = np.arange(len(idx))
-        if C[rows, cand].sum() <= budget and np.all(np.isfinite(W[rows, cand])):
+        if C[rows, cand].sum() <= problem.budget and np.all(np.isfinite(W[rows, cand])):
             assert W[rows, cand].sum() >= float(r.distortion) * (1 - 1e-12)
 
 

@@ -1,15 +1,14 @@
-"""The solvers against outside oracles: cvxpy (exponential cone) for the continuous problem; for menus HiGHS (MILP)
-and an exact dynamic program over integer budgets."""
+"""The solvers against outside oracles (:mod:`rdalloc.testing.references`): cvxpy (exponential cone) and bisection
+for the continuous problem; for menus HiGHS (MILP) and an exact dynamic program over integer budgets."""
 
 import numpy as np
 import pytest
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import eye, kron
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
 from rdalloc.cost import item_cost
 from rdalloc.allocate import OPTIMAL
-
+from rdalloc.testing import (assert_certificate, assert_within_budget, bisection_waterfill, cvxpy_waterfill,
+                             dynamic_program_optimum, menu_table, milp_optimum)
 
 
 def continuous_instance(seed, n_items):
@@ -24,36 +23,22 @@ def continuous_instance(seed, n_items):
 
 @pytest.mark.parametrize("seed, n_items", [(0, 10), (1, 200), (2, 2000)])
 def test_waterfill_matches_cvxpy(seed, n_items):
-    cp = pytest.importorskip("cvxpy")  # a test extra; installed by `make test`
+    pytest.importorskip("cvxpy", reason="cvxpy is a test extra: pip install 'rdalloc[test]'")
     model, n, w, lo, hi = continuous_instance(seed, n_items)
     budget = 3.0 * n.sum()
     r = waterfill(model, n, budget, weights=w, lo=lo, hi=hi)
-    b = cp.Variable(n_items)
-    objective = cp.sum(cp.multiply(w * model.alpha, cp.exp(-cp.multiply(np.log(model.beta), b))))
-    scale = n.mean()  # a well-scaled budget row lets the interior-point solver reach 1e-10
-    prob = cp.Problem(cp.Minimize(objective), [(n / scale) @ b <= budget / scale, b >= lo, b <= hi])
-    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=500)
-    assert prob.status == cp.OPTIMAL
-    assert float(r.distortion) == pytest.approx(prob.value, rel=1e-6)
-    assert float(r.distortion) <= prob.value * (1 + 1e-9)  # cvxpy is accurate to ~1e-6; ours is exact
-    np.testing.assert_allclose(np.asarray(r.bits), b.value, atol=1e-4)
+    value, bits = cvxpy_waterfill(model, n, budget, weights=w, lo=lo, hi=hi)  # asserts cvxpy's status is optimal
+    assert float(r.distortion) == pytest.approx(value, rel=1e-6)
+    assert float(r.distortion) <= value * (1 + 1e-9)  # cvxpy is accurate to ~1e-6; ours is exact
+    np.testing.assert_allclose(np.asarray(r.bits), bits, atol=1e-4)
 
 
-def milp_optimum(W, C, budget):
-    """One-hot MILP: x[i, k] in {0, 1}, one per item, sum C x <= B, minimize sum W x (HiGHS via scipy). HiGHS also
-    stops at an absolute gap of 1e-6, so the objective is scaled to make its LP relaxation 1e6."""
-    N, K = W.shape
-    ok = np.isfinite(W).ravel()
-    c = np.where(ok, W.ravel(), 0.0)
-    rows = kron(eye(N), np.ones((1, K)))
-    cons = [LinearConstraint(rows, 1, 1), LinearConstraint(C.ravel()[None, :], -np.inf, budget)]
-    bounds = Bounds(0, np.where(ok, 1, 0))
-    lp = milp(c, constraints=cons, bounds=bounds)
-    assert lp.status == 0, lp.message
-    scale = 1e6 / lp.fun if lp.fun > 0 else 1.0
-    res = milp(c * scale, constraints=cons, integrality=np.ones(N * K), bounds=bounds, options={"mip_rel_gap": 1e-12})
-    assert res.status == 0, res.message
-    return float(c @ np.round(res.x))
+@pytest.mark.parametrize("seed, n_items", [(0, 10), (1, 200), (2, 2000)])
+def test_waterfill_matches_the_bisection(seed, n_items):
+    model, n, w, lo, hi = continuous_instance(seed, n_items)
+    r = waterfill(model, n, 3.0 * n.sum(), weights=w, lo=lo, hi=hi)
+    np.testing.assert_allclose(np.asarray(r.bits), bisection_waterfill(model, n, 3.0 * n.sum(), weights=w, lo=lo,
+                                                                       hi=hi), rtol=0, atol=1e-9)
 
 
 def menu_instance(seed, n_items, equal):
@@ -73,27 +58,12 @@ def menu_instance(seed, n_items, equal):
 def test_allocate_matches_the_milp(seed, n_items, equal, avg):
     model, menu, n, m, w = menu_instance(seed, n_items, equal)
     r = allocate(model, n, average_bits=avg, weights=w, menu=menu, metadata=m if not equal else 0.0)
-    D, ok = model.table(menu)
-    W = np.where(ok, w[:, None] * np.where(ok, D, 0), np.inf)
-    C = np.stack([item_cost(b, n * np.ones(n_items), m if not equal else 0.0) for b in menu], axis=1)
+    W, C = menu_table(model, menu, n, w, m if not equal else 0.0)
     opt = milp_optimum(W, C, float(r.budget))
     assert r.usage.total_bits <= float(r.budget)
     assert float(r.dual_bound) <= float(r.lower_bound) <= opt * (1 + 1e-9)
     assert int(r.status) == OPTIMAL
     assert float(r.distortion) == pytest.approx(opt, rel=1e-9)
-
-
-def dp_optimum(W, C, budget):
-    """Exact dynamic program for integer costs: ``f_i(c)`` = least distortion of items ``0..i`` within ``c`` bits."""
-    B = int(np.floor(budget))
-    f = np.zeros(B + 1)
-    for Wi, Ci in zip(W, C.astype(np.int64)):
-        g = np.full(B + 1, np.inf)
-        for w_k, c_k in zip(Wi, Ci):
-            if np.isfinite(w_k) and c_k <= B:
-                g[c_k:] = np.minimum(g[c_k:], f[:B + 1 - c_k] + w_k)
-        f = g
-    return float(f[B])
 
 
 MENUS = {"eviction": (0, 1, 2, 3, 4, 5, 6, 8, 16), "coarse": (0, 2, 4, 8, 16), "no eviction": (2, 3, 4, 5, 6, 7, 8)}
@@ -111,21 +81,18 @@ def oracle_instance(seed, n_items, menu, integral):
     else:
         n, m = rng.uniform(1.0, 128.0, n_items), rng.uniform(0.0, 64.0, n_items)
     w = rng.uniform(0.0, 3.0, n_items)
-    D, ok = model.table(menu)
-    W = np.where(ok, w[:, None] * np.where(ok, D, 0.0), np.inf)
-    C = np.stack([item_cost(b, n, m) for b in menu], axis=1)
+    W, C = menu_table(model, menu, n, w, m)
     lo, hi = C.min(axis=1).sum(), C.max(axis=1).sum()
     budget = lo + rng.uniform(0.0, 1.0) * (hi - lo)
     return model, n, m, w, W, C, float(np.floor(budget)) if integral else budget
 
 
-def check_against(r, opt, budget):
+def check_against(r, opt, budget, sizes, metadata):
     assert r.usage.total_bits <= budget
-    assert float(r.dual_bound) <= float(r.lower_bound) <= opt * (1 + 1e-9) + 1e-12
-    if int(r.status) == OPTIMAL:
-        assert float(r.distortion) == pytest.approx(opt, rel=1e-9, abs=1e-12)
-    else:  # only past the work limit; the reported gap still bounds the true one
-        assert float(r.distortion) - opt <= r.gap * (1 + 1e-9) + 1e-12
+    assert_within_budget(r.bits, sizes, budget, metadata)  # recomputed from the widths
+    # dual <= lower bound <= opt (1 + 1e-9) + 1e-12; OPTIMAL: distortion == opt (rel 1e-9, abs 1e-12); else (past
+    # the work limit) the reported gap bounds the true one
+    assert_certificate(r, opt, rtol=1e-9, atol=1e-12)
     assert int(r.status) == OPTIMAL  # the default work limit suffices at these sizes
 
 
@@ -134,7 +101,7 @@ def check_against(r, opt, budget):
 def test_allocate_matches_the_integer_dynamic_program(menu, seed, n_items):
     model, n, m, w, W, C, budget = oracle_instance(seed, n_items, MENUS[menu], integral=True)
     r = allocate(model, n, budget, weights=w, menu=MENUS[menu], metadata=m)
-    check_against(r, dp_optimum(W, C, budget), budget)
+    check_against(r, dynamic_program_optimum(W, C, budget), budget, n, m)
 
 
 @pytest.mark.parametrize("menu", sorted(MENUS))
@@ -142,13 +109,13 @@ def test_allocate_matches_the_integer_dynamic_program(menu, seed, n_items):
 def test_allocate_matches_the_milp_real_sizes(menu, seed, n_items):
     model, n, m, w, W, C, budget = oracle_instance(seed, n_items, MENUS[menu], integral=False)
     r = allocate(model, n, budget, weights=w, menu=MENUS[menu], metadata=m)
-    check_against(r, milp_optimum(W, C, budget), budget)
+    check_against(r, milp_optimum(W, C, budget), budget, n, m)
 
 
 def test_the_oracles_agree_and_the_hull_alone_falls_short():
     # The two oracles on one instance, and the instance needs the exact phase: the hull/greedy answer is worse.
     model, n, m, w, W, C, budget = oracle_instance(3, 30, MENUS["coarse"], integral=True)
-    opt = dp_optimum(W, C, budget)
+    opt = dynamic_program_optimum(W, C, budget)
     assert milp_optimum(W, C, budget) == pytest.approx(opt, rel=1e-9)
     hull = allocate(model, n, budget, weights=w, menu=MENUS["coarse"], metadata=m, max_nodes=0)
     assert float(hull.distortion) > opt * (1 + 1e-6)
@@ -166,4 +133,4 @@ def test_tabulated_off_hull_points_against_the_dynamic_program():
         C = np.stack([item_cost(b, n, 4.0) for b in bits], axis=1)
         budget = float(np.floor(C.min(axis=1).sum() + rng.uniform(0, 1) * (C.max(axis=1).sum() - C.min(axis=1).sum())))
         r = allocate(TabulatedModel(bits=bits, distortion=d), n, budget, metadata=4.0)
-        check_against(r, dp_optimum(d, C, budget), budget)
+        check_against(r, dynamic_program_optimum(d, C, budget), budget, n, 4.0)

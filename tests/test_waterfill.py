@@ -2,12 +2,15 @@
 
 import importlib
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from rdalloc import ExponentialModel, waterfill
+from rdalloc.testing import assert_kkt, bisection_waterfill
+from rdalloc.testing.strategies import continuous_problems
 from rdalloc.waterfill import OPTIMAL, SATURATED
 
 
@@ -135,68 +138,75 @@ def test_traced_solve_starts_from_the_sampled_level(case):
 
 # ---- invariants --------------------------------------------------------------------------------------------------
 
-instances = st.builds(
-    lambda seed, n, avg, shared: (np.random.default_rng(seed), n, avg, shared),
-    st.integers(0, 2**32 - 1), st.integers(1, 60), st.floats(1.0, 8.0), st.booleans())
+problems = continuous_problems(max_items=60)
 
 
-def solve(inst, **kw):
-    rng, n_items, avg, shared = inst
-    model, n, w = problem(rng, n_items, shared)
-    return model, n, w, waterfill(model, n, weights=w, average_bits=avg, **kw)
+def payload_target(p):
+    """What the payload ``sum_i n_i b_i`` must reach: the budget less metadata, or every useful item at ``hi``."""
+    a = p.arrays
+    top = np.where(a["weights"] > 0, a["hi"], a["lo"])
+    return min(float(p.budget) - float(a["metadata"].sum()), float(a["sizes"] @ top))
 
 
-@given(instances)
-def test_budget_bounds_and_kkt(inst):
-    model, n, w, r = solve(inst)
+@given(problems)
+def test_budget_bounds_and_kkt(p):
+    r = p.waterfill()
+    a = p.arrays
     bits = np.asarray(r.bits)
-    assert np.all(bits >= 1.0 - 1e-12) and np.all(bits <= 8.0 + 1e-12)
-    target = min(float(r.budget), 8.0 * n.sum())
-    assert float(np.sum(n * bits)) == pytest.approx(target, rel=1e-11)
+    assert np.all(bits >= a["lo"] - 1e-12) and np.all(bits <= a["hi"] + 1e-12)
+    assert float(np.sum(a["sizes"] * bits)) == pytest.approx(payload_target(p), rel=1e-11)
     assert float(r.kkt_residual) < 1e-8
+    assert_kkt(p.model, p.sizes, bits, p.budget, weights=p.weights, lo=p.lo, hi=p.hi, metadata=p.metadata)
 
 
-@given(instances, st.floats(0.05, 2.0))
-def test_monotone_in_the_budget(inst, extra):
-    rng, n_items, avg, shared = inst
-    model, n, w = problem(rng, n_items, shared)
-    a = waterfill(model, n, weights=w, average_bits=avg)
-    b = waterfill(model, n, weights=w, average_bits=min(avg + extra, 8.0))
+@given(problems)
+def test_matches_the_bisection_reference(p):
+    r = p.waterfill()
+    ref = bisection_waterfill(p.model, p.sizes, p.budget, weights=p.weights, lo=p.lo, hi=p.hi, metadata=p.metadata)
+    np.testing.assert_allclose(np.asarray(r.bits), ref, rtol=0, atol=1e-9)
+
+
+@given(problems, st.floats(0.05, 2.0))
+def test_monotone_in_the_budget(p, extra):
+    a = p.waterfill()
+    b = replace(p, budget=p.budget + extra * float(p.arrays["sizes"].sum())).waterfill()
     assert np.all(np.asarray(b.bits) >= np.asarray(a.bits) - 1e-9)
     assert float(b.distortion) <= float(a.distortion) * (1 + 1e-12)
 
 
-@given(instances, st.integers(0, 2**32 - 1))
-def test_permutation_equivariance(inst, seed):
-    rng, n_items, avg, shared = inst
-    model, n, w = problem(rng, n_items, shared)
-    p = np.random.default_rng(seed).permutation(n_items)
-    a = waterfill(model, n, weights=w, average_bits=avg)
-    beta = model.beta if np.isscalar(model.beta) else model.beta[p]
-    b = waterfill(ExponentialModel(model.alpha[p], beta), n[p], weights=w[p], average_bits=avg)
-    np.testing.assert_allclose(np.asarray(b.bits), np.asarray(a.bits)[p], atol=1e-9)
+@given(problems, st.integers(0, 2**32 - 1))
+def test_permutation_equivariance(p, seed):
+    perm = np.random.default_rng(seed).permutation(p.model.n_items)
+
+    def take(x):
+        return x[perm] if np.ndim(x) else x
+
+    a = p.waterfill()
+    model = replace(p.model, alpha=take(p.model.alpha), beta=take(p.model.beta))
+    b = replace(p, model=model, sizes=take(p.sizes), weights=take(p.weights), lo=take(p.lo), hi=take(p.hi)).waterfill()
+    np.testing.assert_allclose(np.asarray(b.bits), np.asarray(a.bits)[perm], atol=1e-9)
 
 
-@given(instances, st.floats(1e-3, 1e3))
-def test_invariant_to_scaling_all_weights(inst, scale):
-    rng, n_items, avg, shared = inst
-    model, n, w = problem(rng, n_items, shared)
-    a = waterfill(model, n, weights=w, average_bits=avg)
-    b = waterfill(model, n, weights=w * scale, average_bits=avg)
+@given(problems, st.floats(1e-3, 1e3))
+def test_invariant_to_scaling_all_weights(p, scale):
+    a = p.waterfill()
+    b = replace(p, weights=p.weights * scale).waterfill()
     np.testing.assert_allclose(np.asarray(b.bits), np.asarray(a.bits), atol=1e-9)
 
 
-@given(instances, st.integers(0, 2**32 - 1))
-def test_no_feasible_perturbation_does_better(inst, seed):
-    model, n, w, r = solve(inst)
+@given(problems, st.integers(0, 2**32 - 1))
+def test_no_feasible_perturbation_does_better(p, seed):
+    r = p.waterfill()
+    a = p.arrays
+    n, w, lo, hi = a["sizes"], a["weights"], a["lo"], a["hi"]
     bits = np.asarray(r.bits)
     rng = np.random.default_rng(seed)
     d = rng.normal(size=bits.shape)
     d -= n * (d @ n) / (n @ n)  # keep the budget
     for step in (1e-1, 1e-3):
         cand = bits + step * d
-        if np.all(cand >= 1.0) and np.all(cand <= 8.0):
-            assert float(np.sum(w * model.alpha * model.beta ** (-cand))) >= float(r.distortion) * (1 - 1e-12)
+        if np.all(cand >= lo) and np.all(cand <= hi):
+            assert float(np.sum(w * p.model.alpha * p.model.beta ** (-cand))) >= float(r.distortion) * (1 - 1e-12)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -242,7 +252,8 @@ def test_wrong_model_type():
 def test_regression_budget_at_the_minimum_reports_a_consistent_water_level():
     # hypothesis: inst=(default_rng(0), 2 items, average_bits=1.0, per-item beta) gave KKT residual 2.15 when the
     # level was left at the all-free guess; at the minimum the level must keep every item at lo.
-    model, n, w, r = solve((np.random.default_rng(0), 2, 1.0, False))
+    model, n, w = problem(np.random.default_rng(0), 2, shared_beta=False)
+    r = waterfill(model, n, weights=w, average_bits=1.0)
     np.testing.assert_array_equal(np.asarray(r.bits), 1.0)
     assert float(r.kkt_residual) < 1e-12
 
