@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rdalloc import ExponentialModel, TabulatedModel, item_cost
+from rdalloc import ExponentialModel, TabulatedModel
+from rdalloc.cost import item_cost
 from rdalloc.status import OPTIMAL, SATURATED
 
 from .problems import MenuProblem

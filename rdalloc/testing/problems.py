@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rdalloc import ExponentialModel, TabulatedModel, allocate, item_cost, waterfill
+from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
+from rdalloc.cost import item_cost
 
 __all__ = ["MenuProblem", "ContinuousProblem", "menu_table"]
 

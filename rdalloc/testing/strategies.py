@@ -31,7 +31,8 @@ try:
 except ImportError as e:  # users import this module explicitly; the rest of rdalloc.testing works without it
     raise ImportError("rdalloc.testing.strategies needs hypothesis: pip install 'rdalloc[test]'") from e
 
-from rdalloc import FULL_BITS, ExponentialModel, TabulatedModel
+from rdalloc import ExponentialModel, TabulatedModel
+from rdalloc.models import FULL_BITS
 
 from .problems import ContinuousProblem, MenuProblem
 
