@@ -68,7 +68,8 @@ from ._checks import check_budget, check_ordered, check_shape, check_values
 from ._namespace import (as_float64, cond, float_dtype, index_dtype, is_jax, is_traced, namespace, to_numpy,
                          while_loop)
 from .cost import Usage
-from .models import FULL_BITS, ExponentialModel, TabulatedModel, _menu
+from ._checks import check_menu
+from .models import FULL_BITS, ExponentialModel, TabulatedModel
 from .status import FEASIBLE, INFEASIBLE, MESSAGES, OPTIMAL, SATURATED
 
 __all__ = ["allocate", "Allocation", "default_menu"]
@@ -185,7 +186,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
         raise TypeError(f"max_nodes must be an int, got {type(max_nodes).__name__}")
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
-    menu = default_menu(model) if menu is None else _menu(menu)
+    menu = default_menu(model) if menu is None else check_menu(menu)
     arrays = (model.alpha,) if isinstance(model, ExponentialModel) else (model.distortion,)
     xp = namespace(*arrays, sizes, weights, metadata, lo, hi)
     jax_mode = is_jax(xp)
