@@ -261,3 +261,63 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
     total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
     return WaterfillInputs(xp, alpha, beta, n, w, lo, hi, m, elements,
                            xp.asarray(total, dtype=float_dtype(xp), device=dev))
+
+
+class AllocateInputs(NamedTuple):
+    """:func:`~rdalloc.allocate`'s arguments, checked: the menu, per-item ``(N,)`` float arrays of one backend
+    (``lo``/``hi`` ``None`` when not given), the total elements and the budget ``B`` in total bits."""
+
+    xp: Any
+    menu: tuple
+    sizes: Any
+    weights: Any
+    metadata: Any
+    lo: Any
+    hi: Any
+    elements: Any
+    budget: Any
+
+
+def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, menu: Any, metadata: Any,
+                lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
+    """Check and convert :func:`~rdalloc.allocate`'s arguments (``menu=None``: the model's default menu). Raises
+    ``TypeError``/``ValueError`` naming the argument."""
+    from .allocate import default_menu
+    from .models import ExponentialModel, TabulatedModel  # (models imports this module)
+
+    if not isinstance(model, (ExponentialModel, TabulatedModel)):
+        raise TypeError(f"model must be an ExponentialModel or TabulatedModel, got {type(model).__name__}")
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, (int, np.integer)):
+        raise TypeError(f"max_nodes must be an int, got {type(max_nodes).__name__}")
+    if max_nodes < 0:
+        raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
+    menu = default_menu(model) if menu is None else check_menu(menu)
+    data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
+    xp = namespace(data, sizes, weights, metadata, lo, hi)
+    dev = device(data)
+    N = model.n_items
+    for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
+        check_shape(name, value, N)
+    check_values("sizes", sizes, positive=True)
+    check_values("weights", weights, nonnegative=True)
+    check_values("metadata", metadata, nonnegative=True)
+    ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
+    n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
+               for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
+    elements = xp.sum(n)
+    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
+    bounds = []
+    for name, bound in (("lo", lo), ("hi", hi)):
+        if bound is not None:
+            check_shape(name, bound, N)
+            check_values(name, bound)
+        bounds.append(None if bound is None else as_float64(xp, bound, device=dev, name=name) * ones)
+    if lo is not None and hi is not None:
+        check_ordered(lo, hi, N)
+    if isinstance(model, TabulatedModel):
+        missing = sorted(set(menu) - set(model.bits))
+        if missing:
+            raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
+                             f"(it has {list(model.bits)})")
+    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], elements,
+                          xp.asarray(total, dtype=float_dtype(xp), device=dev))

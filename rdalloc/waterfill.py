@@ -153,7 +153,8 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     level = xp.where(saturated, -big, mu)  # lambda = 0 when the budget is slack (-big keeps the residual finite)
     force = traced or bool(saturated | at_min)  # eager: skip the fix-ups the data does not need
     out = over.run(_final_pass(xp, mu, level, saturated, at_min, force, first.all_useful))
-    bits = xp.where(infeasible, xp.nan, out.arrays[0]) if traced else out.arrays[0]
+    (bits,) = out.arrays
+    bits = xp.where(infeasible, xp.nan, bits) if traced else bits
     code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
