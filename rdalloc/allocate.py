@@ -18,11 +18,11 @@ distortion) points.
    It is found exactly on the set of efficiency *values*. On numpy and torch: sample-select — sort a strided sample
    of about ``(NK)**(2/3)`` candidates, take two pivots 4 standard errors around the estimated split, and in one pass
    sum the cost above the upper one and keep the candidates between them (a few percent); the exact costs at both
-   pivots follow, and an exact sort of the kept ones finishes (2 rounds at ``NK = 10**7``). On JAX: the same
-   sampled pivots give the first bracket, then safeguarded interpolation (Illinois) on ``ln lambda`` with every
-   trial snapped to an efficiency in the bracket and bisection when it shrinks slowly, in ``lax.while_loop`` with
-   static shapes; it stops when no efficiency lies strictly inside the bracket. The segments tied at ``lambda*`` are
-   then taken in item order while they fit.
+   pivots follow, and an exact sort of the kept ones finishes. On JAX: the same sampled pivots give the first
+   bracket, then safeguarded interpolation (Illinois) on ``ln lambda`` with every trial snapped to an efficiency in
+   the bracket and bisection when it shrinks slowly, in ``lax.while_loop`` with static shapes; it stops when no
+   efficiency lies strictly inside the bracket. The segments tied at ``lambda*`` are then taken in item order while
+   they fit.
 
    Step 1 is independent per item; eager backends run it over cache-sized chunks of items, written straight into the
    ``(K, N)`` tables.
@@ -41,8 +41,7 @@ distortion) points.
    completed at ``t`` is an incumbent candidate. Stopping rule: proven when every item outside the core is fixed by
    the new ``U``; else a 4 times larger core, until ``max_nodes`` states (all rounds together) are spent — then the
    best allocation found (never worse than the fill's) is returned with status ``FEASIBLE`` and the dual gap. Only
-   the ``(K, N)`` pass for ``min_{k != t_i} r_ik`` touches every item; at ``N = 10^6`` the phase adds about 30% and,
-   with relative gaps near ``1e-8``, stops at the work limit.
+   the ``(K, N)`` pass for ``min_{k != t_i} r_ik`` touches every item.
 
 Certificate. The Lagrangian dual ``q(lambda*) = sum_i min_b [w_i D_i(b) + lambda* C_i(b)] - lambda* B`` (``dual_bound``)
 is a lower bound on the optimum for every ``lambda >= 0`` and is maximal at ``lambda*`` (it equals the LP relaxation
@@ -653,7 +652,7 @@ def _split_level(xp, E, dC, R, skip, static: bool):
     pass over the candidates sums the cost above the upper pivot and keeps those between the pivots (a few percent);
     the exact costs at both pivots follow from the kept ones. If the split is between them, only the kept remain;
     else (a misleading sample) the candidates beyond the pivot that held. At most ``_EXACT`` left, an exact sort
-    finishes: 2 rounds for 10^7 segments.
+    finishes.
     JAX: the same bracket driven by Illinois regula falsi on ``ln lambda`` with trials snapped to efficiency values
     and bisection safeguards, in ``lax.while_loop`` with static shapes.
     Invariant: ``T(lo) > R >= T(hi)``, ``T(lam) = sum dC [E > lam]``; done when no value lies in ``(lo, hi)``.

@@ -339,6 +339,17 @@ def fit_exponential(distortions: Any, bits: Sequence[int], *, pooled: bool = Tru
     Returns an :class:`ExponentialFit`; its ``.model`` is the :class:`ExponentialModel`. Raises ``ValueError`` when
     an item has too few usable points (per item: two distinct widths; pooled: one, and two distinct widths somewhere)
     — zeros and zero-weight points do not count.
+
+    Two items measured on ``D(b) = alpha_i 4**(-b)`` at 2, 4 and 8 bits, and at eviction (kept as measured, off the
+    curve):
+
+    >>> import numpy as np
+    >>> d = np.array([[0.5, 1 / 16, 1 / 256, 1 / 65536], [0.5, 2 / 16, 2 / 256, 2 / 65536]])
+    >>> fit = fit_exponential(d, [0, 2, 4, 8])
+    >>> round(float(fit.beta[0]), 9), np.round(fit.alpha, 9).tolist(), fit.model.eviction.tolist()
+    (4.0, [1.0, 2.0], [0.5, 0.5])
+    >>> fit.model.lo, fit.model.hi
+    (2.0, 8.0)
     """
     d, bits, w = check_measurements(distortions, bits, sample_weights)
     fit = fit_validated(d, bits, w, pooled, check_quantizer_name(quantizer))

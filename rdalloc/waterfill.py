@@ -26,11 +26,10 @@ constants ``ck = c / k`` and ``1 / k`` and, with the chunk still in cache, class
 ``g(a)``, the slope of the items free on all of it, and the few percent with a breakpoint inside, kept. Newton then
 runs on the kept items only (``g`` on ``[a, b]`` is ``g(a)`` plus their change and a linear term); a root outside
 ``[a, b]`` (a misleading sample) falls back to Newton over all items. Pass 2 writes the bits and the certificate.
-Both passes run over chunks whose temporaries stay in the CPU cache: 10–14 ``exp``-passes in all at ``N = 10**7``
-(``benchmarks/solver.py``). Traced solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they run
-Newton over all items from the sampled level (3 evaluations where the all-free level takes 4), the passes fused by
-XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``) run Newton from the all-free level
-over all items (2–4 iterations).
+Both passes run over chunks whose temporaries stay in the CPU cache (timings: ``benchmarks/solver.py``). Traced
+solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they run Newton over all items from the
+sampled level, the passes fused by XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``)
+run Newton from the all-free level over all items.
 
 Metadata: the continuous relaxation treats every item as quantized, so ``P = B - sum_i m_i``. Use
 :func:`rdalloc.allocate` for integer bits, menus, eviction and metadata that depends on the bit-width.
