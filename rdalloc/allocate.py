@@ -657,10 +657,12 @@ def _split_level(xp, E, dC, R, skip, static: bool):
     and bisection safeguards, in ``lax.while_loop`` with static shapes.
     Invariant: ``T(lo) > R >= T(hi)``, ``T(lam) = sum dC [E > lam]``; done when no value lies in ``(lo, hi)``.
     """
-    e = xp.reshape(E, (-1,))
-    c = xp.reshape(dC, (-1,))
-    if static:
-        return _split_level_static(xp, e, c, R, skip)
+    search = _split_level_static if static else _split_level_eager
+    return search(xp, xp.reshape(E, (-1,)), xp.reshape(dC, (-1,)), R, skip)
+
+
+def _split_level_eager(xp, e, c, R, skip):
+    """:func:`_split_level` by sample-select over the flat efficiencies ``e`` and costs ``c``."""
     zero = xp.zeros_like(R)
     if bool(skip):
         return zero, xp.asarray(0, dtype=xp.int32), zero
@@ -850,37 +852,56 @@ class _Fill(NamedTuple):
 
 def _fill(xp, E, dC, nxt, cur, slack, max_steps: int):
     """Greedy fill: while some item's next hull segment fits in ``slack``, take the most efficient one (lowest item
-    on ties). One pass over ``N`` numbers per step; the step count is at most ``slack / min dC``."""
-    K, N = E.shape
+    on ties). One pass over ``N`` numbers per step; the step count is at most ``slack / min dC``. Returns the rows
+    ``cur``, the slack left and the steps taken."""
     itype = index_dtype(xp)
-    E_flat, dC_flat, nxt_flat = (xp.reshape(X, (-1,)) for X in (E, dC, nxt))
-    items = xp.arange(N, dtype=itype, device=device(E))
     cur = xp.astype(cur, itype)
     col = xp.astype(_at(xp, nxt, cur), itype)  # the row where each item's next segment ends (K: none)
+    e_next, c_next = _segments(xp, E, dC, col, xp.arange(E.shape[1], dtype=itype, device=device(E)))
+    start = _Fill(cur=cur, col=col, e_next=e_next, c_next=c_next, steps=xp.asarray(0, dtype=xp.int32), slack=slack,
+                  more=None)
+    fill = _fill_static if is_jax(xp) or is_traced(E) else _fill_eager
+    return fill(xp, E, dC, nxt, start, max_steps)
 
-    def segment(col, i):
-        """``E`` and ``dC`` of the segments ending at rows ``col`` of items ``i`` (``-inf`` and 0 where ``col = K``)."""
-        flat = xp.minimum(col, xp.full_like(col, K - 1)) * N + i
-        has = col < K
-        return (xp.where(has, xp.take(E_flat, flat), xp.full(flat.shape, -xp.inf, dtype=E.dtype, device=device(E))),
-                xp.where(has, xp.take(dC_flat, flat), xp.zeros(flat.shape, dtype=dC.dtype, device=device(E))))
 
-    e_next, c_next = segment(col, items)
-    if not (is_jax(xp) or is_traced(E)):  # eager: one masked argmax per step, the chosen item updated in place
-        steps, ninf = 0, xp.asarray(-xp.inf, dtype=E.dtype, device=device(E))
-        while steps < max_steps:
-            fitting = xp.where((e_next > -xp.inf) & (c_next <= slack), e_next, ninf)
-            i = int(xp.argmax(fitting))
-            if not bool(fitting[i] > -xp.inf):
-                break
-            new_cur = int(col[i])
-            new_col = int(nxt_flat[new_cur * N + i])
-            slack = slack - c_next[i]
-            cur[i], col[i] = new_cur, new_col
-            e_new, c_new = (E_flat[new_col * N + i], dC_flat[new_col * N + i]) if new_col < K else (ninf, 0.0)
-            e_next[i], c_next[i] = e_new, c_new
-            steps += 1
-        return cur, slack, xp.asarray(steps, dtype=xp.int32)
+def _segments(xp, E, dC, col, i):
+    """``E`` and ``dC`` of the segments ending at rows ``col`` of items ``i`` (``-inf`` and 0 where ``col = K``)."""
+    K, N = E.shape
+    flat = xp.minimum(col, xp.full_like(col, K - 1)) * N + i
+    has = col < K
+    return (xp.where(has, xp.take(xp.reshape(E, (-1,)), flat),
+                     xp.full(flat.shape, -xp.inf, dtype=E.dtype, device=device(E))),
+            xp.where(has, xp.take(xp.reshape(dC, (-1,)), flat),
+                     xp.zeros(flat.shape, dtype=dC.dtype, device=device(E))))
+
+
+def _fill_eager(xp, E, dC, nxt, s: _Fill, max_steps: int):
+    """:func:`_fill` with one masked argmax per step and the chosen item updated in place."""
+    K, N = E.shape
+    E_flat, dC_flat, nxt_flat = (xp.reshape(X, (-1,)) for X in (E, dC, nxt))
+    cur, col, e_next, c_next, slack = s.cur, s.col, s.e_next, s.c_next, s.slack
+    steps, ninf = 0, xp.asarray(-xp.inf, dtype=E.dtype, device=device(E))
+    while steps < max_steps:
+        fitting = xp.where((e_next > -xp.inf) & (c_next <= slack), e_next, ninf)
+        i = int(xp.argmax(fitting))
+        if not bool(fitting[i] > -xp.inf):
+            break
+        new_cur = int(col[i])
+        new_col = int(nxt_flat[new_cur * N + i])
+        slack = slack - c_next[i]
+        cur[i], col[i] = new_cur, new_col
+        e_new, c_new = (E_flat[new_col * N + i], dC_flat[new_col * N + i]) if new_col < K else (ninf, 0.0)
+        e_next[i], c_next[i] = e_new, c_new
+        steps += 1
+    return cur, slack, xp.asarray(steps, dtype=xp.int32)
+
+
+def _fill_static(xp, E, dC, nxt, s: _Fill, max_steps: int):
+    """:func:`_fill` with static shapes in ``lax.while_loop``: each step is a masked argmax and a masked update."""
+    N = E.shape[1]
+    nxt_flat = xp.reshape(nxt, (-1,))
+    itype = s.cur.dtype
+    items = xp.arange(N, dtype=itype, device=device(E))
 
     def fits(s: _Fill):
         return (s.e_next > -xp.inf) & (s.c_next <= s.slack)
@@ -890,14 +911,12 @@ def _fill(xp, E, dC, nxt, cur, slack, max_steps: int):
                        (1,))
         new_cur = xp.take(s.col, i)
         new_col = xp.astype(xp.take(nxt_flat, new_cur * N + i), itype)
-        e_new, c_new = segment(new_col, i)
+        e_new, c_new = _segments(xp, E, dC, new_col, i)
         chosen = items == i
         s = s._replace(cur=xp.where(chosen, new_cur, s.cur), col=xp.where(chosen, new_col, s.col),
                        e_next=xp.where(chosen, e_new, s.e_next), c_next=xp.where(chosen, c_new, s.c_next),
                        steps=s.steps + 1, slack=s.slack - xp.take(s.c_next, i)[0])
         return s._replace(more=xp.any(fits(s)))
 
-    s = _Fill(cur=cur, col=col, e_next=e_next, c_next=c_next, steps=xp.asarray(0, dtype=xp.int32), slack=slack,
-              more=None)
     s = while_loop(xp, lambda s: s.more & (s.steps < max_steps), step, s._replace(more=xp.any(fits(s))))
     return s.cur, s.slack, s.steps
