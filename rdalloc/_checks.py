@@ -1,6 +1,9 @@
-"""Input validation shared by the models and solvers: each check names the argument and shows the offending value.
+"""Input validation for the models, fits and solvers: each check names the argument and shows the offending value.
 
-Checks inspect values only on concrete arrays; inside ``jax.jit`` (traced values) only shapes are checked.
+Value checks (:func:`check_values`, :func:`check_shape`, ...), measurement checks (:func:`check_measurements`,
+:func:`check_menu`, ...) and one ``*_iv`` function per solver (:func:`waterfill_iv`, :func:`allocate_iv`) that checks
+and converts all of its arguments, so that the solver body holds only the math. Checks inspect values only on
+concrete arrays; inside ``jax.jit`` (traced values) only shapes are checked.
 """
 
 from __future__ import annotations

@@ -136,20 +136,12 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     saturated = P >= first.g_max
     at_min = P <= first.g_min
     infeasible = P < first.g_min - 1e-12 * xp.maximum(xp.abs(first.g_min), xp.ones_like(first.g_min))
-    eps = float(xp.finfo(P.dtype).eps)
-    tol = 64 * eps * xp.maximum(first.g_max, xp.ones_like(first.g_max))  # |g(mu) - P| at rounding level
-    big = xp.asarray(float(xp.finfo(P.dtype).max) / 4, dtype=P.dtype, device=device(P))  # open bracket ends
-    zero_i = xp.asarray(0, dtype=xp.int32, device=device(P))
-    start = _Newton(mu=_start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter,
-                                    traced and reducer is _LOCAL),
-                    a=-big, b=big, g_a=first.g_max, g_b=first.g_min, iterations=zero_i,
-                    done=saturated | infeasible | at_min, secant_steps=zero_i)
-    if bracket is not None and not bool(start.done):
-        start = _solve_in_bracket(xp, bracket, first, P, tol, eps, big, start, max_iter)
-    solved = _newton(xp, lambda mu: over.sums(_g_and_slope(xp, mu)), P, tol, eps, big, start, max_iter)
+    start = _start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter,
+                         traced and reducer is _LOCAL)
+    solved = _solve_level(xp, first, bracket, over, P, start, saturated | infeasible | at_min, max_iter)
     mu_min = first.mu_min if not local else _lowest_level_at_lo(xp, over, P, at_min & ~saturated)
     mu = xp.where(at_min & ~saturated, mu_min, solved.mu)  # everything at lo: the lowest level that keeps it there
-    level = xp.where(saturated, -big, mu)  # lambda = 0 when the budget is slack (-big keeps the residual finite)
+    level = xp.where(saturated, -_big(xp, P), mu)  # lambda = 0 when the budget is slack (finite residual)
     force = traced or bool(saturated | at_min)  # eager: skip the fix-ups the data does not need
     out = over.run(_final_pass(xp, mu, level, saturated, at_min, force, first.all_useful))
     (bits,) = out.arrays
@@ -227,6 +219,24 @@ def _first_pass(xp, n_items: int, items: tuple, elements, bracket, local: bool, 
     return _FirstPass(ck=ck, inv_k=inv_k, g_max=g_max, g_min=g_min, n_ck=sums.get("n_ck"),
                       slope=sums.get("slope"), lo_useless=sums.get("lo_useless", 0 * g_min), g_a=sums.get("g_a"),
                       slope_free=sums.get("slope_free"), kept=part.kept, mu_min=part.peak, all_useful=all_useful)
+
+
+def _solve_level(xp, first: _FirstPass, bracket, over: "_Chunked", P, start, done, max_iter: int) -> _Newton:
+    """The level with ``g(mu) = P`` by safeguarded Newton from ``start`` (nothing to do when ``done``): on the items
+    kept inside the sampled bracket when there is one, then over all items if the root lies outside it."""
+    eps = float(xp.finfo(P.dtype).eps)
+    tol = 64 * eps * xp.maximum(first.g_max, xp.ones_like(first.g_max))  # |g(mu) - P| at rounding level
+    big, zero_i = _big(xp, P), xp.asarray(0, dtype=xp.int32, device=device(P))
+    state = _Newton(mu=start, a=-big, b=big, g_a=first.g_max, g_b=first.g_min, iterations=zero_i, done=done,
+                    secant_steps=zero_i)
+    if bracket is not None and not bool(done):
+        state = _solve_in_bracket(xp, bracket, first, P, tol, eps, big, state, max_iter)
+    return _newton(xp, lambda mu: over.sums(_g_and_slope(xp, mu)), P, tol, eps, big, state, max_iter)
+
+
+def _big(xp, like):
+    """A finite stand-in for infinity (a quarter of the largest float): the open ends of a bracket."""
+    return xp.asarray(float(xp.finfo(like.dtype).max) / 4, dtype=like.dtype, device=device(like))
 
 
 def _raise_if_infeasible(xp, B, P, first: _FirstPass, n, hi, m_total, elements, reducer) -> None:
@@ -388,8 +398,7 @@ def _sample_level(xp, n_items: int, items: tuple, P, elements, max_iter: int) ->
     mu0 = (xp.sum(xp.where(useful, n * ck, 0 * ones)) + xp.sum(xp.where(useful, 0 * ones, n * lo * ones)) - P_s) / \
         positive_or_one(xp, s_all)
     eps = float(xp.finfo(P.dtype).eps)
-    big = xp.asarray(float(xp.finfo(P.dtype).max) / 4, dtype=P.dtype, device=device(P))
-    zero_i = xp.asarray(0, dtype=xp.int32, device=device(P))
+    big, zero_i = _big(xp, P), xp.asarray(0, dtype=xp.int32, device=device(P))
     sample = lambda mu: tuple(xp.sum(x) for x in _g_and_slope(xp, mu)(ck, inv_k, n, lo, hi))  # noqa: E731
     start = _Newton(mu=mu0, a=-big, b=big, g_a=gmax, g_b=gmin, iterations=zero_i, done=~inside, secant_steps=zero_i)
     solved = _newton(xp, sample, P_s, 64 * eps * gmax, eps, big, start, max_iter)
