@@ -146,7 +146,8 @@ def check_bits(bits: Any) -> tuple[int, ...]:
 
 
 def check_distortion_table(distortions: Any, bits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
-    """``(D, bits)``: ``D`` float64 ``(N, K)``, finite and ``>= 0``, matching ``K`` valid widths (else a clear error)."""
+    """``(D, bits)``: ``D`` float64 ``(N, K)``, finite and ``>= 0``, matching ``K`` valid widths (else a clear
+    error)."""
     bits = check_bits(bits)
     d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
     if d.dtype.kind not in "iuf":

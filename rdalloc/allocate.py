@@ -191,7 +191,7 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     infeasible = R < 0
     lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
     cur_t = _last(xp, E > lam, first)  # the Lagrangian minimizer at lambda*
-    take_ties = _take_ties_static if static else _take_ties
+    take_ties = _take_ties_static if static else _take_ties_eager
     cur, slack = take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t)
     # 3. greedy fill of the slack
     cur, slack, steps = _fill(xp, E, dC, nxt, cur, slack, n.shape[0] if max_fill is None else int(max_fill))
@@ -248,7 +248,7 @@ def _raise_if_infeasible(B, base, top, elements, menu) -> None:
                          f"(average {float(top) / el:.6g})")
 
 
-def _take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t):
+def _take_ties_eager(xp, E, dC, first, lam, R, spent, saturated, cur_t):
     """Eager: the rows ``cur`` after taking the segments tied at ``lambda*`` (few) in row-major order while they fit,
     and the slack left."""
     K, N = E.shape
@@ -266,7 +266,7 @@ def _take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t):
 
 
 def _take_ties_static(xp, E, dC, first, lam, R, spent, saturated, cur_t):
-    """:func:`_take_ties` with static shapes (JAX): the tied segments' running cost over the whole table."""
+    """:func:`_take_ties_eager` with static shapes (JAX): the tied segments' running cost over the whole table."""
     K, N = E.shape
     above = E > lam
     slack = R - xp.sum(xp.where(above, dC, xp.zeros_like(dC)))
