@@ -1,16 +1,20 @@
-"""Input validation shared by the models and solvers: each check names the argument and shows the offending value.
+"""Input validation for the models, fits and solvers: each check names the argument and shows the offending value.
 
-Checks inspect values only on concrete arrays; inside ``jax.jit`` (traced values) only shapes are checked.
+Value checks (:func:`check_values`, :func:`check_shape`, ...), measurement checks (:func:`check_measurements`,
+:func:`check_menu`, ...) and one ``*_iv`` function per solver (:func:`waterfill_iv`, :func:`allocate_iv`) that checks
+and converts all of its arguments, so that the solver body holds only the math. Checks inspect values only on
+concrete arrays; inside ``jax.jit`` (traced values) only shapes are checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import array_api_compat
 import numpy as np
 
-from ._namespace import concrete, is_traced, to_numpy
+from ._namespace import as_float64, concrete, device, float_dtype, is_traced, namespace, to_numpy
+from .cost import FULL_BITS
 
 
 def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
@@ -115,3 +119,209 @@ def check_budget(budget: float | None, average_bits: float | None, total_element
     if not np.isfinite(f) or f < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return f if budget is not None else f * total_elements
+
+
+def check_menu(bits: Sequence[float], name: str = "menu") -> tuple[int, ...]:
+    """Bit-widths as a tuple of strictly increasing integers in ``[0, 16]``."""
+    arr = np.asarray(bits, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"{name} must hold at least one bit-width, got {list(bits)!r}")
+    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 0) or np.any(arr > FULL_BITS):
+        raise ValueError(f"{name} must hold integers in [0, {FULL_BITS}], got {arr.tolist()!r}")
+    if np.any(np.diff(arr) <= 0):
+        raise ValueError(f"{name} must be strictly increasing, got {arr.astype(int).tolist()!r}")
+    return tuple(int(b) for b in arr)
+
+
+def check_bits(bits: Any) -> tuple[int, ...]:
+    """Measured bit-widths (a 1-D numeric sequence or array of any backend) as by :func:`check_menu`."""
+    if isinstance(bits, (str, bytes)) or bits is None:
+        raise TypeError(f"bits must be a sequence of bit-widths, got {bits!r}")
+    arr = np.asarray(to_numpy(bits) if hasattr(bits, "shape") else bits)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"bits must be numeric bit-widths, got {arr.tolist()!r} (dtype {arr.dtype})")
+    if arr.ndim != 1:
+        raise ValueError(f"bits must be a 1-D sequence of bit-widths, got shape {arr.shape}")
+    return check_menu(arr, "bits")
+
+
+def check_distortion_table(distortions: Any, bits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``(D, bits)``: ``D`` float64 ``(N, K)``, finite and ``>= 0``, matching ``K`` valid widths (else a clear
+    error)."""
+    bits = check_bits(bits)
+    d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
+    if d.dtype.kind not in "iuf":
+        raise TypeError(f"distortions must be a real numeric array, got dtype {d.dtype}")
+    if d.ndim != 2 or d.shape[1] != len(bits):
+        raise ValueError(f"distortions must have shape (items, {len(bits)}) to match bits={list(bits)}, "
+                         f"got shape {d.shape}")
+    d = d.astype(np.float64)
+    _check_finite_nonnegative("distortions", d, bits)
+    return d, bits
+
+
+def check_measurements(distortions: Any, bits: Any, sample_weights: Any = None,
+                       ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """Validated ``(D, bits, w)`` for a fit: ``D`` float64 ``(N, K)``, ``bits`` a tuple of ``K`` widths, ``w`` float64
+    ``(N, K)``.
+
+    Raises ``TypeError`` for non-numeric input and ``ValueError`` (naming the argument and the offending value) for
+    NaN, infinities or negative values, shapes that do not match, bits not strictly increasing integers in
+    ``[0, 16]``, or fewer than two quantized widths (``0 < b < 16``).
+    """
+    d, bits = check_distortion_table(distortions, bits)
+    if d.shape[0] == 0:
+        raise ValueError("distortions must hold at least one item, got shape (0, ...)")
+    q = [b for b in bits if 0 < b < FULL_BITS]
+    if len(q) < 2:
+        raise ValueError(f"bits must hold at least two quantized widths (0 < b < {FULL_BITS}) to fit a curve, "
+                         f"got bits={list(bits)}")
+    if sample_weights is None:
+        w = np.ones_like(d)
+    else:
+        w = np.asarray(to_numpy(sample_weights) if hasattr(sample_weights, "shape") else sample_weights)
+        if w.dtype.kind not in "iuf":
+            raise TypeError(f"sample_weights must be a real numeric array, got dtype {w.dtype}")
+        w = w.astype(np.float64)
+        try:
+            w = np.broadcast_to(w, d.shape).copy()
+        except ValueError:
+            raise ValueError(f"sample_weights must be a scalar, shape ({len(bits)},) (one per bit-width) or "
+                             f"{d.shape} (one per measurement), got shape {w.shape}") from None
+        _check_finite_nonnegative("sample_weights", w, bits)
+    return d, bits, w
+
+
+def _check_finite_nonnegative(name: str, x: np.ndarray, bits: tuple[int, ...]) -> None:
+    for bad, what in ((~np.isfinite(x), "finite"), (x < 0, ">= 0")):
+        if bad.any():
+            i, k = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(f"{name} must be {what}, got {float(x[i, k])!r} at item {i}, bits={bits[k]}")
+
+
+def check_vector(x: Any, n: int, name: str, positive: bool = False) -> np.ndarray:
+    """``x`` (a scalar or ``(n,)``, any backend) as a float64 numpy ``(n,)``, finite and ``> 0`` or ``>= 0``."""
+    v = np.asarray(to_numpy(x) if hasattr(x, "shape") else x)
+    if v.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be numeric, got dtype {v.dtype}")
+    if v.shape not in ((), (n,)):
+        raise ValueError(f"{name} must be a scalar or shape ({n},) to match the {n} items, got shape {v.shape}")
+    v = np.broadcast_to(v.astype(np.float64), (n,))
+    bad = ~np.isfinite(v) | ((v <= 0) if positive else (v < 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {float(v[i])!r} at item {i}")
+    return v
+
+
+def check_quantizer_name(quantizer: Any) -> str | None:
+    """A quantizer's name: a string or ``None``."""
+    if quantizer is not None and not isinstance(quantizer, str):
+        raise TypeError(f"quantizer must be a string or None, got {type(quantizer).__name__} {quantizer!r}")
+    return quantizer
+
+
+class WaterfillInputs(NamedTuple):
+    """:func:`~rdalloc.waterfill`'s arguments, checked: float arrays of one backend (0-d where a scalar was given),
+    the total elements ``sum_i n_i`` and the budget ``B`` in total bits."""
+
+    xp: Any
+    alpha: Any
+    beta: Any
+    sizes: Any
+    weights: Any
+    lo: Any
+    hi: Any
+    metadata: Any
+    elements: Any
+    budget: Any
+
+
+def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, lo: Any, hi: Any,
+                 metadata: Any, reducer: Any) -> WaterfillInputs:
+    """Check and convert :func:`~rdalloc.waterfill`'s arguments (``lo``/``hi`` default to the model's range;
+    ``reducer`` totals the elements over shards). Raises ``TypeError``/``ValueError`` naming the argument."""
+    from .models import ExponentialModel  # (models imports this module)
+
+    if not isinstance(model, ExponentialModel):
+        raise TypeError(f"model must be an ExponentialModel, got {type(model).__name__}")
+    xp = namespace(model.alpha, sizes, weights, lo, hi, metadata)
+    dev = device(model.alpha)
+    n_items = model.n_items
+    lo = model.lo if lo is None else lo
+    hi = model.hi if hi is None else hi
+    for name, value in (("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi), ("metadata", metadata)):
+        check_shape(name, value, n_items)
+    check_values("sizes", sizes, positive=True)
+    check_values("weights", weights, nonnegative=True)
+    check_values("metadata", metadata, nonnegative=True)
+    check_values("lo", lo, nonnegative=True)
+    check_values("hi", hi, nonnegative=True, at_most=FULL_BITS)
+    alpha, beta, n, w, lo, hi, m = (as_float64(xp, v, device=dev, name=name) for name, v in (
+        ("alpha", model.alpha), ("beta", model.beta), ("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi),
+        ("metadata", metadata)))  # scalars stay 0-d
+    check_ordered(lo, hi, n_items)
+    elements = reducer.sum((xp.sum(n) if n.ndim else n * n_items,))[0]
+    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
+    return WaterfillInputs(xp, alpha, beta, n, w, lo, hi, m, elements,
+                           xp.asarray(total, dtype=float_dtype(xp), device=dev))
+
+
+class AllocateInputs(NamedTuple):
+    """:func:`~rdalloc.allocate`'s arguments, checked: the menu, per-item ``(N,)`` float arrays of one backend
+    (``lo``/``hi`` ``None`` when not given), the total elements and the budget ``B`` in total bits."""
+
+    xp: Any
+    menu: tuple
+    sizes: Any
+    weights: Any
+    metadata: Any
+    lo: Any
+    hi: Any
+    elements: Any
+    budget: Any
+
+
+def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, menu: Any, metadata: Any,
+                lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
+    """Check and convert :func:`~rdalloc.allocate`'s arguments (``menu=None``: the model's default menu). Raises
+    ``TypeError``/``ValueError`` naming the argument."""
+    from .allocate import default_menu
+    from .models import ExponentialModel, TabulatedModel  # (models imports this module)
+
+    if not isinstance(model, (ExponentialModel, TabulatedModel)):
+        raise TypeError(f"model must be an ExponentialModel or TabulatedModel, got {type(model).__name__}")
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, (int, np.integer)):
+        raise TypeError(f"max_nodes must be an int, got {type(max_nodes).__name__}")
+    if max_nodes < 0:
+        raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
+    menu = default_menu(model) if menu is None else check_menu(menu)
+    data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
+    xp = namespace(data, sizes, weights, metadata, lo, hi)
+    dev = device(data)
+    N = model.n_items
+    for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
+        check_shape(name, value, N)
+    check_values("sizes", sizes, positive=True)
+    check_values("weights", weights, nonnegative=True)
+    check_values("metadata", metadata, nonnegative=True)
+    ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
+    n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
+               for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
+    elements = xp.sum(n)
+    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
+    bounds = []
+    for name, bound in (("lo", lo), ("hi", hi)):
+        if bound is not None:
+            check_shape(name, bound, N)
+            check_values(name, bound)
+        bounds.append(None if bound is None else as_float64(xp, bound, device=dev, name=name) * ones)
+    if lo is not None and hi is not None:
+        check_ordered(lo, hi, N)
+    if isinstance(model, TabulatedModel):
+        missing = sorted(set(menu) - set(model.bits))
+        if missing:
+            raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
+                             f"(it has {list(model.bits)})")
+    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], elements,
+                          xp.asarray(total, dtype=float_dtype(xp), device=dev))

@@ -8,12 +8,14 @@ Solvers call :func:`namespace` once, convert inputs with :func:`as_float64`, and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import array_api_compat
 import numpy as np
 
-__all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "cond", "to_numpy"]
+__all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "cond", "to_numpy", "device",
+           "register_pytree", "masked", "positive_or_one"]
 
 
 def namespace(*arrays: Any):
@@ -66,6 +68,40 @@ def as_float64(xp, x: Any, device=None, name: str = "array"):
     if dtype is not None and not (xp.isdtype(dtype, ("real floating", "integral")) or dtype == xp.bool):
         raise TypeError(f"{name} must be a real numeric array, got dtype {dtype}")
     return xp.asarray(xp.astype(x, float_dtype(xp), copy=False), device=device)  # no copy if already float64
+
+
+def device(x: Any):
+    """The device ``x`` lives on (``None`` for python scalars and anything without one)."""
+    try:
+        return array_api_compat.device(x)
+    except Exception:
+        return None
+
+
+def register_pytree(cls: type) -> None:
+    """Let instances of the dataclass ``cls`` enter and leave ``jax.jit`` (every field is data); idempotent, and
+    called on first use with JAX arrays so that ``import rdalloc`` does not import JAX."""
+    if cls not in _registered:
+        import jax
+
+        jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
+        _registered.add(cls)
+
+
+_registered: set = set()
+
+
+def masked(xp, mask, x):
+    """``x`` where ``mask`` else 0, for finite ``x`` (numpy's ``where`` on a random mask costs several passes, a
+    multiply by the mask one)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return x * xp.astype(mask, x.dtype)
+    return xp.where(mask, x, xp.zeros_like(x))
+
+
+def positive_or_one(xp, x):
+    """``x`` where ``x > 0`` else 1: a divisor that is safe where the quotient is not used."""
+    return xp.where(x > 0, x, xp.ones_like(x))
 
 
 def concrete(xp):

@@ -18,11 +18,11 @@ distortion) points.
    It is found exactly on the set of efficiency *values*. On numpy and torch: sample-select — sort a strided sample
    of about ``(NK)**(2/3)`` candidates, take two pivots 4 standard errors around the estimated split, and in one pass
    sum the cost above the upper one and keep the candidates between them (a few percent); the exact costs at both
-   pivots follow, and an exact sort of the kept ones finishes (2 rounds at ``NK = 10**7``). On JAX: the same
-   sampled pivots give the first bracket, then safeguarded interpolation (Illinois) on ``ln lambda`` with every
-   trial snapped to an efficiency in the bracket and bisection when it shrinks slowly, in ``lax.while_loop`` with
-   static shapes; it stops when no efficiency lies strictly inside the bracket. The segments tied at ``lambda*`` are
-   then taken in item order while they fit.
+   pivots follow, and an exact sort of the kept ones finishes. On JAX: the same sampled pivots give the first
+   bracket, then safeguarded interpolation (Illinois) on ``ln lambda`` with every trial snapped to an efficiency in
+   the bracket and bisection when it shrinks slowly, in ``lax.while_loop`` with static shapes; it stops when no
+   efficiency lies strictly inside the bracket. The segments tied at ``lambda*`` are then taken in item order while
+   they fit.
 
    Step 1 is independent per item; eager backends run it over cache-sized chunks of items, written straight into the
    ``(K, N)`` tables.
@@ -41,8 +41,7 @@ distortion) points.
    completed at ``t`` is an incumbent candidate. Stopping rule: proven when every item outside the core is fixed by
    the new ``U``; else a 4 times larger core, until ``max_nodes`` states (all rounds together) are spent — then the
    best allocation found (never worse than the fill's) is returned with status ``FEASIBLE`` and the dual gap. Only
-   the ``(K, N)`` pass for ``min_{k != t_i} r_ik`` touches every item; at ``N = 10^6`` the phase adds about 30% and,
-   with relative gaps near ``1e-8``, stops at the work limit.
+   the ``(K, N)`` pass for ``min_{k != t_i} r_ik`` touches every item.
 
 Certificate. The Lagrangian dual ``q(lambda*) = sum_i min_b [w_i D_i(b) + lambda* C_i(b)] - lambda* B`` (``dual_bound``)
 is a lower bound on the optimum for every ``lambda >= 0`` and is maximal at ``lambda*`` (it equals the LP relaxation
@@ -58,17 +57,17 @@ relative).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
 
 import array_api_compat
 import numpy as np
 
-from ._checks import check_budget, check_ordered, check_shape, check_values
-from ._namespace import (as_float64, cond, float_dtype, index_dtype, is_jax, is_traced, namespace, to_numpy,
-                         while_loop)
+from ._checks import allocate_iv
+from ._namespace import (as_float64, cond, device, index_dtype, is_jax, is_traced, masked, namespace,
+                         positive_or_one, register_pytree, to_numpy, while_loop)
 from .cost import Usage
-from .models import FULL_BITS, ExponentialModel, TabulatedModel, _menu
+from .models import FULL_BITS, ExponentialModel, TabulatedModel
 from .status import FEASIBLE, INFEASIBLE, MESSAGES, OPTIMAL, SATURATED
 
 __all__ = ["allocate", "Allocation", "default_menu"]
@@ -136,18 +135,6 @@ class Allocation:
         return {**self.certificate(), "bits": to_numpy(self.bits).astype(int).tolist()}
 
 
-_registered = False
-
-
-def _register_pytree() -> None:
-    global _registered
-    if not _registered:
-        import jax
-
-        jax.tree_util.register_dataclass(Allocation, data_fields=[f.name for f in fields(Allocation)], meta_fields=[])
-        _registered = True
-
-
 def default_menu(model: ExponentialModel | TabulatedModel) -> tuple[int, ...]:
     """The integers in the model's quantized range ``[lo, hi]`` (exponential) or the table's bit-widths."""
     if isinstance(model, TabulatedModel):
@@ -178,50 +165,64 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     hull/greedy answer with its dual gap. Raises ``ValueError`` for invalid input or a budget below the cheapest
     allocation (the message gives the feasible range); under ``jax.jit`` an infeasible budget gives status
     ``INFEASIBLE`` instead.
+
+    Three items of 64 elements on the menu ``{0, 2, 4}`` at 2 bits on average: evicting the least important one
+    (distortion up by 0.4375) pays for 4 bits on the most important one (down by 0.9375).
+
+    >>> import numpy as np
+    >>> model = ExponentialModel(np.array([16.0, 4.0, 1.0]), beta=4.0, eviction=np.array([8.0, 2.0, 0.5]))
+    >>> a = allocate(model, 64, average_bits=2.0, menu=(0, 2, 4))
+    >>> a.bits.tolist(), float(a.distortion), int(a.status) == OPTIMAL
+    ([4, 2, 0], 0.8125, True)
     """
-    if not isinstance(model, (ExponentialModel, TabulatedModel)):
-        raise TypeError(f"model must be an ExponentialModel or TabulatedModel, got {type(model).__name__}")
-    if isinstance(max_nodes, bool) or not isinstance(max_nodes, (int, np.integer)):
-        raise TypeError(f"max_nodes must be an int, got {type(max_nodes).__name__}")
-    if max_nodes < 0:
-        raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
-    menu = default_menu(model) if menu is None else _menu(menu)
-    arrays = (model.alpha,) if isinstance(model, ExponentialModel) else (model.distortion,)
-    xp = namespace(*arrays, sizes, weights, metadata, lo, hi)
-    jax_mode = is_jax(xp)
-    if jax_mode:
-        _register_pytree()
-    dev = _device(arrays[0])
-    N = model.n_items
-    for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
-        check_shape(name, value, N)
-    check_values("sizes", sizes, positive=True)
-    check_values("weights", weights, nonnegative=True)
-    check_values("metadata", metadata, nonnegative=True)
-    fdt = float_dtype(xp)
-    ones = xp.ones((N,), dtype=fdt, device=dev)
-    n = as_float64(xp, sizes, device=dev, name="sizes") * ones
-    w = as_float64(xp, weights, device=dev, name="weights") * ones
-    m = as_float64(xp, metadata, device=dev, name="metadata") * ones
-    elements = xp.sum(n)
-    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
-    Bt = xp.asarray(total, dtype=fdt, device=dev)
+    xp, menu, n, w, m, lo, hi, elements, B = allocate_iv(model, sizes, budget, average_bits, weights, menu, metadata,
+                                                         lo, hi, max_nodes)
+    static = is_jax(xp) or is_traced(n)  # static shapes and no host syncs (JAX, traced or not)
+    if is_jax(xp):
+        register_pytree(Allocation)
+    # 1. per item: the (K, N) tables sorted by cost, each item's lower convex hull and its segments
+    order, C, W, first, nxt, E, dC, valid = _item_tables(xp, model, menu, n, w, m, lo, hi, static)
+    base = xp.sum(_at(xp, C, first))  # the cheapest allocation
+    if not is_traced(B):
+        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu)
+    # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
+    R = B - base
+    saturated = R >= xp.sum(dC)
+    infeasible = R < 0
+    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
+    cur_t = _last(xp, E > lam, first)  # the Lagrangian minimizer at lambda*
+    take_ties = _take_ties_static if static else _take_ties_eager
+    cur, slack = take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t)
+    # 3. greedy fill of the slack
+    cur, slack, steps = _fill(xp, E, dC, nxt, cur, slack, n.shape[0] if max_fill is None else int(max_fill))
+    # 4. exact phase (eager backends): reduced-cost fixing, then a dynamic program over the core
+    lam_eff = xp.where(saturated, xp.zeros_like(lam), lam)
+    dual = xp.sum(_at(xp, W, cur_t) + lam_eff * _at(xp, C, cur_t)) - lam_eff * B
+    solution = _Solution.of(xp, cur, order, W, menu, n, m)
+    proven, nodes = None, 0
+    if not static and not bool(saturated) and max_nodes > 0:
+        better, proven, nodes = _exact(xp, C, W, valid, cur_t, cur, float(lam), float(dual), float(B), max_nodes)
+        if better is not None:  # an improvement: kept unless float summation puts it a hair over the budget
+            found = _Solution.of(xp, better, order, W, menu, n, m)
+            if float(found.payload + found.metadata) <= float(B):
+                solution = found
+            else:
+                proven = None
+    # the certificate
+    dual = xp.minimum(dual, solution.distortion)  # q(lambda*) <= optimum <= distortion; rounding aside
+    lower, status = _bound_and_status(xp, solution.distortion, dual, proven, saturated, infeasible)
+    bits = xp.where(infeasible, xp.full_like(solution.bits, -1), solution.bits) if is_jax(xp) else solution.bits
+    return Allocation(bits=bits, budget=B, payload_bits=solution.payload, metadata_bits=solution.metadata,
+                      elements=elements, distortion=solution.distortion, lower_bound=lower, dual_bound=dual,
+                      multiplier=lam_eff, iterations=iterations, fill_steps=steps,
+                      nodes=xp.asarray(nodes, dtype=xp.int32, device=device(B)), status=status)
 
-    K = len(menu)
-    bounds = []
-    for name, bound in (("lo", lo), ("hi", hi)):
-        if bound is not None:
-            check_shape(name, bound, N)
-            check_values(name, bound)
-        bounds.append(None if bound is None else as_float64(xp, bound, device=dev, name=name) * ones)
-    if lo is not None and hi is not None:
-        check_ordered(lo, hi, N)
 
-    # ---- 1. per item: the (K, N) table, its lower convex hull and the hull's segments ------------------------------
-    # Items are independent here, so eager backends run this stage over cache-sized chunks of items.
-    static = jax_mode or is_traced(n)
-    parts = _model_arrays(xp, model, menu, dev, ones)
-    per_item = (n, w, m, bounds[0], bounds[1], *parts)
+def _item_tables(xp, model, menu, n, w, m, lo, hi, static: bool) -> tuple:
+    """``(order, C, W, first, nxt, E, dC, valid)`` of :func:`_item_stage` for all items. Items are independent here,
+    so eager backends run over cache-sized chunks of items, written straight into the ``(K, N)`` tables."""
+    N = n.shape[0]
+    per_item = (n, w, m, lo, hi, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
     chunk = N if static or N <= _CHUNK else _CHUNK
     tables = None
     for start in range(0, N, chunk):
@@ -229,96 +230,82 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
         n_c, w_c, m_c, lo_c, hi_c, *parts_c = (None if a is None else a[sl] for a in per_item)
         piece = _item_stage(xp, model, menu, parts_c, n_c, w_c, m_c, lo_c, hi_c, static, start)
         if chunk == N:
-            tables = piece
-            break
+            return piece
         if tables is None:  # eager: whole tables, filled chunk by chunk
-            tables = tuple(xp.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=_device(x)) for x in piece)
+            tables = tuple(xp.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=device(x)) for x in piece)
         for out, x in zip(tables, piece):
             out[..., sl] = x
-    order, C, W, first, nxt, E, dC, valid = tables
-    base = xp.sum(_at(xp, C, first))
-    top = base + xp.sum(dC)
-    if not is_traced(Bt) and float(Bt) < float(base) * (1 - 1e-15):
+    return tables
+
+
+def _raise_if_infeasible(B, base, top, elements, menu) -> None:
+    """``ValueError`` giving the feasible range when the budget is below the cheapest allocation ``base``."""
+    if float(B) < float(base) * (1 - 1e-15):
         el = float(elements)
-        raise ValueError(f"budget {float(Bt):.10g} bits (average {float(Bt) / el:.6g}) is infeasible for menu "
+        raise ValueError(f"budget {float(B):.10g} bits (average {float(B) / el:.6g}) is infeasible for menu "
                          f"{list(menu)}: the cheapest allocation needs {float(base):.10g} bits (average "
                          f"{float(base) / el:.6g}); every item at its best point needs {float(top):.10g} "
                          f"(average {float(top) / el:.6g})")
 
-    # ---- 2. split level lambda*: every segment with E > lambda* is taken; ties in order while they fit ----------
-    R = Bt - base
-    saturated = R >= xp.sum(dC)
-    infeasible = R < 0
-    static = jax_mode or is_traced(E)
-    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
+
+def _take_ties_eager(xp, E, dC, first, lam, R, spent, saturated, cur_t):
+    """Eager: the rows ``cur`` after taking the segments tied at ``lambda*`` (few) in row-major order while they fit,
+    and the slack left."""
+    K, N = E.shape
+    slack, cur = R - spent, cur_t
+    at = xp.nonzero(xp.reshape(E == lam, (-1,)))[0] if not bool(saturated) else xp.zeros((0,), dtype=xp.int64)
+    if at.shape[0]:
+        cum = xp.cumulative_sum(xp.take(xp.reshape(dC, (-1,)), at))
+        p = int(xp.sum(xp.astype(cum <= slack, xp.int32)))  # the first p fit
+        if p:
+            slack, last_at = slack - cum[p - 1], int(at[p - 1])
+            items = xp.arange(N, dtype=xp.int64, device=device(E))
+            take_tie = xp.stack([(E[k, :] == lam) & (items <= last_at - k * N) for k in range(K)], axis=0)
+            cur = _last(xp, (E > lam) | take_tie, first)
+    return cur, slack
+
+
+def _take_ties_static(xp, E, dC, first, lam, R, spent, saturated, cur_t):
+    """:func:`_take_ties_eager` with static shapes (JAX): the tied segments' running cost over the whole table."""
+    K, N = E.shape
     above = E > lam
-    cur_t = _last(xp, above, first)  # the Lagrangian minimizer at lambda*
-    if static:
-        slack = R - xp.sum(xp.where(above, dC, xp.zeros_like(dC)))
-        tie = (E == lam) & ~saturated
-        cum = xp.reshape(xp.cumulative_sum(xp.reshape(xp.where(tie, dC, xp.zeros_like(dC)), (-1,))), (K, N))
-        take_tie = tie & (cum <= slack)  # row-major order keeps each item's tied segments a prefix
-        slack = slack - xp.sum(xp.where(take_tie, dC, xp.zeros_like(dC)))
-        cur = _last(xp, above | take_tie, first)
-    else:  # the same on the few tied segments: the first p in row-major order that fit
-        slack, cur = R - spent, cur_t
-        at = xp.nonzero(xp.reshape(E == lam, (-1,)))[0] if not bool(saturated) else xp.zeros((0,), dtype=xp.int64)
-        if at.shape[0]:
-            cum = xp.cumulative_sum(xp.take(xp.reshape(dC, (-1,)), at))
-            p = int(xp.sum(xp.astype(cum <= slack, xp.int32)))
-            if p:
-                slack, last_at = slack - cum[p - 1], int(at[p - 1])
-                items = xp.arange(N, dtype=xp.int64, device=dev)
-                take_tie = xp.stack([(E[k, :] == lam) & (items <= last_at - k * N) for k in range(K)], axis=0)
-                cur = _last(xp, above | take_tie, first)
+    slack = R - xp.sum(xp.where(above, dC, xp.zeros_like(dC)))
+    tie = (E == lam) & ~saturated
+    cum = xp.reshape(xp.cumulative_sum(xp.reshape(xp.where(tie, dC, xp.zeros_like(dC)), (-1,))), (K, N))
+    take_tie = tie & (cum <= slack)  # row-major order keeps each item's tied segments a prefix
+    slack = slack - xp.sum(xp.where(take_tie, dC, xp.zeros_like(dC)))
+    return _last(xp, above | take_tie, first), slack
 
-    # ---- 3. greedy fill of the slack ------------------------------------------------------------------------------
-    cur, slack, steps = _fill(xp, E, dC, nxt, cur, slack, N if max_fill is None else int(max_fill))
 
-    # ---- 4. exact phase (eager backends): reduced-cost fixing, then a dynamic program over the core ----------------
-    lam_eff = xp.where(saturated, xp.zeros_like(lam), lam)
-    dual = xp.sum(_at(xp, W, cur_t) + lam_eff * _at(xp, C, cur_t)) - lam_eff * Bt
-    menu_arr = xp.asarray(list(menu), dtype=xp.int32, device=dev)
+class _Solution(NamedTuple):
+    """An allocation given as each item's row ``cur``: its bit-widths (int32), distortion, payload and metadata."""
 
-    def solution(cur):
-        bits = xp.take(menu_arr, xp.astype(_at(xp, order, cur), index_dtype(xp)))
-        bits_f = xp.astype(bits, fdt)
+    bits: Any
+    distortion: Any
+    payload: Any
+    metadata: Any
+
+    @classmethod
+    def of(cls, xp, cur, order, W, menu, n, m) -> "_Solution":
+        menu_bits = xp.asarray(list(menu), dtype=xp.int32, device=device(n))
+        bits = xp.take(menu_bits, xp.astype(_at(xp, order, cur), index_dtype(xp)))
+        bits_f = xp.astype(bits, n.dtype)
         quantized = (bits_f > 0) & (bits_f < FULL_BITS)
-        return bits, xp.sum(_at(xp, W, cur)), xp.sum(n * bits_f), xp.sum(xp.where(quantized, m, xp.zeros_like(m)))
-
-    bits, distortion, payload, meta = solution(cur)
-    exact, nodes = None, 0
-    if not static and not bool(saturated) and max_nodes > 0:
-        new_cur, proven_lb, nodes = _exact(xp, C, W, valid, cur_t, cur, float(lam), float(dual), float(Bt),
-                                           max_nodes)
-        if new_cur is not None:  # an improvement: kept unless float summation puts it a hair over the budget
-            found = solution(new_cur)
-            if float(found[2] + found[3]) <= float(Bt):
-                cur, (bits, distortion, payload, meta) = new_cur, found
-            else:
-                proven_lb = None
-        exact = proven_lb
-
-    # ---- solution and certificate ----------------------------------------------------------------------------------
-    dual = xp.minimum(dual, distortion)  # q(lambda*) <= optimum <= distortion; rounding aside
-    code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
-    if exact is not None:  # proven optimal by the exact phase (up to _RTOL)
-        lower = xp.minimum(xp.maximum(xp.asarray(exact, dtype=fdt, device=dev), dual), distortion)
-        status = code(OPTIMAL)
-    else:
-        lower = dual
-        gap = distortion - lower
-        tol = 1e-12 * xp.maximum(xp.abs(distortion), xp.asarray(1e-300, dtype=fdt, device=dev))
-        status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
-                                                                 xp.where(gap <= tol, code(OPTIMAL), code(FEASIBLE))))
-    if jax_mode:
-        bits = xp.where(infeasible, xp.full_like(bits, -1), bits)
-    return Allocation(bits=bits, budget=Bt, payload_bits=payload, metadata_bits=meta, elements=elements,
-                      distortion=distortion, lower_bound=lower, dual_bound=dual, multiplier=lam_eff,
-                      iterations=iterations, fill_steps=steps, nodes=xp.asarray(nodes, dtype=xp.int32, device=dev),
-                      status=status)
+        return cls(bits, xp.sum(_at(xp, W, cur)), xp.sum(n * bits_f), xp.sum(xp.where(quantized, m, xp.zeros_like(m))))
 
 
+def _bound_and_status(xp, distortion, dual, proven, saturated, infeasible):
+    """The lower bound and status code: ``OPTIMAL`` with the exact phase's bound when it finished, else the dual bound
+    and ``OPTIMAL`` only for a zero dual gap (to ``1e-12`` relative)."""
+    code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(distortion))  # noqa: E731
+    if proven is not None:  # proven optimal by the exact phase (up to _RTOL)
+        proven = xp.asarray(proven, dtype=distortion.dtype, device=device(distortion))
+        return xp.minimum(xp.maximum(proven, dual), distortion), code(OPTIMAL)
+    tol = 1e-12 * xp.maximum(xp.abs(distortion), xp.asarray(1e-300, dtype=distortion.dtype, device=device(distortion)))
+    status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
+                                                             xp.where(distortion - dual <= tol, code(OPTIMAL),
+                                                                      code(FEASIBLE))))
+    return dual, status
 
 
 def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_nodes: int):
@@ -357,7 +344,7 @@ def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_n
         core = np.sort(to_numpy(cand).astype(np.int64))
         if core.shape[0] == 0:
             return best, min(U, dual + _outside_min(xp, rmin, core)), nodes
-        idx = xp.asarray(core, device=_device(C))
+        idx = xp.asarray(core, device=device(C))
         Cc, Wc, Vc = (to_numpy(xp.take(X, idx, axis=1)).T for X in (C, W, valid))
         tc = to_numpy(xp.take(cur_t, idx)).astype(np.int64)
         lag_c = to_numpy(xp.take(lag_t, idx))
@@ -385,8 +372,8 @@ def _outside_min(xp, rmin, core) -> float:
     """The smallest ``rmin`` over the items not in ``core`` (sorted host indices)."""
     if core.shape[0] == 0:
         return float(xp.min(rmin))
-    out = xp.ones(rmin.shape, dtype=xp.bool, device=_device(rmin))
-    idx = xp.asarray(core, device=_device(rmin))
+    out = xp.ones(rmin.shape, dtype=xp.bool, device=device(rmin))
+    idx = xp.asarray(core, device=device(rmin))
     if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_torch_namespace(xp):
         out[idx] = False
     else:
@@ -489,7 +476,7 @@ def _at(xp, X, col):
     if is_jax(xp) or is_traced(X):
         idx = xp.reshape(xp.astype(col, index_dtype(xp)), (1, -1))
         return xp.take_along_axis(X, idx, axis=0)[0, :]
-    flat = xp.astype(col, xp.int64) * N + xp.arange(N, dtype=xp.int64, device=_device(X))
+    flat = xp.astype(col, xp.int64) * N + xp.arange(N, dtype=xp.int64, device=device(X))
     return xp.take(xp.reshape(X, (-1,)), flat)
 
 
@@ -499,7 +486,7 @@ def _last(xp, taken, first):
     if array_api_compat.is_numpy_namespace(xp):  # integer multiply: numpy's where on a random mask is slow
         rows = xp.reshape(xp.arange(K, dtype=xp.int8), (K, 1))
         return xp.maximum(first, xp.astype(xp.max(rows * xp.astype(taken, xp.int8), axis=0), first.dtype))
-    rows = xp.reshape(xp.arange(K, dtype=first.dtype, device=_device(first)), (K, 1))
+    rows = xp.reshape(xp.arange(K, dtype=first.dtype, device=device(first)), (K, 1))
     return xp.max(xp.where(taken, rows, xp.reshape(first, (1, -1))), axis=0)
 
 
@@ -509,10 +496,6 @@ _CHUNK = 1 << 13  # items per chunk in the per-item stage: a (K, chunk) float64 
 def _model_arrays(xp, model, menu, dev, ones) -> tuple:
     """The model's per-item arrays, sliceable along the items: (alpha, beta, eviction, full) or the table columns."""
     if isinstance(model, TabulatedModel):
-        missing = sorted(set(menu) - set(model.bits))
-        if missing:
-            raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
-                             f"(it has {list(model.bits)})")
         cols = xp.asarray([model.bits.index(b) for b in menu], device=dev)
         table = xp.take(as_float64(xp, model.distortion, device=dev, name="distortion"), cols, axis=1)
         mask = xp.take(xp.asarray(model.allowed_mask, device=dev), cols, axis=1)
@@ -574,7 +557,7 @@ def _sort_by_cost(xp, C, W, valid):
     K = C.shape[0]
 
     def as_is(C, W, valid):
-        order = xp.reshape(xp.arange(K, dtype=xp.int8, device=_device(C)), (-1, 1)) * xp.ones_like(valid, dtype=xp.int8)
+        order = xp.reshape(xp.arange(K, dtype=xp.int8, device=device(C)), (-1, 1)) * xp.ones_like(valid, dtype=xp.int8)
         return order, C, W, valid
 
     def by_cost(C, W, valid):
@@ -586,6 +569,14 @@ def _sort_by_cost(xp, C, W, valid):
         return xp.astype(order, xp.int8), gather(C, order), gather(W, order), gather(valid, order)
 
     return cond(xp, xp.all(C[1:, :] > C[:-1, :]), as_is, by_cost, (C, W, valid))
+
+
+class _Pruning(NamedTuple):
+    """Hull rounds in ``lax.while_loop``: the ``(K, N)`` mask of the points kept, and whether the last round dropped
+    any."""
+
+    keep: Any
+    dropped: Any
 
 
 def _hull(xp, C, W, valid, static: bool):
@@ -627,13 +618,14 @@ def _hull(xp, C, W, valid, static: bool):
 
     with np.errstate(divide="ignore", invalid="ignore"):
         if static:  # JAX: rounds in lax.while_loop on the stacked mask, then one more for the segments
-            def body(state):
-                rows = [state[0][k, :] for k in range(K)]
-                *_, drop, more = one_round(rows)
-                return xp.stack([r & ~x for r, x in zip(rows, drop)], axis=0), more
+            def prune(state: _Pruning) -> _Pruning:
+                rows = [state.keep[k, :] for k in range(K)]
+                *_, drop, dropped = one_round(rows)
+                return _Pruning(xp.stack([r & ~x for r, x in zip(rows, drop)], axis=0), dropped)
 
-            state = while_loop(xp, lambda s: s[1], body, (xp.stack(keep, axis=0), xp.any(xp.stack(keep, axis=0))))
-            keep = [state[0][k, :] for k in range(K)]
+            kept = xp.stack(keep, axis=0)
+            kept = while_loop(xp, lambda s: s.dropped, prune, _Pruning(kept, xp.any(kept))).keep
+            keep = [kept[k, :] for k in range(K)]
             e_in, d, has, _, _ = one_round(keep)
         else:
             while True:
@@ -644,10 +636,10 @@ def _hull(xp, C, W, valid, static: bool):
     seg = [v & h for v, h in zip(keep, has)]
     E = xp.stack([xp.where(s, e, -inf) for s, e in zip(seg, e_in)], axis=0)
     dC = xp.stack([xp.where(s, x, xp.zeros_like(x)) for s, x in zip(seg, d)], axis=0)
-    j, nxt = xp.full(inf.shape, K, dtype=xp.int8, device=_device(C)), [None] * K
+    j, nxt = xp.full(inf.shape, K, dtype=xp.int8, device=device(C)), [None] * K
     for k in reversed(range(K)):
         nxt[k] = j
-        j = xp.where(keep[k], xp.asarray(k, dtype=xp.int8, device=_device(C)), j)
+        j = xp.where(keep[k], xp.asarray(k, dtype=xp.int8, device=device(C)), j)
     return j, xp.stack(nxt, axis=0), E, dC
 
 
@@ -660,15 +652,17 @@ def _split_level(xp, E, dC, R, skip, static: bool):
     pass over the candidates sums the cost above the upper pivot and keeps those between the pivots (a few percent);
     the exact costs at both pivots follow from the kept ones. If the split is between them, only the kept remain;
     else (a misleading sample) the candidates beyond the pivot that held. At most ``_EXACT`` left, an exact sort
-    finishes: 2 rounds for 10^7 segments.
+    finishes.
     JAX: the same bracket driven by Illinois regula falsi on ``ln lambda`` with trials snapped to efficiency values
     and bisection safeguards, in ``lax.while_loop`` with static shapes.
     Invariant: ``T(lo) > R >= T(hi)``, ``T(lam) = sum dC [E > lam]``; done when no value lies in ``(lo, hi)``.
     """
-    e = xp.reshape(E, (-1,))
-    c = xp.reshape(dC, (-1,))
-    if static:
-        return _split_level_static(xp, e, c, R, skip)
+    search = _split_level_static if static else _split_level_eager
+    return search(xp, xp.reshape(E, (-1,)), xp.reshape(dC, (-1,)), R, skip)
+
+
+def _split_level_eager(xp, e, c, R, skip):
+    """:func:`_split_level` by sample-select over the flat efficiencies ``e`` and costs ``c``."""
     zero = xp.zeros_like(R)
     if bool(skip):
         return zero, xp.asarray(0, dtype=xp.int32), zero
@@ -688,7 +682,7 @@ def _split_level(xp, E, dC, R, skip, static: bool):
             break
         o = xp.argsort(s_e, descending=True, stable=True)
         s_e, s_c = xp.take(s_e, o), xp.take(s_c, o)
-        s_c = s_c * (total / _safe(xp, xp.sum(s_c)))
+        s_c = s_c * (total / positive_or_one(xp, xp.sum(s_c)))
         j = int(xp.sum(xp.astype(const + xp.cumulative_sum(s_c) - s_c <= R, xp.int32))) - 1  # estimated split
         d = 4 * int(math.sqrt(s_e.shape[0])) + 4
         v_hi = s_e[j - d] if j - d >= 0 else hi
@@ -722,7 +716,7 @@ def _split_level(xp, E, dC, R, skip, static: bool):
     j = int(xp.sum(xp.astype(ok, xp.int32))) - 1
     if j < 0:
         return hi, xp.asarray(rounds, dtype=xp.int32), const - tied
-    return e[j], xp.asarray(rounds, dtype=xp.int32), const + xp.sum(_sel(xp, e > e[j], c))
+    return e[j], xp.asarray(rounds, dtype=xp.int32), const + xp.sum(masked(xp, e > e[j], c))
 
 
 def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):
@@ -736,7 +730,7 @@ def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):
         keep = (e >= v_lo) & (e <= v_hi)
         if bounded:
             gt, keep = gt & inside, keep & inside
-        return xp.sum(_sel(xp, gt, c)), e[keep], c[keep]
+        return xp.sum(masked(xp, gt, c)), e[keep], c[keep]
 
     if not array_api_compat.is_numpy_namespace(xp) or e.shape[0] <= _PIECE:
         return piece(e, c)
@@ -747,28 +741,36 @@ def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):
 _EXACT = 1 << 16  # candidates sorted exactly at the end of the sample-select
 
 
-def _sel(xp, mask, x):
-    """``x`` where ``mask`` else 0, for finite ``x`` (numpy's ``where`` on a random mask costs several passes)."""
-    if array_api_compat.is_numpy_namespace(xp):
-        return x * xp.astype(mask, x.dtype)
-    return xp.where(mask, x, xp.zeros_like(x))
-
-
 def _masked_sum(xp, mask, x):
     """``sum(x[mask])`` for finite ``x``; numpy runs over cache-sized pieces (no table-sized temporaries)."""
     if not array_api_compat.is_numpy_namespace(xp) or x.ndim != 1 or x.shape[0] <= _PIECE:
-        return xp.sum(_sel(xp, mask, x))
-    return sum(xp.sum(_sel(xp, mask[i:i + _PIECE], x[i:i + _PIECE])) for i in range(0, x.shape[0], _PIECE))
+        return xp.sum(masked(xp, mask, x))
+    return sum(xp.sum(masked(xp, mask[i:i + _PIECE], x[i:i + _PIECE])) for i in range(0, x.shape[0], _PIECE))
 
 
 _PIECE = 1 << 15
 
 
-def _safe(xp, x):
-    return xp.where(x > 0, x, xp.ones_like(x))
+class _Illinois(NamedTuple):
+    """The static-shape split search: the bracket ``lo < lambda* <= hi`` of efficiency values with ``T(lo) > R >=
+    T(hi)``, ``const`` the cost of the segments with ``E >= hi``, which end moved last (``side``: 1 hi, -1 lo; its
+    value is halved next), the bracket's log width before the last step and now (a slow shrink forces bisection),
+    and the steps taken."""
+
+    lo: Any
+    hi: Any
+    t_lo: Any
+    t_hi: Any
+    const: Any
+    side: Any
+    width_before: Any
+    width: Any
+    iterations: Any
 
 
 def _split_level_static(xp, e, c, R, skip):
+    """:func:`_split_level` with static shapes: the first bracket from sampled pivots, then Illinois steps on
+    ``ln lambda`` snapped to efficiency values, in ``lax.while_loop``."""
     fdt = e.dtype
     finite = e > -xp.inf
     one = xp.asarray(1.0, dtype=fdt)
@@ -777,31 +779,33 @@ def _split_level_static(xp, e, c, R, skip):
     lo = xp.where(xp.isfinite(pos_min), pos_min / 2, one)
     zero_i = xp.asarray(0, dtype=xp.int32)
 
-    def trial(lo, hi, t_lo, t_hi, side, slow):
-        x_lo, x_hi = xp.log(lo), xp.log(hi)
-        f_lo = xp.where(side == 1, (t_lo - R) / 2, t_lo - R)  # Illinois: halve the stale end's value
-        f_hi = xp.where(side == -1, (t_hi - R) / 2, t_hi - R)
+    def trial(s: _Illinois):
+        x_lo, x_hi = xp.log(s.lo), xp.log(s.hi)
+        f_lo = xp.where(s.side == 1, (s.t_lo - R) / 2, s.t_lo - R)  # Illinois: halve the stale end's value
+        f_hi = xp.where(s.side == -1, (s.t_hi - R) / 2, s.t_hi - R)
         denom = f_lo - f_hi
         x = x_lo + f_lo * (x_hi - x_lo) / xp.where(denom > 0, denom, one)
+        slow = s.width > s.width_before / 2
         return xp.exp(xp.where(slow | ~(denom > 0), (x_lo + x_hi) / 2, x))
 
-    def cond(s):
-        return ~skip & xp.any((e > s[0]) & (e < s[1]))
+    def open_bracket(s: _Illinois):
+        return ~skip & xp.any((e > s.lo) & (e < s.hi))
 
-    def body(s):
-        lo, hi, t_lo, t_hi, const, side, w_prev, w_now, it = s
-        inside = (e > lo) & (e < hi)
-        lam = trial(lo, hi, t_lo, t_hi, side, w_now > w_prev / 2)
+    def step(s: _Illinois) -> _Illinois:
+        inside = (e > s.lo) & (e < s.hi)
+        lam = trial(s)
         below = xp.max(xp.where(inside & (e <= lam), e, xp.full_like(e, -xp.inf)))
         above = xp.min(xp.where(inside & (e > lam), e, xp.full_like(e, xp.inf)))
         v = xp.where(below > -xp.inf, below, above)  # snap the trial to an efficiency in the bracket
-        t_v = const + xp.sum(xp.where(inside & (e > v), c, xp.zeros_like(c)))
+        t_v = s.const + xp.sum(xp.where(inside & (e > v), c, xp.zeros_like(c)))
         ok = t_v <= R
-        side = xp.where(ok, xp.asarray(1, dtype=xp.int32), xp.asarray(-1, dtype=xp.int32))
-        const = xp.where(ok, const + xp.sum(xp.where(inside & (e >= v), c, xp.zeros_like(c))), const)
-        hi, t_hi = xp.where(ok, v, hi), xp.where(ok, t_v, t_hi)
-        lo, t_lo = xp.where(ok, lo, v), xp.where(ok, t_lo, t_v)
-        return lo, hi, t_lo, t_hi, const, side, w_now, xp.log(hi) - xp.log(lo), it + 1
+        hi = xp.where(ok, v, s.hi)
+        lo = xp.where(ok, s.lo, v)
+        return _Illinois(lo=lo, hi=hi, t_lo=xp.where(ok, s.t_lo, t_v), t_hi=xp.where(ok, t_v, s.t_hi),
+                         const=xp.where(ok, s.const + xp.sum(xp.where(inside & (e >= v), c, xp.zeros_like(c))),
+                                        s.const),
+                         side=xp.where(ok, xp.asarray(1, dtype=xp.int32), xp.asarray(-1, dtype=xp.int32)),
+                         width_before=s.width, width=xp.log(hi) - xp.log(lo), iterations=s.iterations + 1)
 
     const0 = xp.sum(xp.where(e >= hi, c, xp.zeros_like(c)))
     total = xp.sum(c)
@@ -824,78 +828,95 @@ def _split_level_static(xp, e, c, R, skip):
     use_lo = (t_vlo > R) & (v_lo > lo) & (v_lo < hi)
     lo, t_lo = xp.where(use_lo, v_lo, lo), xp.where(use_lo, t_vlo, total)
     width = xp.log(hi) - xp.log(lo)
-    s = (lo, hi, t_lo, t_hi, const0, zero_i, width * 4, width, zero_i)
-    s = while_loop(xp, cond, body, s)
-    return xp.where(skip, xp.zeros_like(R), s[1]), s[-1], None
+    start = _Illinois(lo=lo, hi=hi, t_lo=t_lo, t_hi=t_hi, const=const0, side=zero_i, width_before=width * 4,
+                      width=width, iterations=zero_i)
+    s = while_loop(xp, open_bracket, step, start)
+    return xp.where(skip, xp.zeros_like(R), s.hi), s.iterations, None
 
 
 _SAMPLE_STATIC = 1 << 16
 
 
+class _Fill(NamedTuple):
+    """The greedy fill in ``lax.while_loop``: each item's row ``cur``, the row ``col`` its next segment ends at
+    (``K``: none), that segment's efficiency and cost, the steps taken, the slack left, and whether a segment fits."""
+
+    cur: Any
+    col: Any
+    e_next: Any
+    c_next: Any
+    steps: Any
+    slack: Any
+    more: Any
+
+
 def _fill(xp, E, dC, nxt, cur, slack, max_steps: int):
     """Greedy fill: while some item's next hull segment fits in ``slack``, take the most efficient one (lowest item
-    on ties). One pass over ``N`` numbers per step; the step count is at most ``slack / min dC``."""
-    K, N = E.shape
+    on ties). One pass over ``N`` numbers per step; the step count is at most ``slack / min dC``. Returns the rows
+    ``cur``, the slack left and the steps taken."""
     itype = index_dtype(xp)
-    E_flat, dC_flat, nxt_flat = (xp.reshape(X, (-1,)) for X in (E, dC, nxt))
-    items = xp.arange(N, dtype=itype, device=_device(E))
     cur = xp.astype(cur, itype)
     col = xp.astype(_at(xp, nxt, cur), itype)  # the row where each item's next segment ends (K: none)
+    e_next, c_next = _segments(xp, E, dC, col, xp.arange(E.shape[1], dtype=itype, device=device(E)))
+    start = _Fill(cur=cur, col=col, e_next=e_next, c_next=c_next, steps=xp.asarray(0, dtype=xp.int32), slack=slack,
+                  more=None)
+    fill = _fill_static if is_jax(xp) or is_traced(E) else _fill_eager
+    return fill(xp, E, dC, nxt, start, max_steps)
 
-    def segment(col, i):
-        """``E`` and ``dC`` of the segments ending at rows ``col`` of items ``i`` (``-inf`` and 0 where ``col = K``)."""
-        flat = xp.minimum(col, xp.full_like(col, K - 1)) * N + i
-        has = col < K
-        return (xp.where(has, xp.take(E_flat, flat), xp.full(flat.shape, -xp.inf, dtype=E.dtype, device=_device(E))),
-                xp.where(has, xp.take(dC_flat, flat), xp.zeros(flat.shape, dtype=dC.dtype, device=_device(E))))
 
-    e_next, c_next = segment(col, items)
-    if not (is_jax(xp) or is_traced(E)):  # eager: one masked argmax per step, the chosen item updated in place
-        steps, ninf = 0, xp.asarray(-xp.inf, dtype=E.dtype, device=_device(E))
-        while steps < max_steps:
-            masked = xp.where((e_next > -xp.inf) & (c_next <= slack), e_next, ninf)
-            i = int(xp.argmax(masked))
-            if not bool(masked[i] > -xp.inf):
-                break
-            new_cur = int(col[i])
-            new_col = int(nxt_flat[new_cur * N + i])
-            slack = slack - c_next[i]
-            cur[i], col[i] = new_cur, new_col
-            e_new, c_new = (E_flat[new_col * N + i], dC_flat[new_col * N + i]) if new_col < K else (ninf, 0.0)
-            e_next[i], c_next[i] = e_new, c_new
-            steps += 1
-        return cur, slack, xp.asarray(steps, dtype=xp.int32)
+def _segments(xp, E, dC, col, i):
+    """``E`` and ``dC`` of the segments ending at rows ``col`` of items ``i`` (``-inf`` and 0 where ``col = K``)."""
+    K, N = E.shape
+    flat = xp.minimum(col, xp.full_like(col, K - 1)) * N + i
+    has = col < K
+    return (xp.where(has, xp.take(xp.reshape(E, (-1,)), flat),
+                     xp.full(flat.shape, -xp.inf, dtype=E.dtype, device=device(E))),
+            xp.where(has, xp.take(xp.reshape(dC, (-1,)), flat),
+                     xp.zeros(flat.shape, dtype=dC.dtype, device=device(E))))
 
-    def fits(e_next, c_next, slack):
-        return (e_next > -xp.inf) & (c_next <= slack)
 
-    def cond(s):
-        return s[-1] & (s[4] < max_steps)
+def _fill_eager(xp, E, dC, nxt, s: _Fill, max_steps: int):
+    """:func:`_fill` with one masked argmax per step and the chosen item updated in place."""
+    K, N = E.shape
+    E_flat, dC_flat, nxt_flat = (xp.reshape(X, (-1,)) for X in (E, dC, nxt))
+    cur, col, e_next, c_next, slack = s.cur, s.col, s.e_next, s.c_next, s.slack
+    steps, ninf = 0, xp.asarray(-xp.inf, dtype=E.dtype, device=device(E))
+    while steps < max_steps:
+        fitting = xp.where((e_next > -xp.inf) & (c_next <= slack), e_next, ninf)
+        i = int(xp.argmax(fitting))
+        if not bool(fitting[i] > -xp.inf):
+            break
+        new_cur = int(col[i])
+        new_col = int(nxt_flat[new_cur * N + i])
+        slack = slack - c_next[i]
+        cur[i], col[i] = new_cur, new_col
+        e_new, c_new = (E_flat[new_col * N + i], dC_flat[new_col * N + i]) if new_col < K else (ninf, 0.0)
+        e_next[i], c_next[i] = e_new, c_new
+        steps += 1
+    return cur, slack, xp.asarray(steps, dtype=xp.int32)
 
-    def body(s):
-        cur, col, e_next, c_next, steps, slack, _ = s
-        i = xp.reshape(xp.astype(xp.argmax(xp.where(fits(e_next, c_next, slack), e_next,
-                                                    xp.full_like(e_next, -xp.inf))), itype), (1,))
-        new_cur = xp.take(col, i)
+
+def _fill_static(xp, E, dC, nxt, s: _Fill, max_steps: int):
+    """:func:`_fill` with static shapes in ``lax.while_loop``: each step is a masked argmax and a masked update."""
+    N = E.shape[1]
+    nxt_flat = xp.reshape(nxt, (-1,))
+    itype = s.cur.dtype
+    items = xp.arange(N, dtype=itype, device=device(E))
+
+    def fits(s: _Fill):
+        return (s.e_next > -xp.inf) & (s.c_next <= s.slack)
+
+    def step(s: _Fill) -> _Fill:
+        i = xp.reshape(xp.astype(xp.argmax(xp.where(fits(s), s.e_next, xp.full_like(s.e_next, -xp.inf))), itype),
+                       (1,))
+        new_cur = xp.take(s.col, i)
         new_col = xp.astype(xp.take(nxt_flat, new_cur * N + i), itype)
-        slack = slack - xp.take(c_next, i)[0]
-        e_new, c_new = segment(new_col, i)
+        e_new, c_new = _segments(xp, E, dC, new_col, i)
         chosen = items == i
-        cur = xp.where(chosen, new_cur, cur)
-        col = xp.where(chosen, new_col, col)
-        e_next = xp.where(chosen, e_new, e_next)
-        c_next = xp.where(chosen, c_new, c_next)
-        return cur, col, e_next, c_next, steps + 1, slack, xp.any(fits(e_next, c_next, slack))
+        s = s._replace(cur=xp.where(chosen, new_cur, s.cur), col=xp.where(chosen, new_col, s.col),
+                       e_next=xp.where(chosen, e_new, s.e_next), c_next=xp.where(chosen, c_new, s.c_next),
+                       steps=s.steps + 1, slack=s.slack - xp.take(s.c_next, i)[0])
+        return s._replace(more=xp.any(fits(s)))
 
-    s = (cur, col, e_next, c_next, xp.asarray(0, dtype=xp.int32), slack, xp.any(fits(e_next, c_next, slack)))
-    s = while_loop(xp, cond, body, s)
-    return s[0], s[5], s[4]
-
-
-def _device(x: Any):
-    from array_api_compat import device
-
-    try:
-        return device(x)
-    except Exception:
-        return None
+    s = while_loop(xp, lambda s: s.more & (s.steps < max_steps), step, s._replace(more=xp.any(fits(s))))
+    return s.cur, s.slack, s.steps

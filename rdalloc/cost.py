@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._namespace import as_float64, namespace
-from .models import FULL_BITS
 
-__all__ = ["item_cost", "metadata_bits", "Usage"]
+__all__ = ["item_cost", "metadata_bits", "Usage", "FULL_BITS"]
+
+FULL_BITS = 16
+"""Full precision: stored as is, no quantization metadata."""
 
 
 def metadata_bits(groups: Any, scale_bits: int = 16, zero_bits: int = 16) -> Any:

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from .fit import DEFAULT_TOLERANCE, ExponentialFit, _fit, _measurements, _quantizer
+from ._checks import check_measurements, check_quantizer_name
+from .fit import DEFAULT_TOLERANCE, ExponentialFit, fit_validated
 
 __all__ = ["Tolerances", "Flag", "FitReport", "per_bit_ratios", "shared_beta_pvalue", "diagnose", "fit_report",
            "FLAG_KINDS"]
@@ -103,7 +104,7 @@ def _ratios(d: np.ndarray, bits: Sequence[int]) -> np.ndarray:
 
 def per_bit_ratios(distortions: Any, bits: Sequence[int]) -> np.ndarray:
     """``(N, K-1)`` per-bit ratios ``(D(b_k) / D(b_{k+1}))**(1 / (b_{k+1} - b_k))`` between consecutive widths."""
-    d, bits, _ = _measurements(distortions, bits)
+    d, bits, _ = check_measurements(distortions, bits)
     return _ratios(d, bits)
 
 
@@ -365,8 +366,8 @@ def diagnose(fit: ExponentialFit, *, tolerances: Tolerances | None = None) -> Fi
     tol = Tolerances() if tolerances is None else tolerances
     if not isinstance(tol, Tolerances):
         raise TypeError(f"tolerances must be a Tolerances, got {type(tolerances).__name__}")
-    per_item = fit if not fit.pooled else _fit(fit.distortions, fit.bits, fit.weights, False, fit.quantizer)
-    pooled = fit if fit.pooled else _fit(fit.distortions, fit.bits, fit.weights, True, fit.quantizer)
+    per_item = fit if not fit.pooled else fit_validated(fit.distortions, fit.bits, fit.weights, False, fit.quantizer)
+    pooled = fit if fit.pooled else fit_validated(fit.distortions, fit.bits, fit.weights, True, fit.quantizer)
     p = shared_beta_pvalue(per_item, pooled)
     flags = _flags(fit, per_item, pooled, p, tol)
     return FitReport(fit=fit, per_item=per_item, pooled=pooled, ratios=_ratios(fit.distortions, fit.bits),
@@ -381,5 +382,5 @@ def fit_report(distortions: Any, bits: Sequence[int], *, pooled: bool = True, sa
     >>> report = fit_report(D, [0, 2, 3, 4, 6, 8, 16], quantizer="kivi")   # doctest: +SKIP
     >>> print(report.text()); report.to_dict()["pooled"]["beta"]            # doctest: +SKIP
     """
-    d, bits, w = _measurements(distortions, bits, sample_weights)
-    return diagnose(_fit(d, bits, w, pooled, _quantizer(quantizer)), tolerances=tolerances)
+    d, bits, w = check_measurements(distortions, bits, sample_weights)
+    return diagnose(fit_validated(d, bits, w, pooled, check_quantizer_name(quantizer)), tolerances=tolerances)

@@ -45,9 +45,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from ._namespace import to_numpy
-from .cost import item_cost
-from .models import FULL_BITS, ExponentialModel, TabulatedModel, _menu
+from ._checks import check_distortion_table, check_measurements, check_menu, check_quantizer_name, check_vector
+from .cost import FULL_BITS, item_cost
+from .models import ExponentialModel, TabulatedModel
 
 __all__ = ["ExponentialFit", "fit_exponential", "tabulate", "lower_hull", "ModelChoice", "choose_model",
            "DEFAULT_TOLERANCE"]
@@ -55,77 +55,6 @@ __all__ = ["ExponentialFit", "fit_exponential", "tabulate", "lower_hull", "Model
 DEFAULT_TOLERANCE = 1.3
 """Default fit tolerance as a factor: the curve is accepted for an item when it is within 1.3x of every measured
 quantized point (``max |ln D_measured - ln D_curve| <= ln 1.3``)."""
-
-
-# ---- validation -------------------------------------------------------------------------------------------------
-def _quantizer(quantizer: Any) -> str | None:
-    if quantizer is not None and not isinstance(quantizer, str):
-        raise TypeError(f"quantizer must be a string or None, got {type(quantizer).__name__} {quantizer!r}")
-    return quantizer
-
-
-def _bits(bits: Any) -> tuple[int, ...]:
-    """Bit-widths as a strictly increasing tuple of integers in ``[0, 16]``."""
-    if isinstance(bits, (str, bytes)) or bits is None:
-        raise TypeError(f"bits must be a sequence of bit-widths, got {bits!r}")
-    arr = np.asarray(to_numpy(bits) if hasattr(bits, "shape") else bits)
-    if arr.dtype.kind not in "iuf":
-        raise TypeError(f"bits must be numeric bit-widths, got {arr.tolist()!r} (dtype {arr.dtype})")
-    if arr.ndim != 1:
-        raise ValueError(f"bits must be a 1-D sequence of bit-widths, got shape {arr.shape}")
-    return _menu(arr, "bits")
-
-
-def _measurements(distortions: Any, bits: Any, sample_weights: Any = None,
-                 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
-    """Validated ``(D, bits, w)``: ``D`` float64 ``(N, K)``, ``bits`` a tuple of ``K`` widths, ``w`` float64 ``(N, K)``.
-
-    Raises ``TypeError`` for non-numeric input and ``ValueError`` (naming the argument and the offending value) for
-    NaN, infinities or negative values, shapes that do not match, bits not strictly increasing integers in
-    ``[0, 16]``, or fewer than two quantized widths (``0 < b < 16``).
-    """
-    d, bits = _distortion_table(distortions, bits)
-    if d.shape[0] == 0:
-        raise ValueError("distortions must hold at least one item, got shape (0, ...)")
-    q = [b for b in bits if 0 < b < FULL_BITS]
-    if len(q) < 2:
-        raise ValueError(f"bits must hold at least two quantized widths (0 < b < {FULL_BITS}) to fit a curve, "
-                         f"got bits={list(bits)}")
-    if sample_weights is None:
-        w = np.ones_like(d)
-    else:
-        w = np.asarray(to_numpy(sample_weights) if hasattr(sample_weights, "shape") else sample_weights)
-        if w.dtype.kind not in "iuf":
-            raise TypeError(f"sample_weights must be a real numeric array, got dtype {w.dtype}")
-        w = w.astype(np.float64)
-        try:
-            w = np.broadcast_to(w, d.shape).copy()
-        except ValueError:
-            raise ValueError(f"sample_weights must be a scalar, shape ({len(bits)},) (one per bit-width) or "
-                             f"{d.shape} (one per measurement), got shape {w.shape}") from None
-        _check_finite_nonnegative("sample_weights", w, bits)
-    return d, bits, w
-
-
-def _distortion_table(distortions: Any, bits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
-    """``(D, bits)``: ``D`` float64 ``(N, K)``, finite and ``>= 0``, matching ``K`` valid widths (else a clear error)."""
-    bits = _bits(bits)
-    d = np.asarray(to_numpy(distortions) if hasattr(distortions, "shape") else distortions)
-    if d.dtype.kind not in "iuf":
-        raise TypeError(f"distortions must be a real numeric array, got dtype {d.dtype}")
-    if d.ndim != 2 or d.shape[1] != len(bits):
-        raise ValueError(f"distortions must have shape (items, {len(bits)}) to match bits={list(bits)}, "
-                         f"got shape {d.shape}")
-    d = d.astype(np.float64)
-    _check_finite_nonnegative("distortions", d, bits)
-    return d, bits
-
-
-def _check_finite_nonnegative(name: str, x: np.ndarray, bits: tuple[int, ...]) -> None:
-    for bad, what in ((~np.isfinite(x), "finite"), (x < 0, ">= 0")):
-        if bad.any():
-            i, k = (int(v) for v in np.argwhere(bad)[0])
-            raise ValueError(f"{name} must be {what}, got {float(x[i, k])!r} at item {i}, bits={bits[k]}")
 
 
 # ---- estimators -------------------------------------------------------------------------------------------------
@@ -354,9 +283,10 @@ class ExponentialFit:
                    slope_items=None if d.get("slope_items") is None else np.asarray(d["slope_items"], dtype=bool))
 
 
-def _fit(d: np.ndarray, bits: tuple[int, ...], w: np.ndarray, pooled: bool, quantizer: str | None,
+def fit_validated(d: np.ndarray, bits: tuple[int, ...], w: np.ndarray, pooled: bool, quantizer: str | None,
          slope_items: np.ndarray | None = None) -> ExponentialFit:
-    """The fit on validated input; items that cannot be fitted get NaN (no error)."""
+    """The fit on input validated by :func:`~rdalloc._checks.check_measurements`; items that cannot be fitted get
+    NaN (no error). Shared with :mod:`rdalloc.diagnostics`, which fits the same measurements both ways."""
     b = np.asarray(bits, dtype=np.float64)
     q = (b > 0) & (b < FULL_BITS)
     w = np.where(q[None, :] & (d > 0), w, 0.0)
@@ -376,7 +306,7 @@ def _trimmed_pooled_fit(d, bits, w, log_tol: float, quantizer) -> ExponentialFit
     the slope still get their ``alpha`` and are judged against the final curve.
     """
     slope = np.ones(d.shape[0], dtype=bool)
-    fit = _fit(d, bits, w, True, quantizer, slope)
+    fit = fit_validated(d, bits, w, True, quantizer, slope)
     while True:
         res = fit.max_log_residual
         with np.errstate(invalid="ignore"):
@@ -387,7 +317,7 @@ def _trimmed_pooled_fit(d, bits, w, log_tol: float, quantizer) -> ExponentialFit
         worst = np.argsort(np.where(bad, -res, np.inf), kind="stable")[:n_drop]
         trial_slope = slope.copy()
         trial_slope[worst] = False
-        trial = _fit(d, bits, w, True, quantizer, trial_slope)
+        trial = fit_validated(d, bits, w, True, quantizer, trial_slope)
         if not trial.fitted.any():
             return fit
         slope, fit = trial_slope, trial
@@ -409,9 +339,20 @@ def fit_exponential(distortions: Any, bits: Sequence[int], *, pooled: bool = Tru
     Returns an :class:`ExponentialFit`; its ``.model`` is the :class:`ExponentialModel`. Raises ``ValueError`` when
     an item has too few usable points (per item: two distinct widths; pooled: one, and two distinct widths somewhere)
     — zeros and zero-weight points do not count.
+
+    Two items measured on ``D(b) = alpha_i 4**(-b)`` at 2, 4 and 8 bits, and at eviction (kept as measured, off the
+    curve):
+
+    >>> import numpy as np
+    >>> d = np.array([[0.5, 1 / 16, 1 / 256, 1 / 65536], [0.5, 2 / 16, 2 / 256, 2 / 65536]])
+    >>> fit = fit_exponential(d, [0, 2, 4, 8])
+    >>> round(float(fit.beta[0]), 9), np.round(fit.alpha, 9).tolist(), fit.model.eviction.tolist()
+    (4.0, [1.0, 2.0], [0.5, 0.5])
+    >>> fit.model.lo, fit.model.hi
+    (2.0, 8.0)
     """
-    d, bits, w = _measurements(distortions, bits, sample_weights)
-    fit = _fit(d, bits, w, pooled, _quantizer(quantizer))
+    d, bits, w = check_measurements(distortions, bits, sample_weights)
+    fit = fit_validated(d, bits, w, pooled, check_quantizer_name(quantizer))
     if not fit.fitted.all():
         i = int(np.argmin(fit.fitted))
         q = fit.quantized
@@ -427,8 +368,8 @@ def fit_exponential(distortions: Any, bits: Sequence[int], *, pooled: bool = Tru
 def tabulate(distortions: Any, bits: Sequence[int], *, quantizer: str | None = None) -> TabulatedModel:
     """A :class:`TabulatedModel` straight from measurements (validated as for :func:`fit_exponential`, except that
     any number of quantized widths is fine here)."""
-    d, bits = _distortion_table(distortions, bits)
-    return TabulatedModel(bits=bits, distortion=d, quantizer=_quantizer(quantizer))
+    d, bits = check_distortion_table(distortions, bits)
+    return TabulatedModel(bits=bits, distortion=d, quantizer=check_quantizer_name(quantizer))
 
 
 def lower_hull(model: TabulatedModel | ExponentialModel, sizes: Any = 1.0, *, metadata: Any = 0.0,
@@ -443,17 +384,17 @@ def lower_hull(model: TabulatedModel | ExponentialModel, sizes: Any = 1.0, *, me
     exponential model).
     """
     if isinstance(model, TabulatedModel):
-        menu = model.bits if menu is None else _menu(menu)
+        menu = model.bits if menu is None else check_menu(menu)
     elif isinstance(model, ExponentialModel):
         if menu is None:
             raise TypeError("lower_hull of an ExponentialModel needs menu= (the bit-widths to consider)")
-        menu = _menu(menu)
+        menu = check_menu(menu)
     else:
         raise TypeError(f"model must be a TabulatedModel or ExponentialModel, got {type(model).__name__}")
     D, ok = model.table(menu)
     N, K = D.shape
-    n = _vector(sizes, N, "sizes", positive=True)
-    m = _vector(metadata, N, "metadata")
+    n = check_vector(sizes, N, "sizes", positive=True)
+    m = check_vector(metadata, N, "metadata")
     C = np.asarray(item_cost(np.asarray(menu, dtype=np.float64)[None, :], n[:, None], m[:, None]))
     D = np.where(ok, D, np.inf)
     order = np.lexsort((D, C), axis=-1)
@@ -480,20 +421,6 @@ def lower_hull(model: TabulatedModel | ExponentialModel, sizes: Any = 1.0, *, me
     out = np.zeros_like(keep)
     np.put_along_axis(out, order, keep, 1)
     return out
-
-
-def _vector(x: Any, n: int, name: str, positive: bool = False) -> np.ndarray:
-    v = np.asarray(to_numpy(x) if hasattr(x, "shape") else x)
-    if v.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must be numeric, got dtype {v.dtype}")
-    if v.shape not in ((), (n,)):
-        raise ValueError(f"{name} must be a scalar or shape ({n},) to match the {n} items, got shape {v.shape}")
-    v = np.broadcast_to(v.astype(np.float64), (n,))
-    bad = ~np.isfinite(v) | ((v <= 0) if positive else (v < 0))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {float(v[i])!r} at item {i}")
-    return v
 
 
 # ---- automatic choice ---------------------------------------------------------------------------------------------
@@ -588,10 +515,11 @@ def choose_model(distortions: Any, bits: Sequence[int], *, menu: Sequence[int] |
         raise TypeError(f"tolerance must be a number (a factor >= 1), got {tolerance!r}") from None
     if not np.isfinite(tol) or tol < 1:
         raise ValueError(f"tolerance must be a finite factor >= 1, got {tolerance!r}")
-    d, bits, w = _measurements(distortions, bits, sample_weights)
-    quantizer = _quantizer(quantizer)
-    fit = _trimmed_pooled_fit(d, bits, w, math.log(tol), quantizer) if pooled else _fit(d, bits, w, False, quantizer)
-    menu = bits if menu is None else _menu(menu)
+    d, bits, w = check_measurements(distortions, bits, sample_weights)
+    quantizer = check_quantizer_name(quantizer)
+    fit = _trimmed_pooled_fit(d, bits, w, math.log(tol), quantizer) if pooled else \
+        fit_validated(d, bits, w, False, quantizer)
+    menu = bits if menu is None else check_menu(menu)
     max_factor = np.exp(fit.max_log_residual)
     with np.errstate(invalid="ignore"):
         expo = fit.fitted & (fit.beta > 1) & (fit.max_log_residual <= math.log(tol) + 1e-12)

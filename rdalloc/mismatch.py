@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-from ._checks import check_budget
+from ._checks import check_budget, check_menu, check_vector
 from ._namespace import to_numpy
-from .fit import _vector
-from .models import FULL_BITS, ExponentialModel, TabulatedModel, _menu
+from .cost import FULL_BITS
+from .models import ExponentialModel, TabulatedModel
 
 __all__ = ["ModelMismatchWarning", "check_quantizer", "MismatchReport", "compare_models", "evaluate_distortion"]
 
@@ -77,7 +77,7 @@ def evaluate_distortion(model: ExponentialModel | TabulatedModel, bits: Any, wei
     b = np.asarray(to_numpy(bits) if hasattr(bits, "shape") else bits, dtype=np.float64)
     if b.shape != (N,):
         raise ValueError(f"bits must have shape ({N},) to match the model's {N} items, got shape {b.shape}")
-    w = _vector(weights, N, "weights")
+    w = check_vector(weights, N, "weights")
     d = np.full(N, np.inf)
     if isinstance(model, ExponentialModel):
         alpha = np.asarray(to_numpy(model.alpha), dtype=np.float64)
@@ -208,16 +208,16 @@ def compare_models(true_model: ExponentialModel | TabulatedModel, assumed_model:
     if assumed_model.n_items != N:
         raise ValueError(f"the models must describe the same items: true_model has {N}, assumed_model has "
                          f"{assumed_model.n_items}")
-    n = _vector(sizes, N, "sizes", positive=True)
-    w = _vector(weights, N, "weights")
-    m = _vector(metadata, N, "metadata")
+    n = check_vector(sizes, N, "sizes", positive=True)
+    w = check_vector(weights, N, "weights")
+    m = check_vector(metadata, N, "metadata")
     B = float(check_budget(budget, average_bits, float(n.sum())))
     if menu is None:
         solver = "waterfill"
         bt, ba, uniform = _continuous(true_model, assumed_model, n, w, m, B)
     else:
         solver = "allocate"
-        bt, ba, uniform = _discrete(true_model, assumed_model, n, w, m, B, _menu(menu))
+        bt, ba, uniform = _discrete(true_model, assumed_model, n, w, m, B, check_menu(menu))
     rho, tau = _rank(bt, ba)
     return MismatchReport(
         true_quantizer=true_model.quantizer, assumed_quantizer=assumed_model.quantizer, solver=solver, budget=B,

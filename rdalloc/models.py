@@ -16,24 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._checks import check_shape, check_values
+from ._checks import check_menu, check_shape, check_values
 from ._namespace import as_float64, is_traced, namespace, to_numpy
+from .cost import FULL_BITS
 
 __all__ = ["ExponentialModel", "TabulatedModel", "FULL_BITS"]
-
-FULL_BITS = 16
-"""Full precision: stored as is, no quantization metadata."""
-
-
-def _menu(bits: Sequence[float], name: str = "menu") -> tuple[int, ...]:
-    arr = np.asarray(bits, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        raise ValueError(f"{name} must hold at least one bit-width, got {list(bits)!r}")
-    if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(arr < 0) or np.any(arr > FULL_BITS):
-        raise ValueError(f"{name} must hold integers in [0, {FULL_BITS}], got {arr.tolist()!r}")
-    if np.any(np.diff(arr) <= 0):
-        raise ValueError(f"{name} must be strictly increasing, got {arr.astype(int).tolist()!r}")
-    return tuple(int(b) for b in arr)
 
 
 @dataclass(frozen=True)
@@ -92,7 +79,7 @@ class ExponentialModel:
         ``b = 0`` is feasible only with a measured ``eviction``; ``b = 16`` always, at ``full``; other widths when
         they lie in ``[lo, hi]``.
         """
-        menu = _menu(menu)
+        menu = check_menu(menu)
         n = self.n_items
         alpha = to_numpy(self.alpha).astype(np.float64)
         beta = np.broadcast_to(to_numpy(np.asarray(self.beta) if np.isscalar(self.beta) else self.beta), (n,))
@@ -146,7 +133,7 @@ class TabulatedModel:
     quantizer: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _menu(self.bits, "bits"))
+        object.__setattr__(self, "bits", check_menu(self.bits, "bits"))
         shape = tuple(getattr(self.distortion, "shape", np.shape(self.distortion)))
         if len(shape) != 2 or shape[1] != len(self.bits):
             raise ValueError(f"distortion must have shape (items, {len(self.bits)}) to match bits={list(self.bits)}, "
@@ -178,7 +165,7 @@ class TabulatedModel:
 
     def table(self, menu: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Distortion ``(N, K)`` and feasibility mask at ``menu`` (a subset of ``bits``; all of them by default)."""
-        menu = self.bits if menu is None else _menu(menu)
+        menu = self.bits if menu is None else check_menu(menu)
         missing = sorted(set(menu) - set(self.bits))
         if missing:
             raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "

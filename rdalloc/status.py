@@ -11,7 +11,20 @@
 * ``MAX_ITER`` (4): the iteration cap was reached before the stopping rule held.
 """
 
-OPTIMAL, FEASIBLE, SATURATED, INFEASIBLE, MAX_ITER = 0, 1, 2, 3, 4
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """The solver status codes (integers, so they travel as ``int32`` arrays through ``jax.jit``)."""
+
+    OPTIMAL = 0
+    FEASIBLE = 1
+    SATURATED = 2
+    INFEASIBLE = 3
+    MAX_ITER = 4
+
+
+OPTIMAL, FEASIBLE, SATURATED, INFEASIBLE, MAX_ITER = Status
 
 MESSAGES = {OPTIMAL: "optimal (proven)",
             FEASIBLE: "feasible, within the reported gap of the optimum",
@@ -20,4 +33,4 @@ MESSAGES = {OPTIMAL: "optimal (proven)",
             INFEASIBLE: "budget below the cheapest allocation",
             MAX_ITER: "iteration limit reached"}
 
-__all__ = ["OPTIMAL", "FEASIBLE", "SATURATED", "INFEASIBLE", "MAX_ITER", "MESSAGES"]
+__all__ = ["Status", "OPTIMAL", "FEASIBLE", "SATURATED", "INFEASIBLE", "MAX_ITER", "MESSAGES"]

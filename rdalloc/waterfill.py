@@ -26,11 +26,10 @@ constants ``ck = c / k`` and ``1 / k`` and, with the chunk still in cache, class
 ``g(a)``, the slope of the items free on all of it, and the few percent with a breakpoint inside, kept. Newton then
 runs on the kept items only (``g`` on ``[a, b]`` is ``g(a)`` plus their change and a linear term); a root outside
 ``[a, b]`` (a misleading sample) falls back to Newton over all items. Pass 2 writes the bits and the certificate.
-Both passes run over chunks whose temporaries stay in the CPU cache: 10–14 ``exp``-passes in all at ``N = 10**7``
-(``benchmarks/solver.py``). Traced solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they run
-Newton over all items from the sampled level (3 evaluations where the all-free level takes 4), the passes fused by
-XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``) run Newton from the all-free level
-over all items (2–4 iterations).
+Both passes run over chunks whose temporaries stay in the CPU cache (timings: ``benchmarks/solver.py``). Traced
+solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they run Newton over all items from the
+sampled level, the passes fused by XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``)
+run Newton from the all-free level over all items.
 
 Metadata: the continuous relaxation treats every item as quantized, so ``P = B - sum_i m_i``. Use
 :func:`rdalloc.allocate` for integer bits, menus, eviction and metadata that depends on the bit-width.
@@ -40,17 +39,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import array_api_compat
 
-from ._checks import check_budget, check_ordered, check_shape, check_values
-from ._namespace import as_float64, float_dtype, is_jax, is_traced, namespace, to_numpy, while_loop
-from .models import FULL_BITS, ExponentialModel
+from ._checks import waterfill_iv
+from ._namespace import (device, is_jax, is_traced, masked, positive_or_one, register_pytree, to_numpy,
+                         while_loop)
+from .models import ExponentialModel
 from .status import INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
 
 __all__ = ["waterfill", "WaterfillResult", "OPTIMAL", "SATURATED", "INFEASIBLE", "MAX_ITER"]
-
 
 
 @dataclass(frozen=True)
@@ -88,20 +87,6 @@ class WaterfillResult:
         return out
 
 
-_registered = False
-
-
-def _register_pytree() -> None:
-    """Let a :class:`WaterfillResult` be returned from ``jax.jit`` (done on first use with JAX arrays)."""
-    global _registered
-    if not _registered:
-        import jax
-
-        names = [f.name for f in fields(WaterfillResult)]
-        jax.tree_util.register_dataclass(WaterfillResult, data_fields=names, meta_fields=[])
-        _registered = True
-
-
 def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, average_bits: Any = None,
               weights: Any = 1.0, lo: Any = None, hi: Any = None, metadata: Any = 0.0,
               max_iter: int = 100, reducer: Any = None) -> WaterfillResult:
@@ -121,47 +106,89 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
 
     Returns a :class:`WaterfillResult`. Raises ``ValueError`` for invalid or infeasible input (unless traced under
     ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits).
-    """
-    if not isinstance(model, ExponentialModel):
-        raise TypeError(f"model must be an ExponentialModel, got {type(model).__name__}")
-    xp = namespace(model.alpha, sizes, weights, lo, hi, metadata)
-    if is_jax(xp):
-        _register_pytree()
-    dev = _device(model.alpha)
-    n_items = model.n_items
-    lo = model.lo if lo is None else lo
-    hi = model.hi if hi is None else hi
-    for name, value in (("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi), ("metadata", metadata)):
-        check_shape(name, value, n_items)
-    check_values("sizes", sizes, positive=True)
-    check_values("weights", weights, nonnegative=True)
-    check_values("metadata", metadata, nonnegative=True)
-    check_values("lo", lo, nonnegative=True)
-    check_values("hi", hi, nonnegative=True, at_most=FULL_BITS)
-    f = lambda v, name: as_float64(xp, v, device=dev, name=name)  # noqa: E731  (scalars stay 0-d)
-    alpha, beta = f(model.alpha, "alpha"), f(model.beta, "beta")
-    n, w, lo_, hi_, m = f(sizes, "sizes"), f(weights, "weights"), f(lo, "lo"), f(hi, "hi"), f(metadata, "metadata")
-    check_ordered(lo_, hi_, n_items)
-    reducer = _LOCAL if reducer is None else reducer
-    static = is_jax(xp) or any(is_traced(x) for x in (alpha, beta, n, w, lo_, hi_, m))  # no host syncs
-    total_of = lambda x: reducer.sum((xp.sum(x) if x.ndim else x * n_items,))[0]  # noqa: E731
-    elements = total_of(n)
-    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
-    B = xp.asarray(total, dtype=float_dtype(xp), device=dev)
-    m_total = total_of(m)
-    P = B - m_total  # payload budget
-    # ``mu_min`` (the lowest level keeping every item at lo) matters only when P == g_min: eager single-process
-    # solves compute it in a separate pass in that case; otherwise it rides along with the first pass.
-    local = not static and reducer is _LOCAL
-    all_useful = local and (w.ndim == 0 and float(w) > 0 or w.ndim and bool(xp.min(w) > 0))
-    box_scalar = lo_.ndim == 0 and hi_.ndim == 0
-    # Eager single-process solves of many items first solve a strided sample for a bracket [a, b] of the level, so
-    # that pass 1 can also classify the items against it (see _sample_bracket).
-    bracket = _sample_bracket(xp, n_items, alpha, beta, w, n, lo_, hi_, P, elements, max_iter) \
-        if local and n_items >= _SAMPLED else None
 
-    # Pass 1: per-item constants ck, 1/k, and the sums that give the all-free closed form and [g_min, g_max].
-    def start(alpha, beta, w, n, lo, hi):
+    Two items of 64 elements, the first four times as important, at 3 bits on average: each factor of ``beta = 4``
+    in importance is worth one bit.
+
+    >>> import numpy as np
+    >>> r = waterfill(ExponentialModel(np.array([4.0, 1.0]), beta=4.0), 64, average_bits=3.0)
+    >>> r.bits.tolist(), int(r.status) == OPTIMAL
+    ([3.5, 2.5], True)
+    """
+    reducer = _LOCAL if reducer is None else reducer
+    xp, alpha, beta, n, w, lo, hi, m, elements, B = waterfill_iv(model, sizes, budget, average_bits, weights, lo,
+                                                                 hi, metadata, reducer)
+    if is_jax(xp):
+        register_pytree(WaterfillResult)
+    n_items = model.n_items
+    traced = is_jax(xp) or any(is_traced(x) for x in (alpha, beta, n, w, lo, hi, m))  # no host syncs
+    local = not traced and reducer is _LOCAL
+    m_total = reducer.sum((xp.sum(m) if m.ndim else m * n_items,))[0]
+    P = B - m_total  # payload budget
+    # Eager single-process solves of many items first solve a strided sample for a bracket of the level, so that
+    # the first pass can also classify the items against it.
+    bracket = _sample_bracket(xp, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter) \
+        if local and n_items >= _SAMPLED else None
+    first = _first_pass(xp, n_items, (alpha, beta, w, n, lo, hi), elements, bracket, local, reducer)
+    if not traced:
+        _raise_if_infeasible(xp, B, P, first, n, hi, m_total, elements, reducer)
+    over = _Chunked(xp, n_items, (first.ck, first.inv_k, n, lo, hi), reducer)
+    saturated = P >= first.g_max
+    at_min = P <= first.g_min
+    infeasible = P < first.g_min - 1e-12 * xp.maximum(xp.abs(first.g_min), xp.ones_like(first.g_min))
+    start = _start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter,
+                         traced and reducer is _LOCAL)
+    solved = _solve_level(xp, first, bracket, over, P, start, saturated | infeasible | at_min, max_iter)
+    mu_min = first.mu_min if not local else _lowest_level_at_lo(xp, over, P, at_min & ~saturated)
+    mu = xp.where(at_min & ~saturated, mu_min, solved.mu)  # everything at lo: the lowest level that keeps it there
+    level = xp.where(saturated, -_big(xp, P), mu)  # lambda = 0 when the budget is slack (finite residual)
+    force = traced or bool(saturated | at_min)  # eager: skip the fix-ups the data does not need
+    out = over.run(_final_pass(xp, mu, level, saturated, at_min, force, first.all_useful))
+    (bits,) = out.arrays
+    bits = xp.where(infeasible, xp.nan, bits) if traced else bits
+    code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
+    status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
+                                                             xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
+    payload, target = out.sums["payload"], xp.minimum(P, first.g_max)
+    return WaterfillResult(
+        bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
+        budget_used=payload + m_total, distortion=out.sums["distortion"], kkt_residual=out.peak,
+        budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
+        iterations=solved.iterations, status=status)
+
+
+_SAMPLED = 1 << 16  # eager single-process solves from this many items on start from a sampled bracket
+
+
+class _FirstPass(NamedTuple):
+    """What the first pass over the items gives: the per-item constants ``ck = c / k`` and ``1 / k`` (a scalar when
+    ``beta`` is), the range ``[g_min, g_max]`` of ``g``, the sums of the all-free closed form (``n_ck``, ``slope``:
+    ``sum n c / k`` and ``sum n / k`` over useful items; ``lo_useless``: ``sum n lo`` over the others), the sums at
+    the bracket's lower end (``g_a``, ``slope_free``) and the items kept for Newton inside it; ``mu_min`` the lowest
+    level keeping every item at ``lo`` (only where no host sync may decide whether it is needed)."""
+
+    ck: Any
+    inv_k: Any
+    g_max: Any
+    g_min: Any
+    n_ck: Any
+    slope: Any
+    lo_useless: Any
+    g_a: Any
+    slope_free: Any
+    kept: tuple
+    mu_min: Any
+    all_useful: bool
+
+
+def _first_pass(xp, n_items: int, items: tuple, elements, bracket, local: bool, reducer) -> _FirstPass:
+    """Per-item constants and the sums that give the all-free closed form and ``[g_min, g_max]``; with a bracket the
+    items are also classified against it while the chunk is in cache (:func:`_classify`)."""
+    alpha, beta, w, n, lo, hi = items
+    all_useful = local and (w.ndim == 0 and float(w) > 0 or w.ndim and bool(xp.min(w) > 0))
+    box_scalar = lo.ndim == 0 and hi.ndim == 0
+
+    def chunk(alpha, beta, w, n, lo, hi):
         k, inv_k, useful, ck, nk = _constants(xp, alpha, beta, w, n, all_useful)
         if is_jax(xp):  # materialize the logs once: XLA would otherwise recompute them inside every reduction
             import jax
@@ -169,74 +196,90 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
             ck, inv_k = jax.lax.optimization_barrier((ck, inv_k))
             useful, nk = w > 0, n * inv_k
         zero = xp.zeros_like(ck)
-        if all_useful:  # with a bracket the all-free level (the first two sums) is not needed
+        if all_useful:  # no item sits at lo for want of weight
             per = lambda x: x if n.ndim else x + zero  # noqa: E731  (n and x both 0-d: one term per item)
-            sums = ((zero[0], zero[0]) if bracket is not None else (_dot(xp, n, ck), _dot(xp, n, per(inv_k)))) + \
-                (() if box_scalar else (_dot(xp, n, per(hi)), _dot(xp, n, per(lo))))
+            sums = {} if bracket is not None else {"n_ck": _dot(xp, n, ck), "slope": _dot(xp, n, per(inv_k))}
+            if not box_scalar:
+                sums.update(g_max=_dot(xp, n, per(hi)), g_min=_dot(xp, n, per(lo)))
         else:
-            sums = (xp.where(useful, n * ck, zero), xp.where(useful, nk + zero, zero),
-                    n * xp.where(useful, hi, lo) + zero, n * lo + zero, xp.where(useful, zero, n * lo + zero))
-        level = None if local else xp.where(useful, (ck - lo) / inv_k, -xp.inf)  # the level where it reaches lo
+            sums = {"n_ck": xp.where(useful, n * ck, zero), "slope": xp.where(useful, nk + zero, zero),
+                    "g_max": n * xp.where(useful, hi, lo) + zero, "g_min": n * lo + zero,
+                    "lo_useless": xp.where(useful, zero, n * lo + zero)}
         kept = ()
-        if bracket is not None:  # classify against [a, b] while the chunk is in cache
-            kept, more = _classify(xp, bracket[0], bracket[1], ck, inv_k, n, lo, hi)
-            sums = sums + more
-        return (ck, inv_k), sums, level, kept  # 1/k stays a scalar when beta is
+        if bracket is not None:
+            kept, at_a = _classify(xp, bracket.a, bracket.b, ck, inv_k, n, lo, hi)
+            sums.update(at_a)
+        level_at_lo = None if local else xp.where(useful, (ck - lo) / inv_k, -xp.inf)
+        return _Part(arrays=(ck, inv_k), sums=sums, peak=level_at_lo, kept=kept)
 
-    (ck, inv_k), sums, mu_min, kept = _Chunked(xp, n_items, (alpha, beta, w, n, lo_, hi_), reducer).run(start)
-    s_nck, s_all = sums[0], sums[1]
-    if all_useful:  # no item sits at lo for want of weight
-        g_max, g_min, sums = (hi_ * elements, lo_ * elements, sums[2:]) if box_scalar else (sums[2], sums[3], sums[4:])
-        s_lo_useless = 0 * g_min
-    else:
-        g_max, g_min, s_lo_useless, sums = sums[2], sums[3], sums[4], sums[5:]
-    over = _Chunked(xp, n_items, (ck, inv_k, n, lo_, hi_), reducer)
-    if not is_traced(P):
-        p, gmin = float(P), float(g_min)
-        if p < gmin - 1e-12 * max(abs(gmin), 1.0):
-            meta, top = float(m_total), float(total_of(n * hi_ + xp.zeros_like(ck)))
-            raise ValueError(f"budget {float(B):.6g} bits is infeasible: the box needs between {gmin + meta:.6g} "
-                             f"and {top + meta:.6g} bits (average {(gmin + meta) / float(elements):.6g} to "
-                             f"{(top + meta) / float(elements):.6g})")
-    saturated = P >= g_max
-    at_min = P <= g_min
-    infeasible = P < g_min - 1e-12 * xp.maximum(xp.abs(g_min), xp.ones_like(g_min))
-    if local:
-        mu_min = -xp.inf * xp.ones_like(P)
-        if bool(at_min & ~saturated):
-            mu_min = over.run(lambda ck, inv_k, n, lo, hi: ((), (), xp.where(ck > -xp.inf, (ck - lo) / inv_k,
-                                                                                -xp.inf), ()))[2]
+    part = _Chunked(xp, n_items, items, reducer).run(chunk)
+    sums = part.sums
+    g_max, g_min = (hi * elements, lo * elements) if all_useful and box_scalar else (sums["g_max"], sums["g_min"])
+    ck, inv_k = part.arrays
+    return _FirstPass(ck=ck, inv_k=inv_k, g_max=g_max, g_min=g_min, n_ck=sums.get("n_ck"),
+                      slope=sums.get("slope"), lo_useless=sums.get("lo_useless", 0 * g_min), g_a=sums.get("g_a"),
+                      slope_free=sums.get("slope_free"), kept=part.kept, mu_min=part.peak, all_useful=all_useful)
+
+
+def _solve_level(xp, first: _FirstPass, bracket, over: "_Chunked", P, start, done, max_iter: int) -> _Newton:
+    """The level with ``g(mu) = P`` by safeguarded Newton from ``start`` (nothing to do when ``done``): on the items
+    kept inside the sampled bracket when there is one, then over all items if the root lies outside it."""
     eps = float(xp.finfo(P.dtype).eps)
-    tol = 64 * eps * xp.maximum(g_max, xp.ones_like(g_max))  # |g(mu) - P| at rounding level
-    mu0 = (s_nck + s_lo_useless - P) / _safe(xp, s_all)  # every useful item free
-    big = xp.asarray(float(xp.finfo(mu0.dtype).max) / 4, dtype=mu0.dtype, device=dev)
-    zero_i = xp.asarray(0, dtype=xp.int32, device=dev)
-    done0 = saturated | infeasible | at_min
-    # Bracket: a with g(a) >= P, b with g(b) <= P (open ends at -/+big until an evaluation closes them).
+    tol = 64 * eps * xp.maximum(first.g_max, xp.ones_like(first.g_max))  # |g(mu) - P| at rounding level
+    big, zero_i = _big(xp, P), xp.asarray(0, dtype=xp.int32, device=device(P))
+    state = _Newton(mu=start, a=-big, b=big, g_a=first.g_max, g_b=first.g_min, iterations=zero_i, done=done,
+                    secant_steps=zero_i)
+    if bracket is not None and not bool(done):
+        state = _solve_in_bracket(xp, bracket, first, P, tol, eps, big, state, max_iter)
+    return _newton(xp, lambda mu: over.sums(_g_and_slope(xp, mu)), P, tol, eps, big, state, max_iter)
+
+
+def _big(xp, like):
+    """A finite stand-in for infinity (a quarter of the largest float): the open ends of a bracket."""
+    return xp.asarray(float(xp.finfo(like.dtype).max) / 4, dtype=like.dtype, device=device(like))
+
+
+def _raise_if_infeasible(xp, B, P, first: _FirstPass, n, hi, m_total, elements, reducer) -> None:
+    """``ValueError`` giving the feasible range when the payload budget ``P`` is below ``g_min``."""
+    p, gmin = float(P), float(first.g_min)
+    if p < gmin - 1e-12 * max(abs(gmin), 1.0):
+        top_terms = n * hi + xp.zeros_like(first.ck)
+        meta, top = float(m_total), float(reducer.sum((xp.sum(top_terms),))[0])
+        raise ValueError(f"budget {float(B):.6g} bits is infeasible: the box needs between {gmin + meta:.6g} "
+                         f"and {top + meta:.6g} bits (average {(gmin + meta) / float(elements):.6g} to "
+                         f"{(top + meta) / float(elements):.6g})")
+
+
+def _start_level(xp, first: _FirstPass, bracket, n_items: int, items: tuple, P, elements, max_iter: int,
+                 traced_local: bool):
+    """Newton's first level: the sampled one (bracketed eager solves; traced single-process solves of many items,
+    which cannot compact), else the all-free closed form ``(sum_F n c / k + sum_L n lo - P) / sum_F n / k``."""
     if bracket is not None:
-        start_level = bracket[2]
-    elif static and reducer is _LOCAL and n_items >= _SAMPLED:  # traced: the sampled level as Newton's start
-        mu_s, ok = _sample_level(xp, n_items, alpha, beta, w, n, lo_, hi_, P, elements, max_iter)[:2]
-        start_level = xp.where(ok, mu_s, mu0)
-    else:
-        start_level = mu0
-    state = (start_level, -big, big, g_max, g_min, zero_i, done0, zero_i)
-    if bracket is not None and not bool(done0):
-        state = _solve_in_bracket(xp, bracket, sums, kept, P, tol, eps, state, max_iter)
-    if isinstance(state, tuple):  # safeguarded Newton over all items (from the all-free level or a checked bracket)
-        mu, iters, done = _newton(xp, lambda mu: over.sums(_g_and_slope(xp, mu)), P, tol, eps, state, max_iter)
-    else:
-        mu, iters, done = state.mu, state.iters, state.done
-    mu = xp.where(at_min & ~saturated, mu_min, mu)  # everything at lo: the lowest level that keeps it there
-    level = xp.where(saturated, -big, mu)  # lambda = 0 when the budget is slack (-big keeps the residual finite)
-    force = static or bool(saturated | at_min)  # eager: skip the fix-ups the data does not need
+        return bracket.start
+    mu0 = (first.n_ck + first.lo_useless - P) / positive_or_one(xp, first.slope)
+    if traced_local and n_items >= _SAMPLED:
+        sample = _sample_level(xp, n_items, items, P, elements, max_iter)
+        return xp.where(sample.ok, sample.level, mu0)
+    return mu0
 
-    def finish(ck, inv_k, n, lo, hi):
-        """Bits, and per item: payload, distortion and KKT violation in log marginal value.
 
-        ``e_i = ln(marginal_i) = k_i (ck_i - b_i)``; ``w_i D_i(b_i) = (n_i / k_i) exp(e_i)``. ``r_i = e_i - mu`` is 0 on
-        free items, >= 0 at ``hi``, <= 0 at ``lo``; the residual is the largest violation (rounding only).
-        """
+def _lowest_level_at_lo(xp, over: "_Chunked", P, needed: bool):
+    """The lowest level that keeps every item at ``lo`` (needed only when ``P == g_min``: a separate pass), else
+    ``-inf``."""
+    if not bool(needed):
+        return -xp.inf * xp.ones_like(P)
+    return over.run(lambda ck, inv_k, n, lo, hi: _Part(peak=xp.where(ck > -xp.inf, (ck - lo) / inv_k, -xp.inf))).peak
+
+
+def _final_pass(xp, mu, level, saturated, at_min, force: bool, all_useful: bool) -> Callable:
+    """Per chunk: the bits at ``mu`` and the certificate's terms — payload, distortion and KKT violation in log
+    marginal value.
+
+    ``e_i = ln(marginal_i) = k_i (ck_i - b_i)``; ``w_i D_i(b_i) = (n_i / k_i) exp(e_i)``. ``r_i = e_i - mu`` is 0 on
+    free items, >= 0 at ``hi``, <= 0 at ``lo``; the residual is the largest violation (rounding only). ``force``
+    puts every item at its end of the box when the budget is slack or at the minimum.
+    """
+    def chunk(ck, inv_k, n, lo, hi):
         bits = _clip(xp, ck - mu * inv_k, lo, hi)
         if force:
             useful = ck > -xp.inf
@@ -244,28 +287,14 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
         e = (1.0 / inv_k) * (ck - bits)
         r = e - level
         if all_useful:  # r is finite: masks multiply
-            kkt = xp.max(_sel(xp, bits < hi, r)), -xp.min(_sel(xp, bits > lo, r))
+            kkt = xp.max(masked(xp, bits < hi, r)), -xp.min(masked(xp, bits > lo, r))
             kkt = xp.maximum(xp.maximum(kkt[0], kkt[1]), xp.zeros_like(kkt[0]))
         else:
             zero = xp.zeros_like(bits)
             kkt = xp.maximum(xp.maximum(xp.where(bits < hi, r, zero), xp.where(bits > lo, -r, zero)), zero)
-        return (bits,), (_dot(xp, n, bits), _dot(xp, n, inv_k * xp.exp(e))), kkt, ()
-
-    (bits,), (payload, distortion), kkt, _ = over.run(finish)
-    if static:
-        bits = xp.where(infeasible, xp.nan, bits)
-    code = lambda v: xp.asarray(v, dtype=xp.int32, device=dev)  # noqa: E731
-    status = xp.where(infeasible, code(INFEASIBLE),
-                      xp.where(saturated, code(SATURATED), xp.where(done, code(OPTIMAL), code(MAX_ITER))))
-    target = xp.minimum(P, g_max)
-    return WaterfillResult(
-        bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
-        budget_used=payload + m_total, distortion=distortion, kkt_residual=kkt,
-        budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
-        iterations=iters, status=status)
-
-
-_SAMPLED = 1 << 16  # eager single-process solves from this many items on start from a sampled bracket
+        return _Part(arrays=(bits,), sums={"payload": _dot(xp, n, bits), "distortion": _dot(xp, n, inv_k * xp.exp(e))},
+                     peak=kkt)
+    return chunk
 
 
 def _dot(xp, n, x):
@@ -285,73 +314,80 @@ def _clip(xp, x, lo, hi):
     return xp.minimum(xp.maximum(x, lo), hi)
 
 
-def _sel(xp, mask, x):
-    """``x`` where ``mask`` else 0, for finite ``x`` (numpy's ``where`` on a random mask costs several passes)."""
-    if array_api_compat.is_numpy_namespace(xp):
-        return x * xp.astype(mask, x.dtype)
-    return xp.where(mask, x, xp.zeros_like(x))
-
-
-def _safe(xp, x):
-    return xp.where(x > 0, x, xp.ones_like(x))
-
-
 def _g_and_slope(xp, mu):
     """Per item ``n clip(t, lo, hi)`` and, on free items, ``n / k``: their sums are ``g(mu)`` and its slope size."""
     def at(ck, inv_k, n, lo, hi):
         t = ck - mu * inv_k
-        return _dot(xp, n, _clip(xp, t, lo, hi)), _dot(xp, n, _sel(xp, (t > lo) & (t < hi), inv_k))
+        return _dot(xp, n, _clip(xp, t, lo, hi)), _dot(xp, n, masked(xp, (t > lo) & (t < hi), inv_k))
     return at
 
 
-def _newton(xp, evaluate, P, tol, eps, state, max_iter):
-    """Safeguarded Newton on the piecewise-linear ``g`` (module docstring); ``evaluate(mu) = (g(mu), slope size)``.
+class _Newton(NamedTuple):
+    """The safeguarded Newton iteration: the next level ``mu`` to evaluate, the bracket ``[a, b]`` with
+    ``g(a) >= P >= g(b)`` (open ends at ``-/+big``), evaluations so far, whether the stopping rule held, and the
+    secant steps in a row."""
 
-    ``state = (mu, a, b, g(a), g(b), iterations, done, stall)``; returns ``(mu, iterations, done)``.
-    """
-    big = -state[1]
+    mu: Any
+    a: Any
+    b: Any
+    g_a: Any
+    g_b: Any
+    iterations: Any
+    done: Any
+    secant_steps: Any
 
-    def cond(state):
-        return ~state[6] & (state[5] < max_iter)
 
-    def body(state):
-        mu, a, b, ga, gb, it, _, stall = state
-        g, s = evaluate(mu)
+def _newton(xp, evaluate, P, tol, eps, big, state: _Newton, max_iter: int) -> _Newton:
+    """Safeguarded Newton on the piecewise-linear ``g`` (module docstring) from ``state``;
+    ``evaluate(mu) = (g(mu), slope size)``. Runs in ``lax.while_loop`` on JAX."""
+
+    def running(s: _Newton):
+        return ~s.done & (s.iterations < max_iter)
+
+    def step(s: _Newton) -> _Newton:
+        mu, a, b, ga, gb = s.mu, s.a, s.b, s.g_a, s.g_b
+        g, slope = evaluate(mu)
         found = xp.abs(g - P) <= tol
         a, ga = xp.where(g > P, mu, a), xp.where(g > P, g, ga)
         b, gb = xp.where(g < P, mu, b), xp.where(g < P, g, gb)
         found = found | ((b - a) <= 4 * eps * xp.maximum(xp.abs(a), xp.abs(b)))
         inside = lambda x: (x > a) & (x < b)  # noqa: E731
         bounded = (a > -big) & (b < big)
-        newton = mu + (g - P) / _safe(xp, s)
-        secant = a + (ga - P) * xp.where(bounded, b - a, xp.zeros_like(a)) / _safe(xp, ga - gb)
-        use_newton = (s > 0) & inside(newton)
-        use_secant = ~use_newton & bounded & inside(secant) & (stall < 2)
+        newton = mu + (g - P) / positive_or_one(xp, slope)
+        secant = a + (ga - P) * xp.where(bounded, b - a, xp.zeros_like(a)) / positive_or_one(xp, ga - gb)
+        use_newton = (slope > 0) & inside(newton)
+        use_secant = ~use_newton & bounded & inside(secant) & (s.secant_steps < 2)
         far = xp.where(a > -big, a + xp.maximum(xp.abs(a), xp.ones_like(a)), b - xp.maximum(xp.abs(b), xp.ones_like(b)))
         mid = xp.where(bounded, (a + b) / 2, far)
         nxt = xp.where(use_newton, newton, xp.where(use_secant, secant, mid))
-        nxt = xp.where(found, mu, nxt)
-        stall = xp.where(use_secant, stall + 1, xp.zeros_like(stall))
-        return nxt, a, b, ga, gb, it + 1, found, stall
+        return _Newton(mu=xp.where(found, mu, nxt), a=a, b=b, g_a=ga, g_b=gb, iterations=s.iterations + 1,
+                       done=found, secant_steps=xp.where(use_secant, s.secant_steps + 1, xp.zeros_like(s.secant_steps)))
 
-    mu, _, _, _, _, iters, done, _ = while_loop(xp, cond, body, state)
-    return mu, iters, done
+    return while_loop(xp, running, step, state)
 
 
-@dataclass
-class _Solved:
-    mu: Any
-    iters: Any
-    done: Any
+class _Sample(NamedTuple):
+    """The exact level of a strided sample, whether it is usable (``ok``), its slope size and ``8`` standard errors
+    of the sampled ``g``."""
+
+    level: Any
+    ok: Any
+    slope: Any
+    spread: Any
 
 
-def _sample_level(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter):
+class _Bracket(NamedTuple):
+    a: Any
+    b: Any
+    start: Any
+
+
+def _sample_level(xp, n_items: int, items: tuple, P, elements, max_iter: int) -> _Sample:
     """The exact level ``mu_s`` of a strided sample of about ``N**(2/3)`` items, its budget scaled by its share of
-    the elements, with what a bracket needs: ``(mu_s, ok, slope, spread)``; no host syncs (``ok`` is False when the
-    sample is degenerate: budget outside its box, nothing useful, or Newton not converged)."""
+    the elements; no host syncs (``ok`` is False when the sample is degenerate: budget outside its box, nothing
+    useful, or Newton not converged)."""
     stride = max(n_items // max(int(n_items ** (2 / 3)), 1 << 13), 2)
-    cut = lambda x: x if x.ndim == 0 else x[::stride]  # noqa: E731
-    alpha, beta, w, n, lo, hi = (cut(x) for x in (alpha, beta, w, n, lo, hi))
+    alpha, beta, w, n, lo, hi = (x if x.ndim == 0 else x[::stride] for x in items)
     _, inv_k, useful, ck, _ = _constants(xp, alpha, beta, w, n, False)
     ones = xp.ones_like(ck)
     n_tot = xp.sum(n * ones)
@@ -360,63 +396,62 @@ def _sample_level(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter)
     s_all = xp.sum(xp.where(useful, n * inv_k * ones, 0 * ones))
     inside = (P_s > gmin) & (P_s < gmax) & (s_all > 0)
     mu0 = (xp.sum(xp.where(useful, n * ck, 0 * ones)) + xp.sum(xp.where(useful, 0 * ones, n * lo * ones)) - P_s) / \
-        _safe(xp, s_all)
+        positive_or_one(xp, s_all)
     eps = float(xp.finfo(P.dtype).eps)
-    big = xp.asarray(float(xp.finfo(P.dtype).max) / 4, dtype=P.dtype, device=_device(P))
-    zero_i = xp.asarray(0, dtype=xp.int32, device=_device(P))
+    big, zero_i = _big(xp, P), xp.asarray(0, dtype=xp.int32, device=device(P))
     sample = lambda mu: tuple(xp.sum(x) for x in _g_and_slope(xp, mu)(ck, inv_k, n, lo, hi))  # noqa: E731
-    mu_s, _, done = _newton(xp, sample, P_s, 64 * eps * gmax, eps, (mu0, -big, big, gmax, gmin, zero_i, ~inside,
-                                                                    zero_i), max_iter)
+    start = _Newton(mu=mu0, a=-big, b=big, g_a=gmax, g_b=gmin, iterations=zero_i, done=~inside, secant_steps=zero_i)
+    solved = _newton(xp, sample, P_s, 64 * eps * gmax, eps, big, start, max_iter)
+    mu_s = solved.mu
     t = ck - mu_s * inv_k
     bits = xp.minimum(xp.maximum(t, lo), hi)
     slope = xp.sum(xp.where((t > lo) & (t < hi), n * inv_k * ones, 0 * ones))
     spread = 8 * xp.sqrt(xp.sum((n * (bits - P_s / n_tot)) ** 2))  # 8 standard errors of the sampled g
-    return mu_s, inside & done & (slope > 0) & (xp.abs(mu_s) < big), slope, spread
+    return _Sample(mu_s, inside & solved.done & (slope > 0) & (xp.abs(mu_s) < big), slope, spread)
 
 
-def _sample_bracket(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter):
-    """A bracket ``(a, b, mu_s)`` for the level, ``mu_s`` the sampled level (:func:`_sample_level`) and ``a, b`` 8
-    standard errors of the sampled ``g`` either side of it along the sample's slope; ``None`` if the sample is
-    degenerate. Only a guess: pass 1 checks it."""
-    mu_s, ok, slope, spread = _sample_level(xp, n_items, alpha, beta, w, n, lo, hi, P, elements, max_iter)
-    if not bool(ok):
+def _sample_bracket(xp, n_items: int, items: tuple, P, elements, max_iter: int) -> _Bracket | None:
+    """A bracket ``[a, b]`` for the level around the sampled level (:func:`_sample_level`), 8 standard errors of the
+    sampled ``g`` either side along the sample's slope; ``None`` if the sample is degenerate. Only a guess: the first
+    pass checks it."""
+    sample = _sample_level(xp, n_items, items, P, elements, max_iter)
+    if not bool(sample.ok):
         return None
-    return mu_s - spread / slope, mu_s + spread / slope, mu_s
+    return _Bracket(sample.level - sample.spread / sample.slope, sample.level + sample.spread / sample.slope,
+                    sample.level)
 
 
 def _classify(xp, a, b, ck, inv_k, n, lo, hi):
-    """Items with a breakpoint inside ``[a, b]`` (kept: ck, 1/k, n, lo, hi), and sums ``g(a)``, ``S_free`` (the slope
-    size of the items free on all of ``[a, b]``)."""
+    """Items with a breakpoint inside ``[a, b]`` (kept: ck, 1/k, n, lo, hi), and the sums ``g_a = g(a)`` and
+    ``slope_free`` (the slope size of the items free on all of ``[a, b]``)."""
     ta, tb = ck - a * inv_k, ck - b * inv_k
     free = (tb >= lo) & (ta <= hi)
     keep = xp.nonzero((ta > lo) & (tb < hi) & ~free)[0]  # few: one scan of the mask, then gathers
     kept = tuple(x if x.ndim == 0 else xp.take(x, keep, axis=0) for x in (ck, inv_k, n, lo, hi))
-    return kept, (_dot(xp, n, _clip(xp, ta, lo, hi)), _dot(xp, n, _sel(xp, free, inv_k)))
+    return kept, {"g_a": _dot(xp, n, _clip(xp, ta, lo, hi)), "slope_free": _dot(xp, n, masked(xp, free, inv_k))}
 
 
-def _solve_in_bracket(xp, bracket, sums, kept, P, tol, eps, state, max_iter):
-    """The level from pass 1's classification against ``[a, b]``: on the bracket
-    ``g(mu) = g(a) - (mu - a) S_free + sum_kept n (clip(t(mu)) - clip(t(a)))``, solved by Newton on the kept items
-    (:class:`_Solved`). If the root is outside ``[a, b]`` (a misleading sample), the checked end narrows the bracket
-    and the Newton start state for a solve over all items is returned."""
-    a, b, mu_s = bracket
-    g_a, s_free = sums
-    dev = _device(P)
-    zero_i, one, no = (xp.asarray(v, dtype=xp.int32, device=dev) for v in (0, 1, 0))
-    no = no != 0
-    base = g_a - xp.sum(_g_and_slope(xp, a)(*kept)[0])
+def _solve_in_bracket(xp, bracket: _Bracket, first: _FirstPass, P, tol, eps, big, start: _Newton,
+                      max_iter: int) -> _Newton:
+    """The level from the first pass's classification against ``[a, b]``: on the bracket
+    ``g(mu) = g(a) - (mu - a) S_free + sum_kept n (clip(t(mu)) - clip(t(a)))``, solved by Newton on the kept items.
+    If the root is outside ``[a, b]`` (a misleading sample), the checked end narrows ``start`` for a solve over all
+    items."""
+    a, b = bracket.a, bracket.b
+    one = xp.asarray(1, dtype=xp.int32, device=device(P))
+    base = first.g_a - xp.sum(_g_and_slope(xp, a)(*first.kept)[0])
 
     def compact(mu):
-        g, s = (xp.sum(x) for x in _g_and_slope(xp, mu)(*kept))
-        return base + g - (mu - a) * s_free, s + s_free
+        g, s = (xp.sum(x) for x in _g_and_slope(xp, mu)(*first.kept))
+        return base + g - (mu - a) * first.slope_free, s + first.slope_free
 
-    gb = compact(b)[0]
-    if bool(g_a < P):  # the root lies below a
-        return (state[0], state[1], a, state[3], g_a, one, no, zero_i)
-    if bool(gb > P):  # the root lies above b
-        return (state[0], b, state[2], gb, state[4], one, no, zero_i)
-    mu, iters, done = _newton(xp, compact, P, tol, eps, (mu_s, a, b, g_a, gb, one, no, zero_i), max_iter)
-    return _Solved(mu, iters, done)
+    g_b = compact(b)[0]
+    if bool(first.g_a < P):  # the root lies below a
+        return start._replace(b=a, g_b=first.g_a, iterations=one)
+    if bool(g_b > P):  # the root lies above b
+        return start._replace(a=b, g_a=g_b, iterations=one)
+    return _newton(xp, compact, P, tol, eps, big, start._replace(a=a, b=b, g_a=first.g_a, g_b=g_b, iterations=one),
+                   max_iter)
 
 
 def _constants(xp, alpha, beta, w, n, all_useful):
@@ -431,19 +466,29 @@ def _constants(xp, alpha, beta, w, n, all_useful):
     return k, inv_k, useful, ck, n * inv_k
 
 
+class _Part(NamedTuple):
+    """What a pass gives per chunk, and in all: arrays (one value per item; concatenated), named sums (summed), the
+    largest of ``peak`` (``None``: none) and kept arrays (any length per chunk; concatenated)."""
+
+    arrays: tuple = ()
+    sums: dict = {}
+    peak: Any = None
+    kept: tuple = ()
+
+
 class _Chunked:
     """Passes over the items, in cache-sized chunks on eager backends (numpy, torch, array_api_strict), whole on JAX.
 
     A chunk's temporaries stay in the CPU cache (L2/L3), so a pass of a dozen elementwise operations costs about one
     trip through memory; XLA fuses the same operations on JAX. Sums are float64 over chunks (a different summation
-    order than one ``sum``, both accurate to rounding).
+    order than one ``sum``, both accurate to rounding). The reducer combines sums and maxima over shards.
     """
 
     CHUNK = 1 << 17  # numpy: fewer, larger chunks (its per-call overhead dominates below this)
     CHUNK_THREADED = 1 << 15  # torch: below its intra-op parallel grain, so no thread hand-offs per operation
 
-    def __init__(self, xp, n_items: int, arrays: tuple, reducer: Any = None):
-        self.xp, self.n, self.arrays, self.reducer = xp, n_items, arrays, reducer or _LOCAL
+    def __init__(self, xp, n_items: int, arrays: tuple, reducer: Any):
+        self.xp, self.n, self.arrays, self.reducer = xp, n_items, arrays, reducer
         size = self.CHUNK if array_api_compat.is_numpy_namespace(xp) else self.CHUNK_THREADED
         whole = is_jax(xp) or n_items <= size or any(is_traced(a) for a in arrays)
         self.slices = [slice(None)] if whole else [slice(i, min(i + size, n_items)) for i in range(0, n_items, size)]
@@ -459,27 +504,27 @@ class _Chunked:
             total = part if total is None else tuple(a + b for a, b in zip(total, part))
         return self.reducer.sum(total)
 
-    def run(self, fn):
-        """``fn`` returns (arrays, sums, maxima, kept) per chunk: each array concatenated, sums summed, the max of
-        maxima (``None``: none), the kept arrays (any length per chunk) concatenated."""
+    def run(self, fn: Callable[..., _Part]) -> _Part:
+        """``fn(*chunk)`` over all chunks, combined as :class:`_Part` says."""
         xp, arrays, sums, peak, kept = self.xp, None, None, None, []
         for sl in self.slices:
-            v, s, mx, k = fn(*self._parts(sl))
+            part = fn(*self._parts(sl))
             if arrays is None:  # whole outputs, filled chunk by chunk (scalars stay scalars)
-                arrays = v if len(self.slices) == 1 else tuple(
-                    x if x.ndim == 0 else xp.empty((self.n,), dtype=x.dtype, device=_device(x)) for x in v)
+                arrays = part.arrays if len(self.slices) == 1 else tuple(
+                    x if x.ndim == 0 else xp.empty((self.n,), dtype=x.dtype, device=device(x)) for x in part.arrays)
             if len(self.slices) > 1:
-                for out, x in zip(arrays, v):
+                for out, x in zip(arrays, part.arrays):
                     if x.ndim:
                         out[sl] = x
-            s = tuple(xp.sum(x) for x in s)
-            sums = s if sums is None else tuple(a + b for a, b in zip(sums, s))
-            if mx is not None:
-                peak = xp.max(mx) if peak is None else xp.maximum(peak, xp.max(mx))
-            kept.append(k)
+            s = {name: xp.sum(x) for name, x in part.sums.items()}
+            sums = s if sums is None else {name: sums[name] + x for name, x in s.items()}
+            if part.peak is not None:
+                peak = xp.max(part.peak) if peak is None else xp.maximum(peak, xp.max(part.peak))
+            kept.append(part.kept)
         kept = tuple(x if x.ndim == 0 or len(kept) == 1 else xp.concat([p[j] for p in kept])
                      for j, x in enumerate(kept[0]))
-        return arrays, self.reducer.sum(sums), None if peak is None else self.reducer.max(peak), kept
+        return _Part(arrays=arrays, sums=dict(zip(sums, self.reducer.sum(tuple(sums.values())))),
+                     peak=None if peak is None else self.reducer.max(peak), kept=kept)
 
 
 class _Local:
@@ -495,12 +540,3 @@ class _Local:
 
 
 _LOCAL = _Local()
-
-
-def _device(x: Any):
-    from array_api_compat import device
-
-    try:
-        return device(x)
-    except Exception:
-        return None
