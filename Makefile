@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/rdalloc demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m experiments.ppl_grid
 
 solve: $(STAMP)
 	$(BIN)/rdalloc solve --average-bits 3

@@ -8,7 +8,7 @@ once (:func:`~rdalloc.backends.hf.compress.observe_prefill`); the cache is compr
 (hybrid weights, no Fisher head scale: the scale changes which tokens are kept, not how many bytes or how decoding
 works) at each retention, and by the SnapKV-style eviction plan at the same bytes. Each cache then decodes
 ``--tokens`` greedy tokens with ``model.generate`` (the compressed ones under
-:func:`~rdalloc.backends.hf.compress.joint_attention`); the time per new token is the best of ``--repeats`` runs,
+:class:`~rdalloc.backends.hf.compress.JointAttention`); the time per new token is the best of ``--repeats`` runs,
 each from a fresh copy of the cache. Also reported: the one-off compression time (plan excluded: packing the
 prefix) against the prefill, and the bytes each cache holds.
 
@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from rdalloc.backends.hf import load_model
 from rdalloc.backends.hf.compat import forward, generate
-from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, token_weights
+from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, token_weights
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
 from rdalloc.quantizers import get_quantizer
@@ -60,7 +60,7 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
 
     def decode(cache, joint: bool):
         if joint:
-            with joint_attention(model):
+            with JointAttention(model):
                 return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 

@@ -73,7 +73,7 @@ The bundled **SmolLM2-135M-Instruct** prefills 1024 tokens of `pydoc_data.topics
 (layer, kv-head, token) from the last 32 queries, puts the heads in the loss's units with a Fisher importance measured
 on a disjoint window, and decides bits from 16 down to 0 (evicted) for token values and key channels under **one**
 budget across all 30 layers x 3 heads. The plan is packed into real bytes and decoding goes on from the compressed
-cache, an evicted token masked in its own head only (`rdalloc eval joint` runs the full experiment). The model runs in
+cache, an evicted token masked in its own head only (`python -m experiments.joint_grid` runs the full experiment). The model runs in
 float64: in float32 the CPU's SIMD kernels move low-bit results in their second digit."""),
     ("code", """import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's note about notebook widgets
@@ -82,7 +82,7 @@ from rdalloc.backends.hf import load_model
 from rdalloc.backends.hf.compat import generate
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.capture import fisher_importance
-from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, scale_heads, token_weights
+from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, scale_heads, token_weights
 from rdalloc.backends.hf.joint import (allocate_joint, continuation_logits, continuation_scores, eviction_plan,
                                       measure_errors)
 
@@ -126,7 +126,7 @@ print("tokens kept per head: min", f"{kept.min():.1%}", "median", f"{np.median(k
 The continuation is teacher-forced through the compressed cache and compared with the full cache: KL(full ||
 compressed) per token, and the NLL of the text. Rows: rdalloc's global budget, the same solver with RDKV's per-head
 budget, and SnapKV-style eviction (top tokens kept at 16 bits), all at the same bytes. One window is one sample:
-`benchmarks/results/joint/` holds the same comparison over 4 windows at 1024, 2048 and 4096 tokens."""),
+`experiments/results/joint/` holds the same comparison over 4 windows at 1024, 2048 and 4096 tokens."""),
     ("code", """with torch.no_grad():
     full = model(ids[None]).logits[0, C:C + M - 1].float()
 targets = ids[C + 1:C + M]
@@ -155,7 +155,7 @@ cache, greedy."""),
 with torch.no_grad():
     ref = model.generate(prompt, max_new_tokens=16, do_sample=False)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
-    with joint_attention(model):
+    with JointAttention(model):
         out = generate(model, cache, prompt, max_new_tokens=16, do_sample=False)
 print("full cache :", repr(tokenizer.decode(ref[0, C + 1:])))
 print("10 % bytes :", repr(tokenizer.decode(out[0, C + 1:])))"""),

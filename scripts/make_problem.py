@@ -4,7 +4,7 @@ It measures, on K/V captured from SmolLM2-135M-Instruct (``tests/data/smollm2_kv
 ``scripts/make_kv_fixture.py``), the MSE of every (layer, kv-head) key and value at 1..8 bits with KIVI (group 32),
 fits ``D(b) = alpha * beta**(-b)`` with one pooled ``beta`` for keys and one for values, and writes the model with
 the items' sizes (elements per head over the captured window) and metadata (32 bits per quantization group).
-Weights are 1 (plain MSE); the importance-weighted version is what ``rdalloc demo`` calibrates.
+Weights are 1 (plain MSE); the importance-weighted version is what ``python -m experiments.ppl_grid`` calibrates.
 
     python scripts/make_problem.py
 """

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache  # noqa: E402
 from rdalloc.backends import hf  # noqa: E402
 from rdalloc.backends.hf import compat  # noqa: E402
 from rdalloc.backends.hf.cache import TransformCache  # noqa: E402
-from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill  # noqa: E402
+from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill  # noqa: E402
 from rdalloc.plan import Plan  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
 
@@ -51,7 +51,7 @@ def compressed_cache(tiny, ids):
     plan = Plan(key=np.full((LAYERS, KV_HEADS, HEAD_DIM), 2), value=value, key_axes=("layer", "kv_head", "channel"),
                 value_axes=("layer", "kv_head", "token"), quantizer="kivi",
                 meta={"sink": 4, "window": 4, "quantizer_spec": Q.spec()})
-    return CompressedCache.compress(pre.keys, pre.values, plan, Q), C, joint_attention
+    return CompressedCache.compress(pre.keys, pre.values, plan, Q), C, JointAttention
 
 
 CACHES = {TransformCache: transform_cache, CompressedCache: compressed_cache}

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from rdalloc.backends.hf import text_windows  # noqa: E402
 from rdalloc.backends.hf.calibrate import calibrate  # noqa: E402
-from rdalloc.backends.hf.experiment import allocate_plan, evaluate_plan, uniform_plan  # noqa: E402
+from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, uniform_plan  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

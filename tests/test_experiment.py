@@ -1,4 +1,5 @@
-"""rdalloc.backends.hf.calibrate / .experiment and the real-model CLI steps, on a tiny random Llama (no download)."""
+"""rdalloc.backends.hf.calibrate / .head_plans, the real-model CLI steps and the experiment grids, on a tiny random
+Llama (no download)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from hf_fixtures import logits, tiny_llama  # noqa: E402
 from rdalloc import Plan  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
 from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
-from rdalloc.backends.hf.experiment import (  # noqa: E402
-    allocate_plan, check_plan, evaluate_plan, head_costs, markdown_table, plan_transform, plot_results,
-    random_plan, run_experiment, uniform_bits, uniform_plan,
+from rdalloc.backends.hf.head_plans import (  # noqa: E402
+    allocate_plan, check_plan, evaluate_plan, head_costs, plan_transform, random_plan, uniform_bits, uniform_plan,
 )
 from rdalloc.cli import main  # noqa: E402
+
+from experiments.ppl_grid import markdown_table, plot_results, run_experiment  # noqa: E402
 from rdalloc.quantizers import get_quantizer  # noqa: E402
 
 LAYERS, KV_HEADS, Q_HEADS, HIDDEN, VOCAB = 2, 2, 4, 128, 128  # head_dim 32: KIVI's value groups of 32 fit
@@ -338,3 +340,25 @@ def test_probed_calibration_loss_model_and_one_bit_menu(tiny, facts, ids, tmp_pa
     c.save(tmp_path / "c.json")
     back = Calibration.load(tmp_path / "c.json")
     np.testing.assert_array_equal(np.asarray(back.loss_model("kivi").distortion), table)
+
+
+# ---- the joint grid script -----------------------------------------------------------------------------------------
+def test_joint_grid_writes_its_table_where_told(model_dir, tmp_path, capsys):
+    from experiments import joint_grid
+
+    out = tmp_path / "joint"
+    assert joint_grid.main(["--model", str(model_dir), "--text", str(model_dir / "text.txt"), "--windows", "1",
+                            "--length", "64", "--continuation", "8", "--retentions", "0.5", "--head-scale", "none",
+                            "--no-progress", "--out", str(out)]) == 0
+    assert "joint-global" in capsys.readouterr().out
+    result = json.loads((out / "joint.json").read_text())
+    assert result["rows"] and {r["method"] for r in result["rows"]} >= {"joint-global", "eviction", "uniform"}
+    assert (out / "joint.md").read_text().startswith("Full cache NLL")
+
+
+def test_joint_grid_refuses_a_plan_before_loading_anything(capsys):
+    from experiments import joint_grid
+
+    with pytest.raises(SystemExit) as info:  # it allocates its own token plans: no --plan flag
+        joint_grid.main(["--plan", "p.json"])
+    assert info.value.code == 2 and "--plan" in capsys.readouterr().err

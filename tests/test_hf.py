@@ -208,6 +208,21 @@ def test_attention_importance_restores_attention_implementation(tiny, ids):
     assert torch.equal(logits(tiny, ids), plain)
 
 
+def test_attention_importance_after_a_failed_call_inside_the_probe(tiny, ids):
+    """A forward that raises half way through the probing attention leaves the model as it was, and the next call
+    gives the same weights as before."""
+    want = attention_importance(tiny, ids, progress=False)
+    hook = tiny.model.layers[1].register_forward_pre_hook(lambda module, args: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            attention_importance(tiny, ids, progress=False)
+    finally:
+        hook.remove()
+    assert tiny.config._attn_implementation == "sdpa"
+    again = attention_importance(tiny, ids, progress=False)
+    assert np.array_equal(again.key, want.key) and np.array_equal(again.value, want.value)
+
+
 def _noise(layer, head, kind, var, generator):
     def transform(l, key, value):
         if l != layer:

@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from hf_fixtures import tiny_llama  # noqa: E402
 
 from rdalloc.plan import Plan  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
-from rdalloc.backends.hf import compress  # noqa: E402
 from rdalloc.backends.hf.compat import cache_kwargs, forward, generate  # noqa: E402
 from rdalloc.backends.hf.compress import (  # noqa: E402
-    CompressedCache, _joint_attention, _pending_map, compressed_nbytes, joint_attention, observe_prefill,
-    reference_attention, token_weights)
-from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, uniform_plan  # noqa: E402
+    CompressedCache, JointAttention, compressed_nbytes, observe_prefill, reference_attention, token_weights)
+from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, uniform_token_plan  # noqa: E402
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, VOCAB = 2, 2, 4, 16, 128
 C, M, SINK, WIN = 64, 12, 4, 8
@@ -47,7 +45,7 @@ def full_plan(value=None, key_bits=16):
 
 
 def run(model, cache, ids):
-    with torch.no_grad(), joint_attention(model):
+    with torch.no_grad(), JointAttention(model):
         return forward(model, cache, ids[None, C:]).logits[0]
 
 
@@ -89,18 +87,16 @@ def test_relinearized_eviction_weights(pre):
     np.testing.assert_allclose(none.eviction, w0.eviction * 1.001, rtol=1e-12)
 
 
-def layer_attention(cache, layer, query):
+def layer_attention(cache, layer, query, attention=None):
     """The masked attention function on a cache layer after an update with random new K/V."""
+    attention = JointAttention(None) if attention is None else attention
     mod = type("M", (), {"layer_idx": layer})()
     g = torch.Generator().manual_seed(5)
     nk = torch.randn(1, KV_HEADS, query.shape[2], HEAD_DIM, generator=g)
     nv = torch.randn(1, KV_HEADS, query.shape[2], HEAD_DIM, generator=g)
-    compress._ACTIVE[compress._JOINT] = compress._ACTIVE.get(compress._JOINT, 0) + 1  # as `joint_attention` does
-    try:
-        k, v = cache.layers[layer].update(nk, nv)
-    finally:
-        compress._ACTIVE[compress._JOINT] -= 1
-    out, _ = _joint_attention(mod, query, k, v, None, scaling=HEAD_DIM ** -0.5)
+    attention.attach(cache)  # as running the model under `JointAttention` does
+    k, v = cache.layers[layer].update(nk, nv)
+    out, _ = attention.attention(mod, query, k, v, None, scaling=HEAD_DIM ** -0.5)
     return out
 
 
@@ -112,11 +108,12 @@ def test_masked_attention_equals_explicit_gather(pre):
     plan = full_plan(value, key_bits=2)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, Q)
     q = torch.randn(1, Q_HEADS, 3, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    attention = JointAttention(None)
     for layer in range(LAYERS):
-        out = layer_attention(cache, layer, q)
+        out = layer_attention(cache, layer, q, attention)
         ref = reference_attention(cache.layers[layer], q, HEAD_DIM ** -0.5)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert not _pending_map()
+    assert not attention.pending
 
 
 def test_evicting_in_one_head_leaves_other_heads_unchanged(pre):
@@ -133,7 +130,7 @@ def test_generate_after_compression(tiny, ids, pre):
     w = token_weights(pre)
     plan = allocate_joint(w, pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, Q)
-    with torch.no_grad(), joint_attention(tiny):
+    with torch.no_grad(), JointAttention(tiny):
         out = generate(tiny, cache, ids[None, :C + 1], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, C + 5)
     assert cache.get_seq_length() == C + 4
@@ -159,7 +156,7 @@ def test_baselines_bytes(pre):
     ev = eviction_plan(w, pre.shape, retention=0.4, quantizer=Q, sink=SINK, window=WIN)
     assert set(np.unique(ev.value)) <= {0, 16}
     assert len({int(k) for k in ev.kept().sum(-1).ravel()}) == 1  # same count per head
-    un = uniform_plan(pre.shape, retention=0.7, quantizer=Q, sink=SINK, window=WIN)
+    un = uniform_token_plan(pre.shape, retention=0.7, quantizer=Q, sink=SINK, window=WIN)
     for p in (ev, un):
         c = CompressedCache.compress(pre.keys, pre.values, p, Q)
         assert c.compressed_nbytes == c.predicted_nbytes <= p.budget_bits / 8
@@ -181,9 +178,43 @@ def test_bad_input(pre):
 def test_running_without_joint_attention_is_refused(tiny, ids, pre):
     # Refused at the very first step: a plain attention would silently attend to the padding of evicted tokens.
     cache = CompressedCache.compress(pre.keys, pre.values, full_plan(), Q)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="joint_attention"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="JointAttention"):
         tiny(ids[None, C:C + 1], **cache_kwargs(tiny, cache), use_cache=True)
-    assert not _pending_map()
+    assert all(layer.attention is None for layer in cache.layers)
+
+
+def test_a_call_that_fails_inside_joint_attention_leaves_nothing_behind(tiny, ids, pre):
+    """A forward that raises half way (layer 1's cache updated, its attention failing) inside the block: leaving it
+    restores the model and drops every handed-over mask, and the next correct call gives the right numbers."""
+    want = run(tiny, CompressedCache.compress(pre.keys, pre.values, full_plan(), Q), ids)
+
+    class FailingAtLayerOne(JointAttention):
+        def attention(self, module, *args, **kwargs):
+            if module.layer_idx == 1:
+                raise RuntimeError("boom")
+            return super().attention(module, *args, **kwargs)
+
+    broken = CompressedCache.compress(pre.keys, pre.values, full_plan(), Q)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom"), FailingAtLayerOne(tiny) as attention:
+        try:
+            forward(tiny, broken, ids[None, C:])
+        finally:
+            assert 1 in attention.pending  # what the failed call left, until the block ends
+    assert tiny.config._attn_implementation == "sdpa"
+    assert not attention.pending and not attention.attached and attention.name is None
+    assert all(layer.attention is None for layer in broken.layers)
+    assert not any(name.startswith("rdalloc_") for name in transformers.AttentionInterface._global_mapping)
+    torch.testing.assert_close(run(tiny, CompressedCache.compress(pre.keys, pre.values, full_plan(), Q), ids), want,
+                               rtol=0, atol=0)
+    # the prefill observer recovers too: a failed observed prefill, then a correct one
+    hook = tiny.model.layers[1].register_forward_pre_hook(lambda module, args: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            observe_prefill(tiny, ids[:C], window=WIN)
+    finally:
+        hook.remove()
+    assert tiny.config._attn_implementation == "sdpa"
+    assert torch.equal(observe_prefill(tiny, ids[:C], window=WIN).probs, pre.probs)
 
 
 def test_scale_heads_puts_each_head_in_loss_units(pre):

@@ -24,7 +24,7 @@ def setup():
 
 def test_bytes_and_nll_at_half_retention(setup):
     from rdalloc.backends.hf.compat import forward
-    from rdalloc.backends.hf.compress import CompressedCache, joint_attention, observe_prefill, token_weights
+    from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, token_weights
     from rdalloc.backends.hf.joint import allocate_joint
 
     model, ids = setup
@@ -36,8 +36,21 @@ def test_bytes_and_nll_at_half_retention(setup):
     assert 0.45 < cache.retention <= 0.5 + 1e-3
     with torch.no_grad():
         full = model(ids[None]).logits[0, C:-1]
-        with joint_attention(model):
+        with JointAttention(model):
             comp = forward(model, cache, ids[None, C:]).logits[0, :-1]
     tgt = ids[C + 1:]
     nll = lambda lg: float(-torch.log_softmax(lg.float(), -1).gather(-1, tgt[:, None]).mean())  # noqa: E731
     assert abs(nll(comp) - nll(full)) < 0.05, (nll(comp), nll(full))
+
+
+def test_joint_grid_on_the_real_model(tmp_path, capsys):
+    import json
+
+    from experiments import joint_grid
+
+    out = tmp_path / "joint"
+    assert joint_grid.main(["--retentions", "0.5", "--windows", "1", "--length", "256", "--no-progress",
+                            "--out", str(out)]) == 0
+    assert "joint-global" in capsys.readouterr().out
+    result = json.loads((out / "joint.json").read_text())
+    assert result["rows"], result

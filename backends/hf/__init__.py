@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: load models offline, capture K/V, caches that apply rdalloc plans.
+"""Hugging Face transformers integration: load models offline, capture K/V, calibrate, caches that apply rdalloc plans.
 
 * :mod:`.model` — ``load_model()``: the bundled SmolLM2-135M-Instruct (GGUF, converted once and cached) or any local
   Hugging Face directory, as ``(model, tokenizer, facts)``.
@@ -6,21 +6,41 @@
   calibration and evaluation windows.
 * :mod:`.capture` — ``capture_kv()``: the K/V the cache holds; ``fisher_importance()``,
   ``attention_importance()``: per-(layer, kv_head) weights for keys and values.
+* :mod:`.calibrate` — ``calibrate()``: a :class:`~.calibrate.Calibration` (distortion fits per quantizer, head
+  importance); :mod:`.head_plans` — head plans from it and their perplexity (``evaluate_plan``).
 * :mod:`.cache` — ``TransformCache``: a ``transformers.Cache`` handing attention ``transform(layer, K, V)`` of the
   full stored cache (simulated quantized KV), for ``model(...)`` and ``model.generate(...)``.
 * :mod:`.perplexity` — ``perplexity()`` over windows, a fresh cache per window.
+* :mod:`.compress`, :mod:`.joint` — compress a prefilled cache once (``CompressedCache``, ``JointAttention``) with a
+  joint eviction and quantization plan (``allocate_joint``).
+* :mod:`.cli` — the ``rdalloc calibrate``, ``allocate`` and ``eval`` commands.
 
-Importing this package imports torch and transformers (rdalloc itself does not).
+Importing this package is light: the names below import torch and transformers on first use (``rdalloc --help``
+loads :mod:`.cli` through it).
 """
 
-from .cache import TransformCache, TransformLayer, cache_factory, identity_transform
-from .capture import CapturedKV, HeadImportance, attention_importance, capture_kv, fisher_importance
-from .model import INSTALL_HINT, LoadedModel, ModelFacts, cache_dir, convert_gguf, load_model, model_facts, smollm2_gguf
-from .perplexity import PerplexityResult, perplexity
-from .text import TextWindows, cut_windows, default_text, read_text, text_windows, tokenize
+from importlib import import_module
 
-__all__ = ["load_model", "LoadedModel", "ModelFacts", "model_facts", "smollm2_gguf", "convert_gguf", "cache_dir",
-           "INSTALL_HINT", "text_windows", "TextWindows", "default_text", "read_text", "tokenize", "cut_windows",
-           "capture_kv", "CapturedKV", "fisher_importance", "attention_importance", "HeadImportance",
-           "TransformCache", "TransformLayer", "cache_factory", "identity_transform", "perplexity",
-           "PerplexityResult"]
+_HOMES = {
+    "cache": ("TransformCache", "TransformLayer", "cache_factory", "identity_transform"),
+    "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
+    "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
+              "smollm2_gguf"),
+    "perplexity": ("PerplexityResult", "perplexity"),
+    "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

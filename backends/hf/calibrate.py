@@ -6,9 +6,8 @@
 2. measures, per quantizer and role, the per-element MSE ``D[i, b]`` of every (layer, kv_head) item at
    ``b = 1..8`` (:func:`rdalloc.measure.measure_distortion`, the whole cache quantized uniformly at each width);
 3. fits ``D_i(b) = alpha_i * beta**(-b)`` on the widths ``fit_bits`` (default ``2..8``, the allocation menu; the
-   1-bit point is measured and stored but left out: on SmolLM2 its step to 2 bits is 11-13x, far off the ~4.4x/bit
-   curve of the other widths, and any head at 1 bit wrecks perplexity, see :mod:`.experiment`), with **one pooled
-   beta per (quantizer, role)** (keys and values of a
+   1-bit point is measured and stored but left out: its step to 2 bits is far steeper than the per-bit decay of the
+   other widths, see :mod:`.head_plans`), with **one pooled beta per (quantizer, role)** (keys and values of a
    quantizer are grouped differently, e.g. KIVI keys per channel and values per token, so their decays differ; one
    beta per item would over-fit eight points of a single calibration run, and a pooled beta keeps the closed-form
    water level exact). The two role fits are joined into one :class:`rdalloc.ExponentialModel` over the
@@ -17,9 +16,8 @@
 4. optionally (``probe_bits``, e.g. ``(1, 2)``) measures the damage of the low widths directly,
    :func:`~.capture.single_head_kl`: the KL to the full model with one head alone at ``b`` bits, per head. The
    Fisher weights are a second-order picture at zero perturbation and miss what a 1-bit key does to a head's
-   attention pattern (on SmolLM2 at KIVI 3.0 average bits, over 1..8 without probes rdalloc put 37 of 180 heads at
-   1 bit, PPL 26.5 against uniform 2-bit 16.6; with probes, 12 heads and PPL 16.64 against 18.33 on the full demo's
-   windows, ``benchmarks/results/demo_full``); :meth:`Calibration.loss_model` joins the two;
+   attention pattern (``experiments/ppl_grid.py --full`` compares plans with and without probes);
+   :meth:`Calibration.loss_model` joins the two;
 5. estimates head importance with both estimators, :func:`~.capture.fisher_importance` (nats per token per unit
    MSE, through every later layer) and :func:`~.capture.attention_importance` (``relative=True``: the relative error
    a head's MSE adds to the residual stream at its own layer).
@@ -52,8 +50,8 @@ CALIBRATION_FORMAT = "rdalloc.calibration"
 CALIBRATION_VERSION = 1
 IMPORTANCE_METHODS = ("fisher", "attention")
 DEFAULT_IMPORTANCE = "fisher"
-"""The estimator allocations use unless told otherwise. Measured on SmolLM2-135M (benchmarks/results/demo): see the
-experiment's ``importance`` comparison, where Fisher weights gave lower perplexity than attention-output weights."""
+"""The estimator allocations use unless told otherwise (the perplexity grid, ``experiments/ppl_grid.py``, compares
+the two)."""
 DEFAULT_QUANTIZERS = ("kivi", "quarot")
 CALIBRATION_BITS = tuple(range(1, 9))
 FIT_BITS = tuple(range(2, 9))

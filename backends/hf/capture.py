@@ -26,35 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .attention import AttentionSwap
 from .cache import TransformCache
 from .compat import forward
+from .windows import as_windows, split_batches, with_progress
 
 __all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance",
-           "single_head_kl"]
-
-
-def _windows(windows: Any) -> torch.Tensor:
-    ids = torch.as_tensor(windows, dtype=torch.long)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
-        raise ValueError(f"windows must be token ids shaped [count, length] (length >= 2), got shape "
-                         f"{tuple(ids.shape)}")
-    return ids
-
-
-def _batches(ids: torch.Tensor, batch_size: int):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-
-
-def _progress(iterable, *, desc: str, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+           "single_head_kl", "AttentionProbe"]
 
 
 def _num_layers(model: Any) -> int:
@@ -87,14 +65,14 @@ def capture_kv(model: Any, windows: Any, *, layers: Sequence[int] | None = None,
                progress: bool = True) -> CapturedKV:
     """Run ``model`` over ``windows`` (``[count, length]`` token ids) and return the cached K/V of ``layers``
     (default all), stacked over windows: see :class:`CapturedKV`."""
-    ids = _windows(windows)
+    ids = as_windows(windows)
     chosen = _layer_list(layers, _num_layers(model))
     from transformers import DynamicCache
 
     ks: list[list[torch.Tensor]] = [[] for _ in chosen]
     vs: list[list[torch.Tensor]] = [[] for _ in chosen]
-    batches = _batches(ids, batch_size)
-    for batch in _progress(batches, desc="capture K/V", total=len(batches), enabled=progress):
+    batches = split_batches(ids, batch_size)
+    for batch in with_progress(batches, desc="capture K/V", total=len(batches), enabled=progress):
         cache = DynamicCache(config=model.config)
         forward(model, cache, batch.to(model.device))
         for slot, layer in enumerate(chosen):
@@ -183,13 +161,13 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
     if labels == "data" and samples != 1:
         raise ValueError(f"samples > 1 only makes sense with labels='model' (the data labels are fixed), got "
                          f"samples={samples}")
-    ids = _windows(windows)
+    ids = as_windows(windows)
     n_layers = _num_layers(model)
     generator = torch.Generator().manual_seed(int(seed))
     sums_k: torch.Tensor | None = None
     sums_v: torch.Tensor | None = None
-    batches = _batches(ids, batch_size)
-    for batch in _progress(batches, desc="Fisher importance", total=len(batches), enabled=progress):
+    batches = split_batches(ids, batch_size)
+    for batch in with_progress(batches, desc="Fisher importance", total=len(batches), enabled=progress):
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def perturb(layer_idx, key, value):
@@ -246,16 +224,16 @@ def single_head_kl(model: Any, windows: Any, quantizer: Any, bits: int, *, batch
     q.check_bits(np.asarray([bits]), "bits")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    ids = _windows(windows)
+    ids = as_windows(windows)
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = _num_layers(model)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     items = [(role, layer, head) for role in (0, 1) for layer in range(n_layers) for head in range(kv_heads)]
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     total = np.zeros(len(items))
-    steps = _progress([(w, c) for w in range(ids.shape[0]) for c in range(len(chunks))],
-                      desc=f"single-head KL ({q.name}, {bits} bits)", total=ids.shape[0] * len(chunks),
-                      enabled=progress)
+    steps = with_progress([(w, c) for w in range(ids.shape[0]) for c in range(len(chunks))],
+                          desc=f"single-head KL ({q.name}, {bits} bits)", total=ids.shape[0] * len(chunks),
+                          enabled=progress)
     full = None
     for w, c in steps:
         window = ids[w:w + 1].to(model.device)
@@ -287,54 +265,34 @@ def single_head_kl(model: Any, windows: Any, quantizer: Any, bits: int, *, batch
 
 
 # ---- attention-output sensitivity --------------------------------------------------------------------------------
-_PROBE = "rdalloc_attention_probe"
-_probe_callback: list = []
+class AttentionProbe(AttentionSwap):
+    """Eager attention that also hands ``(module, q, k, v, probabilities, scaling)`` of every call to ``callback``."""
 
+    mask = "eager"
 
-def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention that also hands (module, q, k, v, probabilities) to the active probe callback."""
-    groups = query.shape[1] // key.shape[1]
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, k.transpose(2, 3)).float() * scaling
-    tq, tk = scores.shape[-2:]
-    if attention_mask is None:
-        causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
-        scores = scores.masked_fill(~causal, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :tk], float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :tk].float()
-    probs = torch.softmax(scores, dim=-1)
-    if _probe_callback:
-        _probe_callback[-1](module, query, key, value, probs, scaling)
-    out = torch.matmul(probs.to(value.dtype), v).transpose(1, 2).contiguous()
-    return out, probs
+    def __init__(self, model: Any, callback):
+        super().__init__(model)
+        self.callback = callback
 
-
-class _attention_probe:
-    """Context manager: run ``model`` with the probing attention, always restoring its own implementation."""
-
-    def __init__(self, model, callback):
-        self.model, self.callback = model, callback
-
-    def __enter__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(_PROBE, _probe_attention)
-        AttentionMaskInterface.register(_PROBE, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-        self.old = self.model.config._attn_implementation
-        self.model.set_attn_implementation(_PROBE)
-        _probe_callback.append(self.callback)
-        return self
-
-    def __exit__(self, *exc):
-        _probe_callback.pop()
-        self.model.set_attn_implementation(self.old)
-        return False
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        k = key.repeat_interleave(groups, dim=1)
+        v = value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, k.transpose(2, 3)).float() * scaling
+        tq, tk = scores.shape[-2:]
+        if attention_mask is None:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :tk], float("-inf"))
+        else:
+            scores = scores + attention_mask[..., :tk].float()
+        probs = torch.softmax(scores, dim=-1)
+        self.callback(module, query, key, value, probs, scaling)
+        out = torch.matmul(probs.to(value.dtype), v).transpose(1, 2).contiguous()
+        return out, probs
 
 
 def _output_gram(module, kv_heads: int, groups: int, head_dim: int, project: bool) -> torch.Tensor:
@@ -389,7 +347,7 @@ def attention_importance(model: Any, windows: Any, *, project: bool = True, rela
 
     Returns a :class:`HeadImportance` with ``key``, ``value`` shaped ``(layers, kv_heads)``.
     """
-    ids = _windows(windows)
+    ids = as_windows(windows)
     n_layers = _num_layers(model)
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     grams: dict[int, torch.Tensor] = {}
@@ -422,9 +380,9 @@ def attention_importance(model: Any, windows: Any, *, project: bool = True, rela
     sums_k: torch.Tensor | None = None
     sums_v: torch.Tensor | None = None
     energy: torch.Tensor | None = None
-    batches = _batches(ids, batch_size)
-    with torch.no_grad(), _attention_probe(model, callback):
-        for batch in _progress(batches, desc="attention importance", total=len(batches), enabled=progress):
+    batches = split_batches(ids, batch_size)
+    with torch.no_grad(), AttentionProbe(model, callback):
+        for batch in with_progress(batches, desc="attention importance", total=len(batches), enabled=progress):
             found.clear()
             out = model(batch.to(model.device), use_cache=False, output_hidden_states=relative)
             if sorted(found) != list(range(n_layers)):

@@ -25,9 +25,9 @@ Three pieces, used in this order by :mod:`.joint`:
    ``Q_c = sum_g mean_i q_gic^2`` is the query energy of channel ``c`` (the key energy enters through ``dk``, measured
    on the keys) and ``nu = mean_t |v_t - mean o|^2`` puts keys, values and eviction in the same units.
 
-   ``method="hybrid"`` (the default) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s per-head totals. On
-   SmolLM2 (:mod:`.joint`, 2 windows of 1024 + 64 tokens) ``mse`` beats ``rdkv`` at 2-10% retention and loses badly at
-   25-50%; the hybrid tracks the better of the two (``benchmarks/results/joint/joint.md``).
+   ``method="hybrid"`` (the default) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s per-head totals:
+   ``mse`` tends to win at low retention and ``rdkv`` at high retention, and the hybrid is meant to track the better
+   of the two (measured by ``experiments/joint_grid.py``).
 
    These weights measure each head's error at its own attention output, so they compare tokens *within* a head
    but not heads with each other: a unit of output error costs the loss more in some layers than in others. One
@@ -37,12 +37,12 @@ Three pieces, used in this order by :mod:`.joint`:
    per token.
 
 3. :class:`CompressedCache` holds the compressed prefix: the plan's middle tokens packed
-   (:mod:`rdalloc.packing`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
+   (:mod:`rdalloc.apply`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
    tokens at full precision, and every token appended afterwards at full precision. On each ``update`` a layer
    dequantizes its packed part, gathers each kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the
    largest kept count of the layer; shorter heads padded) and hands attention the prefix followed by the appended
-   tokens. The attention function registered as ``"rdalloc_joint"`` (:func:`joint_attention`, a context manager
-   that always restores the model's own implementation) masks, per kv head and its query heads, the padding slots
+   tokens. The attention of :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that
+   always restores the model's own implementation) masks, per kv head and its query heads, the padding slots
    (``-inf``: an evicted token is out of its own head's softmax and nobody else's) and applies causality within
    the appended tokens. ``get_seq_length`` is the true number of tokens seen, so rotary positions of new tokens
    are their true positions. :func:`reference_attention` computes the same attention by explicit per-head gathers.
@@ -54,7 +54,6 @@ Batch size 1 per cache (one sequence; no padding masks).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,15 +65,14 @@ from rdalloc.accounting import predict_nbytes
 from rdalloc.apply import PackedLayer, PlanApplier, unpack_tensor
 from rdalloc.plan import Plan
 
-from .compat import forward
+from .attention import AttentionSwap
+from .compat import CACHE_KEYWORDS, forward
 
-__all__ = ["Prefill", "observe_prefill", "TokenWeights", "token_weights", "WEIGHTINGS", "CompressedCache",
-           "CompressedLayer", "joint_attention", "reference_attention", "storage_plan", "protected_mask",
-           "compressed_nbytes", "scale_heads"]
+__all__ = ["Prefill", "observe_prefill", "PrefillObserver", "TokenWeights", "token_weights", "WEIGHTINGS",
+           "CompressedCache", "CompressedLayer", "JointAttention", "reference_attention", "storage_plan",
+           "protected_mask", "compressed_nbytes", "scale_heads"]
 
 WEIGHTINGS = ("hybrid", "mse", "rdkv")
-_OBSERVE = "rdalloc_observe"
-_JOINT = "rdalloc_joint"
 
 
 # ---- 1. observing the prefill --------------------------------------------------------------------------------------
@@ -97,17 +95,21 @@ class Prefill:
         return tuple(int(s) for s in self.keys.shape)
 
 
-_observed: list = []
+class PrefillObserver(AttentionSwap):
+    """SDPA attention that also records, per layer, the last ``window`` queries, their attention probabilities and
+    outputs (``self.layers[layer] = (queries, probs, outputs, scaling)``); see :func:`observe_prefill`."""
 
+    def __init__(self, model: Any, window: int):
+        super().__init__(model)
+        self.window = int(window)
+        self.layers: dict[int, tuple] = {}
 
-def _observe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                 **kwargs)
-    if _observed:
-        rec = _observed[-1]
-        w = rec["window"]
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+        w = self.window
         g = query.shape[1] // key.shape[1]
         s = query.shape[-1] ** -0.5 if scaling is None else scaling
         q = query[0, :, -w:].float()
@@ -118,34 +120,8 @@ def _observe_attention(module, query, key, value, attention_mask, scaling=None, 
         pos = torch.arange(T - w, T)
         scores = scores.masked_fill(torch.arange(T)[None, :] > pos[:, None], float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        rec["layers"][module.layer_idx] = (q, p, torch.matmul(p, v), float(s))
-    return out
-
-
-_ACTIVE: dict[str, int] = {}  # attention implementations currently entered through `_attention`
-
-
-class _attention:
-    """Context manager: run ``model`` with attention ``name`` (registered with ``fn``), then restore."""
-
-    def __init__(self, model, name, fn):
-        self.model, self.name, self.fn = model, name, fn
-
-    def __enter__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(self.name, self.fn)
-        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        self.old = self.model.config._attn_implementation
-        self.model.set_attn_implementation(self.name)
-        _ACTIVE[self.name] = _ACTIVE.get(self.name, 0) + 1
-        return self
-
-    def __exit__(self, *exc):
-        _ACTIVE[self.name] -= 1
-        self.model.set_attn_implementation(self.old)
-        return False
+        self.layers[module.layer_idx] = (q, p, torch.matmul(p, v), float(s))
+        return out
 
 
 def _facts(model) -> tuple[int, int, int, int]:
@@ -169,21 +145,17 @@ def observe_prefill(model: Any, input_ids: Any, *, window: int = 32) -> Prefill:
         raise ValueError(f"the context has {C} tokens, not more than the observation window of {window}: a context "
                          f"must be longer than the window it is scored by")
     L, _, _, _ = _facts(model)
-    rec = {"window": window, "layers": {}}
     cache = DynamicCache(config=model.config)
-    _observed.append(rec)
-    try:
-        with _attention(model, _OBSERVE, _observe_attention):
-            forward(model, cache, ids)
-    finally:
-        _observed.remove(rec)
-    if len(rec["layers"]) != L:
-        raise ValueError(f"observed {len(rec['layers'])} of {L} layers: every layer must route through transformers' "
+    with PrefillObserver(model, window) as observer:
+        forward(model, cache, ids)
+    observed = observer.layers
+    if len(observed) != L:
+        raise ValueError(f"observed {len(observed)} of {L} layers: every layer must route through transformers' "
                          f"AttentionInterface")
     keys = torch.stack([cache.layers[i].keys[0].float() for i in range(L)])
     values = torch.stack([cache.layers[i].values[0].float() for i in range(L)])
-    q, p, o = (torch.stack([rec["layers"][i][j] for i in range(L)]) for j in range(3))
-    s = rec["layers"][0][3]
+    q, p, o = (torch.stack([observed[i][j] for i in range(L)]) for j in range(3))
+    s = observed[0][3]
     return Prefill(keys=keys, values=values, queries=q, probs=p, outputs=o, scaling=s, window=window)
 
 
@@ -213,7 +185,7 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
     eviction distortion around that eviction set ``S``: evictions add up coherently, ``dO_i = sum_{s in S} a_is (o_i -
     v_s)``, so the marginal cost of evicting ``t`` is ``a_it^2 |o_i - v_t|^2 + 2 a_it (o_i - v_t) . dO_i^{(-t)}``
     (``dO`` without ``t``), summed over the observation queries and clamped at 0, instead of the independent-error
-    ``a_it^2 |o_i - v_t|^2``. (Measured on SmolLM2: not better; kept for study.)
+    ``a_it^2 |o_i - v_t|^2``.
 
     ``method="hybrid"`` (the default): ``mse`` plus ``floor`` times ``rdkv`` rescaled, per ``(layer, kv_head)`` and per
     kind of weight, to the same total as ``mse``; see :func:`_hybrid`."""
@@ -269,7 +241,7 @@ def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights
 
     Why: the squared-attention weights of ``mse`` follow the observation queries closely, which wins at low
     retention, but they give near-zero weight to tokens those queries ignore and later queries may need; the linear,
-    pooled ``rdkv`` score is a floor under them (measured in :mod:`.joint`)."""
+    pooled ``rdkv`` score is a floor under them."""
     if not (isinstance(floor, (int, float)) and floor >= 0):
         raise ValueError(f"floor must be a non-negative number, got {floor!r}")
     out = {}
@@ -329,21 +301,12 @@ def storage_plan(plan: Plan) -> Plan:
 
 def compressed_nbytes(plan: Plan, quantizer: Any = None, *, head_dim: int, batch: int = 1) -> int:
     """Exact bytes a :class:`CompressedCache` of ``plan`` holds right after compression: the packed middle
-    (:func:`rdalloc.packing.predict_nbytes` of :func:`storage_plan`) + 2 bytes per element of the protected tokens
+    (:func:`rdalloc.accounting.predict_nbytes` of :func:`storage_plan`) + 2 bytes per element of the protected tokens
     (keys and values). Computed from the plan alone."""
     sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
     protected = int(protected_mask(plan.tokens, sink, window).sum())
     full = 2 * 2 * batch * plan.layers * plan.kv_heads * protected * head_dim
     return predict_nbytes(storage_plan(plan), quantizer, batch=batch, tokens=plan.tokens, head_dim=head_dim) + full
-
-
-_pending = threading.local()
-
-
-def _pending_map() -> dict:
-    if not hasattr(_pending, "masks"):
-        _pending.masks = {}
-    return _pending.masks
 
 
 class CompressedLayer(DynamicLayer):
@@ -370,6 +333,7 @@ class CompressedLayer(DynamicLayer):
         self.gather_index = torch.from_numpy(idx)
         self.gather_valid = torch.from_numpy(valid)
         self.kept_counts = counts
+        self.attention: JointAttention | None = None  # set while a JointAttention runs this cache
 
     @property
     def prefix_length(self) -> int:
@@ -391,20 +355,19 @@ class CompressedLayer(DynamicLayer):
         return torch.cat([sk, mk, wk], dim=2), torch.cat([sv, mv, wv], dim=2), valid
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not _ACTIVE.get(_JOINT, 0):
-            raise RuntimeError(f"layer {self.layer_idx}: a compressed cache needs the per-head masked attention; run the "
-                               f"model under `with joint_attention(model):` (a plain attention would attend to the "
-                               f"padding slots of evicted tokens)")
+        refused = (f"layer {self.layer_idx}: a compressed cache needs the per-head masked attention; run the model "
+                   f"under `with JointAttention(model):` (a plain attention would attend to the padding slots of "
+                   f"evicted tokens)")
+        if self.attention is None:
+            raise RuntimeError(refused)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        pending = _pending_map()
+        pending = self.attention.pending
         if self.layer_idx in pending:
             pending.pop(self.layer_idx)
-            raise RuntimeError(f"layer {self.layer_idx}: the per-head mask of the previous step was never used; run the "
-                               f"model under `with joint_attention(model):` (a plain attention would attend to the "
-                               f"padding slots of evicted tokens)")
+            raise RuntimeError(f"the per-head mask of the previous step was never used: {refused}")
         pk, pv, valid = self.prefix()
         pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])
         return (torch.cat([pk.to(self.keys.dtype), self.keys], dim=-2),
@@ -432,7 +395,7 @@ class CompressedLayer(DynamicLayer):
 class CompressedCache(Cache):
     """A ``transformers.Cache`` holding a prefix compressed by a token plan (module docstring).
 
-    Build it with :meth:`compress`; run the model under :func:`joint_attention` (``model(...)`` or
+    Build it with :meth:`compress`; run the model under :class:`JointAttention` (``model(...)`` or
     ``model.generate(...)``). ``nbytes`` (held now), ``compressed_nbytes`` (the prefix only), ``fp16_nbytes`` (the
     prefix at 16 bits), ``retention``.
     """
@@ -493,21 +456,6 @@ class CompressedCache(Cache):
         return compressed_nbytes(self.plan, self.layers[0].packed.keys.layout.quantizer, head_dim=self.head_dim)
 
 
-def _joint_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    pending = _pending_map().pop(module.layer_idx, None)
-    if pending is None:  # not a compressed layer: plain attention
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    valid, P, T = pending
-    if key.shape[-2] != P + T:
-        raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed cache "
-                         f"announced {P} prefix + {T} appended")
-    mask = _mask(valid, query.shape[-2], T, query.shape[1] // key.shape[1])
-    return _masked_sdpa(query, key, value, mask, scaling), None
-
-
 def _mask(valid: torch.Tensor, q: int, T: int, groups: int) -> torch.Tensor:
     """``[1, q_heads, q, P + T]`` bool: each kv head's valid prefix slots (expanded to its query heads), and causality
     among the ``T`` appended tokens (the ``q`` queries are the last ``q`` of them)."""
@@ -527,10 +475,61 @@ def _masked_sdpa(query, key, value, mask, scaling):
     return out.transpose(1, 2).contiguous()
 
 
-def joint_attention(model: Any) -> _attention:
-    """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (layers whose
-    cache is not compressed run plain SDPA). Restores the model's own implementation on exit."""
-    return _attention(model, _JOINT, _joint_attention)
+class JointAttention(AttentionSwap):
+    """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (module
+    docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run plain
+    SDPA.
+
+    A compressed cache handed to the model (under either cache keyword) is attached on each call: its layers hand
+    their per-head masks to this object (``pending``, by layer index) on ``update`` and the attention takes them.
+    Leaving the block detaches every cache and drops any mask a failed call left."""
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self.pending: dict[int, tuple] = {}
+        self.attached: list[CompressedLayer] = []
+        self.hook = None
+
+    def attach(self, cache: "CompressedCache") -> None:
+        """Let ``cache``'s layers run under this attention (done for every compressed cache the model is given)."""
+        for layer in cache.layers:
+            if layer.attention is not self:
+                layer.attention = self
+                self.attached.append(layer)
+
+    def _attach_given_cache(self, module, args, kwargs):
+        for keyword in CACHE_KEYWORDS:
+            if isinstance(kwargs.get(keyword), CompressedCache):
+                self.attach(kwargs[keyword])
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        pending = self.pending.pop(module.layer_idx, None)
+        if pending is None:  # not a compressed layer: plain attention
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        valid, P, T = pending
+        if key.shape[-2] != P + T:
+            raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed "
+                             f"cache announced {P} prefix + {T} appended")
+        mask = _mask(valid, query.shape[-2], T, query.shape[1] // key.shape[1])
+        return _masked_sdpa(query, key, value, mask, scaling), None
+
+    def reset(self) -> None:
+        self.pending.clear()
+        for layer in self.attached:
+            layer.attention = None
+        self.attached.clear()
+
+    def __enter__(self):
+        super().__enter__()
+        self.hook = self.model.register_forward_pre_hook(self._attach_given_cache, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.hook.remove()
+        return super().__exit__(*exc)
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from .capture import _progress, _windows
 from .compat import forward
+from .windows import as_windows, with_progress
 
 __all__ = ["PerplexityResult", "perplexity"]
 
@@ -56,13 +56,13 @@ def perplexity(model: Any, windows: Any, cache_factory: Callable[[], Any] | None
     """
     from transformers import DynamicCache
 
-    ids = _windows(windows)
+    ids = as_windows(windows)
     if cache_factory is not None and not callable(cache_factory):
         raise TypeError(f"cache_factory must be a zero-argument callable returning a Cache, got "
                         f"{type(cache_factory).__name__}")
     total = 0.0
     per_window = []
-    for row in _progress(ids, desc=desc, total=ids.shape[0], enabled=progress):
+    for row in with_progress(ids, desc=desc, total=ids.shape[0], enabled=progress):
         cache = DynamicCache(config=model.config) if cache_factory is None else cache_factory()
         batch = row[None].to(model.device)
         logits = forward(model, cache, batch).logits[0, :-1]

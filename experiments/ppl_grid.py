@@ -1,40 +1,30 @@
-"""End to end on a real model: per-head plans from a calibration, a quantized-KV cache, perplexity vs bits.
+"""The perplexity grid of the per-head experiment (RateQuant setting), on the bundled model by default.
 
-Plans. For a quantizer and an average-bit budget **with metadata charged** (docs/design.md §2), each row of the
-experiment is a head plan (one width per (layer, kv_head) for K and one for V) over the calibration's menu
-(:meth:`.calibrate.Calibration.menu`: the fitted widths ``2..8``, plus ``1`` when the calibration probed it):
+    HF_HUB_OFFLINE=1 python -m experiments.ppl_grid           # the quick grid -> experiments/results/demo
+    HF_HUB_OFFLINE=1 python -m experiments.ppl_grid --full    # the whole grid -> experiments/results/demo_full
+
+Calibrates the model (:func:`rdalloc.backends.hf.calibrate.calibrate`), then measures perplexity over evaluation
+windows (disjoint text) with a quantized KV cache for every row, quantizer and budget (average bits **with metadata
+charged**, docs/design.md §2). Each row is a head plan from :mod:`rdalloc.backends.hf.head_plans`:
 
 * ``uniform`` — every head at the same integer width ``b``; only where the budget is exactly ``b`` plus the
-  quantizer's metadata per element (KIVI with groups of 32: 1 bit; QuaRot per token over ``head_dim = 64``: 0.5).
-* ``rdalloc`` — :func:`rdalloc.allocate` with the quantizer's calibrated loss model
-  (:meth:`.calibrate.Calibration.loss_model`: importance x fitted curve, measured single-head KL at probed widths).
-* ``rdalloc_attention`` / ``rdalloc_fisher`` — the same with the other importance estimator (the comparison).
+  quantizer's metadata per element.
+* ``rdalloc`` — :func:`~rdalloc.backends.hf.head_plans.allocate_plan` with the calibrated loss model.
+* ``rdalloc_other_importance`` — the same with the other importance estimator (the comparison).
 * ``mismatch`` — the model fitted for the *other* quantizer (costs still the true quantizer's).
 * ``beta4`` — one fixed ``beta = 4`` for every quantizer and role, ``alpha`` refitted, extrapolated over the whole
-  menu (:func:`.calibrate.fixed_beta_model`), times the importance: what systems that assume ``beta = 4`` do.
-* ``random`` — random allocation at the same budget: :func:`rdalloc.allocate` on a flat model (all items alike,
-  ``beta = 4``) with log-normal random weights (``sigma = 1.5``: about one bit of spread), per seed; the table
-  shows the mean perplexity over seeds.
+  menu, times the importance: what systems that assume ``beta = 4`` do.
+* ``random`` — random allocation at the same budget, per seed; the table shows the mean perplexity over seeds.
 
-Why 1 bit only with probes: on SmolLM2-135M the measured 1->2-bit MSE step is 11-13x, far steeper than the
-~4.4x/bit of the other widths, and the Fisher weights, a local (second-order) estimate, cannot see how badly 1-bit
-keys derail the softmax: over ``1..8`` without probes rdalloc put 37 of 180 heads at 1 bit at KIVI 3.0 average bits
-and scored PPL 26.5 against uniform 2-bit 16.6 (``benchmarks/results/demo_menu1to8``). The single-head KL probes
-measure that damage instead of extrapolating it.
-
-Costs. Item ``i`` of a head plan holds ``n = tokens * head_dim`` elements of one window of ``tokens`` tokens (the
-evaluation length) and carries the quantizer's metadata ``m = quantizer.item_metadata_bits(role, "head", tokens,
-head_dim)``; the plan records both the charged and the payload-only average bits.
-
-Evaluation. :func:`plan_transform` turns a plan into a ``TransformCache`` transform (the torch ``PlanApplier``
-fake-quantizes every stored position on each update), and :func:`evaluate_plan` measures perplexity over the
-evaluation windows with it (docs/design.md §5, simulated quantized-KV protocol).
+Writes ``calibration.json``, ``results.json``, ``results.md`` (the table it prints) and ``ppl_vs_bits.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,172 +32,27 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rdalloc.allocate import allocate
-from rdalloc.cost import Usage
-from rdalloc.models import ExponentialModel
+from rdalloc.backends.hf.calibrate import IMPORTANCE_METHODS, Calibration, calibrate
+from rdalloc.backends.hf.cli import add_dtype, check_path, quantizer_names, widths
+from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, random_plan, uniform_bits, uniform_plan
+from rdalloc.backends.hf.model import load_model, model_facts
+from rdalloc.backends.hf.text import text_windows
+from rdalloc.backends.hf.windows import with_progress
+from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
 
-from .calibrate import IMPORTANCE_METHODS, Calibration, fixed_beta_model
-from .model import ModelFacts
-
-__all__ = ["MENU", "ROWS", "head_costs", "allocate_plan", "uniform_plan", "uniform_bits", "random_plan",
-           "check_plan", "plan_transform", "plan_cache_factory", "evaluate_plan", "ExperimentResult",
-           "run_experiment", "markdown_table", "plot_results", "QUICK", "FULL"]
-
-MENU = tuple(range(2, 9))
-"""The menu of a calibration without probes (see the module docstring, "Why 1 bit only with probes")."""
+RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("uniform", "rdalloc", "rdalloc_other_importance", "mismatch", "beta4", "random")
 QUICK = {"calibration_windows": 2, "calibration_length": 256, "evaluation_windows": 2, "evaluation_length": 512,
          "budgets": (3.0, 3.5, 4.0), "seeds": (0,), "importance_budgets": (3.5,), "probe_bits": ()}
 FULL = {"calibration_windows": 4, "calibration_length": 512, "evaluation_windows": 4, "evaluation_length": 512,
         "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0),
         "probe_bits": (1, 2)}
-RANDOM_SIGMA = 1.5
 BROKEN = 10.0
 """Perplexity above ``BROKEN`` times FP16's counts as a wrecked model (left out of the estimator comparison)."""
 
 
-# ---- costs and plans ---------------------------------------------------------------------------------------------
-def head_costs(facts: ModelFacts, quantizer: str, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(sizes, metadata)`` per item of a head plan (keys then values): ``tokens * head_dim`` elements each and the
-    quantizer's metadata bits when quantized."""
-    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
-        raise ValueError(f"tokens must be a positive integer (the evaluation window length), got {tokens!r}")
-    q = get_quantizer(quantizer)
-    n = facts.layers * facts.kv_heads
-    sizes = np.full(2 * n, float(tokens * facts.head_dim))
-    meta = np.concatenate([np.full(n, float(q.item_metadata_bits(role, "head", int(tokens), facts.head_dim)))
-                           for role in ("key", "value")])
-    return sizes, meta
-
-
-def _plan(allocation, facts: ModelFacts, quantizer: str, meta: Mapping[str, Any], menu: Sequence[int]) -> Plan:
-    q = get_quantizer(quantizer)
-    return Plan.from_allocation(allocation, (facts.layers, facts.kv_heads), quantizer=q.name,
-                                meta={"model": facts.name, "head_dim": facts.head_dim, "quantizer_spec": q.spec(),
-                                      "menu": [int(b) for b in menu], **dict(meta)})
-
-
-def allocate_plan(calibration: Calibration, quantizer: str, average_bits: float, *, tokens: int,
-                  importance: str | None = None, model_from: str | None = None, fixed_beta: float | None = None,
-                  menu: Sequence[int] | None = None) -> Plan:
-    """The rdalloc head plan for ``quantizer`` at ``average_bits`` (metadata charged), over ``menu`` (default:
-    :meth:`.calibrate.Calibration.menu` of ``quantizer``).
-
-    Allocates the calibration's loss model (:meth:`.calibrate.Calibration.loss_model`, unit weights). ``model_from``
-    uses another quantizer's model (the mismatch experiment; the plan is still for ``quantizer``, whose costs it is
-    charged). ``fixed_beta`` replaces the fitted curve by :func:`.calibrate.fixed_beta_model` extrapolated over the
-    menu, times the importance (no probes). ``importance`` names the estimator (default: the calibration's).
-    """
-    q = get_quantizer(quantizer).name
-    source = q if model_from is None else get_quantizer(model_from).name
-    method = calibration.default_importance if importance is None else importance
-    menu = calibration.menu(q) if menu is None else tuple(int(b) for b in menu)
-    sizes, meta = head_costs(calibration.facts, q, tokens)
-    if fixed_beta is None:
-        model = calibration.loss_model(source, method)
-        weights = np.ones(model.n_items)
-    else:
-        model = fixed_beta_model(calibration, source, fixed_beta, lo=min(menu))
-        weights = calibration.weights(method)
-    r = allocate(model, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
-    return _plan(r, calibration.facts, q, {"method": "rdalloc", "importance": method, "model_from": source,
-                                           "fixed_beta": fixed_beta, "tokens": int(tokens),
-                                           "probed_bits": list(calibration.probed_bits(source)),
-                                           "average_bits_asked": float(average_bits)}, menu)
-
-
-def uniform_bits(facts: ModelFacts, quantizer: str, average_bits: float, tokens: int) -> int | None:
-    """The integer width whose charged average equals ``average_bits`` exactly, or ``None``."""
-    sizes, meta = head_costs(facts, quantizer, tokens)
-    overhead = float(meta.sum() / sizes.sum())
-    b = average_bits - overhead
-    if abs(b - round(b)) > 1e-9 or not 1 <= round(b) <= 8:
-        return None
-    return int(round(b))
-
-
-def uniform_plan(facts: ModelFacts, quantizer: str, bits: int, *, tokens: int) -> Plan:
-    """Every key and value head at ``bits`` (16: the full-precision plan)."""
-    q = get_quantizer(quantizer)
-    q.check_bits(np.asarray([bits]), "bits")
-    shape = (facts.layers, facts.kv_heads)
-    sizes, meta = head_costs(facts, q.name, tokens)
-    b = np.full(sizes.shape, float(bits))
-    usage = Usage.of(b, sizes, meta)
-    return Plan(key=np.full(shape, bits), value=np.full(shape, bits), quantizer=q.name,
-                budget_bits=usage.total_bits, usage=usage,
-                meta={"model": facts.name, "head_dim": facts.head_dim, "quantizer_spec": q.spec(),
-                      "method": "uniform", "tokens": int(tokens)})
-
-
-def random_plan(facts: ModelFacts, quantizer: str, average_bits: float, *, tokens: int, seed: int,
-                sigma: float = RANDOM_SIGMA, menu: Sequence[int] = MENU) -> Plan:
-    """A random allocation at the budget: the flat model (every item alike) with log-normal random weights."""
-    q = get_quantizer(quantizer).name
-    sizes, meta = head_costs(facts, q, tokens)
-    rng = np.random.default_rng(int(seed))
-    weights = np.exp(sigma * rng.standard_normal(sizes.size))
-    flat = ExponentialModel(alpha=np.ones(sizes.size), beta=4.0, lo=float(min(menu)), hi=float(max(menu)),
-                            quantizer=q)
-    r = allocate(flat, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
-    return _plan(r, facts, q, {"method": "random", "seed": int(seed), "sigma": float(sigma), "tokens": int(tokens),
-                               "average_bits_asked": float(average_bits)}, menu)
-
-
-def check_plan(plan: Plan, facts: ModelFacts, quantizer: str | None = None) -> str:
-    """``ValueError`` if ``plan`` is not a head plan for this model's cache or for ``quantizer`` (default: the one
-    the plan records); returns the quantizer's name."""
-    if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be an rdalloc.Plan, got {type(plan).__name__}")
-    if plan.granularity != "head":
-        raise ValueError(f"expected a head plan (one width per layer and kv-head), got a {plan.granularity!r} plan")
-    name = get_quantizer(quantizer if quantizer is not None else plan.quantizer or "").name \
-        if (quantizer or plan.quantizer) else None
-    if name is None:
-        raise ValueError("the plan does not record its quantizer: name one")
-    plan.check(layers=facts.layers, kv_heads=facts.kv_heads, quantizer=name)
-    hd = plan.meta.get("head_dim") if isinstance(plan.meta, Mapping) else None
-    if hd is not None and int(hd) != facts.head_dim:
-        raise ValueError(f"the plan was made for head_dim={hd}, but the cache has head_dim={facts.head_dim}")
-    get_quantizer(name).check_bits(np.concatenate([np.ravel(plan.key), np.ravel(plan.value)]), "plan bits")
-    return name
-
-
-# ---- the cache -------------------------------------------------------------------------------------------------
-def plan_transform(plan: Plan, quantizer: Any = None):
-    """A ``TransformCache`` transform fake-quantizing each layer's whole stored K/V with ``plan`` (torch
-    :class:`~rdalloc.backends.torch.PlanApplier`, built once; a 16-bit plan returns the inputs bit for bit)."""
-    from rdalloc.apply import PlanApplier
-
-    applier = PlanApplier(plan, quantizer)
-
-    def transform(layer_idx, key, value):
-        out = applier.fake_quantize(key, value, layer=layer_idx)
-        return out.keys, out.values
-
-    transform.applier = applier
-    return transform
-
-
-def plan_cache_factory(plan: Plan, config: Any, quantizer: Any = None):
-    """A zero-argument factory of fresh quantized-KV caches for :func:`~.perplexity.perplexity`."""
-    from .cache import cache_factory
-
-    return cache_factory(plan_transform(plan, quantizer), config)
-
-
-def evaluate_plan(model: Any, windows: Any, plan: Plan | None, *, quantizer: Any = None, progress: bool = True,
-                  desc: str = "perplexity"):
-    """:class:`~.perplexity.PerplexityResult` of ``model`` over ``windows`` with ``plan`` (``None``: full cache)."""
-    from .perplexity import perplexity
-
-    factory = None if plan is None else plan_cache_factory(plan, model.config, quantizer)
-    return perplexity(model, windows, factory, progress=progress, desc=desc)
-
-
-# ---- the experiment --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExperimentResult:
     """Rows of ``{"quantizer", "row", "budget", "average_bits", "payload_bits", "ppl", "nll", "seed", ...}``
@@ -267,8 +112,6 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
     """Perplexity over ``windows`` (``[count, length]``) for every row, quantizer and budget (see the module
     docstring). Identical plans are evaluated once. ``importance_budgets`` limits the estimator comparison row
     (default: every budget)."""
-    from .model import model_facts
-
     facts = calibration.facts
     calibration.check_model(model_facts(model))
     bad = [r for r in rows if r not in ROWS]
@@ -327,12 +170,7 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
     t_fp16 = time.perf_counter() - t0
     done: dict = {}
     out_rows = []
-    iterator = jobs
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(jobs, desc="experiment (plans)", leave=False)
-    for info, plan in iterator:
+    for info, plan in with_progress(jobs, desc="experiment (plans)", total=len(jobs), enabled=progress):
         key = (info["quantizer"], plan.key.tobytes(), plan.value.tobytes())
         if key not in done:
             t0 = time.perf_counter()
@@ -453,3 +291,94 @@ def plot_results(result: ExperimentResult, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load(args, grid):
+    """Model, facts, calibration and evaluation windows, and the text's description; inputs checked first."""
+    check_path(args.model, "--model")
+    check_path(args.text, "--text")
+    model, tokenizer, facts = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
+    cal_windows, cal_length = grid["calibration_windows"], grid["calibration_length"]
+    ev_windows, length = grid["evaluation_windows"], grid["evaluation_length"]
+    if cal_length != length:  # short calibration, longer evaluation windows
+        cal = text_windows(tokenizer, length=cal_length, calibration=cal_windows, evaluation=0, path=args.text)
+        ev = text_windows(tokenizer, length=length, calibration=0, evaluation=ev_windows, path=args.text)
+        # calibration windows come from the first half, evaluation windows from the second: still disjoint
+        return model, facts, cal.calibration, ev.evaluation, {**ev.to_dict(), "calibration_length": cal_length,
+                                                              "calibration_windows": cal_windows}
+    tw = text_windows(tokenizer, length=length, calibration=cal_windows, evaluation=ev_windows, path=args.text)
+    return model, facts, tw.calibration, tw.evaluation, tw.to_dict()
+
+
+def run(args) -> None:
+    grid = dict(FULL if args.full else QUICK)
+    for name in ("calibration_windows", "evaluation_windows", "calibration_length", "evaluation_length"):
+        if getattr(args, name) is not None:
+            grid[name] = getattr(args, name)
+    if args.budgets:
+        grid["budgets"] = tuple(float(b) for b in args.budgets.split(","))
+        grid["importance_budgets"] = grid["budgets"] if args.full else grid["budgets"][len(grid["budgets"]) // 2:][:1]
+    quantizers = quantizer_names(args.quantizers)
+    out = Path(args.out) if args.out is not None else RESULTS / ("demo_full" if args.full else "demo")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    t0 = time.perf_counter()
+    model, facts, cal, ev, text = load(args, grid)
+    t_load = time.perf_counter() - t0
+    probe_bits = grid["probe_bits"] if args.probe_bits is None else widths(args.probe_bits, "--probe-bits")
+    c = calibrate(model, facts, cal, quantizers=quantizers, probe_bits=probe_bits, text=text,
+                  progress=not args.no_progress)
+    print(f"calibration: {c.timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()
+                                                                   if k != "total") + ")", flush=True)
+    r = run_experiment(model, c, ev, quantizers=quantizers, budgets=grid["budgets"], seeds=grid["seeds"],
+                       importance_budgets=grid["importance_budgets"], progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    facts_extra = {**r.facts, "grid": "full" if args.full else "quick", "text": text,
+                   "calibration_seconds": c.timings, "load_seconds": t_load, "wall_seconds": wall,
+                   "command": "python -m experiments.ppl_grid" + (" --full" if args.full else ""),
+                   "environment": environment(args.dtype)}
+    r = ExperimentResult(fp16=r.fp16, rows=r.rows, facts=facts_extra)
+    out.mkdir(parents=True, exist_ok=True)
+    c.save(out / "calibration.json")
+    r.save(out / "results.json")
+    md = markdown_table(r) + (f"\nCalibration {c.timings['total']:.1f} s; whole run {wall:.1f} s wall on this "
+                              f"machine ({'full' if args.full else 'quick'} grid).\n")
+    (out / "results.md").write_text(md)
+    plot_results(r, out / "ppl_vs_bits.png")
+    print(md)
+    print(f"wrote {out}/calibration.json, results.json, results.md, ppl_vs_bits.png ({wall:.1f} s)")
+
+
+def parser() -> argparse.ArgumentParser:
+    d = argparse.ArgumentParser(prog="python -m experiments.ppl_grid",
+                                description="calibrate, allocate and measure perplexity vs bits on the bundled model")
+    d.add_argument("--model", default=None, help="a local model directory or .gguf (default: bundled SmolLM2)")
+    d.add_argument("--text", default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+    d.add_argument("--full", action="store_true", help="the whole grid (budgets 2..4 by 0.5, 3 random seeds)")
+    d.add_argument("--budgets", default=None, help="comma-separated average bits (metadata charged)")
+    d.add_argument("--probe-bits", default=None, help="widths whose single-head KL is measured (default: 1,2 with "
+                   "--full, none in the quick grid; 1 joins the menu only when probed)")
+    d.add_argument("--quantizers", default="kivi,quarot")
+    d.add_argument("--calibration-windows", type=int, default=None)
+    d.add_argument("--calibration-length", type=int, default=None)
+    d.add_argument("--evaluation-windows", type=int, default=None)
+    d.add_argument("--evaluation-length", type=int, default=None)
+    d.add_argument("--out", default=None, help="output directory (default: experiments/results/demo, or demo_full "
+                   "with --full)")
+    add_dtype(d)
+    d.add_argument("--no-progress", action="store_true")
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, TypeError) as e:
+        print(f"ppl_grid: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

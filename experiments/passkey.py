@@ -1,7 +1,7 @@
 """Passkey retrieval after compression: does the compressed cache still hold a fact buried in a long context?
 
-    HF_HUB_OFFLINE=1 python benchmarks/passkey.py                 # contexts 1024,2048,4096; depths 10/50/90 %
-    HF_HUB_OFFLINE=1 python benchmarks/passkey.py --contexts 2048 --retentions 0.05,0.1
+    HF_HUB_OFFLINE=1 python -m experiments.passkey                 # contexts 1024,2048,4096; depths 10/50/90 %
+    HF_HUB_OFFLINE=1 python -m experiments.passkey --contexts 2048 --retentions 0.05,0.1
 
 A prompt of ``context`` tokens of filler (``--filler grass``, the default: the repeated "The grass is green. The sky is
 blue. ..." of the original passkey test; ``--filler pydoc``: ``pydoc_data.topics`` prose, which this 135M model
@@ -11,7 +11,7 @@ key."`` inserted at a relative ``depth``, ending in ``"What is the pass key? The
 (:mod:`rdalloc.backends.hf.joint`: rdalloc's joint global allocation with Fisher-scaled hybrid weights, and the
 SnapKV-style eviction baseline at the same bytes), and greedy decoding continues for 8 tokens; a trial passes when
 the five digits appear in the answer. The full cache is run too: a trial it fails says the model cannot do it,
-whatever the compression. Writes ``benchmarks/results/joint/passkey.{json,md}``.
+whatever the compression. Writes ``experiments/results/joint/passkey.{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from rdalloc.backends.hf import load_model
 from rdalloc.backends.hf.compat import generate
 from rdalloc.backends.hf.capture import fisher_importance
-from rdalloc.backends.hf.compress import (CompressedCache, joint_attention, observe_prefill, scale_heads,
+from rdalloc.backends.hf.compress import (CompressedCache, JointAttention, observe_prefill, scale_heads,
                                           token_weights)
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
@@ -52,7 +52,7 @@ def answer(model, ids: torch.Tensor, cache=None) -> str:
     if cache is None:
         out = model.generate(ids[None], max_new_tokens=8, do_sample=False)
     else:
-        with joint_attention(model):
+        with JointAttention(model):
             out = generate(model, cache, ids[None], max_new_tokens=8, do_sample=False)
     return out[0, ids.numel():]
 
@@ -99,7 +99,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = {"rows": rows, "seconds": time.perf_counter() - t0, "model": facts.name,
            "environment": environment(next(model.parameters()).dtype),
-           "command": "HF_HUB_OFFLINE=1 python benchmarks/passkey.py " + " ".join(
+           "command": "HF_HUB_OFFLINE=1 python -m experiments.passkey " + " ".join(
                f"--{k} {getattr(a, k)}" for k in ("contexts", "depths", "retentions", "filler"))}
     (out / "passkey.json").write_text(json.dumps(res, indent=1))
     cols = ["full"] + [f"{n}@{r}" for r in a.retentions.split(",") for n in ("joint-global", "eviction")]

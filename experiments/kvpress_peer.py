@@ -3,7 +3,7 @@
 Same model (the bundled SmolLM2-135M-Instruct, converted once by ``rdalloc.backends.hf.model.load_model`` into
 ``~/.cache/rdalloc/models/SmolLM2-135M-Instruct.Q4_1``), same text windows
 (``text_windows(tokenizer, length=context + continuation, calibration=1, evaluation=windows)``) and same protocol as
-``rdalloc eval joint`` (``backends/hf/joint.py``, docs/design.md §5): per evaluation window
+``python -m experiments.joint_grid`` (``experiments/joint_grid.py``, docs/design.md §5): per evaluation window
 
 * full cache: one pass over ``ids[:context + continuation]``; logits at ``context .. context + continuation - 2``
   predict the targets ``ids[context + 1 : context + continuation]``;
@@ -41,18 +41,17 @@ text windows)::
     /tmp/kvpress-env/bin/pip install kvpress==0.5.5         # pulls transformers 5.2.0, datasets, pandas, peft, ...
     /tmp/kvpress-env/bin/pip install --no-deps -e .         # rdalloc: text windows, NLL/KL
     /tmp/kvpress-env/bin/pip install numpy scipy array-api-compat tqdm
-    HF_HUB_OFFLINE=1 /tmp/kvpress-env/bin/python benchmarks/kvpress_peer.py \
+    HF_HUB_OFFLINE=1 /tmp/kvpress-env/bin/python -m experiments.kvpress_peer \
         --presses snapkv,snapkv_w8,expected_attention
 
 The model directory must exist (any run of ``rdalloc`` in the main venv creates it; ``--model`` names another one).
-Writes ``benchmarks/results/joint/kvpress.json`` and ``kvpress.md``.
+Writes ``experiments/results/joint/kvpress.json`` and ``kvpress.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -309,7 +308,7 @@ def main(argv=None) -> int:
                          "nll": sum(x["nll"] for x in v) / len(v), "kl": sum(x["kl"] for x in v) / len(v),
                          "per_window": [{k: x[k] for k in ("window", "retention", "bytes", "nll", "kl",
                                                            "kept_tokens_per_layer")} for x in v]})
-    cmd = ("HF_HUB_OFFLINE=1 /tmp/kvpress-env/bin/python benchmarks/kvpress_peer.py "
+    cmd = ("HF_HUB_OFFLINE=1 /tmp/kvpress-env/bin/python -m experiments.kvpress_peer "
            f"--context {C} --continuation {M} --windows {a.windows} "
            f"--retentions {','.join(f'{r:g}' for r in retentions)}"
            f" --presses {','.join(presses)}" + (f" --text {a.text}" if a.text else ""))

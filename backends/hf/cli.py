@@ -1,0 +1,194 @@
+"""The real-model commands of ``rdalloc``, added to it through the ``rdalloc.commands`` entry point.
+
+* ``rdalloc calibrate --out calib.json``: capture K/V over calibration windows, measure and fit each quantizer's
+  distortion curve, estimate Fisher and attention-output head importance;
+* ``rdalloc allocate --calibration calib.json --quantizer kivi --average-bits 3 --out plan.json``: a head plan;
+* ``rdalloc eval --plan plan.json``: perplexity over evaluation windows with the plan's quantized KV cache (no plan:
+  the full cache).
+
+Importing this module imports neither torch nor transformers (the commands do, when they run), so ``rdalloc --help``
+and ``rdalloc solve`` stay light; without them a command says which extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rdalloc.cli import print_head_table
+from rdalloc.environment import environment
+from rdalloc.plan import Plan
+from rdalloc.quantizers import get_quantizer
+
+__all__ = ["register", "add_dtype", "check_path", "widths", "quantizer_names", "HF_MODULES"]
+
+HF_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib")
+"""What the commands import beyond the core (the ``hf`` extra), by top-level module name."""
+
+
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16", "float16"),
+                        help="the model's dtype (default float64: low-bit results then do not depend on the CPU's "
+                             "SIMD kernels; float32 is faster)")
+
+
+def check_path(path, flag: str) -> None:
+    """``ValueError`` naming ``flag`` if ``path`` is given and does not exist."""
+    if path is not None and not Path(path).expanduser().exists():
+        raise ValueError(f"{flag} {str(path)!r} does not exist")
+
+
+def widths(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``; ``""`` -> ``()``."""
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integer widths such as 1,2, got {text!r}") from None
+
+
+def quantizer_names(text: str) -> list[str]:
+    """Registered names of the comma-separated quantizers in ``text``."""
+    return [get_quantizer(q.strip()).name for q in text.split(",") if q.strip()]
+
+
+def _add_source(p, *, windows: int, length: int, what: str) -> None:
+    p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file (default: the "
+                   "bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+    p.add_argument("--windows", type=int, default=windows, help=f"{what} windows (default {windows})")
+    p.add_argument("--length", type=int, default=length, help=f"tokens per {what} window (default {length})")
+    add_dtype(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load(args, *, calibration: int, evaluation: int):
+    """Model, facts and text windows; every input is checked before any long computation."""
+    check_path(args.model, "--model")
+    check_path(args.text, "--text")
+    from rdalloc.backends.hf import load_model, text_windows
+
+    model, tokenizer, facts = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
+    tw = text_windows(tokenizer, length=args.length, calibration=calibration, evaluation=evaluation, path=args.text)
+    return model, facts, tw.calibration, tw.evaluation, tw.to_dict()
+
+
+def cmd_calibrate(args) -> int:
+    from rdalloc.backends.hf.calibrate import calibrate
+
+    quantizers = quantizer_names(args.quantizers)
+    t0 = time.perf_counter()
+    model, facts, cal, _, text = _load(args, calibration=args.windows, evaluation=0)
+    c = calibrate(model, facts, cal, quantizers=quantizers, importance=args.importance.split(","),
+                  default_importance=args.default_importance, probe_bits=widths(args.probe_bits, "--probe-bits"),
+                  probe_length=args.probe_length, text=text, progress=not args.no_progress)
+    c.save(args.out)
+    print(f"calibrated {facts.name} ({facts.layers} layers x {facts.kv_heads} kv-heads) on {cal.shape[0]} windows "
+          f"of {cal.shape[1]} tokens in {c.timings['total']:.1f} s (wall {time.perf_counter() - t0:.1f} s with "
+          f"loading): " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items() if k != "total"))
+    for q in c.quantizers:
+        b = c.betas(q)
+        print(f"  {q}: pooled beta keys {b['key']:.3f}, values {b['value']:.3f}")
+    print(f"calibration written to {args.out}")
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from rdalloc.backends.hf.calibrate import Calibration
+    from rdalloc.backends.hf.head_plans import allocate_plan, random_plan, uniform_plan
+
+    c = Calibration.load(args.calibration)
+    q = quantizer_names(args.quantizer)[0]
+    if args.method == "uniform":
+        plan = uniform_plan(c.facts, q, int(args.average_bits), tokens=args.tokens)
+    elif args.method == "random":
+        plan = random_plan(c.facts, q, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
+    else:
+        plan = allocate_plan(c, q, args.average_bits, tokens=args.tokens, importance=args.importance,
+                             model_from=args.model_from, fixed_beta=args.beta)
+    plan.save(args.out)
+    u = plan.usage
+    bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
+    print_head_table(bits, plan.layers, plan.kv_heads, sys.stdout)
+    print(f"{args.method} plan for {q}: {u.average_bits:.4f} average bits with metadata "
+          f"({u.average_payload_bits:.4f} payload), written to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rdalloc.backends.hf.head_plans import check_plan, evaluate_plan
+
+    plan = None
+    if args.plan is not None:
+        check_path(args.plan, "--plan")
+        plan = Plan.load(args.plan)
+    model, facts, _, ev, text = _load(args, calibration=0, evaluation=args.windows)
+    q = None
+    if plan is not None:
+        q = check_plan(plan, facts, args.quantizer)
+    r = evaluate_plan(model, ev, plan, quantizer=q, progress=not args.no_progress)
+    label = "FP16 (full cache)" if plan is None else f"{q} plan {args.plan}"
+    print(f"{label}: perplexity {r.ppl:.4f} (nll {r.nll:.5f}) over {r.windows} windows of {ev.shape[1]} tokens")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"plan": args.plan, "quantizer": q, "text": text, **r.to_dict(),
+                                              "environment": environment(args.dtype)}, indent=1))
+        print(f"result written to {args.out}")
+    return 0
+
+
+def _needs_hf(command):
+    """``command`` printing one line that names the ``hf`` extra (exit status 2) when a module of it is missing."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in HF_MODULES:
+                raise
+            print(f"rdalloc: error: 'rdalloc {args.command}' needs the hf extra (module {e.name!r} is missing): "
+                  f"pip install 'rdalloc[hf]'", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(sub) -> None:
+    """Add ``calibrate``, ``allocate`` and ``eval`` to the ``rdalloc`` subcommands ``sub``."""
+    c = sub.add_parser("calibrate", help="calibrate a real model: distortion fits per quantizer, head importance")
+    _add_source(c, windows=2, length=256, what="calibration")
+    c.add_argument("--quantizers", default="kivi,quarot", help="comma-separated quantizers (default kivi,quarot)")
+    c.add_argument("--importance", default="fisher,attention", help="estimators to run (default fisher,attention)")
+    c.add_argument("--default-importance", default="fisher", choices=("fisher", "attention"),
+                   help="the estimator allocations use by default (default fisher)")
+    c.add_argument("--probe-bits", default="", help="widths whose single-head KL is measured, e.g. 1,2 (needed "
+                   "for 1-bit plans; default none)")
+    c.add_argument("--probe-length", type=int, default=128, help="tokens of the probe window (default 128)")
+    c.add_argument("--out", required=True, help="calibration JSON to write")
+    c.set_defaults(func=_needs_hf(cmd_calibrate))
+
+    a = sub.add_parser("allocate", help="a head plan from a calibration JSON")
+    a.add_argument("--calibration", required=True, help="calibration JSON (from rdalloc calibrate)")
+    a.add_argument("--quantizer", default="kivi", help="the quantizer the plan is for (default kivi)")
+    a.add_argument("--average-bits", type=float, required=True, help="budget, average bits with metadata charged")
+    a.add_argument("--tokens", type=int, default=512, help="tokens per window the costs are charged for (default 512)")
+    a.add_argument("--method", default="rdalloc", choices=("rdalloc", "uniform", "random"))
+    a.add_argument("--importance", default=None, choices=("fisher", "attention"),
+                   help="importance estimator (default: the calibration's)")
+    a.add_argument("--model-from", default=None, help="allocate with this quantizer's model (mismatch experiment)")
+    a.add_argument("--beta", type=float, default=None, help="fixed beta for every item instead of the fitted model")
+    a.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    a.add_argument("--out", required=True, help="plan JSON to write")
+    a.set_defaults(func=_needs_hf(cmd_allocate))
+
+    e = sub.add_parser("eval", help="perplexity with a plan's quantized KV cache (no plan: the full cache)")
+    _add_source(e, windows=2, length=512, what="evaluation")
+    e.add_argument("--plan", default=None, help="plan JSON (from rdalloc allocate); omit for FP16")
+    e.add_argument("--quantizer", default=None, help="apply with this quantizer (default: the plan's)")
+    e.add_argument("--out", default=None, help="result JSON to write")
+    e.set_defaults(func=_needs_hf(cmd_eval))
