@@ -1,7 +1,7 @@
-# `make demo` runs the main job (calibrate, allocate and measure perplexity on the bundled model); `make test` runs
-# every test. Both build .venv first, with the exact versions in constraints.txt. `make solve` solves the bundled
-# allocation problem alone (seconds). `make test-latest` and `make test-core` are CI's other two jobs: the newest
-# releases, and the core alone at its oldest supported versions.
+# `make demo` runs the main job (calibrate, allocate and measure perplexity on the bundled model: experiments/ppl_grid);
+# `make test` runs the linter (ruff) and every test. Both build .venv first, with the exact versions in
+# constraints.txt. `make solve` solves the bundled allocation problem alone (seconds). `make test-latest` and
+# `make test-core` are CI's other two jobs: the newest releases, and the core alone at its oldest supported versions.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +32,7 @@ solve: $(STAMP)
 	$(BIN)/rdalloc solve --average-bits 3
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)

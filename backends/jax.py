@@ -21,17 +21,18 @@ Calling these functions inside your own ``jax.jit`` works as well (the plan stay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from rdalloc.apply import PlanApplier, unpack
 from rdalloc.layout import check_kv
 from rdalloc.measure import measure_distortion as _measure_distortion
 from rdalloc.plan import Plan
-from rdalloc.quantizers import Quantizer, fake_quantize_uniform as _fake_quantize_uniform, get_quantizer
+from rdalloc.quantizers import Quantizer, get_quantizer
+from rdalloc.quantizers import fake_quantize_uniform as _fake_quantize_uniform
 
 __all__ = ["fake_quantize", "pack", "unpack", "measure_distortion", "fake_quantize_uniform"]
 

@@ -18,7 +18,8 @@ copies and no host synchronisation.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +27,8 @@ from rdalloc.apply import PlanApplier, unpack
 from rdalloc.layout import check_kv
 from rdalloc.measure import measure_distortion as _measure_distortion
 from rdalloc.plan import Plan
-from rdalloc.quantizers import Quantizer, fake_quantize_uniform as _fake_quantize_uniform, get_quantizer
+from rdalloc.quantizers import Quantizer, get_quantizer
+from rdalloc.quantizers import fake_quantize_uniform as _fake_quantize_uniform
 
 __all__ = ["fake_quantize", "pack", "unpack", "measure_distortion", "fake_quantize_uniform"]
 

@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-
-from rdalloc import Plan, PlanApplier, predict_nbytes  # noqa: E402
 from rdalloc.backends import jax as rdj  # noqa: E402
 from rdalloc.backends import torch as rdt  # noqa: E402
+
+from rdalloc import Plan, PlanApplier, predict_nbytes  # noqa: E402
 from rdalloc.environment import environment  # noqa: E402
 from rdalloc.quantizers import KIVI, QuaRot  # noqa: E402
 

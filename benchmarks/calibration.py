@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     probe_bits = tuple(int(b) for b in args.probe_bits.split(",") if b.strip())
 
     import torch
-
     from rdalloc.backends.hf import load_model
 
     if args.torch_threads:
@@ -129,9 +128,9 @@ def main(argv=None) -> int:
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"settings": {}}
     waited = wait_for_load(args.max_load, args.max_wait)
     threads = torch.get_num_threads()
-    result.update(model=facts.name, environment=environment(next(model.parameters()).dtype), machine={"platform": platform.platform(), "processor": platform.processor(),
-                                             "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                             "python": platform.python_version()})
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version()}
+    result.update(model=facts.name, environment=environment(next(model.parameters()).dtype), machine=machine)
     command = "python benchmarks/calibration.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for count, length in settings:
         s = run_setting(model, tokenizer, facts, count, length, probe_bits, args.repeats)

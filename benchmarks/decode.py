@@ -30,15 +30,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-
 from rdalloc.backends.hf import load_model
 from rdalloc.backends.hf.compat import forward, generate
 from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, token_weights
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
-from rdalloc.quantizers import get_quantizer
+from transformers import DynamicCache
+
 from rdalloc.environment import environment
+from rdalloc.quantizers import get_quantizer
 
 OUT = Path(__file__).resolve().parent / "results"
 

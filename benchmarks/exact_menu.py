@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from rdalloc import ExponentialModel, allocate
-from rdalloc.cost import item_cost
 from rdalloc.allocate import OPTIMAL
+from rdalloc.cost import item_cost
 from rdalloc.environment import environment
 
 OUT = Path(__file__).resolve().parent / "results"

@@ -119,7 +119,7 @@ def run_scaling(sizes, backends, menu_max):
 def run_oracles(sizes):
     import cvxpy as cp
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_matrix, kron, eye
+    from scipy.sparse import csr_matrix, eye, kron
 
     rows = []
     for n_items in sizes:
@@ -233,8 +233,9 @@ def main():
                "cpus": __import__("os").cpu_count(), "numpy": np.__version__,
                "load_average_start": load_start, "load_average_end": __import__("os").getloadavg(),
                "torch_threads": args.torch_threads}
-    (OUT / "solver.json").write_text(json.dumps({"machine": machine, "environment": environment(), "command": "python benchmarks/solver.py",
-                                                 "scaling": scaling, "oracles": oracles}, indent=1))
+    (OUT / "solver.json").write_text(json.dumps({"machine": machine, "environment": environment(),
+                                                 "command": "python benchmarks/solver.py", "scaling": scaling,
+                                                 "oracles": oracles}, indent=1))
     (OUT / "solver.md").write_text(table + "\n")
     plot(scaling, OUT / "solver.png")
 

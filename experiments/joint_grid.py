@@ -15,20 +15,28 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
 from rdalloc.backends.hf.capture import fisher_importance
 from rdalloc.backends.hf.cli import add_dtype, check_path
 from rdalloc.backends.hf.compress import WEIGHTINGS, CompressedCache, observe_prefill, scale_heads, token_weights
-from rdalloc.backends.hf.joint import (DEFAULT_MENU, allocate_joint, continuation_logits, continuation_scores,
-                                       eviction_plan, measure_errors, uniform_token_plan)
+from rdalloc.backends.hf.joint import (
+    DEFAULT_MENU,
+    allocate_joint,
+    continuation_logits,
+    continuation_scores,
+    eviction_plan,
+    measure_errors,
+    uniform_token_plan,
+)
 from rdalloc.backends.hf.model import load_model
 from rdalloc.backends.hf.text import text_windows
+
 from rdalloc.environment import environment
 from rdalloc.models import FULL_BITS
 from rdalloc.quantizers import get_quantizer

@@ -109,9 +109,8 @@ def make_press(name: str, compression_ratio: float):
 def compressed_run(model, press, ids_ctx, ids_cont):
     """Prefill ``ids_ctx`` under ``press``, teacher-force ``ids_cont``. Returns (continuation logits, kept tokens per
     layer)."""
-    from transformers import DynamicCache
-
     from rdalloc.backends.hf.compat import forward
+    from transformers import DynamicCache
 
     cache = DynamicCache()
     with press(model):
@@ -245,10 +244,9 @@ def main(argv=None) -> int:
 
     import kvpress
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rdalloc.backends.hf.joint import continuation_scores
     from rdalloc.backends.hf.text import text_windows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

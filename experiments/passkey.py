@@ -23,16 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from rdalloc.backends.hf import load_model
-from rdalloc.backends.hf.compat import generate
 from rdalloc.backends.hf.capture import fisher_importance
-from rdalloc.backends.hf.compress import (CompressedCache, JointAttention, observe_prefill, scale_heads,
-                                          token_weights)
+from rdalloc.backends.hf.compat import generate
+from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, scale_heads, token_weights
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
 from rdalloc.backends.hf.text import default_text, tokenize
-from rdalloc.quantizers import get_quantizer
+
 from rdalloc.environment import environment
+from rdalloc.quantizers import get_quantizer
 
 OUT = Path(__file__).resolve().parent / "results" / "joint"
 GRASS = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

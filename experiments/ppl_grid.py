@@ -26,18 +26,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-
 from rdalloc.backends.hf.calibrate import IMPORTANCE_METHODS, Calibration, calibrate
 from rdalloc.backends.hf.cli import add_dtype, check_path, quantizer_names, widths
 from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, random_plan, uniform_bits, uniform_plan
 from rdalloc.backends.hf.model import load_model, model_facts
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.windows import with_progress
+
 from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
@@ -67,7 +68,7 @@ class ExperimentResult:
                 "rows": [dict(r) for r in self.rows], "facts": dict(self.facts)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ExperimentResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> ExperimentResult:
         if not isinstance(d, Mapping) or d.get("format") != "rdalloc.experiment":
             raise ValueError("not an rdalloc experiment result")
         return cls(fp16=d["fp16"], rows=d["rows"], facts=d.get("facts") or {})
@@ -130,9 +131,9 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
     jobs: list[tuple[dict, Plan]] = []
     infeasible: list[dict] = []
 
-    def add(info, make):
+    def add(info, make, *args, **kwargs):
         try:
-            jobs.append((info, make()))
+            jobs.append((info, make(*args, **kwargs)))
         except ValueError as e:  # a budget below the menu floor plus metadata
             if "infeasible" not in str(e):
                 raise
@@ -146,24 +147,23 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
                 if row == "uniform":
                     ub = uniform_bits(facts, q, b, tokens)
                     if ub is not None:
-                        add({**base, "row": row, "uniform_bits": ub},
-                            lambda: uniform_plan(facts, q, ub, tokens=tokens))
+                        add({**base, "row": row, "uniform_bits": ub}, uniform_plan, facts, q, ub, tokens=tokens)
                 elif row == "rdalloc":
                     add({**base, "row": row, "importance": calibration.default_importance},
-                        lambda: allocate_plan(calibration, q, b, tokens=tokens))
+                        allocate_plan, calibration, q, b, tokens=tokens)
                 elif row == "rdalloc_other_importance":
                     if other_method and any(abs(b - x) < 1e-9 for x in importance_budgets):
                         add({**base, "row": row, "importance": other_method[0]},
-                            lambda: allocate_plan(calibration, q, b, tokens=tokens, importance=other_method[0]))
+                            allocate_plan, calibration, q, b, tokens=tokens, importance=other_method[0])
                 elif row == "mismatch":
                     add({**base, "row": row, "model_from": other_q},
-                        lambda: allocate_plan(calibration, q, b, tokens=tokens, model_from=other_q))
+                        allocate_plan, calibration, q, b, tokens=tokens, model_from=other_q)
                 elif row == "beta4":
-                    add({**base, "row": row}, lambda: allocate_plan(calibration, q, b, tokens=tokens, fixed_beta=4.0))
+                    add({**base, "row": row}, allocate_plan, calibration, q, b, tokens=tokens, fixed_beta=4.0)
                 elif row == "random":
                     for s in seeds:
                         add({**base, "row": row, "seed": int(s)},
-                            lambda: random_plan(facts, q, b, tokens=tokens, seed=int(s), menu=calibration.menu(q)))
+                            random_plan, facts, q, b, tokens=tokens, seed=int(s), menu=calibration.menu(q))
 
     t0 = time.perf_counter()
     fp16 = evaluate_plan(model, windows, None, progress=False)

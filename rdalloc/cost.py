@@ -57,7 +57,7 @@ class Usage:
         return self.payload_bits / self.elements if self.elements else 0.0
 
     @classmethod
-    def of(cls, bits: Any, sizes: Any, metadata: Any = 0.0) -> "Usage":
+    def of(cls, bits: Any, sizes: Any, metadata: Any = 0.0) -> Usage:
         xp = namespace(bits, sizes, metadata)
         b = as_float64(xp, bits, name="bits")
         n = as_float64(xp, sizes, name="sizes") * xp.ones_like(b)
@@ -72,6 +72,6 @@ class Usage:
                 "average_payload_bits": self.average_payload_bits}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Usage":
+    def from_dict(cls, d: dict) -> Usage:
         return cls(payload_bits=float(d["payload_bits"]), metadata_bits=float(d["metadata_bits"]),
                    elements=float(d["elements"]))

@@ -27,8 +27,9 @@ Per-bit ratio between consecutive measured widths: ``(D(b_k) / D(b_{k+1}))**(1 /
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -73,7 +74,7 @@ class Tolerances:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Tolerances":
+    def from_dict(cls, d: dict) -> Tolerances:
         return cls(**d)
 
 
@@ -91,7 +92,7 @@ class Flag:
         return {"kind": self.kind, "item": self.item, "value": float(self.value), "message": self.message}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Flag":
+    def from_dict(cls, d: dict) -> Flag:
         return cls(kind=d["kind"], item=d["item"], value=float(d["value"]), message=d["message"])
 
 

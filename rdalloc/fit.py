@@ -39,8 +39,9 @@ measurement resolves, and ``ln 0 = -inf`` carries no magnitude. It is left out o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -273,7 +274,7 @@ class ExponentialFit:
                 "slope_items": None if self.slope_items is None else np.asarray(self.slope_items, bool).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExponentialFit":
+    def from_dict(cls, d: dict) -> ExponentialFit:
         if not isinstance(d, dict) or d.get("kind") != "exponential_fit":
             raise ValueError(f"not an exponential fit: kind={d.get('kind') if isinstance(d, dict) else d!r}")
         f = lambda key: np.asarray(d[key], dtype=np.float64)  # noqa: E731
@@ -482,7 +483,7 @@ class ModelChoice:
                 "max_factor": self.max_factor.tolist(), "tolerance": self.tolerance, "fit": self.fit.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelChoice":
+    def from_dict(cls, d: dict) -> ModelChoice:
         if not isinstance(d, dict) or d.get("kind") != "model_choice":
             raise ValueError(f"not a model choice: kind={d.get('kind') if isinstance(d, dict) else d!r}")
         return cls(model=TabulatedModel.from_dict(d["model"]), exponential=np.asarray(d["exponential"], dtype=bool),

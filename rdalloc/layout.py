@@ -17,7 +17,8 @@ reductions and elementwise math with no host synchronisation, and under ``jax.ji
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 import numpy as np

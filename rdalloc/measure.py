@@ -26,14 +26,24 @@ rotate back. Pure array-API code: numpy, torch (CPU/CUDA, no host syncs) and ``j
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 import numpy as np
 
 from .models import FULL_BITS
-from .quantizers import (GRANULARITIES, Quantizer, check_role, compute_dtype, from_groups, get_quantizer, padding_mask,
-                         to_device, to_groups)
+from .quantizers import (
+    GRANULARITIES,
+    Quantizer,
+    check_role,
+    compute_dtype,
+    from_groups,
+    get_quantizer,
+    padding_mask,
+    to_device,
+    to_groups,
+)
 
 __all__ = ["measure_distortion"]
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -178,7 +179,7 @@ class MismatchReport:
                 "worse_than_uniform": self.worse_than_uniform}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MismatchReport":
+    def from_dict(cls, d: dict) -> MismatchReport:
         return cls(true_quantizer=d["true_quantizer"], assumed_quantizer=d["assumed_quantizer"], solver=d["solver"],
                    budget=float(d["budget"]), bits_true=np.asarray(d["bits_true"], dtype=np.float64),
                    bits_assumed=np.asarray(d["bits_assumed"], dtype=np.float64),

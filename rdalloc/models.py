@@ -11,8 +11,9 @@ Arrays may come from any array-API backend; values are validated unless traced u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,8 @@ class ExponentialModel:
                 d[:, k] = np.broadcast_to(to_numpy(self.eviction), (n,)) if self.can_evict else np.inf
             elif b == FULL_BITS:
                 ok[:, k] = True
-                d[:, k] = np.broadcast_to(to_numpy(np.asarray(self.full) if np.isscalar(self.full) else self.full), (n,))
+                full = np.asarray(self.full) if np.isscalar(self.full) else self.full
+                d[:, k] = np.broadcast_to(to_numpy(full), (n,))
             elif self.lo <= b <= self.hi:
                 ok[:, k] = True
                 d[:, k] = alpha * beta.astype(np.float64) ** (-float(b))
@@ -108,7 +110,7 @@ class ExponentialModel:
                 "full": plain(self.full), "quantizer": self.quantizer}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExponentialModel":
+    def from_dict(cls, d: dict) -> ExponentialModel:
         if d.get("kind") != "exponential":
             raise ValueError(f"not an exponential model: kind={d.get('kind')!r}")
 
@@ -181,7 +183,7 @@ class TabulatedModel:
                 "allowed": None if self.allowed is None else self.allowed_mask.tolist(), "quantizer": self.quantizer}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TabulatedModel":
+    def from_dict(cls, d: dict) -> TabulatedModel:
         if d.get("kind") != "tabulated":
             raise ValueError(f"not a tabulated model: kind={d.get('kind')!r}")
         allowed = d.get("allowed")
@@ -193,5 +195,6 @@ def model_from_dict(d: dict):
     """An :class:`ExponentialModel` or :class:`TabulatedModel` from its ``to_dict`` form."""
     kinds = {"exponential": ExponentialModel, "tabulated": TabulatedModel}
     if not isinstance(d, dict) or d.get("kind") not in kinds:
-        raise ValueError(f"a model dict needs kind in {sorted(kinds)}, got {d.get('kind') if isinstance(d, dict) else d!r}")
+        got = d.get("kind") if isinstance(d, dict) else d
+        raise ValueError(f"a model dict needs kind in {sorted(kinds)}, got {got!r}")
     return kinds[d["kind"]].from_dict(d)

@@ -16,9 +16,10 @@ corrupted, foreign or mismatched plan gets a ``ValueError`` that says what is wr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class Plan:
         return None
 
     def check(self, *, layers: int | None = None, kv_heads: int | None = None, tokens: int | None = None,
-              head_dim: int | None = None, quantizer: str | None = None) -> "Plan":
+              head_dim: int | None = None, quantizer: str | None = None) -> Plan:
         """Raise ``ValueError`` if the plan was made for another model, context or quantizer; return ``self``."""
         facts = (("layers", layers, self.layers), ("kv_heads", kv_heads, self.kv_heads),
                  ("tokens", tokens, self.tokens))
@@ -164,7 +165,7 @@ class Plan:
     def from_allocation(cls, allocation: Any, key_shape: tuple[int, ...], value_shape: tuple[int, ...] | None = None,
                         *, key_axes: tuple[str, ...] = ("layer", "kv_head"),
                         value_axes: tuple[str, ...] = ("layer", "kv_head"), quantizer: str | None = None,
-                        meta: Mapping[str, Any] | None = None) -> "Plan":
+                        meta: Mapping[str, Any] | None = None) -> Plan:
         """A plan from one solve over key items then value items (each in C order over its shape).
 
         ``allocation`` is an :class:`rdalloc.Allocation` (its certificate, usage and budget are recorded).
@@ -192,7 +193,7 @@ class Plan:
                 "certificate": _jsonable(self.certificate), "meta": _jsonable(self.meta)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         if not isinstance(d, Mapping) or d.get("format") != _FORMAT:
             got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
             raise ValueError(f"not an rdalloc plan: format={got!r} (expected {_FORMAT!r})")
@@ -214,7 +215,7 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         try:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

@@ -2,9 +2,8 @@
 logits with or without a cache."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from rdalloc.backends.hf.compat import forward
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama(*, hidden: int = 64, layers: int = 2, q_heads: int = 4, kv_heads: int = 2, vocab: int = 128,

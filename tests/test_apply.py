@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")
 
-from rdalloc import Plan, PlanApplier
 from rdalloc.backends import torch as rdt
+
+from rdalloc import Plan, PlanApplier
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax, fake_quantize_uniform
 
 L, B, H, T, D = 2, 2, 3, 24, 16
@@ -39,7 +41,7 @@ def test_sixteen_bits_restores_bit_for_bit(q):
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         k, v = _kv(dtype=dtype)
         plan = Plan(key=np.full((L, H), 16), value=np.full((L, H), 16), quantizer=q.name)
-        for kh, vh, kept in rdt.fake_quantize(k, v, plan, q):
+        for _kh, _vh, kept in rdt.fake_quantize(k, v, plan, q):
             assert kept is None
         out = rdt.fake_quantize(k, v, plan, q)
         packed = rdt.pack(k, v, plan, q)

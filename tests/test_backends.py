@@ -7,7 +7,8 @@ xs = pytest.importorskip("array_api_strict")
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
 from rdalloc._namespace import to_numpy
@@ -137,7 +138,11 @@ def test_validation_moves_only_scalars_off_the_device(backend, monkeypatch):
     to = torch.asarray if backend == "torch" else xs.asarray
     copied = []
     real = checks.to_numpy
-    monkeypatch.setattr(checks, "to_numpy", lambda x: copied.append(int(np.prod(np.shape(x) if np.isscalar(x) else x.shape))) or real(x))
+    def counting(x):
+        copied.append(int(np.prod(np.shape(x) if np.isscalar(x) else x.shape)))
+        return real(x)
+
+    monkeypatch.setattr(checks, "to_numpy", counting)
     rng = np.random.default_rng(0)
     n_items = 1000
     model = ExponentialModel(to(rng.uniform(0.5, 2.0, n_items)), to(rng.uniform(2.0, 5.0, n_items)))

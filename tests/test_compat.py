@@ -15,12 +15,12 @@ transformers = pytest.importorskip("transformers")
 
 from hf_fixtures import per_token_quant, tiny_llama  # noqa: E402
 from packaging.version import Version  # noqa: E402
-from transformers.cache_utils import Cache  # noqa: E402
-
 from rdalloc.backends import hf  # noqa: E402
 from rdalloc.backends.hf import compat  # noqa: E402
 from rdalloc.backends.hf.cache import TransformCache  # noqa: E402
 from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+
 from rdalloc.plan import Plan  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
 

@@ -10,10 +10,10 @@ jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from rdalloc import Plan, PlanApplier
 from rdalloc.backends import jax as rdj
 from rdalloc.backends import torch as rdt
+
+from rdalloc import Plan, PlanApplier
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
 
 MENU = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)

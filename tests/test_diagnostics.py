@@ -6,10 +6,19 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from rdalloc.diagnostics import (FLAG_KINDS, Flag, FitReport, Tolerances, diagnose, fit_report, per_bit_ratios,
-                                 shared_beta_pvalue)
+from rdalloc.diagnostics import (
+    FLAG_KINDS,
+    FitReport,
+    Flag,
+    Tolerances,
+    diagnose,
+    fit_report,
+    per_bit_ratios,
+    shared_beta_pvalue,
+)
 from rdalloc.fit import fit_exponential
 
 BITS = [0, 2, 3, 4, 5, 6, 8, 16]

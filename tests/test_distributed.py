@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -21,7 +22,8 @@ def instance(n_items=10_000, seed=0):
 
 
 def _rank_main(rank, world, port, backend_name, out):
-    from rdalloc.distributed import TorchReducer, waterfill as dwaterfill
+    from rdalloc.distributed import TorchReducer
+    from rdalloc.distributed import waterfill as dwaterfill
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

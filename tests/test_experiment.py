@@ -13,16 +13,22 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from hf_fixtures import logits, tiny_llama  # noqa: E402
-
-from rdalloc import Plan  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
 from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
 from rdalloc.backends.hf.head_plans import (  # noqa: E402
-    allocate_plan, check_plan, evaluate_plan, head_costs, plan_transform, random_plan, uniform_bits, uniform_plan,
+    allocate_plan,
+    check_plan,
+    evaluate_plan,
+    head_costs,
+    plan_transform,
+    random_plan,
+    uniform_bits,
+    uniform_plan,
 )
-from rdalloc.cli import main  # noqa: E402
 
 from experiments.ppl_grid import markdown_table, plot_results, run_experiment  # noqa: E402
+from rdalloc import Plan  # noqa: E402
+from rdalloc.cli import main  # noqa: E402
 from rdalloc.quantizers import get_quantizer  # noqa: E402
 
 LAYERS, KV_HEADS, Q_HEADS, HIDDEN, VOCAB = 2, 2, 4, 128, 128  # head_dim 32: KIVI's value groups of 32 fit

@@ -6,13 +6,21 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats
 
 from rdalloc import ExponentialModel, TabulatedModel
 from rdalloc.cost import item_cost
-from rdalloc.fit import (DEFAULT_TOLERANCE, ExponentialFit, ModelChoice, choose_model, fit_exponential, lower_hull,
-                         tabulate)
+from rdalloc.fit import (
+    DEFAULT_TOLERANCE,
+    ExponentialFit,
+    ModelChoice,
+    choose_model,
+    fit_exponential,
+    lower_hull,
+    tabulate,
+)
 
 QBITS = [2, 3, 4, 5, 6, 8]
 
@@ -203,7 +211,7 @@ def test_increasing_data_gives_a_clear_error_when_the_model_is_asked_for():
     fit = fit_exponential(d, [2, 3, 4], pooled=False)
     assert fit.beta[0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"fitted beta of item 0 is 0.5.* <= 1"):
-        fit.model
+        _ = fit.model
 
 
 def test_fit_round_trips_through_json():

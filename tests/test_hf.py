@@ -11,13 +11,23 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_fixtures import logits, per_token_quant, tiny_llama  # noqa: E402
-from rdalloc.backends.hf.compat import generate  # noqa: E402
-
 from rdalloc.backends.hf import (  # noqa: E402
-    INSTALL_HINT, TransformCache, attention_importance, cache_factory, capture_kv, cut_windows, default_text,
-    fisher_importance, identity_transform, load_model, perplexity, read_text, text_windows,
+    INSTALL_HINT,
+    TransformCache,
+    attention_importance,
+    cache_factory,
+    capture_kv,
+    cut_windows,
+    default_text,
+    fisher_importance,
+    identity_transform,
+    load_model,
+    perplexity,
+    read_text,
+    text_windows,
 )
 from rdalloc.backends.hf import model as hf_model  # noqa: E402
+from rdalloc.backends.hf.compat import generate  # noqa: E402
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, VOCAB = 2, 2, 4, 16, 128
 

@@ -15,8 +15,15 @@ pytest.importorskip("gguf")
 
 from hf_fixtures import per_token_quant  # noqa: E402
 from rdalloc.backends.hf import (  # noqa: E402
-    TransformCache, attention_importance, cache_dir, capture_kv, fisher_importance, load_model, perplexity,
-    smollm2_gguf, text_windows,
+    TransformCache,
+    attention_importance,
+    cache_dir,
+    capture_kv,
+    fisher_importance,
+    load_model,
+    perplexity,
+    smollm2_gguf,
+    text_windows,
 )
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,19 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_fixtures import tiny_llama  # noqa: E402
+from rdalloc.backends.hf.compat import cache_kwargs, forward, generate  # noqa: E402
+from rdalloc.backends.hf.compress import (  # noqa: E402
+    CompressedCache,
+    JointAttention,
+    compressed_nbytes,
+    observe_prefill,
+    reference_attention,
+    token_weights,
+)
+from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, uniform_token_plan  # noqa: E402
 
 from rdalloc.plan import Plan  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
-from rdalloc.backends.hf.compat import cache_kwargs, forward, generate  # noqa: E402
-from rdalloc.backends.hf.compress import (  # noqa: E402
-    CompressedCache, JointAttention, compressed_nbytes, observe_prefill, reference_attention, token_weights)
-from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, uniform_token_plan  # noqa: E402
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, VOCAB = 2, 2, 4, 16, 128
 C, M, SINK, WIN = 64, 12, 4, 8
@@ -232,7 +238,7 @@ def test_scale_heads_puts_each_head_in_loss_units(pre):
     np.testing.assert_allclose(s.token.sum(-1) * HEAD_DIM * m, F.value * m, rtol=1e-12)
     np.testing.assert_allclose(s.key.sum(axis=(2, 3)) * m, F.key * m, rtol=1e-12)
     # within a head nothing moves: the scaled weights are proportional to the originals
-    for kind, f in (("token", F.value), ("eviction", F.value), ("key", F.key)):
+    for kind in ("token", "eviction", "key"):
         a, b = getattr(w, kind), getattr(s, kind)
         ratio = b.reshape(LAYERS, KV_HEADS, -1) / a.reshape(LAYERS, KV_HEADS, -1)
         np.testing.assert_allclose(ratio, ratio[..., :1] * np.ones_like(ratio), rtol=1e-10)

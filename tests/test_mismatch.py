@@ -6,12 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, Plan, TabulatedModel, waterfill
 from rdalloc.fit import fit_exponential
-from rdalloc.mismatch import (MismatchReport, ModelMismatchWarning, check_quantizer, compare_models,
-                              evaluate_distortion)
+from rdalloc.mismatch import MismatchReport, ModelMismatchWarning, check_quantizer, compare_models, evaluate_distortion
 
 N = 8
 

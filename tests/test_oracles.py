@@ -5,10 +5,17 @@ import numpy as np
 import pytest
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
-from rdalloc.cost import item_cost
 from rdalloc.allocate import OPTIMAL
-from rdalloc.testing import (assert_certificate, assert_within_budget, bisection_waterfill, cvxpy_waterfill,
-                             dynamic_program_optimum, menu_table, milp_optimum)
+from rdalloc.cost import item_cost
+from rdalloc.testing import (
+    assert_certificate,
+    assert_within_budget,
+    bisection_waterfill,
+    cvxpy_waterfill,
+    dynamic_program_optimum,
+    menu_table,
+    milp_optimum,
+)
 
 
 def continuous_instance(seed, n_items):
@@ -125,7 +132,7 @@ def test_tabulated_off_hull_points_against_the_dynamic_program():
     # Random non-convex tables (every point may be off the hull), integer sizes.
     rng = np.random.default_rng(21)
     bits = (0, 2, 3, 4, 8, 16)
-    for trial in range(6):
+    for _ in range(6):
         N = int(rng.integers(2, 60))
         d = np.sort(rng.uniform(0.0, 10.0, (N, len(bits))), axis=1)[:, ::-1].copy()
         d[:, -1] = 0.0

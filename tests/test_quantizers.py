@@ -10,15 +10,32 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import scipy.linalg
+
 torch = pytest.importorskip("torch")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdalloc.measure import measure_distortion
-from rdalloc.quantizers import (KIVI, AsymmetricQuantizer, Grouping, PerTokenAsymmetric, QuaRot, Quantizer,
-                                SymmetricAbsmax, available_quantizers, exp2, f16_ceil_div, f16_down, f16_up,
-                                fake_quantize_uniform,
-                                from_groups, get_quantizer, hadamard_transform, register_quantizer, to_groups)
+from rdalloc.quantizers import (
+    KIVI,
+    AsymmetricQuantizer,
+    Grouping,
+    PerTokenAsymmetric,
+    Quantizer,
+    QuaRot,
+    SymmetricAbsmax,
+    available_quantizers,
+    exp2,
+    f16_ceil_div,
+    f16_down,
+    f16_up,
+    fake_quantize_uniform,
+    from_groups,
+    get_quantizer,
+    hadamard_transform,
+    register_quantizer,
+    to_groups,
+)
 
 QUANTIZERS = [KIVI(group_size=8), QuaRot(), PerTokenAsymmetric(), SymmetricAbsmax(), KIVI(group_size=4),
               PerTokenAsymmetric(group_size=4)]

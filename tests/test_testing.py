@@ -12,9 +12,21 @@ from hypothesis import find, given
 
 from rdalloc import ExponentialModel, TabulatedModel, waterfill
 from rdalloc.status import FEASIBLE, OPTIMAL, SATURATED
-from rdalloc.testing import (MenuProblem, assert_allocation, assert_certificate, assert_in_box, assert_in_menu,
-                             assert_kkt, assert_within_budget, bisection_waterfill, brute_force_optimum,
-                             cvxpy_waterfill, dynamic_program_optimum, menu_table, milp_optimum)
+from rdalloc.testing import (
+    MenuProblem,
+    assert_allocation,
+    assert_certificate,
+    assert_in_box,
+    assert_in_menu,
+    assert_kkt,
+    assert_within_budget,
+    bisection_waterfill,
+    brute_force_optimum,
+    cvxpy_waterfill,
+    dynamic_program_optimum,
+    menu_table,
+    milp_optimum,
+)
 from rdalloc.testing.strategies import continuous_problems, menu_problems
 
 

@@ -27,7 +27,8 @@ Only full-attention layers are supported (a sliding-window or linear-attention l
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +158,7 @@ class Calibration:
         imp = self.importance[method]
         return np.concatenate([np.ravel(imp.key), np.ravel(imp.value)]).astype(np.float64)
 
-    def check_model(self, facts: ModelFacts) -> "Calibration":
+    def check_model(self, facts: ModelFacts) -> Calibration:
         """``ValueError`` when the calibration was made for a model with another cache layout."""
         for name in ("layers", "kv_heads", "head_dim"):
             have, want = getattr(self.facts, name), getattr(facts, name)
@@ -180,7 +181,7 @@ class Calibration:
                 "environment": dict(self.environment)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
         if not isinstance(d, Mapping) or d.get("format") != CALIBRATION_FORMAT:
             got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
             raise ValueError(f"not an rdalloc calibration: format={got!r} (expected {CALIBRATION_FORMAT!r})")
@@ -203,7 +204,7 @@ class Calibration:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
+    def load(cls, path: str | Path) -> Calibration:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"calibration file {str(path)!r} does not exist")
@@ -289,7 +290,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
                 d = measure_distortion(x, q, list(bits), role=role).double().cpu().numpy()
                 use = np.asarray([1.0 if b in fit_bits else 0.0 for b in bits])
                 fit = fit_exponential(d, list(bits), pooled=True, sample_weights=use, quantizer=q)
-                fit.model  # raises ValueError naming the item if a fit is unusable (beta <= 1, NaN)
+                _ = fit.model  # raises ValueError naming the item if a fit is unusable (beta <= 1, NaN)
                 fits[q][role] = fit
     timings["measure_fit"] = time.perf_counter() - t0
     del kv

@@ -20,8 +20,9 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ class HeadImportance:
                 "key": self.key.tolist(), "value": self.value.tolist(), "meta": dict(self.meta)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeadImportance":
+    def from_dict(cls, d: dict) -> HeadImportance:
         try:
             return cls(key=np.asarray(d["key"]), value=np.asarray(d["value"]), method=d["method"], units=d["units"],
                        windows=int(d["windows"]), tokens=int(d["tokens"]), meta=d.get("meta") or {})
@@ -170,7 +171,7 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
     for batch in with_progress(batches, desc="Fisher importance", total=len(batches), enabled=progress):
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def perturb(layer_idx, key, value):
+        def perturb(layer_idx, key, value, leaves=leaves):
             dk = torch.zeros_like(key, requires_grad=True)
             dv = torch.zeros_like(value, requires_grad=True)
             leaves[layer_idx] = (dk, dv)
@@ -331,8 +332,8 @@ def attention_importance(model: Any, windows: Any, *, project: bool = True, rela
       ``J = diag(a) - a a^T`` give ``do^q_i = sum_j a^q_ij (v_j - o^q_i) ds^q_ij``; the ``ds`` of different ``j``
       are independent with ``E[ds^q_ij ds^{q'}_ij] = D c^2 (q^q_i . q^{q'}_i)``, so
       ``E|dy_i|^2 = D c^2 sum_{q,q'} (q^q_i . q^{q'}_i) sum_j a^q_ij a^{q'}_ij (v_j - o^q_i)^T M_{qq'}
-      (v_j - o^{q'}_i)``: the softmax-Jacobian energy. A key matters when the query is long, the attention is spread over a few keys
-      (``a_ij^2`` large but not all on one), and the values it selects differ from their average.
+      (v_j - o^{q'}_i)``: the softmax-Jacobian energy. A key matters when the query is long, the attention is
+      spread over a few keys (``a_ij^2`` large but not all on one), and the values it selects differ from their average.
 
     The weights are these expectations divided by ``D``, averaged over query positions and windows: units of
     squared attention-block output (residual-stream units) per token. The residual stream grows with depth, so raw

@@ -407,7 +407,7 @@ class CompressedCache(Cache):
 
     @classmethod
     @torch.no_grad()
-    def compress(cls, keys: torch.Tensor, values: torch.Tensor, plan: Plan, quantizer: Any = None) -> "CompressedCache":
+    def compress(cls, keys: torch.Tensor, values: torch.Tensor, plan: Plan, quantizer: Any = None) -> CompressedCache:
         """Compress ``keys``/``values`` (``[layers, kv_heads, C, head_dim]`` or ``[layers, 1, kv_heads, C,
         head_dim]``; e.g. :attr:`Prefill.keys`) once with ``plan`` (``meta["sink"]``/``meta["window"]`` protected)."""
         if keys.ndim == 4:
@@ -490,7 +490,7 @@ class JointAttention(AttentionSwap):
         self.attached: list[CompressedLayer] = []
         self.hook = None
 
-    def attach(self, cache: "CompressedCache") -> None:
+    def attach(self, cache: CompressedCache) -> None:
         """Let ``cache``'s layers run under this attention (done for every compressed cache the model is given)."""
         for layer in cache.layers:
             if layer.attention is not self:

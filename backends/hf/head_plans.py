@@ -28,7 +28,8 @@ evaluation windows with it (docs/design.md §5, simulated quantized-KV protocol)
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

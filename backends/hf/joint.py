@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,7 +174,8 @@ def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget
         s2k = np.repeat(cnt[heads].astype(np.float64), D)
         m2k = np.repeat(blocks * mpg, D)
         dist = np.concatenate([d2v.reshape(n * C, -1),
-                               np.concatenate([np.zeros((heads.size * D, 1)), d2k.reshape(heads.size * D, len(menu_k))], 1)])
+                               np.concatenate([np.zeros((heads.size * D, 1)),
+                                               d2k.reshape(heads.size * D, len(menu_k))], 1)])
         ok = np.concatenate([ok2v.reshape(n * C, -1),
                              np.concatenate([np.zeros((heads.size * D, 1), bool),
                                              np.ones((heads.size * D, len(menu_k)), bool)], 1)])

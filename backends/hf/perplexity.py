@@ -9,8 +9,9 @@ NLL is token-weighted over all windows (summed in float64) and ``ppl = exp(nll)`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class PerplexityResult:
                 "window_nll": list(self.window_nll)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PerplexityResult":
+    def from_dict(cls, d: dict) -> PerplexityResult:
         try:
             return cls(nll=float(d["nll"]), ppl=float(d["ppl"]), tokens=int(d["tokens"]), windows=int(d["windows"]),
                        window_nll=tuple(float(x) for x in d["window_nll"]))

@@ -21,11 +21,16 @@ Example::
         assert_allocation(problem, my_allocate(problem), optimum=brute_force_optimum(W, C, problem.budget))
 """
 
-from .invariants import (assert_allocation, assert_certificate, assert_in_box, assert_in_menu, assert_kkt,
-                         assert_within_budget)
+from .invariants import (
+                         assert_allocation,
+                         assert_certificate,
+                         assert_in_box,
+                         assert_in_menu,
+                         assert_kkt,
+                         assert_within_budget,
+)
 from .problems import ContinuousProblem, MenuProblem, menu_table
-from .references import (bisection_waterfill, brute_force_optimum, cvxpy_waterfill, dynamic_program_optimum,
-                         milp_optimum)
+from .references import bisection_waterfill, brute_force_optimum, cvxpy_waterfill, dynamic_program_optimum, milp_optimum
 
 __all__ = ["MenuProblem", "ContinuousProblem", "menu_table",
            "brute_force_optimum", "dynamic_program_optimum", "milp_optimum", "cvxpy_waterfill", "bisection_waterfill",
