@@ -1,12 +1,15 @@
 """The compress-after-prefill grid (RDKV setting): continuation NLL and KL vs retention, on the bundled model.
 
-    HF_HUB_OFFLINE=1 python -m experiments.joint_grid --windows 4 --length 1024   # -> experiments/results/joint
+    HF_HUB_OFFLINE=1 python -m experiments.joint_grid --windows 4 --length 1024
+    # -> experiments/results/joint/joint_4x1024.{json,md,png}
 
 Per evaluation window (docs/design.md §5, "compress after prefill"): prefill ``context`` tokens, score every token
 (:func:`rdalloc.backends.hf.compress.token_weights`), allocate, compress once, teacher-force ``continuation`` tokens
 and report their NLL and the KL divergence to the full cache, at equal bytes held (retention vs FP16). Rows:
 rdalloc's one global budget (:func:`rdalloc.backends.hf.joint.allocate_joint`) for every weighting, RDKV's per-head
-budgets, SnapKV-style eviction and uniform quantization. Writes ``joint.json``, ``joint.md`` and ``joint.png``.
+budgets, SnapKV-style eviction and uniform quantization. Writes ``<name>.json``, ``<name>.md`` and ``<name>.png``,
+the name saying the windows and context length (``joint_4x1024``; ``_no_head_scale`` without the head scale), so that
+runs at other settings never overwrite each other.
 """
 
 from __future__ import annotations
@@ -181,11 +184,16 @@ def row_plan(method, w, wts, pre, err, menu, kw):
     return uniform_token_plan(pre.shape, **kw)
 
 
-def write(res: JointResult, out: Path) -> None:
-    """``joint.json``, ``joint.md`` (the table) and ``joint.png`` (NLL and KL vs retention) in ``out``."""
+def result_name(windows: int, length: int, head_scale: str | None) -> str:
+    """The file stem of a run: ``joint_<windows>x<length>``, plus ``_no_head_scale`` without the head scale."""
+    return f"joint_{windows}x{length}" + ("" if head_scale else "_no_head_scale")
+
+
+def write(res: JointResult, out: Path, name: str) -> None:
+    """``<name>.json``, ``<name>.md`` (the table) and ``<name>.png`` (NLL and KL vs retention) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "joint.json").write_text(json.dumps(res.to_dict(), indent=1))
-    (out / "joint.md").write_text(res.markdown() + "\n")
+    (out / f"{name}.json").write_text(json.dumps(res.to_dict(), indent=1))
+    (out / f"{name}.md").write_text(res.markdown() + "\n")
     try:
         import matplotlib
 
@@ -212,7 +220,7 @@ def write(res: JointResult, out: Path) -> None:
     ax[1].set_yscale("log")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "joint.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
     plt.close(fig)
 
 
@@ -250,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"joint_grid: error: {e}", file=sys.stderr)
         return 2
-    write(result, Path(args.out))
+    name = result_name(args.windows, args.length, None if args.head_scale == "none" else args.head_scale)
+    write(result, Path(args.out), name)
     print(result.markdown())
-    print(f"results written to {args.out}/")
+    print(f"results written to {args.out}/{name}.{{json,md,png}}")
     return 0
 
 

@@ -66,8 +66,8 @@ DEFAULT_MODEL = Path.home() / ".cache" / "rdalloc" / "models" / "SmolLM2-135M-In
 OUT = Path(__file__).resolve().parent / "results" / "joint"
 PRESSES = ("snapkv", "expected_attention")
 ROOT = Path(__file__).resolve().parents[1]
-# rdalloc's rows shown beside the presses, those present in joint.json (with the Fisher head scale, the default, and
-# without it)
+# rdalloc's rows shown beside the presses, those present in the joint grid's JSON (with the Fisher head scale,
+# the default, and without it)
 COMPARE = tuple((m, w) for m in ("joint-global", "joint-per-head", "eviction") for w in ("hybrid+fisher", "hybrid"))
 
 _IDS_SNIPPET = """
@@ -159,7 +159,7 @@ def position_check(model, ids, context, continuation, seed=0):
 
 
 def load_ours(path: Path, settings: dict) -> dict | None:
-    """rdalloc's rows from ``joint.json`` when it was measured at the same context, continuation, windows and text."""
+    """rdalloc's rows from the joint grid's JSON when measured at the same context, continuation, windows and text."""
     if not path.is_file():
         return None
     j = json.loads(path.read_text())
@@ -336,7 +336,8 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - t0,
         "environment": environment("float32"),
     }
-    res["rdalloc_joint"] = load_ours(Path(a.out_dir or OUT) / "joint.json", res["settings"])
+    ours = f"joint_{res['settings']['windows']}x{res['settings']['context']}.json"  # the joint grid's result name
+    res["rdalloc_joint"] = load_ours(Path(a.out_dir or OUT) / ours, res["settings"])
     print(markdown(res))
     if a.out_dir:
         out = Path(a.out_dir)

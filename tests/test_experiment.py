@@ -357,9 +357,9 @@ def test_joint_grid_writes_its_table_where_told(model_dir, tmp_path, capsys):
                             "--length", "64", "--continuation", "8", "--retentions", "0.5", "--head-scale", "none",
                             "--no-progress", "--out", str(out)]) == 0
     assert "joint-global" in capsys.readouterr().out
-    result = json.loads((out / "joint.json").read_text())
+    result = json.loads((out / "joint_1x64_no_head_scale.json").read_text())
     assert result["rows"] and {r["method"] for r in result["rows"]} >= {"joint-global", "eviction", "uniform"}
-    assert (out / "joint.md").read_text().startswith("Full cache NLL")
+    assert (out / "joint_1x64_no_head_scale.md").read_text().startswith("Full cache NLL")
 
 
 def test_joint_grid_refuses_a_plan_before_loading_anything(capsys):

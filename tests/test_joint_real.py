@@ -52,5 +52,5 @@ def test_joint_grid_on_the_real_model(tmp_path, capsys):
     assert joint_grid.main(["--retentions", "0.5", "--windows", "1", "--length", "256", "--no-progress",
                             "--out", str(out)]) == 0
     assert "joint-global" in capsys.readouterr().out
-    result = json.loads((out / "joint.json").read_text())
+    result = json.loads((out / "joint_1x256.json").read_text())
     assert result["rows"], result

@@ -22,12 +22,12 @@ Example::
 """
 
 from .invariants import (
-                         assert_allocation,
-                         assert_certificate,
-                         assert_in_box,
-                         assert_in_menu,
-                         assert_kkt,
-                         assert_within_budget,
+    assert_allocation,
+    assert_certificate,
+    assert_in_box,
+    assert_in_menu,
+    assert_kkt,
+    assert_within_budget,
 )
 from .problems import ContinuousProblem, MenuProblem, menu_table
 from .references import bisection_waterfill, brute_force_optimum, cvxpy_waterfill, dynamic_program_optimum, milp_optimum

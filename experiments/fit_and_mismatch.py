@@ -1,6 +1,6 @@
-"""Fit, diagnose and compare two quantizers' distortion curves on synthetic data (the numbers quoted in the README).
+"""Fit, diagnose and compare two quantizers' distortion curves on synthetic data (numbers in experiments/README.md).
 
-    python examples/fit_and_mismatch.py
+    python -m experiments.fit_and_mismatch
 """
 
 import numpy as np
