@@ -331,7 +331,8 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
 
 class AllocateInputs(NamedTuple):
     """:func:`~rdalloc.allocate`'s arguments, checked: the menu, per-item ``(N,)`` float arrays of one backend
-    (``lo``/``hi`` ``None`` when not given), the total elements and the budget ``B`` in total bits."""
+    (``lo``/``hi`` ``None`` when not given), the group ids (an index array, ``None`` when not grouped), the total
+    elements and the budget ``B`` in total bits (both one per group when grouped)."""
 
     xp: Any
     menu: tuple
@@ -340,12 +341,13 @@ class AllocateInputs(NamedTuple):
     metadata: Any
     lo: Any
     hi: Any
+    groups: Any
     elements: Any
     budget: Any
 
 
-def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, menu: Any, metadata: Any,
-                lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
+def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: Any, weights: Any, menu: Any,
+                metadata: Any, lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
     """Check and convert :func:`~rdalloc.allocate`'s arguments (``menu=None``: the model's default menu). Raises
     ``TypeError``/``ValueError`` naming the argument."""
     from .allocate import default_menu
@@ -359,7 +361,7 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
     menu = default_menu(model) if menu is None else check_menu(menu)
     data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
-    xp = namespace(data, sizes, weights, metadata, lo, hi)
+    xp = namespace(data, sizes, weights, metadata, lo, hi, groups)
     dev = device(data)
     N = model.n_items
     for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
@@ -370,8 +372,15 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
     ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
     n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
                for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
-    elements = xp.sum(n)
-    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
+    if groups is None:
+        elements = xp.sum(n)
+        total = xp.asarray(check_budget(budget, average_bits, elements if is_traced(elements) else float(elements)),
+                           dtype=float_dtype(xp), device=dev)
+    else:
+        n_groups = group_count(budget, average_bits)
+        groups = check_groups(xp, groups, N, n_groups, dev)
+        elements = segment_sum(xp, n, groups, n_groups)
+        total = check_group_budgets(xp, budget, average_bits, elements, dev)
     bounds = []
     for name, bound in (("lo", lo), ("hi", hi)):
         if bound is not None:
@@ -385,5 +394,4 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
         if missing:
             raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
                              f"(it has {list(model.bits)})")
-    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], elements,
-                          xp.asarray(total, dtype=float_dtype(xp), device=dev))
+    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], groups, elements, total)

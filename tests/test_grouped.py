@@ -4,15 +4,22 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from rdalloc import ExponentialModel, waterfill
+from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
 from rdalloc.status import INFEASIBLE, OPTIMAL, SATURATED
-from rdalloc.testing.strategies import continuous_problems
+from rdalloc.testing.strategies import continuous_problems, menu_problems, menus
 
 
-def shuffled_groups(draw_order, sizes):
-    """Group ids for groups of ``sizes`` items, concatenated then put in the order ``draw_order`` (a permutation)."""
-    ids = np.repeat(np.arange(len(sizes)), sizes)
-    return ids[draw_order]
+def interleaved(labels):
+    """The order that puts item ``order[j]`` of the concatenated groups at position ``j`` when position ``j`` holds
+    group ``labels[j]``: groups interleaved, each keeping its items' order (as the per-group solves see them)."""
+    order = np.empty(len(labels), dtype=np.int64)
+    order[np.argsort(labels, kind="stable")] = np.arange(len(labels))
+    return order
+
+
+def shuffled_groups(order, sizes):
+    """Group ids for groups of ``sizes`` items, concatenated then put in the order ``order``."""
+    return np.repeat(np.arange(len(sizes)), sizes)[order]
 
 
 def concat_continuous(problems, order):
@@ -50,10 +57,16 @@ def assert_same_waterfill(grouped, solo, items, group, atol=1e-12):
 
 # ---- waterfill ---------------------------------------------------------------------------------------------------
 
-@given(st.lists(continuous_problems(max_items=12), min_size=1, max_size=4), st.randoms(use_true_random=False))
-def test_grouped_waterfill_equals_the_per_group_solves(problems, rnd):
-    n_items = sum(p.model.n_items for p in problems)
-    order = np.array(rnd.sample(range(n_items), n_items))
+def group_labels(problems):
+    """Hypothesis: a group id per position, each problem's items at positions drawn at random."""
+    return st.permutations(np.repeat(np.arange(len(problems)), [p.model.n_items for p in problems]).tolist())
+
+
+@given(st.lists(continuous_problems(max_items=12), min_size=1, max_size=4).flatmap(
+    lambda problems: st.tuples(st.just(problems), group_labels(problems))))
+def test_grouped_waterfill_equals_the_per_group_solves(case):
+    problems, labels = case
+    order = interleaved(np.array(labels))
     model, a, groups, budgets = concat_continuous(problems, order)
     got = waterfill(model, a["sizes"], budgets, groups=groups, weights=a["weights"], lo=a["lo"], hi=a["hi"],
                     metadata=a["metadata"])
@@ -142,3 +155,121 @@ def test_grouped_input_errors_name_the_argument(groups, budget, error, match):
 def test_groups_and_a_reducer_do_not_mix():
     with pytest.raises(ValueError, match="groups cannot be combined with a reducer"):
         waterfill(ExponentialModel(np.ones(3)), 4.0, [40.0], groups=np.zeros(3, dtype=int), reducer=object())
+
+
+# ---- allocate ----------------------------------------------------------------------------------------------------
+
+CERTIFICATE = ("budget", "payload_bits", "metadata_bits", "elements", "distortion", "lower_bound", "dual_bound",
+               "multiplier", "nodes", "status")
+
+
+def assert_same_allocation(grouped, solo, items, group, exact=True):
+    """The group's slice of a grouped result is its own solve: the same bits, status and bounds (bit for bit on
+    eager backends; to rounding on JAX, whose sums run over the masked whole)."""
+    np.testing.assert_array_equal(np.asarray(grouped.bits)[items], np.asarray(solo.bits))
+    mine = grouped.group(group)
+    for name in CERTIFICATE:
+        got, want = float(np.asarray(getattr(mine, name))), float(np.asarray(getattr(solo, name)))
+        if exact:
+            assert got == want, name
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def concat_tabulated(problems, order):
+    """One grouped problem from several tabulated :class:`MenuProblem` on one menu, items permuted by ``order``."""
+    per_item = lambda x, p: np.broadcast_to(np.asarray(x, dtype=float), (p.model.n_items,))  # noqa: E731
+    cat = lambda get: np.concatenate([get(p) for p in problems])[order]  # noqa: E731
+    model = TabulatedModel(problems[0].menu, cat(lambda p: p.model.distortion), cat(lambda p: p.model.allowed_mask))
+    arrays = {name: cat(lambda p: per_item(getattr(p, name), p)) for name in ("sizes", "weights", "metadata")}
+    groups = shuffled_groups(order, [p.model.n_items for p in problems])
+    return model, arrays, groups, np.array([p.budget for p in problems])
+
+
+@st.composite
+def grouped_menu_problems(draw):
+    menu = draw(menus())
+    problems = draw(st.lists(menu_problems(max_items=10, kinds=("tabulated",), menu=menu), min_size=1, max_size=4))
+    return problems, interleaved(np.array(draw(group_labels(problems))))
+
+
+@given(grouped_menu_problems())
+def test_grouped_allocate_equals_the_per_group_solves(case):
+    problems, order = case
+    model, a, groups, budgets = concat_tabulated(problems, order)
+    got = allocate(model, a["sizes"], budgets, groups=groups, weights=a["weights"], menu=problems[0].menu,
+                   metadata=a["metadata"])
+    for g, (p, items) in enumerate(zip(problems, positions(order, problems))):
+        assert_same_allocation(got, p.allocate(), items, g)
+
+
+MENU = (0, 1, 2, 3, 4, 8, 16)
+
+
+def random_menu_groups(seed, n_items=400, n_groups=5):
+    """Exponential items with eviction off the curve, unequal sizes, metadata, some zero weights; budgets from the
+    cheapest to beyond the richest."""
+    rng = np.random.default_rng(seed)
+    alpha = rng.lognormal(0.0, 2.0, n_items)
+    model = ExponentialModel(alpha, rng.uniform(1.5, 8.0, n_items), eviction=alpha * rng.uniform(0.0, 3.0, n_items))
+    sizes = rng.integers(1, 100, n_items).astype(float)
+    weights = rng.uniform(0.0, 3.0, n_items) * (rng.random(n_items) > 0.1)
+    average = np.array([0.5, 3.0, 7.9, 20.0, 1.0])[:n_groups]
+    return model, sizes, weights, rng.integers(0, n_groups, n_items), average
+
+
+def per_group_allocate(model, sizes, weights, groups, average, to=np.asarray, **options):
+    """Each group's own solve, on the backend of ``to``."""
+    return [allocate(ExponentialModel(to(model.alpha[s]), to(model.beta[s]), eviction=to(model.eviction[s])),
+                     to(sizes[s]), average_bits=float(average[g]), weights=to(weights[s]), menu=MENU, metadata=32.0,
+                     **options) for g in range(len(average)) for s in [groups == g]]
+
+
+def test_grouped_allocate_with_eviction_and_metadata():
+    model, sizes, weights, groups, average = random_menu_groups(0)
+    got = allocate(model, sizes, average_bits=average, groups=groups, weights=weights, menu=MENU, metadata=32.0)
+    for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average)):
+        assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
+    assert int(got.nodes.sum()) > 0  # the exact phase ran on some groups
+    certificate = got.certificate()
+    assert len(certificate["status"]) == len(average) and got.gap.shape == (len(average),)
+
+
+def test_grouped_allocate_on_torch():
+    torch = pytest.importorskip("torch")
+    model, sizes, weights, groups, average = random_menu_groups(1)
+    t = lambda x: torch.asarray(x, dtype=torch.float64)  # noqa: E731
+    got = allocate(ExponentialModel(t(model.alpha), t(model.beta), eviction=t(model.eviction)), t(sizes),
+                   average_bits=t(average), groups=torch.asarray(groups), weights=t(weights), menu=MENU,
+                   metadata=32.0)
+    assert isinstance(got.bits, torch.Tensor)
+    for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average, to=t)):
+        assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
+
+
+def test_grouped_allocate_under_jax_jit():
+    """JAX has no exact phase: each group gets its own hull/greedy answer and dual certificate."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    model, sizes, weights, groups, average = random_menu_groups(2)
+    with jax.enable_x64(True):
+        solve = jax.jit(lambda a, b, e, n, w, g, avg: allocate(ExponentialModel(a, b, eviction=e), n, average_bits=avg,
+                                                               groups=g, weights=w, menu=MENU, metadata=32.0))
+        arrays = (model.alpha, model.beta, model.eviction, sizes, weights, groups, average)
+        got = solve(*(jnp.asarray(x) for x in arrays))
+        for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average, max_nodes=0)):
+            assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g, exact=False)
+        # without eviction every item needs a bit: an infeasible group says so (bits -1), the others are solved
+        strict = jax.jit(lambda a, b, n, g, avg: allocate(ExponentialModel(a, b), n, average_bits=avg, groups=g,
+                                                          menu=(1, 2, 4)))
+        got = strict(*(jnp.asarray(x) for x in (model.alpha, model.beta, sizes, groups, np.array([2, 0.5, 2, 2, 2]))))
+        assert int(got.status[1]) == INFEASIBLE and (np.asarray(got.bits)[groups == 1] == -1).all()
+        assert (np.asarray(got.bits)[groups != 1] >= 1).all()
+
+
+def test_grouped_allocate_raises_naming_the_infeasible_group():
+    model, sizes, weights, groups, average = random_menu_groups(3)
+    model = ExponentialModel(model.alpha, model.beta)  # no eviction: at least 1 bit and its metadata per item
+    average = np.array([3.0, 0.5, 3.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="budget of group 1 .* is infeasible"):
+        allocate(model, sizes, average_bits=average, groups=groups, weights=weights, menu=(1, 2, 4))
