@@ -215,9 +215,10 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     return _solve(xp, tables, menu, n, m, B, elements, static, max_fill, max_nodes)
 
 
-def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: int | None,
-           max_nodes: int) -> Allocation:
-    """Steps 2 to 4 of the module docstring and the certificate, from the items' tables (:func:`_item_tables`)."""
+def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: int | None, max_nodes: int,
+           split: tuple | None = None) -> Allocation:
+    """Steps 2 to 4 of the module docstring and the certificate, from the items' tables (:func:`_item_tables`);
+    ``split``: the result of :func:`_split_level` when already known."""
     order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
     if not is_traced(B):
@@ -226,7 +227,8 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     R = B - base
     saturated = R >= xp.sum(dC)
     infeasible = R < 0
-    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
+    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static) if split is None \
+        else split
     cur_t = _last(xp, E > lam, first)  # the Lagrangian minimizer at lambda*
     take_ties = _take_ties_static if static else _take_ties_eager
     cur, slack = take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t)
@@ -259,31 +261,37 @@ def _allocate_grouped(xp, tables: tuple, menu, n, m, groups, B, elements, static
                       max_nodes: int) -> Allocation:
     """:func:`allocate` with one budget per group, from the tables of all items (step 1 runs once, vectorized).
 
-    Eager backends: the items are partitioned by group once and each group's columns of the tables go through
-    :func:`_solve` (steps 2 to 4) in a Python loop over the groups, so every group's answer, bound and status are
-    exactly its own solve's. JAX: one ``lax.map`` over the groups, each solving the whole table with the other
-    groups' items masked out (no segments, no cost, no distortion): ``G`` times the work of one static solve, in
-    one compiled loop."""
+    Eager backends: the split levels of all groups come from one vectorized search (:func:`_split_levels`); the
+    items are partitioned by group once (slices when the groups are contiguous) and each group's columns of the
+    tables go through the rest of :func:`_solve` (ties, fill, exact phase, certificate) in a Python loop over the
+    groups, so every group's answer, bound and status are its own solve's. JAX: one ``lax.map`` over the groups,
+    each solving the whole table with the other groups' items masked out (no segments, no cost, no distortion):
+    ``G`` times the work of one static solve, in one compiled loop."""
     G = B.shape[0]
     order, C, W, first, nxt, E, dC, valid = tables
+    base = segment_sum(xp, _at(xp, C, first), groups, G)  # each group's cheapest allocation
+    top = base + segment_sum(xp, xp.sum(dC, axis=0), groups, G)
     if not is_traced(B) and not is_traced(C):
-        base = segment_sum(xp, _at(xp, C, first), groups, G)
-        top = base + segment_sum(xp, xp.sum(dC, axis=0), groups, G)
         short = np.nonzero(to_numpy(B) < to_numpy(base) * (1 - 1e-15))[0]
         if short.size:
             g = int(short[0])
             _raise_if_infeasible(B[g], base[g], top[g], elements[g], menu, f"of group {g} ")
     if static:
         return _allocate_grouped_static(xp, tables, menu, n, m, groups, B, elements, max_fill)
-    by_group = xp.argsort(groups, stable=True)
+    R = B - base
+    lam, iterations, spent = _split_levels(xp, E, dC, groups, R, (R >= top - base) | (R < 0))
+    contiguous = bool(xp.all(groups[1:] >= groups[:-1]))
+    by_group = None if contiguous else xp.argsort(groups, stable=True)
     ends = np.cumsum(to_numpy(segment_sum(xp, xp.ones_like(n), groups, G)).astype(np.int64))
     solves = []
     for g in range(G):
-        cols = by_group[(int(ends[g - 1]) if g else 0):int(ends[g])]
-        sub = tuple(xp.take(X, cols, axis=-1) for X in tables)
-        solves.append(_solve(xp, sub, menu, xp.take(n, cols), xp.take(m, cols), B[g], elements[g], False, max_fill,
-                             max_nodes))
-    bits = xp.take(xp.concat([a.bits for a in solves]), xp.argsort(by_group))  # back to the items' order
+        part = slice(int(ends[g - 1]) if g else 0, int(ends[g]))
+        pick = (lambda X: xp.asarray(X[..., part], copy=True)) if contiguous else (  # contiguous: flat views
+            lambda X: xp.take(X, by_group[part], axis=-1))
+        solves.append(_solve(xp, tuple(pick(X) for X in tables), menu, pick(n), pick(m), B[g], elements[g], False,
+                             max_fill, max_nodes, split=(lam[g], iterations[g], spent[g])))
+    bits = xp.concat([a.bits for a in solves])
+    bits = bits if contiguous else xp.take(bits, xp.argsort(by_group))  # back to the items' order
     return Allocation(bits=bits, **{name: xp.stack([getattr(a, name) for a in solves]) for name in _PER_GROUP})
 
 
@@ -804,6 +812,76 @@ def _split_level_eager(xp, e, c, R, skip):
     if j < 0:
         return hi, xp.asarray(rounds, dtype=xp.int32), const - tied
     return e[j], xp.asarray(rounds, dtype=xp.int32), const + xp.sum(masked(xp, e > e[j], c))
+
+
+def _split_levels(xp, E, dC, groups, R, skip):
+    """:func:`_split_level` of every group at once (eager backends): per group ``g`` the smallest efficiency value
+    ``v`` of its segments with ``T_g(v) <= R_g`` (0 when ``skip``), the passes, and ``T_g(v)``.
+
+    One round of sample-select for all groups: a strided sample of the segments, sorted by group then efficiency,
+    gives each group two pivots 4 standard errors either side of its estimated split; one pass over the segments
+    sums each group's cost above its upper pivot and keeps the segments between its pivots. A group whose split is
+    not between them (a misleading sample) keeps all its segments. A sort of the kept segments by group then
+    efficiency finishes: a group's split is its last segment at which the cost above, plus the group's cost above
+    its upper pivot, still fits.
+    """
+    G, (K, N) = R.shape[0], E.shape
+    ids = xp.reshape(xp.broadcast_to(xp.reshape(groups, (1, N)), (K, N)), (-1,))
+    e, c = xp.reshape(E, (-1,)), xp.reshape(dC, (-1,))
+    segment = e > -xp.inf
+    e, c, ids = e[segment], c[segment], ids[segment]
+    per_group = lambda x, g: segment_sum(xp, x, g, G)  # noqa: E731
+    # pivots from a sample of about _SAMPLE_PER_GROUP segments per group
+    stride = max(e.shape[0] // (G * _SAMPLE_PER_GROUP), 1)
+    s_e, s_c, s_g = _by_group_and_efficiency(xp, e[::stride], c[::stride], ids[::stride], G)
+    s_c = s_c * xp.take(per_group(c, ids) / positive_or_one(xp, per_group(s_c, s_g)), s_g)
+    count = xp.astype(per_group(xp.ones_like(s_c), s_g), xp.int64)
+    j = xp.astype(per_group(xp.astype(_cost_above(xp, s_c, s_g, count) <= xp.take(R, s_g), s_c.dtype), s_g),
+                  xp.int64) - 1  # the estimated split, counted in the group's sample
+    d = xp.astype(4 * xp.sqrt(xp.astype(count, s_c.dtype)), xp.int64) + 4
+    start, last = xp.cumulative_sum(count) - count, max(s_e.shape[0] - 1, 0)
+    at = lambda i: xp.take(s_e, xp.clip(start + i, 0, last)) if s_e.shape[0] else xp.zeros_like(R)  # noqa: E731
+    v_hi = xp.where(j - d >= 0, at(j - d), xp.full_like(R, xp.inf))
+    v_lo = xp.where(j + d < count, at(j + d), xp.full_like(R, -xp.inf))
+    # one pass: the cost above each upper pivot, the segments between the pivots
+    above_hi = e > xp.take(v_hi, ids)
+    between = (e >= xp.take(v_lo, ids)) & ~above_hi
+    t_hi = per_group(masked(xp, above_hi, c), ids)
+    t_lo = t_hi + per_group(masked(xp, between & (e > xp.take(v_lo, ids)), c), ids)
+    bracketed = (t_hi <= R) & (t_lo > R)
+    keep = between | ~xp.take(bracketed, ids)  # a misled group keeps all its segments
+    const = xp.where(bracketed, t_hi, xp.zeros_like(t_hi))
+    k_e, k_c, k_g = _by_group_and_efficiency(xp, e[keep], c[keep], ids[keep], G)
+    count = xp.astype(per_group(xp.ones_like(k_c), k_g), xp.int64)
+    fits = xp.take(const, k_g) + _cost_above(xp, k_c, k_g, count) <= xp.take(R, k_g)  # a prefix of each group
+    j = xp.astype(per_group(xp.astype(fits, k_c.dtype), k_g), xp.int64) - 1
+    start = xp.cumulative_sum(count) - count
+    lam = xp.where(j >= 0, xp.take(k_e, xp.clip(start + j, 0, max(k_e.shape[0] - 1, 0))) if k_e.shape[0]
+                   else xp.zeros_like(R), xp.full_like(R, xp.inf))
+    spent = const + per_group(masked(xp, k_e > xp.take(lam, k_g), k_c), k_g)
+    zero = xp.zeros_like(R)
+    rounds = xp.where(skip, xp.zeros_like(j, dtype=xp.int32), xp.full_like(j, 2, dtype=xp.int32))
+    return xp.where(skip, zero, lam), rounds, xp.where(skip, zero, spent)
+
+
+_SAMPLE_PER_GROUP = 1 << 11  # sampled segments per group for the pivots of _split_levels
+
+
+def _by_group_and_efficiency(xp, e, c, g, n_groups: int):
+    """``(e, c, g)`` sorted by group, then by decreasing efficiency (ties in any order: the split level is a value,
+    and the fastest sorts are not stable). The group ids are sorted as 16-bit integers when they fit (numpy's stable
+    sort of those is a radix sort)."""
+    o = xp.argsort(-e, stable=False)
+    o = xp.take(o, xp.argsort(xp.astype(xp.take(g, o), xp.int16 if n_groups < 1 << 15 else xp.int32), stable=True))
+    return xp.take(e, o), xp.take(c, o), xp.take(g, o)
+
+
+def _cost_above(xp, c, g, count):
+    """For segments sorted by group: the cost of the segments before each one in its group."""
+    before = xp.cumulative_sum(c) - c
+    start = xp.cumulative_sum(count) - count
+    return before - xp.take(xp.take(before, xp.clip(start, 0, max(c.shape[0] - 1, 0))), g) if c.shape[0] \
+        else before
 
 
 def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):

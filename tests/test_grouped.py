@@ -1,5 +1,7 @@
 """Grouped solves (one budget per group of items, one call): each group's answer is its own solve's."""
 
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -243,6 +245,54 @@ def test_grouped_allocate_on_torch():
                    average_bits=t(average), groups=torch.asarray(groups), weights=t(weights), menu=MENU,
                    metadata=32.0)
     assert isinstance(got.bits, torch.Tensor)
+    for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average, to=t)):
+        assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
+
+
+@pytest.mark.parametrize("sample", [None, 8])
+def test_grouped_allocate_at_scale(sample, monkeypatch):
+    """Thousands of segments per group, so the split levels come from sampled pivots; with a tiny sample
+    (``sample=8``) the pivots often miss and the misled groups fall back to all their segments. Equal sizes and
+    integer budgets: many ties at the split."""
+    if sample is not None:
+        monkeypatch.setattr(importlib.import_module("rdalloc.allocate"), "_SAMPLE_PER_GROUP", sample)
+    model, sizes, weights, groups, average = random_menu_groups(4, n_items=12_000, n_groups=3)
+    sizes, average = np.full_like(sizes, 64.0), np.array([1.5, 3.0, 6.0])
+    weights = np.round(weights, 1)
+    got = allocate(model, sizes, average_bits=average, groups=groups, weights=weights, menu=MENU, metadata=32.0)
+    for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average)):
+        assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
+
+
+def test_split_levels_survive_a_misleading_sample():
+    """Group 0's sampled segments (every stride-th) are its most efficient ones, so its pivots miss the split and it
+    falls back to all its segments; group 1's sample is fair. Both splits equal the definition's: the smallest
+    efficiency ``v`` with ``sum(dC[E > v]) <= R``."""
+    split_levels = importlib.import_module("rdalloc.allocate")._split_levels
+    rng = np.random.default_rng(7)
+    per_group = 1 << 14
+    stride = 2 * per_group // (2 * importlib.import_module("rdalloc.allocate")._SAMPLE_PER_GROUP)
+    e = rng.random(2 * per_group)
+    e[:per_group:stride] += 1000.0  # group 0: every sampled segment far above the rest
+    E = np.stack([np.full_like(e, -np.inf), e])  # row 0: each item's first hull point (no segment)
+    dC = np.stack([np.zeros_like(e), rng.integers(1, 4, e.shape[0]).astype(float)])
+    groups = np.repeat(np.arange(2), per_group)
+    R = np.array([0.5, 0.3]) * dC[1].reshape(2, -1).sum(axis=1)
+    xp = importlib.import_module("array_api_compat.numpy")
+    lam, _, spent = split_levels(xp, E, dC, groups, R, np.zeros(2, dtype=bool))
+    for g in range(2):
+        o = np.argsort(e[groups == g])  # distinct values: the cost strictly above each is a suffix sum
+        es, cs = e[groups == g][o], dC[1][groups == g][o]
+        want = es[np.argmax(cs.sum() - np.cumsum(cs) <= R[g])]
+        assert float(lam[g]) == want and float(spent[g]) == cs[es > want].sum()
+
+
+def test_grouped_allocate_on_array_api_strict():
+    xs = pytest.importorskip("array_api_strict")
+    model, sizes, weights, groups, average = random_menu_groups(5, n_items=200)
+    t = lambda x: xs.asarray(x, dtype=xs.float64)  # noqa: E731
+    got = allocate(ExponentialModel(t(model.alpha), t(model.beta), eviction=t(model.eviction)), t(sizes),
+                   average_bits=t(average), groups=xs.asarray(groups), weights=t(weights), menu=MENU, metadata=32.0)
     for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average, to=t)):
         assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
 
