@@ -208,27 +208,27 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     static = is_jax(xp) or is_traced(n)  # static shapes and no host syncs (JAX, traced or not)
     if is_jax(xp):
         register_pytree(Allocation)
-    # 1. per item: the (K, N) tables sorted by cost, each item's lower convex hull and its segments
-    tables = _item_tables(xp, model, menu, n, w, m, lo, hi, static)
+    items = (n, w, m, lo, hi, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
     if groups is not None:
-        return _allocate_grouped(xp, tables, menu, n, m, groups, B, elements, static, max_fill, max_nodes)
+        return _allocate_grouped(xp, model, menu, items, groups, B, elements, static, max_fill, max_nodes)
+    # 1. per item: the (K, N) tables sorted by cost, each item's lower convex hull and its segments
+    tables = _item_tables(xp, model, menu, items, static)
     return _solve(xp, tables, menu, n, m, B, elements, static, max_fill, max_nodes)
 
 
 def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: int | None, max_nodes: int,
-           split: tuple | None = None) -> Allocation:
+           group: str = "") -> Allocation:
     """Steps 2 to 4 of the module docstring and the certificate, from the items' tables (:func:`_item_tables`);
-    ``split``: the result of :func:`_split_level` when already known."""
+    ``group`` names the budget in an error."""
     order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
     if not is_traced(B):
-        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu)
+        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
     # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     R = B - base
     saturated = R >= xp.sum(dC)
     infeasible = R < 0
-    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static) if split is None \
-        else split
+    lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
     cur_t = _last(xp, E > lam, first)  # the Lagrangian minimizer at lambda*
     take_ties = _take_ties_static if static else _take_ties_eager
     cur, slack = take_ties(xp, E, dC, first, lam, R, spent, saturated, cur_t)
@@ -257,49 +257,50 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
                       nodes=xp.asarray(nodes, dtype=xp.int32, device=device(B)), status=status)
 
 
-def _allocate_grouped(xp, tables: tuple, menu, n, m, groups, B, elements, static: bool, max_fill: int | None,
+def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static: bool, max_fill: int | None,
                       max_nodes: int) -> Allocation:
-    """:func:`allocate` with one budget per group, from the tables of all items (step 1 runs once, vectorized).
+    """:func:`allocate` with one budget per group (``items``: the per-item arrays of :func:`_item_tables`).
 
-    Eager backends: the split levels of all groups come from one vectorized search (:func:`_split_levels`); the
-    items are partitioned by group once (slices when the groups are contiguous) and each group's columns of the
-    tables go through the rest of :func:`_solve` (ties, fill, exact phase, certificate) in a Python loop over the
-    groups, so every group's answer, bound and status are its own solve's. JAX: one ``lax.map`` over the groups,
-    each solving the whole table with the other groups' items masked out (no segments, no cost, no distortion):
-    ``G`` times the work of one static solve, in one compiled loop."""
-    G = B.shape[0]
-    order, C, W, first, nxt, E, dC, valid = tables
-    base = segment_sum(xp, _at(xp, C, first), groups, G)  # each group's cheapest allocation
-    top = base + segment_sum(xp, xp.sum(dC, axis=0), groups, G)
-    if not is_traced(B) and not is_traced(C):
-        short = np.nonzero(to_numpy(B) < to_numpy(base) * (1 - 1e-15))[0]
-        if short.size:
-            g = int(short[0])
-            _raise_if_infeasible(B[g], base[g], top[g], elements[g], menu, f"of group {g} ")
+    Eager backends: a loop over the groups, each one's items (a slice when the groups are contiguous) going through
+    all of :func:`allocate` from the tables on, so every group's answer, bound and status are its own solve's, bit
+    for bit; one group's tables stay in the CPU cache from hull to certificate (one pass of the whole table through
+    memory, where solving all groups at once would make one per step). JAX: :func:`_allocate_grouped_static`."""
     if static:
-        return _allocate_grouped_static(xp, tables, menu, n, m, groups, B, elements, max_fill)
-    R = B - base
-    lam, iterations, spent = _split_levels(xp, E, dC, groups, R, (R >= top - base) | (R < 0))
+        return _allocate_grouped_static(xp, model, menu, items, groups, B, elements, max_fill)
+    G = B.shape[0]
     contiguous = bool(xp.all(groups[1:] >= groups[:-1]))
     by_group = None if contiguous else xp.argsort(groups, stable=True)
-    ends = np.cumsum(to_numpy(segment_sum(xp, xp.ones_like(n), groups, G)).astype(np.int64))
+    ends = np.cumsum(to_numpy(segment_sum(xp, xp.ones_like(items[0]), groups, G)).astype(np.int64))
     solves = []
     for g in range(G):
         part = slice(int(ends[g - 1]) if g else 0, int(ends[g]))
-        pick = (lambda X: xp.asarray(X[..., part], copy=True)) if contiguous else (  # contiguous: flat views
-            lambda X: xp.take(X, by_group[part], axis=-1))
-        solves.append(_solve(xp, tuple(pick(X) for X in tables), menu, pick(n), pick(m), B[g], elements[g], False,
-                             max_fill, max_nodes, split=(lam[g], iterations[g], spent[g])))
+        where = np.arange(part.start, part.stop) if contiguous else to_numpy(by_group[part])
+        pick = (lambda x: x[part]) if contiguous else (lambda x: xp.take(x, by_group[part], axis=0))
+        mine = tuple(None if x is None else pick(x) for x in items)
+        tables = _item_tables(xp, model, menu, mine, False, where)
+        solves.append(_solve(xp, tables, menu, mine[0], mine[2], B[g], elements[g], False, max_fill, max_nodes,
+                             f"of group {g} "))
     bits = xp.concat([a.bits for a in solves])
     bits = bits if contiguous else xp.take(bits, xp.argsort(by_group))  # back to the items' order
     return Allocation(bits=bits, **{name: xp.stack([getattr(a, name) for a in solves]) for name in _PER_GROUP})
 
 
-def _allocate_grouped_static(xp, tables: tuple, menu, n, m, groups, B, elements, max_fill: int | None) -> Allocation:
-    """The JAX form of :func:`_allocate_grouped`: ``lax.map`` of the static :func:`_solve` over masked tables."""
+def _allocate_grouped_static(xp, model, menu, items: tuple, groups, B, elements, max_fill: int | None) -> Allocation:
+    """:func:`_allocate_grouped` on JAX: the tables of all items, then one ``lax.map`` over the groups, each solving
+    the whole table with the other groups' items masked out (no segments, no cost, no distortion): ``G`` times the
+    work of one static solve, in one compiled loop. No exact phase, as ungrouped."""
     import jax
 
+    tables = _item_tables(xp, model, menu, items, True)
     order, C, W, first, nxt, E, dC, valid = tables
+    n, m = items[0], items[2]
+    if not is_traced(B) and not is_traced(C):  # eager JAX raises for an infeasible group, as ungrouped
+        base = segment_sum(xp, _at(xp, C, first), groups, B.shape[0])
+        short = np.nonzero(to_numpy(B) < to_numpy(base) * (1 - 1e-15))[0]
+        if short.size:
+            g = int(short[0])
+            top = base + segment_sum(xp, xp.sum(dC, axis=0), groups, B.shape[0])
+            _raise_if_infeasible(B[g], base[g], top[g], elements[g], menu, f"of group {g} ")
 
     def solve(g):
         inside = groups == g
@@ -312,17 +313,18 @@ def _allocate_grouped_static(xp, tables: tuple, menu, n, m, groups, B, elements,
     return Allocation(bits=bits, **{name: getattr(solves, name) for name in _PER_GROUP})
 
 
-def _item_tables(xp, model, menu, n, w, m, lo, hi, static: bool) -> tuple:
-    """``(order, C, W, first, nxt, E, dC, valid)`` of :func:`_item_stage` for all items. Items are independent here,
-    so eager backends run over cache-sized chunks of items, written straight into the ``(K, N)`` tables."""
-    N = n.shape[0]
-    per_item = (n, w, m, lo, hi, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
+def _item_tables(xp, model, menu, items: tuple, static: bool, where: Any = None) -> tuple:
+    """``(order, C, W, first, nxt, E, dC, valid)`` of :func:`_item_stage` for the items ``(n, w, m, lo, hi, *model
+    arrays)`` (``where``: their indices among the caller's, for errors). Items are independent here, so eager
+    backends run over cache-sized chunks of items, written straight into the ``(K, N)`` tables."""
+    N = items[0].shape[0]
+    where = np.arange(N) if where is None else where
     chunk = N if static or N <= _CHUNK else _CHUNK
     tables = None
     for start in range(0, N, chunk):
         sl = slice(start, min(start + chunk, N))
-        n_c, w_c, m_c, lo_c, hi_c, *parts_c = (None if a is None else a[sl] for a in per_item)
-        piece = _item_stage(xp, model, menu, parts_c, n_c, w_c, m_c, lo_c, hi_c, static, start)
+        n_c, w_c, m_c, lo_c, hi_c, *parts_c = (None if a is None else a[sl] for a in items)
+        piece = _item_stage(xp, model, menu, parts_c, n_c, w_c, m_c, lo_c, hi_c, static, where[sl])
         if chunk == N:
             return piece
         if tables is None:  # eager: whole tables, filled chunk by chunk
@@ -600,11 +602,12 @@ def _model_arrays(xp, model, menu, dev, ones) -> tuple:
     return f(model.alpha, "alpha"), f(model.beta, "beta"), eviction, f(model.full, "full")
 
 
-def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, offset: int) -> tuple:
+def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, where) -> tuple:
     """Table, sort, hull and segments for a block of items: ``(order, C, W, first, nxt, E, dC, valid)``, tables
     ``(K, n)`` (``valid``: the allowed points, rows sorted like ``C``).
 
-    ``order[k, i]`` is the menu index of item ``i``'s ``k``-th point by cost.
+    ``order[k, i]`` is the menu index of item ``i``'s ``k``-th point by cost; ``where``: the items' indices, for
+    errors.
     """
     zero = xp.zeros_like(n)
     yes, no = zero == 0, zero != 0
@@ -638,7 +641,7 @@ def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, offset: i
     if not is_traced(valid):
         none = ~to_numpy(xp.any(valid, axis=0))
         if none.any():
-            i = offset + int(np.argmax(none))
+            i = int(where[int(np.argmax(none))])
             raise ValueError(f"item {i} has no feasible bit-width in menu {list(menu)} (check the model's range "
                              f"[lo, hi], its eviction distortion for 0, and the lo/hi bounds)")
     order, C, W, valid = _sort_by_cost(xp, C, W, valid)
@@ -775,7 +778,7 @@ def _split_level_eager(xp, e, c, R, skip):
         s_e, s_c = s_e[inb], s_c[inb]
         if s_e.shape[0] < 64:
             break
-        o = xp.argsort(s_e, descending=True, stable=True)
+        o = _descending(xp, s_e)
         s_e, s_c = xp.take(s_e, o), xp.take(s_c, o)
         s_c = s_c * (total / positive_or_one(xp, xp.sum(s_c)))
         j = int(xp.sum(xp.astype(const + xp.cumulative_sum(s_c) - s_c <= R, xp.int32))) - 1  # estimated split
@@ -805,7 +808,7 @@ def _split_level_eager(xp, e, c, R, skip):
     e, c = e[keep], c[keep]
     if e.shape[0] == 0:
         return hi, xp.asarray(rounds, dtype=xp.int32), const - tied
-    o = xp.argsort(e, descending=True, stable=True)
+    o = _descending(xp, e)
     e, c = xp.take(e, o), xp.take(c, o)
     ok = const + xp.cumulative_sum(c) - c <= R
     j = int(xp.sum(xp.astype(ok, xp.int32))) - 1
@@ -814,74 +817,14 @@ def _split_level_eager(xp, e, c, R, skip):
     return e[j], xp.asarray(rounds, dtype=xp.int32), const + xp.sum(masked(xp, e > e[j], c))
 
 
-def _split_levels(xp, E, dC, groups, R, skip):
-    """:func:`_split_level` of every group at once (eager backends): per group ``g`` the smallest efficiency value
-    ``v`` of its segments with ``T_g(v) <= R_g`` (0 when ``skip``), the passes, and ``T_g(v)``.
-
-    One round of sample-select for all groups: a strided sample of the segments, sorted by group then efficiency,
-    gives each group two pivots 4 standard errors either side of its estimated split; one pass over the segments
-    sums each group's cost above its upper pivot and keeps the segments between its pivots. A group whose split is
-    not between them (a misleading sample) keeps all its segments. A sort of the kept segments by group then
-    efficiency finishes: a group's split is its last segment at which the cost above, plus the group's cost above
-    its upper pivot, still fits.
-    """
-    G, (K, N) = R.shape[0], E.shape
-    ids = xp.reshape(xp.broadcast_to(xp.reshape(groups, (1, N)), (K, N)), (-1,))
-    e, c = xp.reshape(E, (-1,)), xp.reshape(dC, (-1,))
-    segment = e > -xp.inf
-    e, c, ids = e[segment], c[segment], ids[segment]
-    per_group = lambda x, g: segment_sum(xp, x, g, G)  # noqa: E731
-    # pivots from a sample of about _SAMPLE_PER_GROUP segments per group
-    stride = max(e.shape[0] // (G * _SAMPLE_PER_GROUP), 1)
-    s_e, s_c, s_g = _by_group_and_efficiency(xp, e[::stride], c[::stride], ids[::stride], G)
-    s_c = s_c * xp.take(per_group(c, ids) / positive_or_one(xp, per_group(s_c, s_g)), s_g)
-    count = xp.astype(per_group(xp.ones_like(s_c), s_g), xp.int64)
-    j = xp.astype(per_group(xp.astype(_cost_above(xp, s_c, s_g, count) <= xp.take(R, s_g), s_c.dtype), s_g),
-                  xp.int64) - 1  # the estimated split, counted in the group's sample
-    d = xp.astype(4 * xp.sqrt(xp.astype(count, s_c.dtype)), xp.int64) + 4
-    start, last = xp.cumulative_sum(count) - count, max(s_e.shape[0] - 1, 0)
-    at = lambda i: xp.take(s_e, xp.clip(start + i, 0, last)) if s_e.shape[0] else xp.zeros_like(R)  # noqa: E731
-    v_hi = xp.where(j - d >= 0, at(j - d), xp.full_like(R, xp.inf))
-    v_lo = xp.where(j + d < count, at(j + d), xp.full_like(R, -xp.inf))
-    # one pass: the cost above each upper pivot, the segments between the pivots
-    above_hi = e > xp.take(v_hi, ids)
-    between = (e >= xp.take(v_lo, ids)) & ~above_hi
-    t_hi = per_group(masked(xp, above_hi, c), ids)
-    t_lo = t_hi + per_group(masked(xp, between & (e > xp.take(v_lo, ids)), c), ids)
-    bracketed = (t_hi <= R) & (t_lo > R)
-    keep = between | ~xp.take(bracketed, ids)  # a misled group keeps all its segments
-    const = xp.where(bracketed, t_hi, xp.zeros_like(t_hi))
-    k_e, k_c, k_g = _by_group_and_efficiency(xp, e[keep], c[keep], ids[keep], G)
-    count = xp.astype(per_group(xp.ones_like(k_c), k_g), xp.int64)
-    fits = xp.take(const, k_g) + _cost_above(xp, k_c, k_g, count) <= xp.take(R, k_g)  # a prefix of each group
-    j = xp.astype(per_group(xp.astype(fits, k_c.dtype), k_g), xp.int64) - 1
-    start = xp.cumulative_sum(count) - count
-    lam = xp.where(j >= 0, xp.take(k_e, xp.clip(start + j, 0, max(k_e.shape[0] - 1, 0))) if k_e.shape[0]
-                   else xp.zeros_like(R), xp.full_like(R, xp.inf))
-    spent = const + per_group(masked(xp, k_e > xp.take(lam, k_g), k_c), k_g)
-    zero = xp.zeros_like(R)
-    rounds = xp.where(skip, xp.zeros_like(j, dtype=xp.int32), xp.full_like(j, 2, dtype=xp.int32))
-    return xp.where(skip, zero, lam), rounds, xp.where(skip, zero, spent)
-
-
-_SAMPLE_PER_GROUP = 1 << 11  # sampled segments per group for the pivots of _split_levels
-
-
-def _by_group_and_efficiency(xp, e, c, g, n_groups: int):
-    """``(e, c, g)`` sorted by group, then by decreasing efficiency (ties in any order: the split level is a value,
-    and the fastest sorts are not stable). The group ids are sorted as 16-bit integers when they fit (numpy's stable
-    sort of those is a radix sort)."""
+def _descending(xp, e):
+    """The stable descending order of the finite ``e``: when no two values tie every sort gives it, so the fast
+    unstable sort is tried first (numpy's is several times faster), the stable one only if it shows ties."""
     o = xp.argsort(-e, stable=False)
-    o = xp.take(o, xp.argsort(xp.astype(xp.take(g, o), xp.int16 if n_groups < 1 << 15 else xp.int32), stable=True))
-    return xp.take(e, o), xp.take(c, o), xp.take(g, o)
-
-
-def _cost_above(xp, c, g, count):
-    """For segments sorted by group: the cost of the segments before each one in its group."""
-    before = xp.cumulative_sum(c) - c
-    start = xp.cumulative_sum(count) - count
-    return before - xp.take(xp.take(before, xp.clip(start, 0, max(c.shape[0] - 1, 0))), g) if c.shape[0] \
-        else before
+    s = xp.take(e, o)
+    if e.shape[0] > 1 and bool(xp.any(s[1:] == s[:-1])):
+        return xp.argsort(e, descending=True, stable=True)
+    return o
 
 
 def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):

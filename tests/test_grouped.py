@@ -1,7 +1,5 @@
 """Grouped solves (one budget per group of items, one call): each group's answer is its own solve's."""
 
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -249,42 +247,15 @@ def test_grouped_allocate_on_torch():
         assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
 
 
-@pytest.mark.parametrize("sample", [None, 8])
-def test_grouped_allocate_at_scale(sample, monkeypatch):
-    """Thousands of segments per group, so the split levels come from sampled pivots; with a tiny sample
-    (``sample=8``) the pivots often miss and the misled groups fall back to all their segments. Equal sizes and
-    integer budgets: many ties at the split."""
-    if sample is not None:
-        monkeypatch.setattr(importlib.import_module("rdalloc.allocate"), "_SAMPLE_PER_GROUP", sample)
-    model, sizes, weights, groups, average = random_menu_groups(4, n_items=12_000, n_groups=3)
+def test_grouped_allocate_at_scale():
+    """Over 10^4 items per group (chunked tables, a sampled split level), equal sizes and rounded weights: many ties
+    at the split."""
+    model, sizes, weights, groups, average = random_menu_groups(4, n_items=40_000, n_groups=3)
     sizes, average = np.full_like(sizes, 64.0), np.array([1.5, 3.0, 6.0])
     weights = np.round(weights, 1)
     got = allocate(model, sizes, average_bits=average, groups=groups, weights=weights, menu=MENU, metadata=32.0)
     for g, solo in enumerate(per_group_allocate(model, sizes, weights, groups, average)):
         assert_same_allocation(got, solo, np.nonzero(groups == g)[0], g)
-
-
-def test_split_levels_survive_a_misleading_sample():
-    """Group 0's sampled segments (every stride-th) are its most efficient ones, so its pivots miss the split and it
-    falls back to all its segments; group 1's sample is fair. Both splits equal the definition's: the smallest
-    efficiency ``v`` with ``sum(dC[E > v]) <= R``."""
-    split_levels = importlib.import_module("rdalloc.allocate")._split_levels
-    rng = np.random.default_rng(7)
-    per_group = 1 << 14
-    stride = 2 * per_group // (2 * importlib.import_module("rdalloc.allocate")._SAMPLE_PER_GROUP)
-    e = rng.random(2 * per_group)
-    e[:per_group:stride] += 1000.0  # group 0: every sampled segment far above the rest
-    E = np.stack([np.full_like(e, -np.inf), e])  # row 0: each item's first hull point (no segment)
-    dC = np.stack([np.zeros_like(e), rng.integers(1, 4, e.shape[0]).astype(float)])
-    groups = np.repeat(np.arange(2), per_group)
-    R = np.array([0.5, 0.3]) * dC[1].reshape(2, -1).sum(axis=1)
-    xp = importlib.import_module("array_api_compat.numpy")
-    lam, _, spent = split_levels(xp, E, dC, groups, R, np.zeros(2, dtype=bool))
-    for g in range(2):
-        o = np.argsort(e[groups == g])  # distinct values: the cost strictly above each is a suffix sum
-        es, cs = e[groups == g][o], dC[1][groups == g][o]
-        want = es[np.argmax(cs.sum() - np.cumsum(cs) <= R[g])]
-        assert float(lam[g]) == want and float(spent[g]) == cs[es > want].sum()
 
 
 def test_grouped_allocate_on_array_api_strict():
@@ -315,6 +286,14 @@ def test_grouped_allocate_under_jax_jit():
         got = strict(*(jnp.asarray(x) for x in (model.alpha, model.beta, sizes, groups, np.array([2, 0.5, 2, 2, 2]))))
         assert int(got.status[1]) == INFEASIBLE and (np.asarray(got.bits)[groups == 1] == -1).all()
         assert (np.asarray(got.bits)[groups != 1] >= 1).all()
+
+
+def test_grouped_item_errors_name_the_item():
+    allowed = np.ones((6, 3), dtype=bool)
+    allowed[4] = [True, False, False]  # item 4 can only take 0 bits, which the menu leaves out
+    model = TabulatedModel((0, 2, 4), np.ones((6, 3)), allowed=allowed)
+    with pytest.raises(ValueError, match="item 4 has no feasible bit-width"):
+        allocate(model, 8.0, [100.0, 100.0], groups=np.array([1, 0, 1, 0, 1, 0]), menu=(2, 4))
 
 
 def test_grouped_allocate_raises_naming_the_infeasible_group():
