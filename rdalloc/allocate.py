@@ -52,6 +52,11 @@ fell within ``tol``), else ``q(lambda*)``; ``gap = distortion - lower_bound``. S
 ``tol = 1e-9 (|distortion| + lambda* B)`` (float summation aside). Under JAX (``jax.jit`` or not) there is no exact
 phase: the fill's answer with the dual certificate, ``OPTIMAL`` only when the dual gap is 0 (to ``1e-12``
 relative).
+
+Groups (``groups=``: one budget per group of items, e.g. per (layer, kv-head) over its tokens). Every group is its
+own problem: on eager backends each group goes through steps 1 to 4 in turn (its tables stay in the CPU cache, which
+makes this faster than steps run over all groups at once), so its answer and certificate are exactly its own
+solve's; on JAX one ``lax.map`` over the groups runs the static solve with the other groups masked out.
 """
 
 from __future__ import annotations
@@ -208,10 +213,11 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     static = is_jax(xp) or is_traced(n)  # static shapes and no host syncs (JAX, traced or not)
     if is_jax(xp):
         register_pytree(Allocation)
-    items = (n, w, m, lo, hi, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
     if groups is not None:
-        return _allocate_grouped(xp, model, menu, items, groups, B, elements, static, max_fill, max_nodes)
+        return _allocate_grouped(xp, model, menu, (n, w, m, lo, hi), groups, B, elements, static, max_fill,
+                                 max_nodes)
     # 1. per item: the (K, N) tables sorted by cost, each item's lower convex hull and its segments
+    items = (n, w, m, lo, hi, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
     tables = _item_tables(xp, model, menu, items, static)
     return _solve(xp, tables, menu, n, m, B, elements, static, max_fill, max_nodes)
 
@@ -259,7 +265,7 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
 
 def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static: bool, max_fill: int | None,
                       max_nodes: int) -> Allocation:
-    """:func:`allocate` with one budget per group (``items``: the per-item arrays of :func:`_item_tables`).
+    """:func:`allocate` with one budget per group (``items``: the checked ``(n, w, m, lo, hi)``).
 
     Eager backends: a loop over the groups, each one's items (a slice when the groups are contiguous) going through
     all of :func:`allocate` from the tables on, so every group's answer, bound and status are its own solve's, bit
@@ -267,6 +273,7 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
     memory, where solving all groups at once would make one per step). JAX: :func:`_allocate_grouped_static`."""
     if static:
         return _allocate_grouped_static(xp, model, menu, items, groups, B, elements, max_fill)
+    data = _model_data(xp, model, device(items[0]))
     G = B.shape[0]
     contiguous = bool(xp.all(groups[1:] >= groups[:-1]))
     by_group = None if contiguous else xp.argsort(groups, stable=True)
@@ -277,6 +284,7 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
         where = np.arange(part.start, part.stop) if contiguous else to_numpy(by_group[part])
         pick = (lambda x: x[part]) if contiguous else (lambda x: xp.take(x, by_group[part], axis=0))
         mine = tuple(None if x is None else pick(x) for x in items)
+        mine += _per_item(xp, model, menu, tuple(pick(x) if x.ndim else x for x in data), xp.ones_like(mine[0]))
         tables = _item_tables(xp, model, menu, mine, False, where)
         solves.append(_solve(xp, tables, menu, mine[0], mine[2], B[g], elements[g], False, max_fill, max_nodes,
                              f"of group {g} "))
@@ -291,9 +299,9 @@ def _allocate_grouped_static(xp, model, menu, items: tuple, groups, B, elements,
     work of one static solve, in one compiled loop. No exact phase, as ungrouped."""
     import jax
 
-    tables = _item_tables(xp, model, menu, items, True)
-    order, C, W, first, nxt, E, dC, valid = tables
     n, m = items[0], items[2]
+    items = (*items, *_model_arrays(xp, model, menu, device(n), xp.ones_like(n)))
+    order, C, W, first, nxt, E, dC, valid = _item_tables(xp, model, menu, items, True)
     if not is_traced(B) and not is_traced(C):  # eager JAX raises for an infeasible group, as ungrouped
         base = segment_sum(xp, _at(xp, C, first), groups, B.shape[0])
         short = np.nonzero(to_numpy(B) < to_numpy(base) * (1 - 1e-15))[0]
@@ -592,14 +600,27 @@ _CHUNK = 1 << 13  # items per chunk in the per-item stage: a (K, chunk) float64 
 
 def _model_arrays(xp, model, menu, dev, ones) -> tuple:
     """The model's per-item arrays, sliceable along the items: (alpha, beta, eviction, full) or the table columns."""
+    return _per_item(xp, model, menu, _model_data(xp, model, dev), ones)
+
+
+def _model_data(xp, model, dev) -> tuple:
+    """The model's arrays on the solver's backend as given (0-d where shared; float64 arrays are not copied):
+    (alpha, beta, eviction, full) or (distortion table, allowed mask)."""
     if isinstance(model, TabulatedModel):
-        cols = xp.asarray([model.bits.index(b) for b in menu], device=dev)
-        table = xp.take(as_float64(xp, model.distortion, device=dev, name="distortion"), cols, axis=1)
-        mask = xp.take(xp.asarray(model.allowed_mask, device=dev), cols, axis=1)
-        return table, mask
-    f = lambda v, name: as_float64(xp, v, device=dev, name=name) * ones  # noqa: E731
-    eviction = f(model.eviction, "eviction") if model.can_evict else 0 * ones
-    return f(model.alpha, "alpha"), f(model.beta, "beta"), eviction, f(model.full, "full")
+        return (as_float64(xp, model.distortion, device=dev, name="distortion"),
+                xp.asarray(model.allowed_mask, device=dev))
+    return tuple(as_float64(xp, v, device=dev, name=name) for v, name in (
+        (model.alpha, "alpha"), (model.beta, "beta"), (model.eviction if model.can_evict else 0.0, "eviction"),
+        (model.full, "full")))
+
+
+def _per_item(xp, model, menu, data: tuple, ones) -> tuple:
+    """:func:`_model_data` (or some items' rows of it) as one row per item (``ones``: one per item); a table keeps
+    the menu's columns."""
+    if isinstance(model, TabulatedModel):
+        cols = xp.asarray([model.bits.index(b) for b in menu], device=device(ones))
+        return tuple(xp.take(x, cols, axis=1) for x in data)
+    return tuple(x * ones for x in data)
 
 
 def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, where) -> tuple:

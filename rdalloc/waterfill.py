@@ -31,6 +31,10 @@ solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they ru
 sampled level, the passes fused by XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``)
 run Newton from the all-free level over all items.
 
+Groups (``groups=``: one budget per group of items). The same Newton runs on every group at once, one level and one
+bracket per group, each sum a segment sum, one pass over all items per iteration until every group has stopped by
+its own rule (no sampled bracket, no chunks); each group's bits equal its own solve's to rounding.
+
 Metadata: the continuous relaxation treats every item as quantized, so ``P = B - sum_i m_i``. Use
 :func:`rdalloc.allocate` for integer bits, menus, eviction and metadata that depends on the bit-width.
 """
