@@ -278,19 +278,34 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
     contiguous = bool(xp.all(groups[1:] >= groups[:-1]))
     by_group = None if contiguous else xp.argsort(groups, stable=True)
     ends = np.cumsum(to_numpy(segment_sum(xp, xp.ones_like(items[0]), groups, G)).astype(np.int64))
+    starts = np.concatenate([[0], ends[:-1]])
     solves = []
-    for g in range(G):
-        part = slice(int(ends[g - 1]) if g else 0, int(ends[g]))
+    for block in _blocks(starts, ends):  # small groups share the per-item stage, up to a chunk of items
+        part = slice(int(starts[block[0]]), int(ends[block[-1]]))
         where = np.arange(part.start, part.stop) if contiguous else to_numpy(by_group[part])
         pick = (lambda x: x[part]) if contiguous else (lambda x: xp.take(x, by_group[part], axis=0))
         mine = tuple(None if x is None else pick(x) for x in items)
         mine += _per_item(xp, model, menu, tuple(pick(x) if x.ndim else x for x in data), xp.ones_like(mine[0]))
         tables = _item_tables(xp, model, menu, mine, False, where)
-        solves.append(_solve(xp, tables, menu, mine[0], mine[2], B[g], elements[g], False, max_fill, max_nodes,
-                             f"of group {g} "))
+        for g in block:
+            own = slice(int(starts[g]) - part.start, int(ends[g]) - part.start)
+            cut = (lambda x: x) if len(block) == 1 else (lambda x: xp.asarray(x[..., own], copy=True))
+            solves.append(_solve(xp, tuple(cut(X) for X in tables), menu, cut(mine[0]), cut(mine[2]), B[g],
+                                 elements[g], False, max_fill, max_nodes, f"of group {g} "))
     bits = xp.concat([a.bits for a in solves])
     bits = bits if contiguous else xp.take(bits, xp.argsort(by_group))  # back to the items' order
     return Allocation(bits=bits, **{name: xp.stack([getattr(a, name) for a in solves]) for name in _PER_GROUP})
+
+
+def _blocks(starts, ends) -> list:
+    """Runs of consecutive groups whose items together fit in one chunk of the per-item stage (a larger group alone)."""
+    blocks = [[0]]
+    for g in range(1, len(starts)):
+        if ends[g] - starts[blocks[-1][0]] <= _CHUNK:
+            blocks[-1].append(g)
+        else:
+            blocks.append([g])
+    return blocks
 
 
 def _allocate_grouped_static(xp, model, menu, items: tuple, groups, B, elements, max_fill: int | None) -> Allocation:
