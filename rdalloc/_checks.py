@@ -13,7 +13,8 @@ from typing import Any, NamedTuple, Sequence
 import array_api_compat
 import numpy as np
 
-from ._namespace import as_float64, concrete, device, float_dtype, is_traced, namespace, to_numpy
+from ._namespace import (as_float64, concrete, device, float_dtype, index_dtype, is_traced, namespace, segment_sum,
+                         to_numpy)
 from .cost import FULL_BITS
 
 
@@ -121,6 +122,55 @@ def check_budget(budget: float | None, average_bits: float | None, total_element
     return f if budget is not None else f * total_elements
 
 
+def check_groups(xp, groups: Any, n_items: int, n_groups: int, dev: Any) -> Any:
+    """Group ids as an index array on ``dev``: integers of shape ``(n_items,)`` in ``[0, n_groups)`` (one group per
+    budget), every group holding at least one item (values checked on concrete arrays, where the data lives)."""
+    shape = tuple(getattr(groups, "shape", np.shape(groups)))
+    if shape != (n_items,):
+        raise ValueError(f"groups must have shape ({n_items},), one group id per item, got shape {shape}")
+    dtype = getattr(groups, "dtype", None) or np.asarray(groups).dtype
+    integral = np.dtype(dtype).kind in "iu" if isinstance(dtype, np.dtype) else namespace(groups).isdtype(
+        dtype, "integral")
+    if not integral:
+        raise TypeError(f"groups must hold integer group ids, got dtype {dtype}")
+    ids = xp.asarray(xp.astype(xp.asarray(groups, device=dev), index_dtype(xp)), device=dev)
+    if is_traced(ids):
+        return ids
+    with concrete(xp):
+        lo, hi = (int(v) for v in to_numpy(xp.stack([xp.min(ids), xp.max(ids)])))
+        if lo < 0 or hi >= n_groups:
+            v = to_numpy(ids)
+            raise ValueError(f"groups must hold ids in [0, {n_groups}) (one per budget), got "
+                             f"{_first_bad(v, (v < 0) | (v >= n_groups))}")
+        counts = to_numpy(segment_sum(xp, xp.ones(ids.shape, dtype=float_dtype(xp), device=dev), ids, n_groups))
+    if (counts == 0).any():
+        raise ValueError(f"group {int(np.argmin(counts))} has no items: each of the {n_groups} budgets needs at "
+                         f"least one item in groups")
+    return ids
+
+
+def group_count(budget: Any, average_bits: Any) -> int:
+    """The number of groups: the length of the budget vector (exactly one of ``budget`` or ``average_bits``, 1-D);
+    static under ``jax.jit``, as shapes are."""
+    if (budget is None) == (average_bits is None):
+        raise TypeError(f"give exactly one of budget= (total bits per group) or average_bits=, got budget={budget!r}, "
+                        f"average_bits={average_bits!r}")
+    name, value = ("budget", budget) if budget is not None else ("average_bits", average_bits)
+    shape = tuple(getattr(value, "shape", np.shape(value)))
+    if len(shape) != 1 or shape[0] == 0:
+        raise ValueError(f"{name} must be a vector of one value per group when groups is given, got shape {shape}")
+    return shape[0]
+
+
+def check_group_budgets(xp, budget: Any, average_bits: Any, group_elements: Any, dev: Any) -> Any:
+    """The budget of each group in total bits, from ``budget`` (total bits per group) or ``average_bits`` (bits per
+    element of each group; ``group_elements`` the elements per group), finite and ``>= 0``."""
+    name, value = ("budget", budget) if budget is not None else ("average_bits", average_bits)
+    check_values(name, value, nonnegative=True)
+    value = as_float64(xp, value, device=dev, name=name)
+    return value if budget is not None else value * group_elements
+
+
 def check_menu(bits: Sequence[float], name: str = "menu") -> tuple[int, ...]:
     """Bit-widths as a tuple of strictly increasing integers in ``[0, 16]``."""
     arr = np.asarray(bits, dtype=np.float64).reshape(-1)
@@ -223,7 +273,8 @@ def check_quantizer_name(quantizer: Any) -> str | None:
 
 class WaterfillInputs(NamedTuple):
     """:func:`~rdalloc.waterfill`'s arguments, checked: float arrays of one backend (0-d where a scalar was given),
-    the total elements ``sum_i n_i`` and the budget ``B`` in total bits."""
+    the group ids (an index array, ``None`` when not grouped), the total elements ``sum_i n_i`` and the budget ``B``
+    in total bits (both one per group when grouped)."""
 
     xp: Any
     alpha: Any
@@ -233,19 +284,23 @@ class WaterfillInputs(NamedTuple):
     lo: Any
     hi: Any
     metadata: Any
+    groups: Any
     elements: Any
     budget: Any
 
 
 def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, lo: Any, hi: Any,
-                 metadata: Any, reducer: Any) -> WaterfillInputs:
+                 metadata: Any, groups: Any, reducer: Any) -> WaterfillInputs:
     """Check and convert :func:`~rdalloc.waterfill`'s arguments (``lo``/``hi`` default to the model's range;
-    ``reducer`` totals the elements over shards). Raises ``TypeError``/``ValueError`` naming the argument."""
+    ``reducer`` totals the elements over shards, ``None`` for one process). Raises ``TypeError``/``ValueError``
+    naming the argument."""
     from .models import ExponentialModel  # (models imports this module)
 
     if not isinstance(model, ExponentialModel):
         raise TypeError(f"model must be an ExponentialModel, got {type(model).__name__}")
-    xp = namespace(model.alpha, sizes, weights, lo, hi, metadata)
+    if groups is not None and reducer is not None:
+        raise ValueError("groups cannot be combined with a reducer: a grouped solve runs in one process")
+    xp = namespace(model.alpha, sizes, weights, lo, hi, metadata, groups)
     dev = device(model.alpha)
     n_items = model.n_items
     lo = model.lo if lo is None else lo
@@ -261,15 +316,23 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
         ("alpha", model.alpha), ("beta", model.beta), ("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi),
         ("metadata", metadata)))  # scalars stay 0-d
     check_ordered(lo, hi, n_items)
-    elements = reducer.sum((xp.sum(n) if n.ndim else n * n_items,))[0]
+    if groups is not None:
+        n_groups = group_count(budget, average_bits)
+        groups = check_groups(xp, groups, n_items, n_groups, dev)
+        elements = segment_sum(xp, n, groups, n_groups)
+        return WaterfillInputs(xp, alpha, beta, n, w, lo, hi, m, groups, elements,
+                               check_group_budgets(xp, budget, average_bits, elements, dev))
+    elements = xp.sum(n) if n.ndim else n * n_items
+    elements = elements if reducer is None else reducer.sum((elements,))[0]
     total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
-    return WaterfillInputs(xp, alpha, beta, n, w, lo, hi, m, elements,
+    return WaterfillInputs(xp, alpha, beta, n, w, lo, hi, m, None, elements,
                            xp.asarray(total, dtype=float_dtype(xp), device=dev))
 
 
 class AllocateInputs(NamedTuple):
     """:func:`~rdalloc.allocate`'s arguments, checked: the menu, per-item ``(N,)`` float arrays of one backend
-    (``lo``/``hi`` ``None`` when not given), the total elements and the budget ``B`` in total bits."""
+    (``lo``/``hi`` ``None`` when not given), the group ids (an index array, ``None`` when not grouped), the total
+    elements and the budget ``B`` in total bits (both one per group when grouped)."""
 
     xp: Any
     menu: tuple
@@ -278,12 +341,13 @@ class AllocateInputs(NamedTuple):
     metadata: Any
     lo: Any
     hi: Any
+    groups: Any
     elements: Any
     budget: Any
 
 
-def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, menu: Any, metadata: Any,
-                lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
+def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: Any, weights: Any, menu: Any,
+                metadata: Any, lo: Any, hi: Any, max_nodes: Any) -> AllocateInputs:
     """Check and convert :func:`~rdalloc.allocate`'s arguments (``menu=None``: the model's default menu). Raises
     ``TypeError``/``ValueError`` naming the argument."""
     from .allocate import default_menu
@@ -297,7 +361,7 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
     menu = default_menu(model) if menu is None else check_menu(menu)
     data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
-    xp = namespace(data, sizes, weights, metadata, lo, hi)
+    xp = namespace(data, sizes, weights, metadata, lo, hi, groups)
     dev = device(data)
     N = model.n_items
     for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
@@ -308,8 +372,15 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
     ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
     n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
                for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
-    elements = xp.sum(n)
-    total = check_budget(budget, average_bits, elements if is_traced(elements) else float(elements))
+    if groups is None:
+        elements = xp.sum(n)
+        total = xp.asarray(check_budget(budget, average_bits, elements if is_traced(elements) else float(elements)),
+                           dtype=float_dtype(xp), device=dev)
+    else:
+        n_groups = group_count(budget, average_bits)
+        groups = check_groups(xp, groups, N, n_groups, dev)
+        elements = segment_sum(xp, n, groups, n_groups)
+        total = check_group_budgets(xp, budget, average_bits, elements, dev)
     bounds = []
     for name, bound in (("lo", lo), ("hi", hi)):
         if bound is not None:
@@ -323,5 +394,4 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights:
         if missing:
             raise ValueError(f"menu {list(menu)} asks for bit-widths {missing} that the table does not hold "
                              f"(it has {list(model.bits)})")
-    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], elements,
-                          xp.asarray(total, dtype=float_dtype(xp), device=dev))
+    return AllocateInputs(xp, menu, n, w, m, bounds[0], bounds[1], groups, elements, total)

@@ -15,7 +15,7 @@ import array_api_compat
 import numpy as np
 
 __all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "cond", "to_numpy", "device",
-           "register_pytree", "masked", "positive_or_one"]
+           "register_pytree", "masked", "positive_or_one", "segment_sum", "segment_max"]
 
 
 def namespace(*arrays: Any):
@@ -102,6 +102,43 @@ def masked(xp, mask, x):
 def positive_or_one(xp, x):
     """``x`` where ``x > 0`` else 1: a divisor that is safe where the quotient is not used."""
     return xp.where(x > 0, x, xp.ones_like(x))
+
+
+def segment_sum(xp, x, groups, n_groups: int):
+    """``out[g] = sum_i x_i [groups_i = g]`` for ``g < n_groups`` (``groups`` an index array; ``x`` per item or 0-d):
+    ``np.bincount`` on numpy, ``index_add`` on torch, ``jax.ops.segment_sum`` on JAX (``n_groups`` static)."""
+    x = x * xp.ones(groups.shape, dtype=x.dtype, device=device(groups)) if x.ndim == 0 else x
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.bincount(groups, weights=x, minlength=n_groups)
+    if array_api_compat.is_torch_namespace(xp):
+        return xp.zeros((n_groups,), dtype=x.dtype, device=x.device).index_add_(0, groups, x)
+    if is_jax(xp):
+        import jax
+
+        return jax.ops.segment_sum(x, groups, num_segments=n_groups)
+    return xp.sum(xp.where(_one_hot(xp, groups, n_groups), x, xp.zeros_like(x)), axis=1)
+
+
+def segment_max(xp, x, groups, n_groups: int):
+    """``out[g] = max_i x_i [groups_i = g]`` for ``g < n_groups`` (``-inf`` for a group without items)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        out = np.full(n_groups, -np.inf)
+        np.maximum.at(out, groups, x)
+        return out
+    if array_api_compat.is_torch_namespace(xp):
+        out = xp.full((n_groups,), -xp.inf, dtype=x.dtype, device=x.device)
+        return out.scatter_reduce_(0, groups, x, reduce="amax")
+    if is_jax(xp):
+        import jax
+
+        return jax.ops.segment_max(x, groups, num_segments=n_groups)
+    return xp.max(xp.where(_one_hot(xp, groups, n_groups), x, xp.full_like(x, -xp.inf)), axis=1)
+
+
+def _one_hot(xp, groups, n_groups: int):
+    """The ``(n_groups, N)`` membership mask (the fallback of other array-API backends)."""
+    ids = xp.reshape(xp.arange(n_groups, dtype=groups.dtype, device=device(groups)), (-1, 1))
+    return xp.reshape(groups, (1, -1)) == ids
 
 
 def concrete(xp):

@@ -31,6 +31,10 @@ solves (JAX) of ``N >= 2**16`` items cannot compact (shapes are static): they ru
 sampled level, the passes fused by XLA inside ``lax.while_loop``. Smaller problems and sharded solves (``reducer``)
 run Newton from the all-free level over all items.
 
+Groups (``groups=``: one budget per group of items). The same Newton runs on every group at once, one level and one
+bracket per group, each sum a segment sum, one pass over all items per iteration until every group has stopped by
+its own rule (no sampled bracket, no chunks); each group's bits equal its own solve's to rounding.
+
 Metadata: the continuous relaxation treats every item as quantized, so ``P = B - sum_i m_i``. Use
 :func:`rdalloc.allocate` for integer bits, menus, eviction and metadata that depends on the bit-width.
 """
@@ -42,10 +46,11 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple
 
 import array_api_compat
+import numpy as np
 
 from ._checks import waterfill_iv
-from ._namespace import (device, is_jax, is_traced, masked, positive_or_one, register_pytree, to_numpy,
-                         while_loop)
+from ._namespace import (device, is_jax, is_traced, masked, positive_or_one, register_pytree, segment_max,
+                         segment_sum, to_numpy, while_loop)
 from .models import ExponentialModel
 from .status import INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
 
@@ -62,7 +67,8 @@ class WaterfillResult:
     free items, one-sided at the bounds). budget_residual: ``|spent - target| / max(target, 1)``.
     iterations: evaluations of ``g`` (the classifying pass counts as one; the rest run on the kept items). status:
     a code of :mod:`rdalloc.status` (``OPTIMAL``, ``SATURATED``, ``INFEASIBLE`` or ``MAX_ITER``).
-    Fields are 0-d arrays of the input backend (so the result can leave ``jax.jit``); ``to_dict`` gives floats.
+    Fields are 0-d arrays of the input backend (so the result can leave ``jax.jit``), one per group for a grouped
+    solve; ``to_dict`` gives floats (lists when grouped).
     """
 
     bits: Any
@@ -77,18 +83,22 @@ class WaterfillResult:
 
     @property
     def water_level(self) -> Any:
-        return math.exp(float(self.log_water_level))
+        """``lambda = exp(mu)``: a float, or a numpy array of one per group."""
+        level = to_numpy(self.log_water_level)
+        return math.exp(float(level)) if level.ndim == 0 else np.exp(level)
 
     def to_dict(self) -> dict:
-        out = {f.name: float(to_numpy(getattr(self, f.name))) for f in fields(self) if f.name != "bits"}
-        out["iterations"], out["status"] = int(out["iterations"]), int(out["status"])
-        out["status_message"] = MESSAGES[out["status"]]
-        out["bits"] = to_numpy(self.bits).astype(float).tolist()
+        plain = lambda x, kind: to_numpy(x).astype(kind).tolist()  # noqa: E731  (a number, or a list per group)
+        out = {f.name: plain(getattr(self, f.name), float) for f in fields(self) if f.name != "bits"}
+        out["iterations"], out["status"] = plain(self.iterations, int), plain(self.status, int)
+        status = out["status"]
+        out["status_message"] = MESSAGES[status] if isinstance(status, int) else [MESSAGES[c] for c in status]
+        out["bits"] = plain(self.bits, float)
         return out
 
 
 def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, average_bits: Any = None,
-              weights: Any = 1.0, lo: Any = None, hi: Any = None, metadata: Any = 0.0,
+              groups: Any = None, weights: Any = 1.0, lo: Any = None, hi: Any = None, metadata: Any = 0.0,
               max_iter: int = 100, reducer: Any = None) -> WaterfillResult:
     """Minimize ``sum_i w_i alpha_i beta_i**(-b_i)`` s.t. ``sum_i n_i b_i + m_i <= B``, ``lo_i <= b_i <= hi_i``.
 
@@ -96,6 +106,12 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
       model: the exponential distortion model (per-item ``alpha``, shared or per-item ``beta``).
       sizes: ``n_i > 0``, elements per item (scalar or one per item).
       budget: ``B`` in total bits, metadata included; or ``average_bits``: ``B / sum_i n_i``.
+      groups: ``None``, or one integer group id ``g_i`` in ``[0, G)`` per item, every group non-empty: then
+        ``budget`` (or ``average_bits``, per element of the group) is a vector of ``G`` budgets and every group is
+        solved on its own, ``sum_{g_i = g} n_i b_i + m_i <= B_g``, all in one vectorized call (one Newton per group,
+        its sums segment sums). Group ids rather than a leading batch axis: groups may differ in size and items
+        keep any order (one budget per (layer, kv-head) over its tokens, or per sequence of a batch); ``G`` is the
+        budget's length, so it is static under ``jax.jit``.
       weights: importance ``w_i >= 0`` (zero-weight items stay at ``lo``).
       lo, hi: the box, default the model's quantized range; ``0 <= lo_i <= hi_i <= 16``.
       metadata: ``m_i >= 0`` bits each item carries, charged as a constant (every item is quantized here).
@@ -104,8 +120,9 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
         :mod:`rdalloc.distributed`); ``None`` for a single process. Collectives per solve: 4 to set up, 1 per
         iteration, 2 to finish — each a handful of scalars.
 
-    Returns a :class:`WaterfillResult`. Raises ``ValueError`` for invalid or infeasible input (unless traced under
-    ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits).
+    Returns a :class:`WaterfillResult` (grouped: every field but ``bits`` one per group, each equal to the group's
+    own solve up to rounding). Raises ``ValueError`` for invalid or infeasible input, naming the group when grouped
+    (unless traced under ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits).
 
     Two items of 64 elements, the first four times as important, at 3 bits on average: each factor of ``beta = 4``
     in importance is worth one bit.
@@ -115,11 +132,13 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     >>> r.bits.tolist(), int(r.status) == OPTIMAL
     ([3.5, 2.5], True)
     """
-    reducer = _LOCAL if reducer is None else reducer
-    xp, alpha, beta, n, w, lo, hi, m, elements, B = waterfill_iv(model, sizes, budget, average_bits, weights, lo,
-                                                                 hi, metadata, reducer)
+    xp, alpha, beta, n, w, lo, hi, m, groups, elements, B = waterfill_iv(model, sizes, budget, average_bits, weights,
+                                                                         lo, hi, metadata, groups, reducer)
     if is_jax(xp):
         register_pytree(WaterfillResult)
+    if groups is not None:
+        return _waterfill_grouped(xp, (alpha, beta, w, n, lo, hi), m, groups, B, elements, max_iter)
+    reducer = _LOCAL if reducer is None else reducer
     n_items = model.n_items
     traced = is_jax(xp) or any(is_traced(x) for x in (alpha, beta, n, w, lo, hi, m))  # no host syncs
     local = not traced and reducer is _LOCAL
@@ -244,10 +263,69 @@ def _raise_if_infeasible(xp, B, P, first: _FirstPass, n, hi, m_total, elements, 
     p, gmin = float(P), float(first.g_min)
     if p < gmin - 1e-12 * max(abs(gmin), 1.0):
         top_terms = n * hi + xp.zeros_like(first.ck)
-        meta, top = float(m_total), float(reducer.sum((xp.sum(top_terms),))[0])
-        raise ValueError(f"budget {float(B):.6g} bits is infeasible: the box needs between {gmin + meta:.6g} "
-                         f"and {top + meta:.6g} bits (average {(gmin + meta) / float(elements):.6g} to "
-                         f"{(top + meta) / float(elements):.6g})")
+        top = float(reducer.sum((xp.sum(top_terms),))[0])
+        raise ValueError(f"budget {float(B):.6g} bits is infeasible: "
+                         f"{_box_range(gmin, top, float(m_total), float(elements))}")
+
+
+def _box_range(g_min: float, g_max: float, metadata: float, elements: float) -> str:
+    """The feasible range of the budget, for an error message."""
+    return (f"the box needs between {g_min + metadata:.6g} and {g_max + metadata:.6g} bits (average "
+            f"{(g_min + metadata) / elements:.6g} to {(g_max + metadata) / elements:.6g})")
+
+
+def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) -> WaterfillResult:
+    """:func:`waterfill` with one budget per group: the ungrouped solve's Newton run on every group at once, each
+    level in its own bracket, each sum a segment sum over the items (one pass over all items per iteration, no
+    sampled bracket, no chunks). Every group stops by its own rule, so each meets its budget as its own solve does."""
+    alpha, beta, w, n, lo, hi = items
+    G = B.shape[0]
+    traced = is_jax(xp) or any(is_traced(x) for x in (*items, m, B, groups))
+    ones = xp.ones(groups.shape, dtype=B.dtype, device=device(B))
+    per_group = lambda x: segment_sum(xp, x * ones, groups, G)  # noqa: E731
+    per_item = lambda v: xp.take(v, groups)  # noqa: E731
+    _, inv_k, useful, ck, nk = _constants(xp, alpha, beta, w, n, False)
+    zero = xp.zeros_like(ck)
+    m_total = per_group(m)
+    P = B - m_total  # payload budgets
+    g_max, g_min = per_group(n * xp.where(useful, hi, lo)), per_group(n * lo)
+    infeasible = P < g_min - 1e-12 * xp.maximum(xp.abs(g_min), xp.ones_like(g_min))
+    if not traced and bool(xp.any(infeasible)):
+        g = int(np.argmax(to_numpy(infeasible)))
+        top = per_group(n * hi)
+        raise ValueError(f"budget {float(B[g]):.6g} bits of group {g} is infeasible: "
+                         f"{_box_range(float(g_min[g]), float(top[g]), float(m_total[g]), float(elements[g]))}")
+    saturated, at_min = P >= g_max, P <= g_min
+    slope = per_group(xp.where(useful, nk, zero))
+    mu0 = (per_group(xp.where(useful, n * ck, zero)) + per_group(xp.where(useful, zero, n * lo)) - P) / \
+        positive_or_one(xp, slope)
+
+    def evaluate(mu):
+        t = ck - per_item(mu) * inv_k
+        return per_group(n * _clip(xp, t, lo, hi)), per_group(masked(xp, (t > lo) & (t < hi), nk + zero))
+
+    eps = float(xp.finfo(P.dtype).eps)
+    big, zero_i = _big(xp, P), xp.zeros((G,), dtype=xp.int32, device=device(P))
+    start = _Newton(mu=mu0, a=-big * xp.ones_like(P), b=big * xp.ones_like(P), g_a=g_max, g_b=g_min,
+                    iterations=zero_i, done=saturated | infeasible | at_min, secant_steps=zero_i)
+    solved = _newton(xp, evaluate, P, 64 * eps * xp.maximum(g_max, xp.ones_like(g_max)), eps, big, start, max_iter)
+    mu_min = segment_max(xp, xp.where(useful, (ck - lo) / inv_k, -xp.inf), groups, G)
+    mu = xp.where(at_min & ~saturated, mu_min, solved.mu)  # everything at lo: the lowest level that keeps it there
+    level = xp.where(saturated, -big, mu)
+    bits, e, r = _bits_at(xp, per_item(mu), per_item(level), per_item(saturated), per_item(at_min), True, ck, inv_k,
+                          lo, hi)
+    kkt = segment_max(xp, xp.maximum(xp.maximum(xp.where(bits < hi, r, zero), xp.where(bits > lo, -r, zero)), zero),
+                      groups, G)
+    bits = xp.where(per_item(infeasible), xp.nan, bits) if traced else bits
+    code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
+    status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
+                                                             xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
+    payload, target = per_group(n * bits), xp.minimum(P, g_max)
+    return WaterfillResult(
+        bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
+        budget_used=payload + m_total, distortion=per_group(n * inv_k * xp.exp(e)), kkt_residual=kkt,
+        budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
+        iterations=solved.iterations, status=status)
 
 
 def _start_level(xp, first: _FirstPass, bracket, n_items: int, items: tuple, P, elements, max_iter: int,
@@ -280,12 +358,7 @@ def _final_pass(xp, mu, level, saturated, at_min, force: bool, all_useful: bool)
     puts every item at its end of the box when the budget is slack or at the minimum.
     """
     def chunk(ck, inv_k, n, lo, hi):
-        bits = _clip(xp, ck - mu * inv_k, lo, hi)
-        if force:
-            useful = ck > -xp.inf
-            bits = xp.where(saturated, xp.where(useful, hi, lo) + 0 * bits, xp.where(at_min, lo + 0 * bits, bits))
-        e = (1.0 / inv_k) * (ck - bits)
-        r = e - level
+        bits, e, r = _bits_at(xp, mu, level, saturated, at_min, force, ck, inv_k, lo, hi)
         if all_useful:  # r is finite: masks multiply
             kkt = xp.max(masked(xp, bits < hi, r)), -xp.min(masked(xp, bits > lo, r))
             kkt = xp.maximum(xp.maximum(kkt[0], kkt[1]), xp.zeros_like(kkt[0]))
@@ -295,6 +368,17 @@ def _final_pass(xp, mu, level, saturated, at_min, force: bool, all_useful: bool)
         return _Part(arrays=(bits,), sums={"payload": _dot(xp, n, bits), "distortion": _dot(xp, n, inv_k * xp.exp(e))},
                      peak=kkt)
     return chunk
+
+
+def _bits_at(xp, mu, level, saturated, at_min, force: bool, ck, inv_k, lo, hi):
+    """Per item: the bits at ``mu``, ``e = ln(marginal) = k (ck - b)`` and ``r = e - level`` (:func:`_final_pass`;
+    the level arguments are scalars or one value per item)."""
+    bits = _clip(xp, ck - mu * inv_k, lo, hi)
+    if force:
+        useful = ck > -xp.inf
+        bits = xp.where(saturated, xp.where(useful, hi, lo) + 0 * bits, xp.where(at_min, lo + 0 * bits, bits))
+    e = (1.0 / inv_k) * (ck - bits)
+    return bits, e, e - level
 
 
 def _dot(xp, n, x):
@@ -339,7 +423,8 @@ class _Newton(NamedTuple):
 
 def _newton(xp, evaluate, P, tol, eps, big, state: _Newton, max_iter: int) -> _Newton:
     """Safeguarded Newton on the piecewise-linear ``g`` (module docstring) from ``state``;
-    ``evaluate(mu) = (g(mu), slope size)``. Runs in ``lax.while_loop`` on JAX."""
+    ``evaluate(mu) = (g(mu), slope size)``. Runs in ``lax.while_loop`` on JAX. With one level per group (1-d state),
+    every group iterates until its own stopping rule or cap holds; the others keep their state."""
 
     def running(s: _Newton):
         return ~s.done & (s.iterations < max_iter)
@@ -360,10 +445,14 @@ def _newton(xp, evaluate, P, tol, eps, big, state: _Newton, max_iter: int) -> _N
         far = xp.where(a > -big, a + xp.maximum(xp.abs(a), xp.ones_like(a)), b - xp.maximum(xp.abs(b), xp.ones_like(b)))
         mid = xp.where(bounded, (a + b) / 2, far)
         nxt = xp.where(use_newton, newton, xp.where(use_secant, secant, mid))
-        return _Newton(mu=xp.where(found, mu, nxt), a=a, b=b, g_a=ga, g_b=gb, iterations=s.iterations + 1,
-                       done=found, secant_steps=xp.where(use_secant, s.secant_steps + 1, xp.zeros_like(s.secant_steps)))
+        new = _Newton(mu=xp.where(found, mu, nxt), a=a, b=b, g_a=ga, g_b=gb, iterations=s.iterations + 1,
+                      done=found, secant_steps=xp.where(use_secant, s.secant_steps + 1, xp.zeros_like(s.secant_steps)))
+        if s.mu.ndim == 0:  # one level: the loop runs only while it is active
+            return new
+        active = running(s)
+        return _Newton(*(xp.where(active, x, y) for x, y in zip(new, s)))
 
-    return while_loop(xp, running, step, state)
+    return while_loop(xp, lambda s: xp.any(running(s)), step, state)
 
 
 class _Sample(NamedTuple):
