@@ -48,7 +48,9 @@ def rdkv_bisection(weights: np.ndarray, budgets: np.ndarray, tol: float = 0.01, 
     lo = np.zeros(weights.shape[0])
     hi = np.full(weights.shape[0], table.max() / cost[1] * 2)  # every token evicted at this multiplier
     lam, done = hi.copy(), np.zeros(weights.shape[0], dtype=bool)
-    for it in range(1, max_iter + 1):
+    it = 0
+    while it < max_iter:
+        it += 1
         lam = np.where(done, lam, (lo + hi) / 2)
         choice = np.argmin(table + lam[:, None, None] * cost, axis=-1)
         spent = cost[choice].sum(axis=1)

@@ -8,13 +8,23 @@ concrete arrays; inside ``jax.jit`` (traced values) only shapes are checked.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
 
-from ._namespace import (as_float64, concrete, device, float_dtype, index_dtype, is_traced, namespace, segment_sum,
-                         to_numpy)
+from ._namespace import (
+    as_float64,
+    concrete,
+    device,
+    float_dtype,
+    index_dtype,
+    is_traced,
+    namespace,
+    segment_sum,
+    to_numpy,
+)
 from .cost import FULL_BITS
 
 

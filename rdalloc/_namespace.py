@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -59,7 +60,8 @@ def index_dtype(xp):
 
 def as_float64(xp, x: Any, device=None, name: str = "array"):
     """``x`` as a float array of the solver dtype on ``device``; python scalars and lists are accepted."""
-    if isinstance(x, (int, float, list, tuple)) or isinstance(x, np.ndarray) and not array_api_compat.is_numpy_namespace(xp):
+    host = isinstance(x, (int, float, list, tuple))
+    if host or isinstance(x, np.ndarray) and not array_api_compat.is_numpy_namespace(xp):
         x = np.asarray(x, dtype=np.float64)
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} must be numeric, got dtype {x.dtype}")

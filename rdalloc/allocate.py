@@ -62,15 +62,29 @@ solve's; on JAX one ``lax.map`` over the groups runs the static solve with the o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
 
 from ._checks import allocate_iv
-from ._namespace import (as_float64, cond, device, index_dtype, is_jax, is_traced, masked, namespace,
-                         positive_or_one, register_pytree, segment_sum, to_numpy, while_loop)
+from ._namespace import (
+    as_float64,
+    cond,
+    device,
+    index_dtype,
+    is_jax,
+    is_traced,
+    masked,
+    namespace,
+    positive_or_one,
+    register_pytree,
+    segment_sum,
+    to_numpy,
+    while_loop,
+)
 from .cost import Usage
 from .models import FULL_BITS, ExponentialModel, TabulatedModel
 from .status import FEASIBLE, INFEASIBLE, MESSAGES, OPTIMAL, SATURATED
@@ -116,7 +130,7 @@ class Allocation:
         """Whether this is a grouped solve (every field but ``bits`` one per group)."""
         return to_numpy(self.status).ndim == 1
 
-    def group(self, g: int) -> "Allocation":
+    def group(self, g: int) -> Allocation:
         """Group ``g``'s solve of a grouped result: its fields, ``bits`` left ``None`` (the items' order is the
         caller's)."""
         return Allocation(bits=None, **{name: getattr(self, name)[g] for name in _PER_GROUP})
@@ -263,6 +277,16 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
                       nodes=xp.asarray(nodes, dtype=xp.int32, device=device(B)), status=status)
 
 
+def _rows(xp, x, rows):
+    """The items ``rows`` of ``x`` along its first axis: a slice of contiguous items, or an index array."""
+    return x[rows] if isinstance(rows, slice) else xp.take(x, rows, axis=0)
+
+
+def _own(xp, x, own):
+    """One group's columns ``own`` of a block's arrays (a copy, so the block can be freed); all of them if None."""
+    return x if own is None else xp.asarray(x[..., own], copy=True)
+
+
 def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static: bool, max_fill: int | None,
                       max_nodes: int) -> Allocation:
     """:func:`allocate` with one budget per group (``items``: the checked ``(n, w, m, lo, hi)``).
@@ -282,16 +306,17 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
     solves = []
     for block in _blocks(starts, ends):  # small groups share the per-item stage, up to a chunk of items
         part = slice(int(starts[block[0]]), int(ends[block[-1]]))
-        where = np.arange(part.start, part.stop) if contiguous else to_numpy(by_group[part])
-        pick = (lambda x: x[part]) if contiguous else (lambda x: xp.take(x, by_group[part], axis=0))
-        mine = tuple(None if x is None else pick(x) for x in items)
-        mine += _per_item(xp, model, menu, tuple(pick(x) if x.ndim else x for x in data), xp.ones_like(mine[0]))
+        rows = part if contiguous else by_group[part]
+        where = np.arange(part.start, part.stop) if contiguous else to_numpy(rows)
+        mine = tuple(None if x is None else _rows(xp, x, rows) for x in items)
+        mine += _per_item(xp, model, menu, tuple(_rows(xp, x, rows) if x.ndim else x for x in data),
+                          xp.ones_like(mine[0]))
         tables = _item_tables(xp, model, menu, mine, False, where)
         for g in block:
-            own = slice(int(starts[g]) - part.start, int(ends[g]) - part.start)
-            cut = (lambda x: x) if len(block) == 1 else (lambda x: xp.asarray(x[..., own], copy=True))
-            solves.append(_solve(xp, tuple(cut(X) for X in tables), menu, cut(mine[0]), cut(mine[2]), B[g],
-                                 elements[g], False, max_fill, max_nodes, f"of group {g} "))
+            own = None if len(block) == 1 else slice(int(starts[g]) - part.start, int(ends[g]) - part.start)
+            solves.append(_solve(xp, tuple(_own(xp, X, own) for X in tables), menu, _own(xp, mine[0], own),
+                                 _own(xp, mine[2], own), B[g], elements[g], False, max_fill, max_nodes,
+                                 f"of group {g} "))
     bits = xp.concat([a.bits for a in solves])
     bits = bits if contiguous else xp.take(bits, xp.argsort(by_group))  # back to the items' order
     return Allocation(bits=bits, **{name: xp.stack([getattr(a, name) for a in solves]) for name in _PER_GROUP})
@@ -406,7 +431,7 @@ class _Solution(NamedTuple):
     metadata: Any
 
     @classmethod
-    def of(cls, xp, cur, order, W, menu, n, m) -> "_Solution":
+    def of(cls, xp, cur, order, W, menu, n, m) -> _Solution:
         menu_bits = xp.asarray(list(menu), dtype=xp.int32, device=device(n))
         bits = xp.take(menu_bits, xp.astype(_at(xp, order, cur), index_dtype(xp)))
         bits_f = xp.astype(bits, n.dtype)

@@ -42,15 +42,26 @@ Metadata: the continuous relaxation treats every item as quantized, so ``P = B -
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
 
 from ._checks import waterfill_iv
-from ._namespace import (device, is_jax, is_traced, masked, positive_or_one, register_pytree, segment_max,
-                         segment_sum, to_numpy, while_loop)
+from ._namespace import (
+    device,
+    is_jax,
+    is_traced,
+    masked,
+    positive_or_one,
+    register_pytree,
+    segment_max,
+    segment_sum,
+    to_numpy,
+    while_loop,
+)
 from .models import ExponentialModel
 from .status import INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
 
@@ -240,7 +251,7 @@ def _first_pass(xp, n_items: int, items: tuple, elements, bracket, local: bool, 
                       slope_free=sums.get("slope_free"), kept=part.kept, mu_min=part.peak, all_useful=all_useful)
 
 
-def _solve_level(xp, first: _FirstPass, bracket, over: "_Chunked", P, start, done, max_iter: int) -> _Newton:
+def _solve_level(xp, first: _FirstPass, bracket, over: _Chunked, P, start, done, max_iter: int) -> _Newton:
     """The level with ``g(mu) = P`` by safeguarded Newton from ``start`` (nothing to do when ``done``): on the items
     kept inside the sampled bracket when there is one, then over all items if the root lies outside it."""
     eps = float(xp.finfo(P.dtype).eps)
@@ -341,7 +352,7 @@ def _start_level(xp, first: _FirstPass, bracket, n_items: int, items: tuple, P, 
     return mu0
 
 
-def _lowest_level_at_lo(xp, over: "_Chunked", P, needed: bool):
+def _lowest_level_at_lo(xp, over: _Chunked, P, needed: bool):
     """The lowest level that keeps every item at ``lo`` (needed only when ``P == g_min``: a separate pass), else
     ``-inf``."""
     if not bool(needed):

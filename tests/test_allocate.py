@@ -4,11 +4,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate
-from rdalloc.cost import item_cost
 from rdalloc.allocate import FEASIBLE, OPTIMAL, SATURATED
+from rdalloc.cost import item_cost
 from rdalloc.testing import assert_allocation, brute_force_optimum, menu_table
 from rdalloc.testing.strategies import menu_problems
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, TabulatedModel, allocate, waterfill
 from rdalloc.status import INFEASIBLE, OPTIMAL, SATURATED
@@ -181,7 +182,8 @@ def concat_tabulated(problems, order):
     per_item = lambda x, p: np.broadcast_to(np.asarray(x, dtype=float), (p.model.n_items,))  # noqa: E731
     cat = lambda get: np.concatenate([get(p) for p in problems])[order]  # noqa: E731
     model = TabulatedModel(problems[0].menu, cat(lambda p: p.model.distortion), cat(lambda p: p.model.allowed_mask))
-    arrays = {name: cat(lambda p: per_item(getattr(p, name), p)) for name in ("sizes", "weights", "metadata")}
+    arrays = {name: np.concatenate([per_item(getattr(p, name), p) for p in problems])[order]
+              for name in ("sizes", "weights", "metadata")}
     groups = shuffled_groups(order, [p.model.n_items for p in problems])
     return model, arrays, groups, np.array([p.budget for p in problems])
 

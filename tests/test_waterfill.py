@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, waterfill
 from rdalloc.testing import assert_kkt, bisection_waterfill
