@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import array_api_compat
 import numpy as np
 
 __all__ = ["namespace", "as_float64", "is_jax", "is_traced", "while_loop", "cond", "to_numpy", "device",
-           "register_pytree", "masked", "positive_or_one", "segment_sum", "segment_max"]
+           "register_pytree", "jax_compiled", "masked", "positive_or_one", "segment_sum", "segment_max"]
 
 
 def namespace(*arrays: Any):
@@ -91,6 +92,29 @@ def register_pytree(cls: type) -> None:
 
 
 _registered: set = set()
+
+
+def jax_compiled(fn: Callable, model: Any, *arrays: Any, **settings: Any) -> Any:
+    """``fn(model, *arrays, **settings)`` under a ``jax.jit`` that is compiled once per function, shapes and settings.
+
+    For eager JAX calls: a solver's ``lax.while_loop`` bodies are fresh closures on every call, so JAX would trace
+    and compile them again each time. Here the model's array fields and ``arrays`` are traced, and its other fields
+    (floats, strings, bit tuples) and ``settings`` are static, part of the cache key (they must be hashable).
+    """
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init}
+    traced = {k: v for k, v in fields.items() if getattr(v, "shape", None) is not None}
+    fixed = tuple((k, v) for k, v in fields.items() if k not in traced)
+    return _jitted(fn, tuple(sorted(settings)))(traced, *arrays, model_type=type(model), fixed=fixed, **settings)
+
+
+@functools.cache
+def _jitted(fn: Callable, setting_names: tuple[str, ...]) -> Callable:
+    import jax
+
+    def run(traced, *arrays, model_type, fixed, **settings):
+        return fn(model_type(**traced, **dict(fixed)), *arrays, **settings)
+
+    return jax.jit(run, static_argnames=("model_type", "fixed", *setting_names))
 
 
 def masked(xp, mask, x):

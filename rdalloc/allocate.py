@@ -77,6 +77,7 @@ from ._namespace import (
     index_dtype,
     is_jax,
     is_traced,
+    jax_compiled,
     masked,
     namespace,
     positive_or_one,
@@ -208,7 +209,8 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
 
     Returns an :class:`Allocation`: on numpy/torch/array_api_strict the optimum of the menu problem (status
     ``OPTIMAL``, proven up to ``1e-9 (|distortion| + lambda* B)``) unless ``max_nodes`` ran out; under JAX the
-    hull/greedy answer with its dual gap. Grouped: every field but ``bits`` one per group, each group's answer, bound
+    hull/greedy answer with its dual gap (an eager JAX call compiles once per shape and settings, then reuses it).
+    Grouped: every field but ``bits`` one per group, each group's answer, bound
     and status its own solve's (:meth:`Allocation.group` gives one). Raises ``ValueError`` for invalid input or a
     budget below the cheapest allocation (the message gives the feasible range and names the group); under
     ``jax.jit`` an infeasible budget gives status ``INFEASIBLE`` instead (and bits ``-1``).
@@ -224,9 +226,25 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     """
     xp, menu, n, w, m, lo, hi, groups, elements, B = allocate_iv(model, sizes, budget, average_bits, groups, weights,
                                                                  menu, metadata, lo, hi, max_nodes)
+    if not is_jax(xp):
+        return _allocate(model, n, w, m, lo, hi, groups, B, elements, menu=menu, max_fill=max_fill,
+                         max_nodes=max_nodes)
+    register_pytree(Allocation)
+    if is_traced(n) or is_traced(B):  # inside the user's jax.jit
+        return _allocate(model, n, w, m, lo, hi, groups, B, elements, menu=menu, max_fill=max_fill, max_nodes=0)
+    # an eager JAX call: compiled once per shape and settings (the loops would otherwise be traced on every call)
+    a = jax_compiled(_allocate, model, n, w, m, lo, hi, groups, B, elements, menu=menu, max_fill=max_fill,
+                     max_nodes=0)
+    if bool(xp.any(a.status == INFEASIBLE)):  # the eager contract: raise, naming the feasible range
+        _allocate(model, n, w, m, lo, hi, groups, B, elements, menu=menu, max_fill=max_fill, max_nodes=0)
+    return a
+
+
+def _allocate(model, n, w, m, lo, hi, groups, B, elements, *, menu: tuple, max_fill: int | None,
+              max_nodes: int) -> Allocation:
+    """:func:`allocate` on checked input."""
+    xp = namespace(n)
     static = is_jax(xp) or is_traced(n)  # static shapes and no host syncs (JAX, traced or not)
-    if is_jax(xp):
-        register_pytree(Allocation)
     if groups is not None:
         return _allocate_grouped(xp, model, menu, (n, w, m, lo, hi), groups, B, elements, static, max_fill,
                                  max_nodes)

@@ -1,5 +1,7 @@
 """One implementation, every array-API backend: numpy, torch, array_api_strict and JAX under ``jax.jit``."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -93,6 +95,35 @@ def test_jax_jit_compiles_once_for_many_budgets():
 
         out = [int(jnp.sum(solve(a).bits)) for a in (1.0, 2.0, 3.0)]
     assert len(traces) == 1 and out == sorted(out)
+
+
+def test_eager_jax_allocate_compiles_once_per_shape(monkeypatch):
+    """An eager JAX call runs one cached jax.jit per shape and settings: other budgets and other values reuse it
+    (the solver's loops are not traced again), the answer is numpy's hull/greedy one, and an infeasible budget still
+    raises as on every eager backend."""
+    allocate_module = importlib.import_module("rdalloc.allocate")  # the module, not the function rdalloc exports
+    traces = []
+    real = allocate_module._allocate
+
+    def counting(*args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in args[1:]):
+            traces.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(allocate_module, "_allocate", counting)
+    with jax.enable_x64(True):
+        for seed, avg in ((0, 2.0), (1, 3.0), (2, 3.5)):
+            alpha, beta, ev, n, w = instance(seed, 64)
+            got = allocate(ExponentialModel(jnp.asarray(alpha), jnp.asarray(beta), eviction=jnp.asarray(ev)),
+                           jnp.asarray(n), average_bits=avg, weights=jnp.asarray(w), menu=MENU)
+            ref = allocate(ExponentialModel(alpha, beta, eviction=ev), n, average_bits=avg, weights=w, menu=MENU,
+                           max_nodes=0)
+            np.testing.assert_array_equal(np.asarray(got.bits), ref.bits)
+            assert int(got.status) == int(ref.status)
+        assert len(traces) == 1
+        with pytest.raises(ValueError, match="infeasible"):
+            allocate(ExponentialModel(jnp.asarray(alpha), jnp.asarray(beta), eviction=jnp.asarray(ev)),
+                     jnp.asarray(n), budget=1.0, weights=jnp.asarray(w), menu=(2, 4))
 
 
 def test_jax_float32_without_x64():
