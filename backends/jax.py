@@ -30,6 +30,7 @@ import jax
 from rdalloc.apply import PlanApplier, unpack
 from rdalloc.layout import check_kv
 from rdalloc.measure import measure_distortion as _measure_distortion
+from rdalloc.measure import measured_bits
 from rdalloc.plan import Plan
 from rdalloc.quantizers import Quantizer, get_quantizer
 from rdalloc.quantizers import fake_quantize_uniform as _fake_quantize_uniform
@@ -87,8 +88,7 @@ def measure_distortion(x: jax.Array, quantizer: Quantizer | str, bits: Sequence[
     """:func:`rdalloc.measure.measure_distortion` for JAX, jit-compiled: ``(items, len(bits))`` per-item MSE."""
     _check_array(x, "x", (4, 5))
     q = get_quantizer(quantizer)
-    bits_t = tuple(int(b) for b in bits) if not isinstance(bits, int) else (int(bits),)
-    return _measure_jit(x, q, bits_t, role, granularity)
+    return _measure_jit(x, q, measured_bits(bits, q), role, granularity)
 
 
 @partial(jax.jit, static_argnames=("quantizer", "bits", "role"))

@@ -50,7 +50,8 @@ __all__ = ["measure_distortion"]
 _CHUNK_ELEMENTS = 2 ** 21  # quantized copies held at once (all widths of a chunk of heads)
 
 
-def _bits_list(bits: Any, quantizer: Quantizer) -> tuple[int, ...]:
+def measured_bits(bits: Any, quantizer: Quantizer) -> tuple[int, ...]:
+    """``bits`` as a tuple of integer widths the quantizer supports (``TypeError``/``ValueError`` naming ``bits``)."""
     try:
         seq = [bits] if isinstance(bits, (int, np.integer)) else list(bits)
     except TypeError:
@@ -83,7 +84,7 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
     check_role(role)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    bits = _bits_list(bits, quantizer)
+    bits = measured_bits(bits, quantizer)
     xp = array_api_compat.array_namespace(x)
     if x.ndim not in (4, 5):
         raise ValueError(f"x must be [batch, kv_heads, tokens, head_dim] or [layers, batch, kv_heads, tokens, "

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rdalloc.backends import jax as rdj
 from rdalloc.backends import torch as rdt
 
-from rdalloc import Plan, PlanApplier
+from rdalloc import Plan, PlanApplier, measure_distortion
 from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
 
 MENU = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
@@ -152,3 +152,17 @@ def test_jax_validation_names_the_problem():
         ap.fake_quantize(jnp.asarray(k[0]), jnp.asarray(v[0]).astype(jnp.int32), layer=0)
     with pytest.raises(ValueError, match="tokens=12, but the cache has tokens=6"):
         ap.fake_quantize(jnp.asarray(k[0][:, :, :6]), jnp.asarray(v[0][:, :, :6]), layer=0)
+
+
+@pytest.mark.parametrize("bits", [[2.5], [True], ["3"], [17], []])
+def test_measure_distortion_refuses_the_same_bits_on_every_backend(bits):
+    """Bits that are not integer widths the quantizer supports are refused alike on numpy, torch and JAX (JAX used to
+    measure 2 bits for 2.5)."""
+    x = np.random.default_rng(0).normal(size=(1, 2, 64, 32)).astype(np.float32)
+    errors = []
+    for measure, arr in ((measure_distortion, x), (rdt.measure_distortion, torch.asarray(x)),
+                         (rdj.measure_distortion, jnp.asarray(x))):
+        with pytest.raises((TypeError, ValueError), match="bits") as info:
+            measure(arr, "kivi", bits, role="key")
+        errors.append((info.type, str(info.value)))
+    assert errors[0] == errors[1] == errors[2]
