@@ -36,8 +36,6 @@ __all__ = ["fake_quantize", "pack", "unpack", "measure_distortion", "fake_quanti
 def _check_tensor(x: Any, name: str, ndim: tuple[int, ...] = (4,)) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_meta:
-        raise ValueError(f"{name} is on the meta device (shape {tuple(x.shape)}, no data to quantize)")
     check_kv(x, name, ndim)
 
 

@@ -208,14 +208,3 @@ def test_tabulated_model_from_traced_arrays_under_jit():
     assert ok[np.arange(3), [(2, 4, 8).index(int(b)) for b in eager]].all()
     with pytest.raises(ValueError, match="allowed must be a boolean array of shape"):
         TabulatedModel(bits=(2, 4, 8), distortion=D, allowed=jnp.asarray(ok, dtype=jnp.int32))
-
-
-def test_torch_meta_tensors_are_refused_by_name():
-    """A meta tensor has a shape and no data: refused naming the argument (it raised NotImplementedError)."""
-    from rdalloc.backends import torch as rdt
-
-    k = torch.empty(1, 2, 64, 32, device="meta")
-    with pytest.raises(ValueError, match="x is on the meta device"):
-        rdt.measure_distortion(k, "kivi", [2], role="key")
-    with pytest.raises(ValueError, match="x is on the meta device"):
-        rdt.fake_quantize_uniform(k, "kivi", 2, "key")
