@@ -325,11 +325,15 @@ def unpack(packed: PackedLayer | PackedCache):
 
 # ---- what differs between backends ----------------------------------------------------------------------------------
 def _no_grad(xp) -> contextlib.AbstractContextManager:
-    """``torch.no_grad()`` for torch (nothing here is differentiated), else nothing."""
+    """``torch.no_grad()`` for torch (nothing here is differentiated); for numpy, no warnings about lanes that are
+    computed and then not selected (elements kept at 16 bits may hold values no float16 scale can reach); else
+    nothing."""
     if array_api_compat.is_torch_namespace(xp):
         import torch
 
         return torch.no_grad()
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.errstate(over="ignore", invalid="ignore")
     return contextlib.nullcontext()
 
 
@@ -476,8 +480,10 @@ class PlanApplier:
         if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
             raise ValueError(f"keys and values must agree on [batch, kv_heads, tokens], got {tuple(keys.shape)} and "
                              f"{tuple(values.shape)}")
-        self.layout("key", layer, keys.shape)
-        self.layout("value", layer, values.shape)
+        for name, x, role in (("keys", keys, "key"), ("values", values, "value")):
+            lay = self.layout(role, layer, x.shape)
+            if lay.widths:  # finite and within float16's reach where quantized (traced values: not inspected)
+                self.quantizer.check_range(x, name, where=(lay.elem_bits > 0) & (lay.elem_bits < FULL_BITS))
         xp = array_api_compat.array_namespace(keys)
         if array_api_compat.is_jax_namespace(xp):
             key = (kernel.__name__, int(layer))

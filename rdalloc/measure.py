@@ -95,6 +95,8 @@ def measure_distortion(x: Any, quantizer: Quantizer | str, bits: Sequence[int], 
         L, B, H, T, D = x.shape
         x = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3, 4)), (B, L * H, T, D))
     B, H, T, D = x.shape
+    if any(0 < b < FULL_BITS for b in bits):
+        quantizer.check_range(x, "x")
     cd = compute_dtype(xp, x)
     xf = xp.astype(x, cd, copy=False)
     axes = {"head": (1, 3, 4), "token": (1, 4), "channel": (1, 3)}[granularity]

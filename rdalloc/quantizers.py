@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 import array_api_compat
 import numpy as np
 
+from ._namespace import is_traced, to_numpy
 from .models import FULL_BITS
 
 __all__ = ["Quantizer", "AsymmetricQuantizer", "KIVI", "QuaRot", "PerTokenAsymmetric", "SymmetricAbsmax",
@@ -225,6 +226,11 @@ def compute_dtype(xp, x):
     return xp.float64 if x.dtype == xp.float64 else xp.float32
 
 
+MAX_MAGNITUDE = 32752.0
+"""Largest magnitude a quantized coordinate may have: half of float16's largest value, so that a group's range
+(at most twice it) divided by ``2**bits - 1 >= 1`` stays a finite float16 scale, and its zero one too."""
+
+
 # ---- the protocol ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Quantizer:
@@ -271,6 +277,12 @@ class Quantizer:
     def inverse_transform(self, x: Any, role: str) -> Any:
         return x
 
+    def magnitude(self, x: Any) -> Any:
+        """An upper bound, per element of ``x``, on the magnitude of the values it turns into after ``transform``:
+        ``|x|`` by default (a transform that mixes channels overrides it)."""
+        xp = array_api_compat.array_namespace(x)
+        return xp.abs(x)
+
     # -- provided --
     @property
     def metadata_bits_per_group(self) -> int:
@@ -280,6 +292,34 @@ class Quantizer:
     def spec(self) -> dict:
         """``{"name": ..., **fields}``: enough to rebuild the quantizer with :func:`get_quantizer`."""
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    def check_range(self, x: Any, name: str, where: np.ndarray | None = None) -> None:
+        """``ValueError`` naming ``name`` and the first offending element unless every value of ``x``
+        (``(..., tokens, head_dim)``) is finite and, after ``transform``, at most :data:`MAX_MAGNITUDE` in magnitude;
+        ``where`` (host bools broadcastable to ``x``) limits the check to the elements that will be quantized.
+
+        Scale and zero are stored as float16: a value beyond that bound (or NaN, or infinite) would overflow them
+        and turn its whole group into NaN. One reduction where ``x`` lives and one boolean to the host: the only
+        host synchronisation of a quantizing call. Values that cannot be inspected are not: traced ones (inside
+        ``jax.jit``) and torch meta tensors.
+        """
+        if is_traced(x) or 0 in tuple(x.shape) or getattr(x, "is_meta", False):
+            return
+        xp = array_api_compat.array_namespace(x)
+        m = self.magnitude(x)
+        if where is not None:
+            m = xp.where(to_device(np.broadcast_to(where, tuple(x.shape)), x), m, xp.zeros_like(m))
+        if bool(to_numpy(xp.all(m <= MAX_MAGNITUDE))):  # NaN compares False (a max may drop NaN on some backends)
+            return
+        v, mm = to_numpy(x), to_numpy(m)
+        over = ~(mm <= MAX_MAGNITUDE)
+        nonfinite = over & ~np.isfinite(v)  # name a NaN or infinity itself, else the largest offending value
+        flat = np.argmax(nonfinite) if nonfinite.any() else np.argmax(np.where(over, np.abs(v), -1.0))
+        idx = tuple(int(i) for i in np.unravel_index(flat, v.shape))
+        bad = v[idx]
+        raise ValueError(f"{name} holds {float(bad)!r} at index {idx}: quantizer {self.name!r} needs finite values "
+                         f"of magnitude at most {MAX_MAGNITUDE:g} after its transform (scale and zero are float16)"
+                         + (f"; this element's bound there is {float(mm[idx]):.6g}" if np.isfinite(bad) else ""))
 
     def supports(self, bits: int) -> bool:
         return bits == 0 or bits == FULL_BITS or self.min_bits <= bits <= self.max_bits
@@ -439,6 +479,12 @@ class QuaRot(AsymmetricQuantizer):
     def inverse_transform(self, x, role):
         return hadamard_transform(x)
 
+    def magnitude(self, x):
+        """``||x_token||_2`` for every element of a token: each rotated value is a dot product with a unit row."""
+        xp = array_api_compat.array_namespace(x)
+        xf = xp.astype(x, compute_dtype(xp, x))
+        return xp.broadcast_to(xp.sqrt(xp.sum(xf * xf, axis=-1, keepdims=True)), x.shape)
+
 
 @dataclass(frozen=True)
 class SymmetricAbsmax(Quantizer):
@@ -500,6 +546,7 @@ def fake_quantize_uniform(x: Any, quantizer: Quantizer, bits: int, role: str) ->
         return x
     if bits == 0:
         return xp.zeros_like(x)
+    quantizer.check_range(x, "x")
     *_, T, D = x.shape
     cd = compute_dtype(xp, x)
     grouping = quantizer.grouping(role, D)
