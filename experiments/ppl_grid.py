@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 from rdalloc.backends.hf.calibrate import IMPORTANCE_METHODS, Calibration, calibrate
-from rdalloc.backends.hf.cli import add_dtype, check_path, quantizer_names, widths
+from rdalloc.backends.hf.cli import add_dtype, check_path, quantizer_names
 from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, random_plan, uniform_bits, uniform_plan
 from rdalloc.backends.hf.model import load_model, model_facts
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.windows import with_progress
 
+from rdalloc.cli import widths
 from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer

@@ -85,6 +85,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def check_positive(value: int, flag: str) -> None:
+    """``ValueError`` naming ``flag`` unless ``value`` is at least 1."""
+    if value < 1:
+        raise ValueError(f"{flag} must be at least 1, got {value!r}")
+
+
 def has_format(name: str) -> Callable[[Any], bool]:
     """Whether a parsed JSON document is one of ours: an object whose ``"format"`` is ``name``."""
     return lambda d: isinstance(d, dict) and d.get("format") == name

@@ -80,3 +80,119 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     check_output(path, "--out", has_format("x"))
     with pytest.raises(ValueError, match="--out"):
         check_output(path, "--out", has_format("y"))
+
+
+# ---- the real-model commands ---------------------------------------------------------------------------------------
+LAYERS, KV_HEADS, Q_HEADS, HIDDEN, VOCAB = 2, 2, 4, 128, 128  # as in tests/test_experiment.py
+TEXT = "The quick brown fox jumps over the lazy dog while the cache holds keys and values of every token. " * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from hf_fixtures import save_model_dir, tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    save_model_dir(tiny_llama(hidden=HIDDEN, layers=LAYERS, q_heads=Q_HEADS, kv_heads=KV_HEADS, vocab=VOCAB,
+                              max_positions=512), d, TEXT)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calibration(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration") / "c.json"
+    assert main(["calibrate", "--model", str(model_dir), "--text", str(model_dir / "text.txt"), "--windows", "1",
+                 "--length", "32", "--quantizers", "kivi", "--importance", "fisher", "--no-progress",
+                 "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: the bad argument must be refused before."""
+    import rdalloc.backends.hf as hf
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(hf, "load_model", never)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--probe-bits", "1,2.5"], ["--probe-bits", "'1,2.5'"]),
+    (["--importance", "fisher,gradient"], ["--importance", "gradient"]),
+    (["--windows", "0"], ["--windows", "0"]),
+    (["--quantizers", "nope"], ["nope"]),
+    (["--out", "{tmp}"], ["--out", "is a directory"]),
+    (["--out", "{tmp}/missing/c.json"], ["--out", "does not exist"]),
+    (["--out", "{tmp}/foreign.json"], ["--out", "refusing to overwrite"]),
+])
+def test_calibrate_refuses_bad_arguments_before_loading(extra, words, model_dir, tmp_path, no_model_load, capsys):
+    (tmp_path / "foreign.json").write_text("[1, 2, 3]")
+    argv = ["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "c.json"),
+            *[a.format(tmp=tmp_path) for a in extra]]
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert all(w in line for w in words), line
+    assert (tmp_path / "foreign.json").read_text() == "[1, 2, 3]"
+
+
+@pytest.mark.parametrize("config", ["{not json", '{"model_type": "nope"}', "[]"])
+def test_a_bogus_config_json_is_one_line_before_loading(config, tmp_path, no_model_load, capsys):
+    (tmp_path / "config.json").write_text(config)
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    line = _error(capsys)
+    assert "--model" in line and "config.json" in line, line
+
+
+def test_eval_checks_out_before_evaluating(model_dir, tmp_path, no_model_load, capsys):
+    for out, words in ((tmp_path / "missing" / "e.json", "does not exist"), (tmp_path, "is a directory")):
+        assert main(["eval", "--model", str(model_dir), "--out", str(out)]) == 2
+        assert words in _error(capsys)
+    assert main(["eval", "--model", str(model_dir), "--quantizer", "nope"]) == 2
+    assert "nope" in _error(capsys)
+
+
+def test_eval_result_is_ours_to_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", str(model_dir), "--text", str(model_dir / "text.txt"), "--windows", "1", "--length",
+            "32", "--no-progress", "--out", str(out)]
+    for _ in range(2):
+        assert main(argv) == 0
+    assert json.loads(out.read_text())["format"] == "rdalloc.eval"
+    assert [p.name for p in tmp_path.iterdir()] == ["e.json"]
+
+
+def test_allocate_checks_out_and_budget_before_reading_the_calibration(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    from rdalloc.backends.hf.calibrate import Calibration
+
+    def never(*args, **kwargs):
+        raise AssertionError("the calibration was read before the arguments were checked")
+
+    monkeypatch.setattr(Calibration, "load", never)
+    (tmp_path / "foreign.json").write_text("not json")
+    base = ["allocate", "--calibration", "c.json"]
+    for argv, words in (([*base, "--average-bits", "nan", "--out", str(tmp_path / "p.json")], "--average-bits"),
+                        ([*base, "--average-bits", "3", "--out", str(tmp_path / "foreign.json")], "overwrite"),
+                        ([*base, "--average-bits", "3", "--out", str(tmp_path / "no" / "p.json")], "does not exist")):
+        assert main(argv) == 2
+        assert words in _error(capsys)
+    assert (tmp_path / "foreign.json").read_text() == "not json"
+
+
+def test_uniform_allocate_stays_within_the_budget(calibration, tmp_path, capsys):
+    """KIVI charges 1 bit of metadata per element (groups of 32) and the calibrated menu is 2..8 (and 16): 3.7 average
+    bits get the 2-bit plan (3.0), never the 3-bit one (4.0); 2.7 fit no width and are refused."""
+    out = tmp_path / "p.json"
+    argv = ["allocate", "--calibration", str(calibration), "--method", "uniform", "--tokens", "64", "--out", str(out)]
+    for asked, width in ((3.7, 2), (3.0, 2), (20.0, 16)):
+        assert main([*argv, "--average-bits", str(asked)]) == 0
+        plan = Plan.load(out)
+        assert plan.usage.average_bits <= asked and int(plan.key.max()) == int(plan.value.min()) == width
+        assert f"uniform width {width}: the widest" in capsys.readouterr().out
+    out.unlink()
+    assert main([*argv, "--average-bits", "2.7"]) == 2
+    assert "--average-bits 2.7 is below the narrowest uniform kivi plan" in _error(capsys) and not out.exists()
