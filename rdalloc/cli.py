@@ -116,6 +116,21 @@ def check_output(path: str | os.PathLike, flag: str, ours: Callable[[Any], bool]
     return p
 
 
+def prepare_output_dir(path: str | os.PathLike, flag: str, files: dict[str, Callable[[Any], bool]]) -> Path:
+    """The output directory ``path``, made (with its parents) before any work, and each of ``files`` (name -> whether
+    a parsed file is ours) in it checked by :func:`check_output`. ``ValueError`` naming ``flag`` otherwise."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r} cannot be made: {e.strerror}") from None
+    for name, ours in files.items():
+        check_output(p / name, flag, ours)
+    return p
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then rename it onto ``path``: a failure
     leaves the previous file, or none, never half of one."""

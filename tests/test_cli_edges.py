@@ -196,3 +196,55 @@ def test_uniform_allocate_stays_within_the_budget(calibration, tmp_path, capsys)
     out.unlink()
     assert main([*argv, "--average-bits", "2.7"]) == 2
     assert "--average-bits 2.7 is below the narrowest uniform kivi plan" in _error(capsys) and not out.exists()
+
+
+# ---- the experiment grids ------------------------------------------------------------------------------------------
+@pytest.fixture
+def grids(monkeypatch):
+    """The two grid scripts, loading a model failing the test."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from experiments import joint_grid, ppl_grid
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    for module in (ppl_grid, joint_grid):
+        monkeypatch.setattr(module, "load_model", never)
+    return ppl_grid, joint_grid
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budgets", "nan"], ["--budgets", "nan"]),
+    (["--budgets", "3,-1"], ["--budgets", "-1"]),
+    (["--quantizers", "kivi"], ["--quantizers", "'kivi'", "mismatch"]),
+    (["--probe-bits", "1.5"], ["--probe-bits"]),
+    (["--evaluation-windows", "0"], ["--evaluation-windows"]),
+    (["--out", "{tmp}/file.txt"], ["--out", "not a directory"]),
+    (["--out", "{tmp}/foreign"], ["--out", "results.json", "refusing to overwrite"]),
+])
+def test_ppl_grid_refuses_bad_arguments_before_loading(argv, words, grids, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "results.json").write_text('{"format": "someone else"}')
+    assert grids[0].main([*[a.format(tmp=tmp_path) for a in argv], "--no-progress"]) == 2
+    line = _error(capsys)
+    assert line.startswith("ppl_grid: error: ") and all(w in line for w in words), line
+    assert (tmp_path / "foreign" / "results.json").read_text() == '{"format": "someone else"}'
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--retentions", "0.1,nan"], ["--retentions"]),
+    (["--retentions", "0.1,2"], ["--retentions", "(0, 1]"]),
+    (["--windows", "0"], ["--windows"]),
+    (["--quantizer", "nope"], ["nope"]),
+    (["--out", "{tmp}/file.txt"], ["--out", "not a directory"]),
+    (["--out", "{tmp}", "--windows", "1", "--length", "64"], ["--out", "joint_1x64.json", "refusing to overwrite"]),
+])
+def test_joint_grid_refuses_bad_arguments_before_loading(argv, words, grids, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "joint_1x64.json").write_text("{}")
+    assert grids[1].main([*[a.format(tmp=tmp_path) for a in argv], "--no-progress"]) == 2
+    line = _error(capsys)
+    assert line.startswith("joint_grid: error: ") and all(w in line for w in words), line
+    assert (tmp_path / "joint_1x64.json").read_text() == "{}"
