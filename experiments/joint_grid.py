@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                            windows=args.windows, quantizer=args.quantizer, text_path=args.text,
                            head_scale=head_scale, continuation=args.continuation, progress=not args.no_progress)
         write(result, out, name)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
         print(f"joint_grid: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(result.markdown())

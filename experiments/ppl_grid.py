@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
         print(f"ppl_grid: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -98,13 +98,15 @@ def has_format(name: str) -> Callable[[Any], bool]:
 
 def check_output(path: str | os.PathLike, flag: str, ours: Callable[[Any], bool]) -> Path:
     """``path`` checked before any work, so that writing it later can neither fail nor destroy a foreign file: its
-    directory exists, it is not a directory, and a file already there parses as JSON for which ``ours`` holds.
-    ``ValueError`` naming ``flag`` and the path otherwise."""
+    directory exists and is writable, it is not a directory, and a file already there parses as JSON for which
+    ``ours`` holds. ``ValueError`` naming ``flag`` and the path otherwise."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a directory, not a file")
     if not p.parent.is_dir():
         raise ValueError(f"{flag} {str(path)!r}: directory {str(p.parent)!r} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r}: directory {str(p.parent)!r} is not writable")
     if p.exists():
         try:
             d = json.loads(p.read_text())
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         print(f"rdalloc: error: {one_line(e)}", file=sys.stderr)
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
         print(f"rdalloc: error: {one_line(e)}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@ work, one-line errors with exit status 2, results written atomically. Core comma
 and the experiment grids below, on the tiny Llama of tests/test_experiment.py with the expensive steps stubbed out."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,28 @@ def test_solve_overwrites_its_own_plan(tmp_path, capsys):
     for _ in range(2):
         assert main(["solve", "--plan-out", str(path)]) == 0
     assert Plan.load(path).layers == 30 and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_old_plan(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "p.json"
+    assert main(["solve", "--plan-out", str(path)]) == 0
+    before = path.read_text()
+
+    def full(self, tmp):
+        Path(tmp).write_text('{"format": "rdalloc.plan", "ke')
+        raise OSError(28, "No space left on device", str(tmp))
+
+    monkeypatch.setattr(Plan, "save", full)
+    capsys.readouterr()
+    assert main(["solve", "--average-bits", "4", "--plan-out", str(path)]) == 2
+    assert "No space left on device" in _error(capsys)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_an_unwritable_directory_is_refused_before_solving(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("rdalloc.cli.os.access", lambda path, mode: False)
+    assert main(["solve", "--plan-out", str(tmp_path / "p.json")]) == 2
+    assert "is not writable" in _error(capsys)
 
 
 def test_problem_errors_exit_two_on_one_line(tmp_path, capsys):
@@ -145,6 +168,16 @@ def test_a_bogus_config_json_is_one_line_before_loading(config, tmp_path, no_mod
     assert main(["eval", "--model", str(tmp_path)]) == 2
     line = _error(capsys)
     assert "--model" in line and "config.json" in line, line
+
+
+def test_eval_refuses_a_plan_for_another_model_before_loading(model_dir, tmp_path, no_model_load, capsys):
+    from rdalloc.backends.hf.head_plans import uniform_plan
+    from rdalloc.backends.hf.model import ModelFacts
+
+    big = ModelFacts(name="big", layers=30, kv_heads=3, q_heads=9, head_dim=64)
+    uniform_plan(big, "kivi", 4, tokens=64).save(tmp_path / "big.json")
+    assert main(["eval", "--model", str(model_dir), "--plan", str(tmp_path / "big.json")]) == 2
+    assert "layers=30" in _error(capsys)
 
 
 def test_eval_checks_out_before_evaluating(model_dir, tmp_path, no_model_load, capsys):

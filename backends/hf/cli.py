@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -57,31 +58,39 @@ def check_path(path, flag: str) -> None:
         raise ValueError(f"{flag} {str(path)!r} does not exist")
 
 
-def check_model(path) -> None:
+def check_model(path):
     """``--model`` checked before anything loads: it exists, and a directory's ``config.json`` is a JSON object whose
-    ``model_type`` transformers knows (else ``ValueError`` naming the flag, the file and the value)."""
+    ``model_type`` transformers knows (else ``ValueError`` naming the flag, the file and the value). Returns the
+    directory's :class:`~rdalloc.backends.hf.model.ModelFacts`, read from that config without loading weights, or
+    ``None`` (the bundled model, a ``.gguf`` file)."""
     check_path(path, "--model")
     config = None if path is None else Path(path).expanduser() / "config.json"
     if config is None or not config.is_file():
-        return  # the bundled model, a .gguf file, or a directory load_model refuses by name
+        return None  # the bundled model, a .gguf file, or a directory load_model refuses by name
     try:
         d = json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"--model {str(path)!r}: {config} is not valid JSON ({one_line(e)})") from None
-    from transformers import CONFIG_MAPPING
+    from rdalloc.backends.hf.model import model_facts
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = d.get("model_type") if isinstance(d, dict) else None
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ValueError(f"--model {str(path)!r}: {config} names no model type transformers knows "
                          f"(model_type={model_type!r})")
+    try:
+        return model_facts(SimpleNamespace(config=AutoConfig.from_pretrained(config.parent, local_files_only=True)))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"--model {str(path)!r}: {config} does not describe a model with layers and attention heads "
+                         f"({type(e).__name__}: {one_line(e)})") from None
 
 
-def _check_source(args) -> None:
-    """The arguments :func:`_load` takes, checked."""
+def _check_source(args):
+    """The arguments :func:`_load` takes, checked; returns :func:`check_model`'s facts."""
     check_positive(args.windows, "--windows")
     check_positive(args.length, "--length")
-    check_model(args.model)
     check_path(args.text, "--text")
+    return check_model(args.model)
 
 
 def quantizer_names(text: str) -> list[str]:
@@ -188,7 +197,9 @@ def cmd_eval(args) -> int:
         plan = Plan.load(args.plan)
     if args.quantizer is not None:
         quantizer_names(args.quantizer)
-    _check_source(args)
+    config_facts = _check_source(args)
+    if plan is not None and config_facts is not None:
+        check_plan(plan, config_facts, args.quantizer)
     out = check_output(args.out, "--out", has_format(EVAL_FORMAT)) if args.out else None
     model, facts, _, ev, text = _load(args, calibration=0, evaluation=args.windows)
     q = None
