@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 from rdalloc.backends.hf.calibrate import CALIBRATION_FORMAT, IMPORTANCE_METHODS, Calibration, calibrate
-from rdalloc.backends.hf.cli import add_dtype, check_model, check_path, quantizer_names
+from rdalloc.backends.hf.cli import add_dtype, check_model, check_path, probe_widths, quantizer_names
 from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, random_plan, uniform_bits, uniform_plan
 from rdalloc.backends.hf.model import load_model, model_facts
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.windows import with_progress
 
-from rdalloc.cli import check_positive, floats, has_format, one_line, prepare_output_dir, widths, write_atomic
+from rdalloc.cli import check_positive, floats, has_format, one_line, prepare_output_dir, write_atomic
 from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
@@ -327,7 +327,7 @@ def run(args) -> None:
     if "mismatch" in ROWS and len(set(quantizers)) < 2:
         raise ValueError(f"--quantizers {args.quantizers!r}: the mismatch row allocates with another quantizer's "
                          f"model, so the grid needs at least two quantizers (e.g. kivi,quarot)")
-    probe_bits = grid["probe_bits"] if args.probe_bits is None else widths(args.probe_bits, "--probe-bits")
+    probe_bits = grid["probe_bits"] if args.probe_bits is None else probe_widths(args.probe_bits, "--probe-bits")
     check_model(args.model)
     check_path(args.text, "--text")
     out = prepare_output_dir(RESULTS / ("demo_full" if args.full else "demo") if args.out is None else args.out,

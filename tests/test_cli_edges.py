@@ -145,6 +145,8 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("extra, words", [
     (["--probe-bits", "1,2.5"], ["--probe-bits", "'1,2.5'"]),
+    (["--probe-bits", "1,9"], ["--probe-bits", "1..8", "'1,9'"]),
+    (["--importance", "attention"], ["--default-importance", "'fisher'"]),
     (["--importance", "fisher,gradient"], ["--importance", "gradient"]),
     (["--windows", "0"], ["--windows", "0"]),
     (["--quantizers", "nope"], ["nope"]),
@@ -252,6 +254,7 @@ def grids(monkeypatch):
     (["--budgets", "3,-1"], ["--budgets", "-1"]),
     (["--quantizers", "kivi"], ["--quantizers", "'kivi'", "mismatch"]),
     (["--probe-bits", "1.5"], ["--probe-bits"]),
+    (["--probe-bits", "0"], ["--probe-bits", "1..8"]),
     (["--evaluation-windows", "0"], ["--evaluation-windows"]),
     (["--out", "{tmp}/file.txt"], ["--out", "not a directory"]),
     (["--out", "{tmp}/foreign"], ["--out", "results.json", "refusing to overwrite"]),

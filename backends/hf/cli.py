@@ -38,7 +38,8 @@ from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
 
-__all__ = ["register", "add_dtype", "check_path", "check_model", "quantizer_names", "HF_MODULES", "EVAL_FORMAT"]
+__all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "HF_MODULES",
+           "EVAL_FORMAT"]
 
 HF_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib")
 """What the commands import beyond the core (the ``hf`` extra), by top-level module name."""
@@ -93,6 +94,14 @@ def _check_source(args):
     return check_model(args.model)
 
 
+def probe_widths(text: str, flag: str) -> tuple[int, ...]:
+    """The widths of a single-head KL probe, ``"1,2"`` -> ``(1, 2)``: integers in 1..8."""
+    bits = widths(text, flag)
+    if any(not 1 <= b <= 8 for b in bits):
+        raise ValueError(f"{flag} must be quantized widths in 1..8, got {text!r}")
+    return bits
+
+
 def quantizer_names(text: str) -> list[str]:
     """Registered names of the comma-separated quantizers in ``text``."""
     return [get_quantizer(q.strip()).name for q in text.split(",") if q.strip()]
@@ -125,7 +134,10 @@ def cmd_calibrate(args) -> int:
     if not importance or any(m not in IMPORTANCE_METHODS for m in importance):
         raise ValueError(f"--importance must be comma-separated estimators among {IMPORTANCE_METHODS}, "
                          f"got {args.importance!r}")
-    probe_bits = widths(args.probe_bits, "--probe-bits")
+    if args.default_importance not in importance:
+        raise ValueError(f"--default-importance {args.default_importance!r} must be one of --importance "
+                         f"{args.importance!r}")
+    probe_bits = probe_widths(args.probe_bits, "--probe-bits")
     check_positive(args.probe_length, "--probe-length")
     _check_source(args)
     out = check_output(args.out, "--out", has_format(CALIBRATION_FORMAT))
