@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from rdalloc.backends.hf.capture import fisher_importance
-from rdalloc.backends.hf.cli import add_dtype, check_path
+from rdalloc.backends.hf.cli import add_dtype, check_model, check_path
 from rdalloc.backends.hf.compress import WEIGHTINGS, CompressedCache, observe_prefill, scale_heads, token_weights
 from rdalloc.backends.hf.joint import (
     DEFAULT_MENU,
@@ -40,6 +40,7 @@ from rdalloc.backends.hf.joint import (
 from rdalloc.backends.hf.model import load_model
 from rdalloc.backends.hf.text import text_windows
 
+from rdalloc.cli import check_positive, floats, one_line, prepare_output_dir, write_atomic
 from rdalloc.environment import environment
 from rdalloc.models import FULL_BITS
 from rdalloc.quantizers import get_quantizer
@@ -184,6 +185,11 @@ def row_plan(method, w, wts, pre, err, menu, kw):
     return uniform_token_plan(pre.shape, **kw)
 
 
+def is_result(d: Any) -> bool:
+    """Whether a parsed JSON document is a :class:`JointResult` (what ``--out`` may overwrite)."""
+    return isinstance(d, dict) and {"rows", "full_nll", "settings"} <= d.keys()
+
+
 def result_name(windows: int, length: int, head_scale: str | None) -> str:
     """The file stem of a run: ``joint_<windows>x<length>``, plus ``_no_head_scale`` without the head scale."""
     return f"joint_{windows}x{length}" + ("" if head_scale else "_no_head_scale")
@@ -192,8 +198,8 @@ def result_name(windows: int, length: int, head_scale: str | None) -> str:
 def write(res: JointResult, out: Path, name: str) -> None:
     """``<name>.json``, ``<name>.md`` (the table) and ``<name>.png`` (NLL and KL vs retention) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res.to_dict(), indent=1))
-    (out / f"{name}.md").write_text(res.markdown() + "\n")
+    write_atomic(out / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(res.to_dict(), indent=1)))
+    write_atomic(out / f"{name}.md", lambda tmp: tmp.write_text(res.markdown() + "\n"))
     try:
         import matplotlib
 
@@ -220,7 +226,7 @@ def write(res: JointResult, out: Path, name: str) -> None:
     ax[1].set_yscale("log")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
+    write_atomic(out / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -246,20 +252,26 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    head_scale = None if args.head_scale == "none" else args.head_scale
     try:
-        check_path(args.model, "--model")
+        retentions = floats(args.retentions, "--retentions")
+        if np.any((retentions <= 0) | (retentions > 1)):
+            raise ValueError(f"--retentions must lie in (0, 1], got {args.retentions!r}")
+        for flag in ("--windows", "--length", "--continuation"):
+            check_positive(getattr(args, flag[2:]), flag)
+        get_quantizer(args.quantizer)
+        check_model(args.model)
         check_path(args.text, "--text")
-        retentions = tuple(float(r) for r in args.retentions.split(","))
+        name = result_name(args.windows, args.length, head_scale)
+        out = prepare_output_dir(args.out, "--out", {f"{name}.json": is_result})
         model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
-        result = run_joint(model, tokenizer, retentions=retentions, context=args.length, windows=args.windows,
-                           quantizer=args.quantizer, text_path=args.text,
-                           head_scale=None if args.head_scale == "none" else args.head_scale,
-                           continuation=args.continuation, progress=not args.no_progress)
-    except (ValueError, TypeError) as e:
-        print(f"joint_grid: error: {e}", file=sys.stderr)
+        result = run_joint(model, tokenizer, retentions=tuple(float(r) for r in retentions), context=args.length,
+                           windows=args.windows, quantizer=args.quantizer, text_path=args.text,
+                           head_scale=head_scale, continuation=args.continuation, progress=not args.no_progress)
+        write(result, out, name)
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
+        print(f"joint_grid: error: {one_line(e)}", file=sys.stderr)
         return 2
-    name = result_name(args.windows, args.length, None if args.head_scale == "none" else args.head_scale)
-    write(result, Path(args.out), name)
     print(result.markdown())
     print(f"results written to {args.out}/{name}.{{json,md,png}}")
     return 0

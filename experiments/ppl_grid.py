@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rdalloc.backends.hf.calibrate import IMPORTANCE_METHODS, Calibration, calibrate
-from rdalloc.backends.hf.cli import add_dtype, check_path, quantizer_names, widths
+from rdalloc.backends.hf.calibrate import CALIBRATION_FORMAT, IMPORTANCE_METHODS, Calibration, calibrate
+from rdalloc.backends.hf.cli import add_dtype, check_model, check_path, probe_widths, quantizer_names
 from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, random_plan, uniform_bits, uniform_plan
 from rdalloc.backends.hf.model import load_model, model_facts
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.windows import with_progress
 
+from rdalloc.cli import check_positive, floats, has_format, one_line, prepare_output_dir, write_atomic
 from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
@@ -50,6 +51,8 @@ QUICK = {"calibration_windows": 2, "calibration_length": 256, "evaluation_window
 FULL = {"calibration_windows": 4, "calibration_length": 512, "evaluation_windows": 4, "evaluation_length": 512,
         "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0),
         "probe_bits": (1, 2)}
+RESULT_FORMAT = "rdalloc.experiment"
+"""The ``"format"`` of ``results.json``."""
 BROKEN = 10.0
 """Perplexity above ``BROKEN`` times FP16's counts as a wrecked model (left out of the estimator comparison)."""
 
@@ -64,12 +67,12 @@ class ExperimentResult:
     facts: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"format": "rdalloc.experiment", "version": 1, "fp16": dict(self.fp16),
+        return {"format": RESULT_FORMAT, "version": 1, "fp16": dict(self.fp16),
                 "rows": [dict(r) for r in self.rows], "facts": dict(self.facts)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExperimentResult:
-        if not isinstance(d, Mapping) or d.get("format") != "rdalloc.experiment":
+        if not isinstance(d, Mapping) or d.get("format") != RESULT_FORMAT:
             raise ValueError("not an rdalloc experiment result")
         return cls(fp16=d["fp16"], rows=d["rows"], facts=d.get("facts") or {})
 
@@ -294,9 +297,7 @@ def plot_results(result: ExperimentResult, path: str | Path) -> None:
 
 
 def load(args, grid):
-    """Model, facts, calibration and evaluation windows, and the text's description; inputs checked first."""
-    check_path(args.model, "--model")
-    check_path(args.text, "--text")
+    """Model, facts, calibration and evaluation windows, and the text's description (inputs checked by :func:`run`)."""
     model, tokenizer, facts = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
     cal_windows, cal_length = grid["calibration_windows"], grid["calibration_length"]
     ev_windows, length = grid["evaluation_windows"], grid["evaluation_length"]
@@ -314,18 +315,27 @@ def run(args) -> None:
     grid = dict(FULL if args.full else QUICK)
     for name in ("calibration_windows", "evaluation_windows", "calibration_length", "evaluation_length"):
         if getattr(args, name) is not None:
+            check_positive(getattr(args, name), "--" + name.replace("_", "-"))
             grid[name] = getattr(args, name)
     if args.budgets:
-        grid["budgets"] = tuple(float(b) for b in args.budgets.split(","))
+        budgets = floats(args.budgets, "--budgets")
+        if np.any(budgets <= 0):
+            raise ValueError(f"--budgets must be positive average bits, got {args.budgets!r}")
+        grid["budgets"] = tuple(float(b) for b in budgets)
         grid["importance_budgets"] = grid["budgets"] if args.full else grid["budgets"][len(grid["budgets"]) // 2:][:1]
     quantizers = quantizer_names(args.quantizers)
-    out = Path(args.out) if args.out is not None else RESULTS / ("demo_full" if args.full else "demo")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    if "mismatch" in ROWS and len(set(quantizers)) < 2:
+        raise ValueError(f"--quantizers {args.quantizers!r}: the mismatch row allocates with another quantizer's "
+                         f"model, so the grid needs at least two quantizers (e.g. kivi,quarot)")
+    probe_bits = grid["probe_bits"] if args.probe_bits is None else probe_widths(args.probe_bits, "--probe-bits")
+    check_model(args.model)
+    check_path(args.text, "--text")
+    out = prepare_output_dir(RESULTS / ("demo_full" if args.full else "demo") if args.out is None else args.out,
+                             "--out", {"calibration.json": has_format(CALIBRATION_FORMAT),
+                                       "results.json": has_format(RESULT_FORMAT)})
     t0 = time.perf_counter()
     model, facts, cal, ev, text = load(args, grid)
     t_load = time.perf_counter() - t0
-    probe_bits = grid["probe_bits"] if args.probe_bits is None else widths(args.probe_bits, "--probe-bits")
     c = calibrate(model, facts, cal, quantizers=quantizers, probe_bits=probe_bits, text=text,
                   progress=not args.no_progress)
     print(f"calibration: {c.timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items()
@@ -338,13 +348,12 @@ def run(args) -> None:
                    "command": "python -m experiments.ppl_grid" + (" --full" if args.full else ""),
                    "environment": environment(args.dtype)}
     r = ExperimentResult(fp16=r.fp16, rows=r.rows, facts=facts_extra)
-    out.mkdir(parents=True, exist_ok=True)
-    c.save(out / "calibration.json")
-    r.save(out / "results.json")
+    write_atomic(out / "results.json", r.save)
+    write_atomic(out / "calibration.json", c.save)
     md = markdown_table(r) + (f"\nCalibration {c.timings['total']:.1f} s; whole run {wall:.1f} s wall on this "
                               f"machine ({'full' if args.full else 'quick'} grid).\n")
-    (out / "results.md").write_text(md)
-    plot_results(r, out / "ppl_vs_bits.png")
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(md))
+    write_atomic(out / "ppl_vs_bits.png", lambda tmp: plot_results(r, tmp))
     print(md)
     print(f"wrote {out}/calibration.json, results.json, results.md, ppl_vs_bits.png ({wall:.1f} s)")
 
@@ -374,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, TypeError) as e:
-        print(f"ppl_grid: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
+        print(f"ppl_grid: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,16 +13,25 @@ plan over (layer, kv_head).
 More commands come from the ``rdalloc.commands`` entry-point group: each entry is a function that adds its
 subcommands to the parser's subparsers. rdalloc's own ``hf`` entry (``rdalloc.backends.hf.cli``) adds the real-model
 commands ``calibrate``, ``allocate`` and ``eval``; loading it imports neither torch nor transformers.
+
+Every command checks its arguments and output paths before any work (:func:`floats`, :func:`widths`,
+:func:`check_output`) and writes its files atomically (:func:`write_atomic`); an error is one line on stderr and exit
+status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from importlib import resources
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,24 +41,123 @@ from .plan import Plan
 from .waterfill import waterfill
 
 DEFAULT_PROBLEM = "smollm2_problem.json"
+PLAN_FORMAT = "rdalloc.plan"
+"""The ``"format"`` of a saved :class:`~rdalloc.plan.Plan`."""
 COMMANDS_GROUP = "rdalloc.commands"
 
 
-def _floats(text: str, name: str) -> np.ndarray:
+class ArgumentError(SystemExit):
+    """A bad argument found before any work: :func:`main` prints it on one line and exits with status 2, as argparse
+    does for the arguments it checks itself."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def floats(text: str, flag: str) -> np.ndarray:
+    """``"1,2.5"`` -> ``[1., 2.5]``; ``ValueError`` naming ``flag`` unless every entry is a finite number."""
     try:
-        return np.asarray([float(t) for t in text.split(",")], dtype=np.float64)
+        values = np.asarray([float(t) for t in text.split(",")], dtype=np.float64)
     except ValueError:
-        raise SystemExit(f"rdalloc: {name} must be comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{flag} must be finite numbers, got {text!r}")
+    return values
+
+
+def widths(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``; ``""`` -> ``()``; ``ValueError`` naming ``flag`` for anything but integers."""
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integer widths such as 1,2, got {text!r}") from None
+
+
+def check_finite(value: float | None, flag: str) -> None:
+    """``ValueError`` naming ``flag`` if ``value`` is given and is NaN or infinite."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value!r}")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (whitespace runs, newlines included, collapsed to a space)."""
+    return " ".join(str(error).split())
+
+
+def check_positive(value: int, flag: str) -> None:
+    """``ValueError`` naming ``flag`` unless ``value`` is at least 1."""
+    if value < 1:
+        raise ValueError(f"{flag} must be at least 1, got {value!r}")
+
+
+def has_format(name: str) -> Callable[[Any], bool]:
+    """Whether a parsed JSON document is one of ours: an object whose ``"format"`` is ``name``."""
+    return lambda d: isinstance(d, dict) and d.get("format") == name
+
+
+def check_output(path: str | os.PathLike, flag: str, ours: Callable[[Any], bool]) -> Path:
+    """``path`` checked before any work, so that writing it later can neither fail nor destroy a foreign file: its
+    directory exists and is writable, it is not a directory, and a file already there parses as JSON for which
+    ``ours`` holds. ``ValueError`` naming ``flag`` and the path otherwise."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory, not a file")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: directory {str(p.parent)!r} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r}: directory {str(p.parent)!r} is not writable")
+    if p.exists():
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            d = None
+        if not ours(d):
+            raise ValueError(f"{flag} {str(path)!r} exists and is not a file this command writes: refusing to "
+                             f"overwrite it")
+    return p
+
+
+def prepare_output_dir(path: str | os.PathLike, flag: str, files: dict[str, Callable[[Any], bool]]) -> Path:
+    """The output directory ``path``, made (with its parents) before any work, and each of ``files`` (name -> whether
+    a parsed file is ours) in it checked by :func:`check_output`. ``ValueError`` naming ``flag`` otherwise."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r} cannot be made: {e.strerror}") from None
+    for name, ours in files.items():
+        check_output(p / name, flag, ours)
+    return p
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then rename it onto ``path``: a failure
+    leaves the previous file, or none, never half of one."""
+    p = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}-", suffix=p.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _load_problem(args) -> dict:
     if args.alpha is not None:
-        alpha = _floats(args.alpha, "--alpha")
-        beta = _floats(args.beta, "--beta") if args.beta else 4.0
-        eviction = _floats(args.eviction, "--eviction") if args.eviction else None
+        alpha = floats(args.alpha, "--alpha")
+        beta = floats(args.beta, "--beta") if args.beta else 4.0
+        eviction = floats(args.eviction, "--eviction") if args.eviction else None
         model = ExponentialModel(alpha, beta if np.size(beta) > 1 else float(np.ravel(beta)[0]), eviction=eviction,
                                  lo=args.lo, hi=args.hi)
-        sizes = _floats(args.sizes, "--sizes")
+        sizes = floats(args.sizes, "--sizes")
         return {"model": model, "sizes": sizes if sizes.size > 1 else float(sizes[0]), "weights": 1.0,
                 "metadata": args.metadata if args.metadata is not None else 0.0, "layout": None, "quantizer": None,
                 "note": "from flags"}
@@ -59,19 +167,27 @@ def _load_problem(args) -> dict:
     else:
         path = Path(args.problem)
         if not path.is_file():
-            raise SystemExit(f"rdalloc: problem file {path} does not exist")
+            raise ArgumentError(f"problem file {path} does not exist")
         text, source = path.read_text(), str(path)
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"rdalloc: {source} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ArgumentError(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict) or "model" not in d or "sizes" not in d:
-        raise SystemExit(f"rdalloc: {source} must be a JSON object with at least 'model' and 'sizes'")
+        raise ArgumentError(f"{source} must be a JSON object with at least 'model' and 'sizes'")
+    layout = d.get("layout")
+    if layout is not None and not (isinstance(layout, dict) and all(
+            isinstance(layout.get(k), int) and layout[k] > 0 for k in ("layers", "kv_heads"))):
+        raise ArgumentError(f"{source}: 'layout' must be {{\"layers\": L, \"kv_heads\": H}} with positive integers, "
+                            f"got {layout!r}")
     arr = lambda x: np.asarray(x, dtype=np.float64) if isinstance(x, list) else float(x)  # noqa: E731
-    return {"model": model_from_dict(d["model"]), "sizes": arr(d["sizes"]), "weights": arr(d.get("weights", 1.0)),
-            "metadata": arr(d.get("metadata", 0.0)) if args.metadata is None else args.metadata,
-            "layout": d.get("layout"), "quantizer": d.get("quantizer") or d["model"].get("quantizer"),
-            "note": d.get("note", source)}
+    try:
+        return {"model": model_from_dict(d["model"]), "sizes": arr(d["sizes"]), "weights": arr(d.get("weights", 1.0)),
+                "metadata": arr(d.get("metadata", 0.0)) if args.metadata is None else args.metadata,
+                "layout": layout, "quantizer": d.get("quantizer") or d["model"].get("quantizer"),
+                "note": d.get("note", source)}
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ArgumentError(f"{source} is not a valid problem: {type(e).__name__}: {one_line(e)}") from None
 
 
 def print_head_table(bits: np.ndarray, layers: int, heads: int, out) -> None:
@@ -85,29 +201,38 @@ def print_head_table(bits: np.ndarray, layers: int, heads: int, out) -> None:
 
 
 def cmd_solve(args) -> int:
+    for flag in ("--average-bits", "--budget", "--lo", "--hi", "--metadata"):
+        check_finite(getattr(args, flag[2:].replace("-", "_")), flag)
+    menu = widths(args.menu, "--menu") if args.menu else None
+    plan_out = check_output(args.plan_out, "--plan-out", has_format(PLAN_FORMAT)) if args.plan_out else None
     p = _load_problem(args)
     model, out = p["model"], sys.stdout
+    layout = p["layout"]
+    head_plan = bool(layout) and int(layout["layers"]) * int(layout["kv_heads"]) * 2 == model.n_items
+    if plan_out is not None and (args.continuous or not head_plan):
+        raise ValueError(f"--plan-out {args.plan_out!r} needs a head plan: a menu solve (not --continuous) of a "
+                         f"problem with a layout of layers x kv_heads covering its {model.n_items} items (a problem "
+                         f"file's 'layout'; --alpha gives none)")
     budget = {"budget": args.budget} if args.budget is not None else {"average_bits": args.average_bits}
     print(f"problem: {p['note']} — {model.n_items} items, quantizer {p['quantizer']!r}", file=out)
     if args.continuous:
         if not isinstance(model, ExponentialModel):
-            raise SystemExit("rdalloc: --continuous needs an exponential model")
+            raise ArgumentError("--continuous needs an exponential model")
         r = waterfill(model, p["sizes"], weights=p["weights"], metadata=p["metadata"], **budget)
         cert = r.to_dict()
         bits = cert.pop("bits")
         print("bits: " + " ".join(f"{b:.3f}" for b in bits), file=out)
         print(json.dumps(cert, indent=2), file=out)
         return 0
-    menu = tuple(int(b) for b in args.menu.split(",")) if args.menu else default_menu(model)
+    menu = menu or default_menu(model)
     r = allocate(model, p["sizes"], weights=p["weights"], metadata=p["metadata"], menu=menu, **budget)
     bits = np.asarray(r.bits)
-    layout = p["layout"]
-    if layout and layout["layers"] * layout["kv_heads"] * 2 == bits.size:
+    if head_plan:
         L, H = int(layout["layers"]), int(layout["kv_heads"])
         print_head_table(bits, L, H, out)
         plan = Plan.from_allocation(r, (L, H), quantizer=p["quantizer"], meta={"menu": list(menu), "source": p["note"]})
-        if args.plan_out:
-            plan.save(args.plan_out)
+        if plan_out is not None:
+            write_atomic(plan_out, plan.save)
             print(f"plan written to {args.plan_out}", file=out)
     else:
         print("bits: " + " ".join(str(int(b)) for b in bits), file=out)
@@ -147,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
-        print(f"rdalloc: error: {e}", file=sys.stderr)
+    except ArgumentError as e:
+        print(f"rdalloc: error: {one_line(e)}", file=sys.stderr)
+        raise
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file that could not be read or written
+        print(f"rdalloc: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

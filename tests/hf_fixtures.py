@@ -1,5 +1,5 @@
-"""Shared by the Hugging Face tests: a seeded tiny random Llama (no download), a plain per-token fake quantizer and
-logits with or without a cache."""
+"""Shared by the Hugging Face tests: a seeded tiny random Llama (no download), the same saved as a local model
+directory, a plain per-token fake quantizer and logits with or without a cache."""
 
 import torch
 from rdalloc.backends.hf.compat import forward
@@ -18,6 +18,20 @@ def tiny_llama(*, hidden: int = 64, layers: int = 2, q_heads: int = 4, kv_heads:
     model.requires_grad_(False)
     model.generation_config.pad_token_id = 0
     return model
+
+
+def save_model_dir(model: LlamaForCausalLM, directory, text: str) -> None:
+    """``model`` saved in ``directory`` as a local Hugging Face model with a character-level tokenizer over its
+    vocabulary, and ``text`` as ``directory/text.txt``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(model.config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(directory)
+    model.save_pretrained(directory)
+    (directory / "text.txt").write_text(text)
 
 
 def per_token_quant(bits: int):

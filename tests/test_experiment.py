@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from hf_fixtures import logits, tiny_llama  # noqa: E402
+from hf_fixtures import logits, save_model_dir, tiny_llama  # noqa: E402
 from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
 from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
 from rdalloc.backends.hf.head_plans import (  # noqa: E402
@@ -218,16 +218,8 @@ def test_run_experiment_table_and_plot(tiny, calib, ids, tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama saved as a local Hugging Face directory with a character-level tokenizer (no download)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {chr(i): i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(d)
-    _tiny_model().save_pretrained(d)
-    (d / "text.txt").write_text(TEXT)
+    save_model_dir(_tiny_model(), d, TEXT)
     return d
 
 

@@ -6,6 +6,7 @@
 * ``rdalloc eval --plan plan.json``: perplexity over evaluation windows with the plan's quantized KV cache (no plan:
   the full cache).
 
+Every argument and output path is checked before the model loads; files are written atomically (:mod:`rdalloc.cli`).
 Importing this module imports neither torch nor transformers (the commands do, when they run), so ``rdalloc --help``
 and ``rdalloc solve`` stay light; without them a command says which extra to install.
 """
@@ -18,18 +19,32 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from rdalloc.cli import print_head_table
+from rdalloc.cli import (
+    PLAN_FORMAT,
+    check_finite,
+    check_output,
+    check_positive,
+    has_format,
+    one_line,
+    print_head_table,
+    widths,
+    write_atomic,
+)
 from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
 
-__all__ = ["register", "add_dtype", "check_path", "widths", "quantizer_names", "HF_MODULES"]
+__all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "HF_MODULES",
+           "EVAL_FORMAT"]
 
 HF_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib")
 """What the commands import beyond the core (the ``hf`` extra), by top-level module name."""
+EVAL_FORMAT = "rdalloc.eval"
+"""The ``"format"`` of the result ``rdalloc eval --out`` writes."""
 
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +59,47 @@ def check_path(path, flag: str) -> None:
         raise ValueError(f"{flag} {str(path)!r} does not exist")
 
 
-def widths(text: str, flag: str) -> tuple[int, ...]:
-    """``"1,2"`` -> ``(1, 2)``; ``""`` -> ``()``."""
+def check_model(path):
+    """``--model`` checked before anything loads: it exists, and a directory's ``config.json`` is a JSON object whose
+    ``model_type`` transformers knows (else ``ValueError`` naming the flag, the file and the value). Returns the
+    directory's :class:`~rdalloc.backends.hf.model.ModelFacts`, read from that config without loading weights, or
+    ``None`` (the bundled model, a ``.gguf`` file)."""
+    check_path(path, "--model")
+    config = None if path is None else Path(path).expanduser() / "config.json"
+    if config is None or not config.is_file():
+        return None  # the bundled model, a .gguf file, or a directory load_model refuses by name
     try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integer widths such as 1,2, got {text!r}") from None
+        d = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"--model {str(path)!r}: {config} is not valid JSON ({one_line(e)})") from None
+    from rdalloc.backends.hf.model import model_facts
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    model_type = d.get("model_type") if isinstance(d, dict) else None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"--model {str(path)!r}: {config} names no model type transformers knows "
+                         f"(model_type={model_type!r})")
+    try:
+        return model_facts(SimpleNamespace(config=AutoConfig.from_pretrained(config.parent, local_files_only=True)))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"--model {str(path)!r}: {config} does not describe a model with layers and attention heads "
+                         f"({type(e).__name__}: {one_line(e)})") from None
+
+
+def _check_source(args):
+    """The arguments :func:`_load` takes, checked; returns :func:`check_model`'s facts."""
+    check_positive(args.windows, "--windows")
+    check_positive(args.length, "--length")
+    check_path(args.text, "--text")
+    return check_model(args.model)
+
+
+def probe_widths(text: str, flag: str) -> tuple[int, ...]:
+    """The widths of a single-head KL probe, ``"1,2"`` -> ``(1, 2)``: integers in 1..8."""
+    bits = widths(text, flag)
+    if any(not 1 <= b <= 8 for b in bits):
+        raise ValueError(f"{flag} must be quantized widths in 1..8, got {text!r}")
+    return bits
 
 
 def quantizer_names(text: str) -> list[str]:
@@ -68,9 +118,7 @@ def _add_source(p, *, windows: int, length: int, what: str) -> None:
 
 
 def _load(args, *, calibration: int, evaluation: int):
-    """Model, facts and text windows; every input is checked before any long computation."""
-    check_path(args.model, "--model")
-    check_path(args.text, "--text")
+    """Model, facts and text windows (the arguments checked by :func:`_check_source` first)."""
     from rdalloc.backends.hf import load_model, text_windows
 
     model, tokenizer, facts = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
@@ -79,15 +127,26 @@ def _load(args, *, calibration: int, evaluation: int):
 
 
 def cmd_calibrate(args) -> int:
-    from rdalloc.backends.hf.calibrate import calibrate
+    from rdalloc.backends.hf.calibrate import CALIBRATION_FORMAT, IMPORTANCE_METHODS, calibrate
 
     quantizers = quantizer_names(args.quantizers)
+    importance = [m.strip() for m in args.importance.split(",") if m.strip()]
+    if not importance or any(m not in IMPORTANCE_METHODS for m in importance):
+        raise ValueError(f"--importance must be comma-separated estimators among {IMPORTANCE_METHODS}, "
+                         f"got {args.importance!r}")
+    if args.default_importance not in importance:
+        raise ValueError(f"--default-importance {args.default_importance!r} must be one of --importance "
+                         f"{args.importance!r}")
+    probe_bits = probe_widths(args.probe_bits, "--probe-bits")
+    check_positive(args.probe_length, "--probe-length")
+    _check_source(args)
+    out = check_output(args.out, "--out", has_format(CALIBRATION_FORMAT))
     t0 = time.perf_counter()
     model, facts, cal, _, text = _load(args, calibration=args.windows, evaluation=0)
-    c = calibrate(model, facts, cal, quantizers=quantizers, importance=args.importance.split(","),
-                  default_importance=args.default_importance, probe_bits=widths(args.probe_bits, "--probe-bits"),
+    c = calibrate(model, facts, cal, quantizers=quantizers, importance=importance,
+                  default_importance=args.default_importance, probe_bits=probe_bits,
                   probe_length=args.probe_length, text=text, progress=not args.no_progress)
-    c.save(args.out)
+    write_atomic(out, c.save)
     print(f"calibrated {facts.name} ({facts.layers} layers x {facts.kv_heads} kv-heads) on {cal.shape[0]} windows "
           f"of {cal.shape[1]} tokens in {c.timings['total']:.1f} s (wall {time.perf_counter() - t0:.1f} s with "
           f"loading): " + ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items() if k != "total"))
@@ -98,23 +157,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def widest_uniform_plan(calibration, quantizer: str, average_bits: float, *, tokens: int) -> Plan:
+    """The uniform plan at the widest width (of the calibrated menu, or 16) whose average bits with metadata stay
+    within ``average_bits`` (to rounding, a relative ``1e-12``); ``ValueError`` naming ``--average-bits`` if even
+    the narrowest exceeds it."""
+    from rdalloc.backends.hf.head_plans import uniform_plan
+
+    for bits in sorted({*calibration.menu(quantizer), 16}, reverse=True):
+        plan = uniform_plan(calibration.facts, quantizer, bits, tokens=tokens)
+        if plan.usage.average_bits <= average_bits * (1 + 1e-12):
+            return plan
+    raise ValueError(f"--average-bits {average_bits!r} is below the narrowest uniform {quantizer} plan ({bits} bits: "
+                     f"{plan.usage.average_bits:.4f} average bits with metadata)")
+
+
 def cmd_allocate(args) -> int:
     from rdalloc.backends.hf.calibrate import Calibration
-    from rdalloc.backends.hf.head_plans import allocate_plan, random_plan, uniform_plan
+    from rdalloc.backends.hf.head_plans import allocate_plan, random_plan
 
+    check_finite(args.average_bits, "--average-bits")
+    check_finite(args.beta, "--beta")
+    check_positive(args.tokens, "--tokens")
+    out = check_output(args.out, "--out", has_format(PLAN_FORMAT))
     c = Calibration.load(args.calibration)
     q = quantizer_names(args.quantizer)[0]
     if args.method == "uniform":
-        plan = uniform_plan(c.facts, q, int(args.average_bits), tokens=args.tokens)
+        plan = widest_uniform_plan(c, q, args.average_bits, tokens=args.tokens)
     elif args.method == "random":
         plan = random_plan(c.facts, q, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
     else:
         plan = allocate_plan(c, q, args.average_bits, tokens=args.tokens, importance=args.importance,
                              model_from=args.model_from, fixed_beta=args.beta)
-    plan.save(args.out)
+    write_atomic(out, plan.save)
     u = plan.usage
     bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
     print_head_table(bits, plan.layers, plan.kv_heads, sys.stdout)
+    if args.method == "uniform":
+        print(f"uniform width {int(bits[0])}: the widest whose average bits with metadata stay within "
+              f"--average-bits {args.average_bits:g}")
     print(f"{args.method} plan for {q}: {u.average_bits:.4f} average bits with metadata "
           f"({u.average_payload_bits:.4f} payload), written to {args.out}")
     return 0
@@ -127,6 +207,12 @@ def cmd_eval(args) -> int:
     if args.plan is not None:
         check_path(args.plan, "--plan")
         plan = Plan.load(args.plan)
+    if args.quantizer is not None:
+        quantizer_names(args.quantizer)
+    config_facts = _check_source(args)
+    if plan is not None and config_facts is not None:
+        check_plan(plan, config_facts, args.quantizer)
+    out = check_output(args.out, "--out", has_format(EVAL_FORMAT)) if args.out else None
     model, facts, _, ev, text = _load(args, calibration=0, evaluation=args.windows)
     q = None
     if plan is not None:
@@ -134,9 +220,10 @@ def cmd_eval(args) -> int:
     r = evaluate_plan(model, ev, plan, quantizer=q, progress=not args.no_progress)
     label = "FP16 (full cache)" if plan is None else f"{q} plan {args.plan}"
     print(f"{label}: perplexity {r.ppl:.4f} (nll {r.nll:.5f}) over {r.windows} windows of {ev.shape[1]} tokens")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"plan": args.plan, "quantizer": q, "text": text, **r.to_dict(),
-                                              "environment": environment(args.dtype)}, indent=1))
+    if out is not None:
+        result = {"format": EVAL_FORMAT, "plan": args.plan, "quantizer": q, "text": text, **r.to_dict(),
+                  "environment": environment(args.dtype)}
+        write_atomic(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         print(f"result written to {args.out}")
     return 0
 
