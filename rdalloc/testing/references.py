@@ -83,7 +83,8 @@ def dynamic_program_optimum(W: Any, C: Any, budget: float) -> float:
 def milp_optimum(W: Any, C: Any, budget: float) -> float:
     """The one-hot MILP ``x[i, k]`` in ``{0, 1}``, ``sum_k x[i, k] = 1``, ``sum C x <= budget``, minimize ``sum W x``,
     solved by HiGHS (``scipy.optimize.milp``). HiGHS also stops at an absolute gap of ``1e-6``, so the objective is
-    scaled to make its LP relaxation ``1e6`` (when that is 0, the smallest positive ``W``). Raises ``AssertionError``
+    scaled to make its LP relaxation ``1e6`` (when that is 0, the smallest positive ``W``), its largest entry kept
+    at most ``1e300``. Raises ``AssertionError``
     when HiGHS does not solve it."""
     W, C, budget = _tables(W, C, budget)
     N, K = W.shape
@@ -95,7 +96,10 @@ def milp_optimum(W: Any, C: Any, budget: float) -> float:
     lp = milp(c, constraints=cons, bounds=bounds)
     assert lp.status == 0, f"HiGHS could not solve the LP relaxation: {lp.message}"
     positive = c[c > 0]
-    scale = 1e6 / lp.fun if lp.fun > 0 else 1e6 / positive.min() if positive.size else 1.0
+    base = float(lp.fun) if lp.fun > 0 else float(positive.min()) if positive.size else 1.0
+    scale = 1e6 / base  # python floats: a tiny base gives inf, not a warning
+    if positive.size:  # the scaled objective must stay inside float64's range
+        scale = min(scale, 1e300 / float(positive.max()))
     res = milp(c * scale, constraints=cons, integrality=np.ones(N * K), bounds=bounds, options={"mip_rel_gap": 1e-12})
     assert res.status == 0, f"HiGHS could not solve the MILP: {res.message}"
     return float(c @ np.round(res.x))
