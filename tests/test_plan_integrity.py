@@ -184,3 +184,20 @@ def test_check_config_before_loading_the_model(tmp_path):
         plan.check_config({**CONFIG, "num_hidden_layers": "1"})
     with pytest.raises(TypeError, match="layers must be an integer, got bool True"):
         plan.check(layers=True)
+
+
+# ---- byte accounting ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arg, bad, error", [("batch", -1, ValueError), ("batch", True, TypeError),
+                                              ("tokens", 0, ValueError), ("head_dim", 64.0, TypeError)])
+def test_predict_nbytes_refuses_impossible_dimensions(arg, bad, error):
+    from rdalloc.accounting import item_costs, plan_usage, predict_nbytes
+
+    plan = Plan(key=np.array([[4, 2]]), value=np.array([[8, 3]]), quantizer="kivi")
+    dims = {"batch": 1, "tokens": 32, "head_dim": 64}
+    assert predict_nbytes(plan, None, **dims) == 5376  # was -11264 at batch=-1
+    dims[arg] = bad
+    for f in (predict_nbytes, plan_usage):
+        with pytest.raises(error, match=f"{arg} must be a positive integer, got .*{bad!r}"):
+            f(plan, None, **dims)
+    with pytest.raises(error, match=f"{arg} must be a positive integer"):
+        item_costs(plan, None, "key", **dims)
