@@ -38,7 +38,7 @@ from ._namespace import to_numpy
 from .allocate import Allocation
 from .cost import Usage
 from .models import FULL_BITS, ExponentialModel, TabulatedModel
-from .quantizers import available_quantizers
+from .quantizers import available_quantizers, get_quantizer
 
 __all__ = ["Plan", "PLAN_VERSION"]
 
@@ -94,12 +94,22 @@ def _same_quantizer(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower()
 
 
-def _check_meta(meta: Mapping[str, Any]) -> None:
+def _check_meta(meta: Mapping[str, Any], quantizer: str | None) -> None:
+    """The facts ``meta`` may record for checks: ``model`` (str), ``head_dim`` (positive int) and ``quantizer_spec``
+    (a :meth:`~rdalloc.quantizers.Quantizer.spec` of the plan's quantizer, which the adapters apply)."""
     if "model" in meta and not isinstance(meta["model"], str):
         raise TypeError(f"meta['model'] must be the model's name (str), got {type(meta['model']).__name__} "
                         f"{meta['model']!r}")
     if "head_dim" in meta and (_integer("meta['head_dim']", meta["head_dim"]) < 1):
         raise ValueError(f"meta['head_dim'] must be a positive integer, got {meta['head_dim']!r}")
+    spec = meta.get("quantizer_spec")
+    if spec is not None:
+        try:
+            name = get_quantizer(dict(spec)).name
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta['quantizer_spec'] {spec!r} does not make a quantizer: {e}") from None
+        if quantizer is not None and name != quantizer:
+            raise ValueError(f"meta['quantizer_spec'] makes quantizer {name!r}, but the plan records {quantizer!r}")
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,8 @@ class Plan:
         for name in ("certificate", "meta"):
             if not isinstance(getattr(self, name), Mapping):
                 raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
-        _check_meta(self.meta)
+        quantizer = _quantizer_name(self.quantizer)
+        _check_meta(self.meta, quantizer)
         budget = _number("budget_bits", self.budget_bits)
         distortion = _number("predicted_distortion", self.predicted_distortion)
         key, value = _bits("key", self.key, ka), _bits("value", self.value, va)
@@ -177,7 +188,7 @@ class Plan:
                                  f"{budget!r}")
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "value", value)
-        object.__setattr__(self, "quantizer", _quantizer_name(self.quantizer))
+        object.__setattr__(self, "quantizer", quantizer)
         object.__setattr__(self, "budget_bits", budget)
         object.__setattr__(self, "predicted_distortion", distortion)
         object.__setattr__(self, "version", int(self.version))

@@ -76,6 +76,8 @@ def test_from_allocation_of_a_grouped_solve_records_the_sums():
     ("certificate", [1], "certificate must be a mapping, got list"),
     ("meta", {"head_dim": "64"}, r"meta\['head_dim'\] must be an integer, got str '64'"),
     ("meta", {"model": 3}, r"meta\['model'\] must be the model's name \(str\), got int 3"),
+    ("meta", {"quantizer_spec": {"name": "nope"}}, r"meta\['quantizer_spec'\] .* does not make a quantizer"),
+    ("meta", {"quantizer_spec": {"name": "kivi", "bogus": 1}}, "does not make a quantizer"),
 ])
 def test_plan_fields_are_type_checked(tmp_path, field, bad, match):
     _, d = saved(tmp_path)
@@ -99,6 +101,11 @@ def test_bits_in_a_file_are_integers(tmp_path, bits, match):
     d["key"]["bits"] = bits
     with pytest.raises(ValueError, match=match):
         Plan.from_dict(d)
+
+
+def test_quantizer_spec_must_be_the_plans_quantizer():
+    with pytest.raises(ValueError, match="makes quantizer 'quarot', but the plan records 'kivi'"):
+        Plan(key=np.array([[4]]), value=np.array([[4]]), quantizer="kivi", meta={"quantizer_spec": {"name": "quarot"}})
 
 
 def test_usage_fields_and_budget(tmp_path, kivi):
