@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rdalloc import ExponentialModel, Plan, PlanApplier, allocate, waterfill
+from rdalloc.cost import Usage
 from rdalloc.mismatch import ModelMismatchWarning, check_quantizer
 
 
@@ -208,3 +209,52 @@ def test_predict_nbytes_refuses_impossible_dimensions(arg, bad, error):
             f(plan, None, **dims)
     with pytest.raises(error, match=f"{arg} must be a positive integer"):
         item_costs(plan, None, "key", **dims)
+
+
+# ---- any corruption: a ValueError or the very plan written ------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                     max_leaves=6)
+
+
+def _leaves(x, path=()):
+    if isinstance(x, dict):
+        yield path
+        for k, v in x.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(x, list):
+        yield path
+        for i, v in enumerate(x):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path
+
+
+_PLAN = Plan(key=np.array([[4, 2]]), value=np.array([[8, 3]]), quantizer="kivi", budget_bits=1e4,
+             usage=Usage(100.0, 8.0, 32.0), predicted_distortion=0.5,
+             certificate={"gap": 0.0}, meta={"model": "tiny", "head_dim": 64}).to_dict()
+_PATHS = list(_leaves(_PLAN))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(where=st.sampled_from(_PATHS), new=_JSON, keep_digest=st.booleans())
+def test_a_corrupted_plan_is_refused_or_identical(where, new, keep_digest):
+    d = json.loads(json.dumps(_PLAN))
+    if where:
+        parent = d
+        for k in where[:-1]:
+            parent = parent[k]
+        parent[where[-1]] = new
+    else:
+        d = new
+    if not keep_digest and isinstance(d, dict):
+        d.pop("digest", None)
+    try:
+        plan = Plan.from_dict(d)
+    except ValueError:
+        return
+    if keep_digest:  # the digest lets through only what changes nothing
+        assert plan.to_dict() == _PLAN
+    assert json.loads(json.dumps(plan.to_dict(), allow_nan=False))  # standard JSON, always
