@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rdalloc import ExponentialModel, Plan, PlanApplier, allocate, waterfill
 from rdalloc.cost import Usage
@@ -212,8 +214,6 @@ def test_predict_nbytes_refuses_impossible_dimensions(arg, bad, error):
 
 
 # ---- any corruption: a ValueError or the very plan written ------------------------------------------------------
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(),
                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
                      max_leaves=6)
@@ -238,8 +238,8 @@ _PLAN = Plan(key=np.array([[4, 2]]), value=np.array([[8, 3]]), quantizer="kivi",
 _PATHS = list(_leaves(_PLAN))
 
 
-@hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(where=st.sampled_from(_PATHS), new=_JSON, keep_digest=st.booleans())
+@settings(max_examples=300, deadline=None)
+@given(where=st.sampled_from(_PATHS), new=_JSON, keep_digest=st.booleans())
 def test_a_corrupted_plan_is_refused_or_identical(where, new, keep_digest):
     d = json.loads(json.dumps(_PLAN))
     if where:
