@@ -295,7 +295,7 @@ class Plan:
         """
         if not isinstance(allocation, Allocation):
             raise TypeError(f"allocation must be an rdalloc.Allocation (the result of rdalloc.allocate: integer "
-                            f"bits), got {type(allocation).__name__}; round a waterfill result with rdalloc.allocate")
+                            f"bits), got {type(allocation).__name__}; solve with rdalloc.allocate for integer bits")
         bits = np.asarray(to_numpy(allocation.bits)).reshape(-1)
         value_shape = tuple(key_shape) if value_shape is None else tuple(value_shape)
         nk, nv = int(np.prod(key_shape)), int(np.prod(value_shape))
@@ -423,8 +423,8 @@ def _role(d: Mapping[str, Any], role: str) -> dict:
 
 
 def _digest(d: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``d`` (sorted keys, no spaces)."""
-    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the canonical JSON of ``d`` (sorted keys, no spaces; what JSON cannot hold, by its ``repr``)."""
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
