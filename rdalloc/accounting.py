@@ -7,11 +7,13 @@ and GPU bfloat16 runs report the same figures. That equals the cost model's pred
 the padding that rounds each width's stream up to whole bytes (zero whenever every stream holds a multiple of 8 bits,
 e.g. head and token plans with ``head_dim % 8 == 0``); :func:`predict_nbytes` gives the exact figure. Everything here
 is host integer arithmetic on the plan (numpy), exact. ``quantizer`` is a :class:`~rdalloc.quantizers.Quantizer`, a
-registered name or spec, or ``None`` for the one the plan records.
+registered name or spec, or ``None`` for the one the plan records; ``batch``, ``tokens`` and ``head_dim`` are positive
+integers (anything else is refused naming the argument).
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,16 @@ from .quantizers import group_accounting
 __all__ = ["item_costs", "plan_usage", "predict_nbytes"]
 
 
+def _check_dims(plan: Plan, batch: Any, tokens: Any, head_dim: Any) -> None:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an rdalloc.Plan, got {type(plan).__name__}")
+    for name, x in (("batch", batch), ("tokens", tokens), ("head_dim", head_dim)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be a positive integer, got {type(x).__name__} {x!r}")
+        if x < 1:
+            raise ValueError(f"{name} must be a positive integer, got {x!r}")
+
+
 def item_costs(plan: Plan, quantizer: Any, role: str, *, batch: int, tokens: int,
                head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-item ``(sizes, metadata)`` (float64, shaped like the plan's ``role`` bits) such that
@@ -34,6 +46,7 @@ def item_costs(plan: Plan, quantizer: Any, role: str, *, batch: int, tokens: int
     ones). ``metadata``: the item's share of the metadata of the groups its elements sit in (whole groups when
     groups nest in items; a shared group is split by stored elements). Items at 0 bits get their would-be size.
     """
+    _check_dims(plan, batch, tokens, head_dim)
     quantizer = resolve_quantizer(plan, quantizer)
     bits = plan.key if role == "key" else plan.value
     axes = plan.key_axes if role == "key" else plan.value_axes
@@ -57,6 +70,7 @@ def item_costs(plan: Plan, quantizer: Any, role: str, *, batch: int, tokens: int
 
 def _accounting(plan: Plan, quantizer: Any, batch: int, tokens: int, head_dim: int) -> tuple[Usage, int]:
     """``(usage, padding bits)`` of the packed cache, summed over layers and roles from their layouts."""
+    _check_dims(plan, batch, tokens, head_dim)
     quantizer = resolve_quantizer(plan, quantizer)
     payload = meta = pad = 0
     for layer in range(plan.layers):

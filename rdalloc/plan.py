@@ -9,13 +9,24 @@ A plan holds integer bits for keys and for values, each with named axes:
 
 Bits are integers in ``[0, 16]``: 16 keeps the original values, 0 evicts. The plan remembers the quantizer its
 distortion model was fitted for, the budget asked and spent (payload and metadata separately), the predicted
-distortion and the solver's certificate. JSON round trip via ``to_dict``/``from_dict`` and ``save``/``load``; a
-corrupted, foreign or mismatched plan gets a ``ValueError`` that says what is wrong.
+distortion and the solver's certificate, and (in ``meta``) the facts that identify its model: ``"model"`` (name) and
+``"head_dim"``; ``layers`` and ``kv_heads`` are the bits' shape. :meth:`Plan.check` and :meth:`Plan.check_config`
+compare those facts with a cache or a model's config *before* any model is loaded.
+
+JSON round trip via ``to_dict``/``from_dict`` and ``save``/``load``. ``to_dict`` adds a ``"digest"``: the SHA-256 of
+the canonical JSON of every other field; ``from_dict`` recomputes it, so an edited or corrupted file (a flipped digit
+in the bits) is refused, not silently loaded as another plan. Files without a digest (written before it existed) load
+after the field checks. Every field is type-checked; a corrupted, foreign or mismatched plan gets a ``ValueError``
+(``TypeError`` for a wrong Python type given in code) that names the field and the file. Only standard JSON is
+written: non-finite floats in ``certificate`` and ``meta`` are stored as the strings ``"inf"``, ``"-inf"``, ``"nan"``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +35,10 @@ from typing import Any
 import numpy as np
 
 from ._namespace import to_numpy
+from .allocate import Allocation
 from .cost import Usage
-from .models import FULL_BITS
+from .models import FULL_BITS, ExponentialModel, TabulatedModel
+from .quantizers import available_quantizers, get_quantizer
 
 __all__ = ["Plan", "PLAN_VERSION"]
 
@@ -47,6 +60,56 @@ def _bits(name: str, x: Any, axes: tuple[str, ...]) -> np.ndarray:
     out = a.astype(np.int8)
     out.setflags(write=False)
     return out
+
+
+def _number(name: str, x: Any) -> float | None:
+    """``x`` as a finite float >= 0, or ``None``; a bool, string or other type is refused."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number or None, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)
+
+
+def _integer(name: str, x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__} {x!r}")
+    return int(x)
+
+
+def _quantizer_name(x: Any) -> str | None:
+    if x is None:
+        return None
+    if not isinstance(x, str):
+        raise TypeError(f"quantizer must be a registered quantizer name or None, got {type(x).__name__} {x!r}")
+    if x not in available_quantizers():
+        raise ValueError(f"quantizer {x!r} is not a registered quantizer (registered: {list(available_quantizers())})")
+    return x
+
+
+def _same_quantizer(a: str, b: str) -> bool:
+    """Quantizer names compare case-insensitively, surrounding spaces aside (as :func:`rdalloc.check_quantizer`)."""
+    return a.strip().lower() == b.strip().lower()
+
+
+def _check_meta(meta: Mapping[str, Any], quantizer: str | None) -> None:
+    """The facts ``meta`` may record for checks: ``model`` (str), ``head_dim`` (positive int) and ``quantizer_spec``
+    (a :meth:`~rdalloc.quantizers.Quantizer.spec` of the plan's quantizer, which the adapters apply)."""
+    if "model" in meta and not isinstance(meta["model"], str):
+        raise TypeError(f"meta['model'] must be the model's name (str), got {type(meta['model']).__name__} "
+                        f"{meta['model']!r}")
+    if "head_dim" in meta and (_integer("meta['head_dim']", meta["head_dim"]) < 1):
+        raise ValueError(f"meta['head_dim'] must be a positive integer, got {meta['head_dim']!r}")
+    spec = meta.get("quantizer_spec")
+    if spec is not None:
+        try:
+            name = get_quantizer(dict(spec)).name
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta['quantizer_spec'] {spec!r} does not make a quantizer: {e}") from None
+        if quantizer is not None and name != quantizer:
+            raise ValueError(f"meta['quantizer_spec'] makes quantizer {name!r}, but the plan records {quantizer!r}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +158,17 @@ class Plan:
             raise ValueError(f"key_axes must be one of {sorted(_KEY_AXES)}, got {ka}")
         if va not in _VALUE_AXES:
             raise ValueError(f"value_axes must be one of {sorted(_VALUE_AXES)}, got {va}")
-        if self.version != PLAN_VERSION:
+        if _integer("version", self.version) != PLAN_VERSION:
             raise ValueError(f"plan version {self.version!r} is not supported (this rdalloc reads {PLAN_VERSION})")
+        if self.usage is not None and not isinstance(self.usage, Usage):
+            raise TypeError(f"usage must be an rdalloc.cost.Usage or None, got {type(self.usage).__name__}")
+        for name in ("certificate", "meta"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise TypeError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+        quantizer = _quantizer_name(self.quantizer)
+        _check_meta(self.meta, quantizer)
+        budget = _number("budget_bits", self.budget_bits)
+        distortion = _number("predicted_distortion", self.predicted_distortion)
         key, value = _bits("key", self.key, ka), _bits("value", self.value, va)
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key and value bits disagree on (layer, kv_head): {key.shape[:2]} vs {value.shape[:2]}")
@@ -108,8 +180,18 @@ class Plan:
                 idx = tuple(int(i) for i in np.argwhere((key == 0) != (value == 0))[0])
                 raise ValueError(f"a token is evicted only as a whole: key bits {int(key[idx])} and value bits "
                                  f"{int(value[idx])} at (layer, kv_head, token) = {idx}")
+        if self.usage is not None:
+            for name in ("payload_bits", "metadata_bits", "elements"):
+                _number(f"usage.{name}", getattr(self.usage, name))
+            if budget is not None and self.usage.total_bits > budget * (1 + 1e-12):
+                raise ValueError(f"the plan spends {self.usage.total_bits!r} bits (usage), over its budget_bits "
+                                 f"{budget!r}")
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "value", value)
+        object.__setattr__(self, "quantizer", quantizer)
+        object.__setattr__(self, "budget_bits", budget)
+        object.__setattr__(self, "predicted_distortion", distortion)
+        object.__setattr__(self, "version", int(self.version))
         object.__setattr__(self, "key_axes", ka)
         object.__setattr__(self, "value_axes", va)
         object.__setattr__(self, "certificate", dict(self.certificate))
@@ -146,90 +228,216 @@ class Plan:
         return None
 
     def check(self, *, layers: int | None = None, kv_heads: int | None = None, tokens: int | None = None,
-              head_dim: int | None = None, quantizer: str | None = None) -> Plan:
-        """Raise ``ValueError`` if the plan was made for another model, context or quantizer; return ``self``."""
+              head_dim: int | None = None, quantizer: str | None = None, model: str | None = None) -> Plan:
+        """Raise ``ValueError`` if the plan was made for another model, context or quantizer; return ``self``.
+
+        Each fact given is compared with the plan's: ``layers``, ``kv_heads`` (and ``tokens`` for a token plan) with
+        the bits' shape, ``head_dim`` with ``meta["head_dim"]`` and per-channel key bits, ``model`` with
+        ``meta["model"]``, ``quantizer`` with the recorded quantizer (case and surrounding spaces aside). A fact the
+        plan does not record is not checked.
+        """
         facts = (("layers", layers, self.layers), ("kv_heads", kv_heads, self.kv_heads),
-                 ("tokens", tokens, self.tokens))
+                 ("tokens", tokens, self.tokens), ("head_dim", head_dim, self.meta.get("head_dim")))
         for name, want, have in facts:
+            if want is not None and _integer(name, want) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {want!r}")
             if want is not None and have is not None and want != have:
                 raise ValueError(f"the plan was made for {name}={have}, but the cache has {name}={want}")
         if head_dim is not None and self.key_axes[-1] == "channel" and self.key.shape[-1] != head_dim:
             raise ValueError(f"the plan's key bits are per channel for head_dim={self.key.shape[-1]}, but the cache "
                              f"has head_dim={head_dim}")
-        if quantizer is not None and self.quantizer is not None and quantizer != self.quantizer:
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be the model's name (str), got {type(model).__name__} {model!r}")
+        if model is not None and self.meta.get("model") not in (None, model):
+            raise ValueError(f"the plan was made for model {self.meta['model']!r}, not {model!r}")
+        if quantizer is not None and not isinstance(quantizer, str):
+            raise TypeError(f"quantizer must be a quantizer name (str), got {type(quantizer).__name__} {quantizer!r}")
+        if quantizer is not None and self.quantizer is not None and not _same_quantizer(quantizer, self.quantizer):
             raise ValueError(f"the plan was allocated with the distortion model of quantizer {self.quantizer!r}; "
                              f"applying it with {quantizer!r} is a distortion-model mismatch")
         return self
 
+    def check_config(self, config: Any, *, model: str | None = None) -> Plan:
+        """:meth:`check` against a transformers-style model config, before the model is loaded: ``config`` is the
+        parsed ``config.json`` (a mapping) or a config object. Reads ``num_hidden_layers``, ``num_key_value_heads``
+        (default ``num_attention_heads``) and ``head_dim`` (default ``hidden_size // num_attention_heads``), from its
+        ``text_config`` when it has one. ``model`` is the model's name, compared with ``meta["model"]``."""
+        get = config.get if isinstance(config, Mapping) else lambda k, default=None: getattr(config, k, default)
+        text = get("text_config")
+        if text is not None:
+            return self.check_config(text, model=model)
+
+        def positive(name: str, x: Any) -> int:
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+                raise ValueError(f"the model config's {name} must be a positive integer, got {x!r}")
+            return int(x)
+
+        q_heads = positive("num_attention_heads", get("num_attention_heads"))
+        kv_heads = positive("num_key_value_heads", get("num_key_value_heads") or q_heads)
+        head_dim = get("head_dim")
+        if head_dim is None:
+            head_dim = positive("hidden_size", get("hidden_size")) // q_heads
+        return self.check(layers=positive("num_hidden_layers", get("num_hidden_layers")), kv_heads=kv_heads,
+                          head_dim=positive("head_dim", head_dim), model=model)
+
     @classmethod
-    def from_allocation(cls, allocation: Any, key_shape: tuple[int, ...], value_shape: tuple[int, ...] | None = None,
-                        *, key_axes: tuple[str, ...] = ("layer", "kv_head"),
+    def from_allocation(cls, allocation: Allocation, key_shape: tuple[int, ...],
+                        value_shape: tuple[int, ...] | None = None, *, model: Any = None,
+                        key_axes: tuple[str, ...] = ("layer", "kv_head"),
                         value_axes: tuple[str, ...] = ("layer", "kv_head"), quantizer: str | None = None,
                         meta: Mapping[str, Any] | None = None) -> Plan:
         """A plan from one solve over key items then value items (each in C order over its shape).
 
-        ``allocation`` is an :class:`rdalloc.Allocation` (its certificate, usage and budget are recorded).
+        ``allocation`` is an :class:`rdalloc.Allocation` (its certificate, usage and budget are recorded; a grouped
+        solve records the sums and the per-group certificate). The plan records its quantizer: ``quantizer``, or else
+        the ``quantizer`` of ``model`` (the model the allocation solved); both given must agree, and one must be known,
+        so a plan never forgets which quantizer's curve made it.
         """
+        if not isinstance(allocation, Allocation):
+            raise TypeError(f"allocation must be an rdalloc.Allocation (the result of rdalloc.allocate: integer "
+                            f"bits), got {type(allocation).__name__}; solve with rdalloc.allocate for integer bits")
         bits = np.asarray(to_numpy(allocation.bits)).reshape(-1)
         value_shape = tuple(key_shape) if value_shape is None else tuple(value_shape)
         nk, nv = int(np.prod(key_shape)), int(np.prod(value_shape))
         if bits.size != nk + nv:
             raise ValueError(f"the allocation has {bits.size} items, but key_shape {tuple(key_shape)} and value_shape "
                              f"{value_shape} need {nk} + {nv} = {nk + nv}")
-        cert = allocation.certificate()
+        if model is not None and not isinstance(model, (ExponentialModel, TabulatedModel)):
+            raise TypeError(f"model must be an ExponentialModel or TabulatedModel, got {type(model).__name__}")
+        fitted = None if model is None else model.quantizer
+        if quantizer is not None and fitted is not None and not _same_quantizer(quantizer, fitted):
+            raise ValueError(f"quantizer {quantizer!r} is not the quantizer the model was fitted for ({fitted!r})")
+        if quantizer is None and fitted is None:
+            raise ValueError("the plan must record its quantizer: pass model= (the model the allocation solved, whose "
+                             ".quantizer is recorded) or quantizer= (a registered quantizer name)")
+        total = lambda x: float(np.sum(to_numpy(x)))  # noqa: E731  (one value, or one per group)
+        usage = Usage(total(allocation.payload_bits), total(allocation.metadata_bits), total(allocation.elements))
         return cls(key=bits[:nk].reshape(key_shape), value=bits[nk:].reshape(value_shape), key_axes=key_axes,
-                   value_axes=value_axes, quantizer=quantizer, budget_bits=cert["budget_bits"],
-                   usage=allocation.usage, predicted_distortion=cert["distortion"], certificate=cert,
+                   value_axes=value_axes, quantizer=quantizer if quantizer is not None else fitted,
+                   budget_bits=total(allocation.budget), usage=usage,
+                   predicted_distortion=total(allocation.distortion), certificate=allocation.certificate(),
                    meta=dict(meta or {}))
 
     # ---- serialization -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "version": self.version, "granularity": self.granularity,
-                "quantizer": self.quantizer,
-                "key": {"axes": list(self.key_axes), "bits": self.key.tolist()},
-                "value": {"axes": list(self.value_axes), "bits": self.value.tolist()},
-                "budget_bits": self.budget_bits, "usage": None if self.usage is None else self.usage.to_dict(),
-                "predicted_distortion": self.predicted_distortion,
-                "certificate": _jsonable(self.certificate), "meta": _jsonable(self.meta)}
+        """The plan as standard JSON data, with its ``"digest"`` (see the module docstring)."""
+        d = {"format": _FORMAT, "version": self.version, "granularity": self.granularity,
+             "quantizer": self.quantizer,
+             "key": {"axes": list(self.key_axes), "bits": self.key.tolist()},
+             "value": {"axes": list(self.value_axes), "bits": self.value.tolist()},
+             "budget_bits": self.budget_bits, "usage": None if self.usage is None else self.usage.to_dict(),
+             "predicted_distortion": self.predicted_distortion,
+             "certificate": _jsonable(self.certificate), "meta": _jsonable(self.meta)}
+        return {**d, "digest": _digest(d)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """The plan of :meth:`to_dict`'s data; ``ValueError`` naming the field if anything is missing, mistyped,
+        inconsistent, or (when the data has a digest) changed since it was written."""
         if not isinstance(d, Mapping) or d.get("format") != _FORMAT:
             got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
             raise ValueError(f"not an rdalloc plan: format={got!r} (expected {_FORMAT!r})")
         try:
-            key, value = d["key"], d["value"]
-            plan = cls(key=np.asarray(key["bits"]), value=np.asarray(value["bits"]), key_axes=tuple(key["axes"]),
-                       value_axes=tuple(value["axes"]), quantizer=d.get("quantizer"), budget_bits=d.get("budget_bits"),
-                       usage=None if d.get("usage") is None else Usage.from_dict(d["usage"]),
-                       predicted_distortion=d.get("predicted_distortion"), certificate=d.get("certificate") or {},
-                       meta=d.get("meta") or {}, version=d.get("version"))
-        except (KeyError, TypeError) as e:
+            key, value = _role(d, "key"), _role(d, "value")
+            usage = d.get("usage")
+            if usage is not None:
+                if not isinstance(usage, Mapping):
+                    raise TypeError(f"usage must be an object, got {type(usage).__name__}")
+                usage = Usage(*(_number(f"usage.{k}", usage[k]) for k in ("payload_bits", "metadata_bits", "elements")))
+            plan = cls(key=key["bits"], value=value["bits"], key_axes=key["axes"], value_axes=value["axes"],
+                       quantizer=d.get("quantizer"), budget_bits=d.get("budget_bits"), usage=usage,
+                       predicted_distortion=d.get("predicted_distortion"),
+                       certificate={} if d.get("certificate") is None else d["certificate"],
+                       meta={} if d.get("meta") is None else d["meta"], version=d.get("version"))
+        except KeyError as e:
             raise ValueError(f"corrupted plan: missing or malformed field {e}") from None
+        except TypeError as e:
+            raise ValueError(f"corrupted plan: {e}") from None
         if d.get("granularity", plan.granularity) != plan.granularity:
             raise ValueError(f"corrupted plan: says granularity {d['granularity']!r} but its axes make it "
                              f"{plan.granularity!r}")
+        if "digest" in d and d["digest"] != _digest({k: v for k, v in d.items() if k != "digest"}):
+            raise ValueError(f"corrupted plan: its content does not match its digest {d['digest']!r} (the file was "
+                             f"changed after it was written)")
         return plan
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Write the plan as JSON to ``path`` atomically (a temporary file in the same folder, then renamed)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"cannot save the plan to {path}: it is a directory")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the plan to {path}: the folder {path.parent} does not exist")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), allow_nan=False))
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """The plan saved at ``path``: ``FileNotFoundError`` if there is none, ``ValueError`` naming the file if it
+        is not a readable, intact rdalloc plan."""
+        path = Path(path)
         try:
-            d = json.loads(Path(path).read_text())
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no plan file at {path}") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a directory, not a plan file") from None
+        except OSError as e:
+            raise ValueError(f"cannot read the plan file {path}: {e.strerror or e}") from None
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}): not an rdalloc plan") \
+                from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): not an rdalloc plan") from None
-        return cls.from_dict(d)
+        except RecursionError:
+            raise ValueError(f"{path} holds JSON nested too deeply to read: not an rdalloc plan") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _role(d: Mapping[str, Any], role: str) -> dict:
+    """``d[role]`` checked: ``{"axes": [names], "bits": nested lists of integers}`` (JSON ``true`` is not a bit)."""
+    r = d[role]
+    if not isinstance(r, Mapping):
+        raise TypeError(f"{role} must be an object with axes and bits, got {type(r).__name__}")
+    axes, bits = r["axes"], r["bits"]
+    if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+        raise TypeError(f"{role}.axes must be a list of axis names, got {axes!r}")
+    try:
+        cells = np.asarray(bits, dtype=object).ravel() if isinstance(bits, list) else None
+    except ValueError:  # ragged beyond the first axis
+        cells = None
+    if cells is None or not all(type(b) is int for b in cells):
+        bad = bits if cells is None else next(b for b in cells if type(b) is not int)
+        raise TypeError(f"{role}.bits must be nested lists of integers, one level per axis, got "
+                        f"{type(bad).__name__} {bad!r}")
+    out_of_range = [b for b in cells if not 0 <= b <= FULL_BITS]
+    if out_of_range:
+        raise ValueError(f"{role} bits must be integers in [0, {FULL_BITS}], got {out_of_range[0]!r}")
+    return {"axes": tuple(axes), "bits": np.asarray(bits, dtype=np.int8)}
+
+
+def _digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``d`` (sorted keys, no spaces; what JSON cannot hold, by its ``repr``)."""
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _jsonable(x: Any) -> Any:
+    """``x`` as standard JSON data: mappings, lists, strings, finite numbers; non-finite floats as strings."""
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic,)):
-        return x.item()
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
     if hasattr(x, "shape"):
-        return to_numpy(x).tolist()
+        return _jsonable(to_numpy(x).tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
     return x
