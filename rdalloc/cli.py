@@ -230,8 +230,9 @@ def cmd_solve(args) -> int:
     if head_plan:
         L, H = int(layout["layers"]), int(layout["kv_heads"])
         print_head_table(bits, L, H, out)
-        plan = Plan.from_allocation(r, (L, H), quantizer=p["quantizer"], meta={"menu": list(menu), "source": p["note"]})
-        if plan_out is not None:
+        if plan_out is not None:  # a plan records its quantizer: from the problem file or its model
+            plan = Plan.from_allocation(r, (L, H), model=p["model"], quantizer=p["quantizer"],
+                                        meta={"menu": list(menu), "source": p["note"]})
             write_atomic(plan_out, plan.save)
             print(f"plan written to {args.plan_out}", file=out)
     else:
