@@ -1,0 +1,56 @@
+"""Pinned regressions: the solvers' numerics at the edges of float64 (issue #18). Every input a float can carry
+gives a correct answer or a ValueError/TypeError naming the argument; never a silent overspend or a false OPTIMAL."""
+
+import numpy as np
+import pytest
+
+from rdalloc import ExponentialModel, allocate, waterfill
+from rdalloc.status import OPTIMAL
+
+
+def test_waterfill_weights_times_alpha_overflowing_stays_in_budget():
+    r = waterfill(ExponentialModel(np.array([1.7e308, 1.0])), 1.0, average_bits=1.5, weights=2.0)
+    assert float(r.budget_used) <= 3.0 * (1 + 1e-9) and int(r.status) == OPTIMAL
+    np.testing.assert_allclose(r.bits, [2.0, 1.0])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow is what is refused
+def test_allocate_weights_times_distortion_overflowing_is_refused():
+    with pytest.raises(ValueError, match="weights \\* distortion overflows float64 at item 0"):
+        allocate(ExponentialModel(np.array([1e308, 1.0, 1.0])), 1.0, average_bits=3, weights=10.0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("average_bits", [3, 0])
+@pytest.mark.parametrize("solver", [waterfill, allocate])
+def test_sizes_whose_bits_overflow_are_refused(solver, average_bits):
+    with pytest.raises(ValueError, match="sizes and metadata overflow float64"):
+        solver(ExponentialModel(np.array([4.0, 1.0, 0.25])), np.full(3, 1e308), average_bits=average_bits)
+
+
+def test_waterfill_refuses_beta_too_close_to_one():
+    with pytest.raises(ValueError, match="beta must be > 1.000001 for waterfill"):
+        waterfill(ExponentialModel(np.array([4.0, 1.0, 0.25]), beta=1 + 1e-15), 64, average_bits=3)
+    a = allocate(ExponentialModel(np.array([4.0, 1.0, 0.25]), beta=1 + 1e-15), 64, average_bits=3)
+    assert a.bits.tolist() == [7, 1, 1]
+
+
+def test_waterfill_subnormal_weight():
+    r = waterfill(ExponentialModel(np.array([4.0, 1.0, 0.25])), 64, average_bits=3,
+                  weights=np.array([0.0, 0.0, 5e-324]))
+    assert r.bits.tolist() == [1.0, 1.0, 7.0] and int(r.status) == OPTIMAL
+
+
+def test_waterfill_infeasibility_slack_is_relative():
+    with pytest.raises(ValueError, match="infeasible"):
+        waterfill(ExponentialModel(np.array([4.0, 1.0, 0.25])), 1e-13, budget=0)
+
+
+def test_waterfill_is_invariant_to_units():
+    model = ExponentialModel(np.array([4.0, 1.0, 0.25, 3.0]))
+    ref = waterfill(model, np.array([1.0, 2.0, 3.0, 4.0]), average_bits=3.3, weights=np.array([1.0, 2.0, 0.5, 1.0]))
+    for unit, w_unit in ((1e-300, 1e-300), (1e-13, 1.0), (1e200, 1e100), (1.0, 1e-300), (1.0, 1e300)):
+        r = waterfill(model, unit * np.array([1.0, 2.0, 3.0, 4.0]), average_bits=3.3,  # (the distortion stays finite)
+                      weights=w_unit * np.array([1.0, 2.0, 0.5, 1.0]))
+        np.testing.assert_allclose(r.bits, ref.bits, rtol=1e-12, atol=1e-12)
+        assert int(r.status) == OPTIMAL
