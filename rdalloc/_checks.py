@@ -47,6 +47,7 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
     """
     if is_traced(x):
         return
+    check_real(name, x)
     if getattr(x, "ndim", 0) and not isinstance(x, np.ndarray):  # a device array: reduce it there
         if 0 in tuple(x.shape):  # empty: nothing to check
             return
@@ -70,6 +71,23 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
         raise ValueError(f"{name} must be > {greater!r}{why}, got {_first_bad(v, v <= greater)}")
     if at_most is not None and (v > at_most).any():
         raise ValueError(f"{name} must be <= {at_most:g}, got {_first_bad(v, v > at_most)}")
+
+
+def check_real(name: str, x: Any) -> None:
+    """``TypeError`` unless ``x`` is a real number or an array (or nested sequence) of real numbers: strings,
+    ``None`` and other objects are refused, not converted."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not isinstance(x, np.ndarray):  # a device array: ask its namespace
+        if array_api_compat.array_namespace(x).isdtype(dtype, ("bool", "real floating", "integral")):
+            return
+    else:
+        try:
+            kind = np.asarray(x).dtype.kind
+        except (TypeError, ValueError):
+            kind = "O"
+        if kind in "biuf":
+            return
+    raise TypeError(f"{name} must be a real number or an array of real numbers, got {type(x).__name__} {x!r:.80}")
 
 
 def _in_range(lo: float, hi: float, positive: bool, nonnegative: bool, greater: float | None, at_most: float | None,
@@ -295,6 +313,14 @@ def check_quantizer_name(quantizer: Any) -> str | None:
     return quantizer
 
 
+def check_items(model: Any) -> int:
+    """The model's number of items, at least one (``ValueError`` for an empty model: nothing to allocate)."""
+    if model.n_items == 0:
+        raise ValueError(f"model has no items (its {'alpha' if hasattr(model, 'alpha') else 'distortion'} is "
+                         f"empty): nothing to allocate")
+    return model.n_items
+
+
 class WaterfillInputs(NamedTuple):
     """:func:`~rdalloc.waterfill`'s arguments, checked: float arrays of one backend (0-d where a scalar was given),
     the group ids (an index array, ``None`` when not grouped), the total elements ``sum_i n_i`` and the budget ``B``
@@ -326,7 +352,7 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
         raise ValueError("groups cannot be combined with a reducer: a grouped solve runs in one process")
     xp = namespace(model.alpha, sizes, weights, lo, hi, metadata, groups)
     dev = device(model.alpha)
-    n_items = model.n_items
+    n_items = check_items(model)
     lo = model.lo if lo is None else lo
     hi = model.hi if hi is None else hi
     for name, value in (("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi), ("metadata", metadata)):
@@ -390,7 +416,7 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: 
     data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
     xp = namespace(data, sizes, weights, metadata, lo, hi, groups)
     dev = device(data)
-    N = model.n_items
+    N = check_items(model)
     for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
         check_shape(name, value, N)
     check_values("sizes", sizes, positive=True)

@@ -4,7 +4,7 @@ gives a correct answer or a ValueError/TypeError naming the argument; never a si
 import numpy as np
 import pytest
 
-from rdalloc import ExponentialModel, allocate, waterfill
+from rdalloc import ExponentialModel, allocate, fit_report, waterfill
 from rdalloc.status import OPTIMAL
 
 
@@ -54,3 +54,20 @@ def test_waterfill_is_invariant_to_units():
                       weights=w_unit * np.array([1.0, 2.0, 0.5, 1.0]))
         np.testing.assert_allclose(r.bits, ref.bits, rtol=1e-12, atol=1e-12)
         assert int(r.status) == OPTIMAL
+
+
+@pytest.mark.parametrize("distortions, bits", [([[5e-324, 5e-324, 1e-320]], [0, 1, 2]),
+                                               ([[1e-300, 1e300, 1e-300]], [1, 2, 3])])
+def test_fit_report_over_float64s_range_flags_instead_of_crashing(distortions, bits):
+    assert fit_report(distortions, bits).flags
+
+
+def test_a_string_beta_is_refused_up_front():
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        ExponentialModel(np.array([4.0, 1.0]), beta="4")
+
+
+@pytest.mark.parametrize("solver", [waterfill, allocate])
+def test_an_empty_model_is_refused(solver):
+    with pytest.raises(ValueError, match="model has no items"):
+        solver(ExponentialModel(np.zeros(0)), 64, average_bits=3)
