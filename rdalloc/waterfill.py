@@ -538,7 +538,9 @@ def _sample_level(xp, n_items: int, items: tuple, P, elements, max_iter: int) ->
     t = ck - mu_s * inv_k
     bits = xp.minimum(xp.maximum(t, lo), hi)
     slope = xp.sum(xp.where((t > lo) & (t < hi), n * inv_k * ones, 0 * ones))
-    spread = 8 * xp.sqrt(xp.sum((n * (bits - P_s / n_tot)) ** 2))  # 8 standard errors of the sampled g
+    dev = n * (bits - P_s / n_tot)
+    scale = xp.max(xp.abs(dev))  # (squares of sizes near float64's limit would overflow)
+    spread = 8 * scale * xp.sqrt(xp.sum((dev / positive_or_one(xp, scale)) ** 2))  # 8 standard errors of the g
     return _Sample(mu_s, inside & solved.done & (slope > 0) & (xp.abs(mu_s) < big), slope, spread)
 
 

@@ -71,3 +71,15 @@ def test_a_string_beta_is_refused_up_front():
 def test_an_empty_model_is_refused(solver):
     with pytest.raises(ValueError, match="model has no items"):
         solver(ExponentialModel(np.zeros(0)), 64, average_bits=3)
+
+
+def test_sampled_fast_path_is_invariant_to_units():
+    rng = np.random.default_rng(0)
+    N = 70_000  # above the sampled bracket's threshold (2**16)
+    model = ExponentialModel(rng.uniform(0.01, 100, N), beta=rng.uniform(3, 5, N))
+    n, w = rng.integers(1, 100, N).astype(float), rng.uniform(0.1, 3, N)
+    ref = waterfill(model, n, average_bits=3.3, weights=w)
+    for unit in (1e-300, 1e200):
+        r = waterfill(model, unit * n, average_bits=3.3, weights=w)
+        assert int(r.status) == OPTIMAL and float(r.budget_used) <= float(r.budget) * (1 + 1e-9)
+        np.testing.assert_allclose(r.bits, ref.bits, atol=1e-9)
