@@ -263,10 +263,12 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     ``group`` names the budget in an error."""
     order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
-    if not is_traced(B):
-        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
-    # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     R = B - base
+    if not is_traced(B):  # feasible means: the cheapest allocation's usage, summed as reported, is within B
+        cheapest = _Solution.of(xp, first, order, W, menu, n, m)
+        _raise_if_infeasible(B, cheapest.payload + cheapest.metadata, base + xp.sum(dC), elements, menu, group)
+        R = xp.maximum(R, xp.zeros_like(R))  # (base, summed otherwise, may exceed B by rounding)
+    # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     saturated = R >= xp.sum(dC)
     infeasible = R < 0
     lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
@@ -408,13 +410,14 @@ def _item_tables(xp, model, menu, items: tuple, static: bool, where: Any = None)
 
 def _raise_if_infeasible(B, base, top, elements, menu, group: str = "") -> None:
     """``ValueError`` giving the feasible range when the budget is below the cheapest allocation ``base``
-    (``group``: which group's budget, in the message)."""
-    if float(B) < float(base) * (1 - 1e-15):
+    (``group``: which group's budget, in the message). No slack: a budget below it by rounding is below it (the
+    message gives the exact value to pass)."""
+    if float(B) < float(base):
         el = float(elements)
         raise ValueError(f"budget {group}{float(B):.10g} bits (average {float(B) / el:.6g}) is infeasible for menu "
                          f"{list(menu)}: the cheapest allocation needs {float(base):.10g} bits (average "
                          f"{float(base) / el:.6g}); every item at its best point needs {float(top):.10g} "
-                         f"(average {float(top) / el:.6g})")
+                         f"(average {float(top) / el:.6g}); the least budget accepted is {float(base)!r}")
 
 
 def _take_ties_eager(xp, E, dC, first, lam, R, spent, saturated, cur_t):

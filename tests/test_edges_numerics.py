@@ -83,3 +83,19 @@ def test_sampled_fast_path_is_invariant_to_units():
         r = waterfill(model, unit * n, average_bits=3.3, weights=w)
         assert int(r.status) == OPTIMAL and float(r.budget_used) <= float(r.budget) * (1 + 1e-9)
         np.testing.assert_allclose(r.bits, ref.bits, atol=1e-9)
+
+
+def test_allocate_reported_usage_never_exceeds_the_budget_at_the_cheapest_allocation():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        N = int(rng.integers(2, 30))
+        n, m = rng.uniform(1, 128, N), rng.uniform(0, 64, N)  # arbitrary reals: sums round
+        model = ExponentialModel(rng.uniform(0.01, 10, N))
+        B = float(np.sum(n + m))  # the cheapest allocation (1 bit everywhere), summed another way
+        try:
+            a = allocate(model, n, B, metadata=m)
+        except ValueError as e:  # B rounded below the cheapest allocation's usage: refused, the least budget given
+            least = float(str(e).rsplit("the least budget accepted is ", 1)[1])
+            assert B < least <= B * (1 + 1e-15)
+            B, a = least, allocate(model, n, least, metadata=m)
+        assert a.usage.total_bits <= B and a.bits.tolist() == [1] * N
