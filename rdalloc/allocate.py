@@ -265,8 +265,10 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
     R = B - base
     if not is_traced(B):  # feasible means: the cheapest allocation's usage, summed as reported, is within B
-        cheapest = _Solution.of(xp, first, order, W, menu, n, m)
-        _raise_if_infeasible(B, cheapest.payload + cheapest.metadata, base + xp.sum(dC), elements, menu, group)
+        if float(B) < float(base) * (1 + 1e-12):  # (only a budget this close needs the reported summation)
+            cheapest = _Solution.of(xp, first, order, W, menu, n, m)
+            base = cheapest.payload + cheapest.metadata
+        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
         R = xp.maximum(R, xp.zeros_like(R))  # (base, summed otherwise, may exceed B by rounding)
     # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     saturated = R >= xp.sum(dC)
