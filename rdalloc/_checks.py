@@ -27,6 +27,8 @@ from ._namespace import (
 )
 from .cost import FULL_BITS
 
+MIN_WATERFILL_BETA = 1 + 1e-6  # below it ln(beta) < 1e-6 and the continuous bits carry no precision
+
 
 def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
     idx = np.argwhere(bad)[0]
@@ -36,15 +38,16 @@ def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
 
 
 def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool = False, greater: float | None = None,
-                 at_most: float | None = None, allow_inf: bool = False) -> None:
+                 at_most: float | None = None, allow_inf: bool = False, why: str = "") -> None:
     """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN, infinities (unless allowed) or out-of-range values.
 
     The common, valid case costs two reductions where the data lives (min and max propagate NaN), and only those two
     scalars cross to the host: a GPU array is never copied for validation. Invalid input is copied to find the first
-    offending element for the message.
+    offending element for the message; ``why`` is appended to the requirement of a ``greater`` error.
     """
     if is_traced(x):
         return
+    check_real(name, x)
     if getattr(x, "ndim", 0) and not isinstance(x, np.ndarray):  # a device array: reduce it there
         if 0 in tuple(x.shape):  # empty: nothing to check
             return
@@ -65,9 +68,26 @@ def check_values(name: str, x: Any, *, positive: bool = False, nonnegative: bool
     if nonnegative and (v < 0).any():
         raise ValueError(f"{name} must be >= 0, got {_first_bad(v, v < 0)}")
     if greater is not None and (v <= greater).any():
-        raise ValueError(f"{name} must be > {greater:g}, got {_first_bad(v, v <= greater)}")
+        raise ValueError(f"{name} must be > {greater!r}{why}, got {_first_bad(v, v <= greater)}")
     if at_most is not None and (v > at_most).any():
         raise ValueError(f"{name} must be <= {at_most:g}, got {_first_bad(v, v > at_most)}")
+
+
+def check_real(name: str, x: Any) -> None:
+    """``TypeError`` unless ``x`` is a real number or an array (or nested sequence) of real numbers: strings,
+    ``None`` and other objects are refused, not converted."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not isinstance(x, np.ndarray):  # a device array: ask its namespace
+        if array_api_compat.array_namespace(x).isdtype(dtype, ("bool", "real floating", "integral")):
+            return
+    else:
+        try:
+            kind = np.asarray(x).dtype.kind
+        except (TypeError, ValueError):
+            kind = "O"
+        if kind in "biuf":
+            return
+    raise TypeError(f"{name} must be a real number or an array of real numbers, got {type(x).__name__} {x!r:.80}")
 
 
 def _in_range(lo: float, hi: float, positive: bool, nonnegative: bool, greater: float | None, at_most: float | None,
@@ -130,6 +150,18 @@ def check_budget(budget: float | None, average_bits: float | None, total_element
     if not np.isfinite(f) or f < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return f if budget is not None else f * total_elements
+
+
+def check_representable(xp, n: Any, m: Any, n_items: int) -> None:
+    """``ValueError`` unless the most any allocation can cost, ``16 sum_i n_i + sum_i m_i`` bits, is a finite float64
+    (so every budget, cost and sum of the solve is); concrete arrays only."""
+    if is_traced(n) or is_traced(m):
+        return
+    with concrete(xp):
+        total_n, total_m = (float(xp.sum(x)) if x.ndim else float(x) * n_items for x in (n, m))
+    if not np.isfinite(FULL_BITS * total_n + total_m):
+        raise ValueError(f"sizes and metadata overflow float64: 16 * sum(sizes) + sum(metadata) = "
+                         f"{FULL_BITS} * {total_n!r} + {total_m!r} bits; express sizes in larger units")
 
 
 def check_groups(xp, groups: Any, n_items: int, n_groups: int, dev: Any) -> Any:
@@ -281,6 +313,14 @@ def check_quantizer_name(quantizer: Any) -> str | None:
     return quantizer
 
 
+def check_items(model: Any) -> int:
+    """The model's number of items, at least one (``ValueError`` for an empty model: nothing to allocate)."""
+    if model.n_items == 0:
+        raise ValueError(f"model has no items (its {'alpha' if hasattr(model, 'alpha') else 'distortion'} is "
+                         f"empty): nothing to allocate")
+    return model.n_items
+
+
 class WaterfillInputs(NamedTuple):
     """:func:`~rdalloc.waterfill`'s arguments, checked: float arrays of one backend (0-d where a scalar was given),
     the group ids (an index array, ``None`` when not grouped), the total elements ``sum_i n_i`` and the budget ``B``
@@ -312,7 +352,7 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
         raise ValueError("groups cannot be combined with a reducer: a grouped solve runs in one process")
     xp = namespace(model.alpha, sizes, weights, lo, hi, metadata, groups)
     dev = device(model.alpha)
-    n_items = model.n_items
+    n_items = check_items(model)
     lo = model.lo if lo is None else lo
     hi = model.hi if hi is None else hi
     for name, value in (("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi), ("metadata", metadata)):
@@ -322,9 +362,12 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
     check_values("metadata", metadata, nonnegative=True)
     check_values("lo", lo, nonnegative=True)
     check_values("hi", hi, nonnegative=True, at_most=FULL_BITS)
+    check_values("beta", model.beta, greater=MIN_WATERFILL_BETA, why=" for waterfill: the bits (c - mu) / ln(beta) "
+                 "lose all precision as beta nears 1 (use allocate)")
     alpha, beta, n, w, lo, hi, m = (as_float64(xp, v, device=dev, name=name) for name, v in (
         ("alpha", model.alpha), ("beta", model.beta), ("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi),
         ("metadata", metadata)))  # scalars stay 0-d
+    check_representable(xp, n, m, n_items)
     check_ordered(lo, hi, n_items)
     if groups is not None:
         n_groups = group_count(budget, average_bits)
@@ -373,7 +416,7 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: 
     data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
     xp = namespace(data, sizes, weights, metadata, lo, hi, groups)
     dev = device(data)
-    N = model.n_items
+    N = check_items(model)
     for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
         check_shape(name, value, N)
     check_values("sizes", sizes, positive=True)
@@ -382,6 +425,7 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: 
     ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
     n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
                for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
+    check_representable(xp, n, m, N)
     if groups is None:
         elements = xp.sum(n)
         total = xp.asarray(check_budget(budget, average_bits, elements if is_traced(elements) else float(elements)),

@@ -93,6 +93,7 @@ from .status import FEASIBLE, INFEASIBLE, MESSAGES, OPTIMAL, SATURATED
 __all__ = ["allocate", "Allocation", "default_menu"]
 
 _RTOL = 1e-9  # OPTIMAL from the exact phase: no allocation is below distortion - _RTOL (|distortion| + lambda* B)
+_SPEND_RTOL = 1e-9  # the final check on eager backends: budget used <= B (1 + _SPEND_RTOL), else ValueError
 _MAX_NODES = 1 << 20  # default work limit of the exact phase: dynamic-program states generated, all rounds together
 _CORE0 = 64  # items in the first core; each further round takes 4 times as many
 
@@ -212,7 +213,9 @@ def allocate(model: ExponentialModel | TabulatedModel, sizes: Any, budget: Any =
     hull/greedy answer with its dual gap (an eager JAX call compiles once per shape and settings, then reuses it).
     Grouped: every field but ``bits`` one per group, each group's answer, bound
     and status its own solve's (:meth:`Allocation.group` gives one). Raises ``ValueError`` for invalid input or a
-    budget below the cheapest allocation (the message gives the feasible range and names the group); under
+    budget below the cheapest allocation (the message gives the feasible range and names the group), and (the final
+    check on eager backends) a solve whose spending exceeds ``B (1 + 1e-9)``, which only input outside float64's
+    range can cause (``weights * distortion`` overflowing is refused up front); under
     ``jax.jit`` an infeasible budget gives status ``INFEASIBLE`` instead (and bits ``-1``).
 
     Three items of 64 elements on the menu ``{0, 2, 4}`` at 2 bits on average: evicting the least important one
@@ -260,10 +263,14 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     ``group`` names the budget in an error."""
     order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
-    if not is_traced(B):
-        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
-    # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     R = B - base
+    if not is_traced(B):  # feasible means: the cheapest allocation's usage, summed as reported, is within B
+        if float(B) < float(base) * (1 + 1e-12):  # (only a budget this close needs the reported summation)
+            cheapest = _Solution.of(xp, first, order, W, menu, n, m)
+            base = cheapest.payload + cheapest.metadata
+        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
+        R = xp.maximum(R, xp.zeros_like(R))  # (base, summed otherwise, may exceed B by rounding)
+    # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
     saturated = R >= xp.sum(dC)
     infeasible = R < 0
     lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
@@ -285,6 +292,9 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
                 solution = found
             else:
                 proven = None
+    if not is_traced(B) and float(solution.payload + solution.metadata) > float(B) * (1 + _SPEND_RTOL):
+        raise ValueError(f"allocate spent {float(solution.payload + solution.metadata)!r} bits against a budget of "
+                         f"{float(B)!r}: the input is outside the range float64 solves reliably; rescale sizes")
     # the certificate
     dual = xp.minimum(dual, solution.distortion)  # q(lambda*) <= optimum <= distortion; rounding aside
     lower, status = _bound_and_status(xp, solution.distortion, dual, proven, saturated, infeasible)
@@ -402,13 +412,14 @@ def _item_tables(xp, model, menu, items: tuple, static: bool, where: Any = None)
 
 def _raise_if_infeasible(B, base, top, elements, menu, group: str = "") -> None:
     """``ValueError`` giving the feasible range when the budget is below the cheapest allocation ``base``
-    (``group``: which group's budget, in the message)."""
-    if float(B) < float(base) * (1 - 1e-15):
+    (``group``: which group's budget, in the message). No slack: a budget below it by rounding is below it (the
+    message gives the exact value to pass)."""
+    if float(B) < float(base):
         el = float(elements)
         raise ValueError(f"budget {group}{float(B):.10g} bits (average {float(B) / el:.6g}) is infeasible for menu "
                          f"{list(menu)}: the cheapest allocation needs {float(base):.10g} bits (average "
                          f"{float(base) / el:.6g}); every item at its best point needs {float(top):.10g} "
-                         f"(average {float(top) / el:.6g})")
+                         f"(average {float(top) / el:.6g}); the least budget accepted is {float(base)!r}")
 
 
 def _take_ties_eager(xp, E, dC, first, lam, R, spent, saturated, cur_t):
@@ -718,6 +729,11 @@ def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, where) ->
     C = xp.stack([n * b + (m if 0 < b < FULL_BITS else zero) for b in menu], axis=0)
     valid = xp.stack(allowed, axis=0)
     if not is_traced(valid):
+        overflow = to_numpy(xp.any(valid & ~(xp.abs(W) < xp.inf), axis=0))
+        if overflow.any():
+            j = int(np.argmax(overflow))
+            raise ValueError(f"weights * distortion overflows float64 at item {int(where[j])} (weight "
+                             f"{float(to_numpy(w if w.ndim == 0 else w[j]))!r}); scale weights down")
         none = ~to_numpy(xp.any(valid, axis=0))
         if none.any():
             i = int(where[int(np.argmax(none))])

@@ -99,7 +99,7 @@ class Flag:
 # ---- pure pieces --------------------------------------------------------------------------------------------------
 def _ratios(d: np.ndarray, bits: Sequence[int]) -> np.ndarray:
     step = np.diff(np.asarray(bits, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ratios may exceed float64
         return (d[:, :-1] / d[:, 1:]) ** (1.0 / step)[None, :]
 
 
@@ -136,6 +136,12 @@ def _fmt(x: float, digits: int = 3) -> str:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return f"{x:.{digits}g}"
+
+
+def _exp(x: float) -> float:
+    """``e**x`` as a float, ``inf`` beyond float64's range (measurements may span it)."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(x)))
 
 
 def _flags(fit: ExponentialFit, per_item: ExponentialFit, pooled: ExponentialFit, pvalue: float,
@@ -175,7 +181,7 @@ def _flags(fit: ExponentialFit, per_item: ExponentialFit, pooled: ExponentialFit
     for i in np.flatnonzero(rising.any(axis=1)):
         row, ks = d[i], np.flatnonzero(rising[i])
         pairs = ", ".join(f"D({bits[k]})={_fmt(row[k])} < D({bits[k + 1]})={_fmt(row[k + 1])}" for k in ks[:3])
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             worst = float(np.max(row[ks + 1] / row[ks]))
         add(int(i), "non_monotone", worst,
             f"item {i} is non-monotone: {pairs}{' ...' if len(ks) > 3 else ''} (more bits, more distortion; "
@@ -193,10 +199,10 @@ def _flags(fit: ExponentialFit, per_item: ExponentialFit, pooled: ExponentialFit
             floor = has_ref & ~np.isnan(top) & (ref > 0) & (top < tol.floor_fraction * ref)
         b0, b1 = qbits[-2], qbits[-1]
         for i in np.flatnonzero(floor):
-            gain = float(np.exp(top[i]))
+            gain = _exp(top[i])
             add(int(i), "floor", gain,
                 f"item {i} stops improving at high bits: {b0}->{b1} gains {_fmt(gain)}x per bit against "
-                f"{_fmt(math.exp(ref[i]))}x per bit below it (a floor near D={_fmt(d[i, qi[-1]])}); the curve "
+                f"{_fmt(_exp(ref[i]))}x per bit below it (a floor near D={_fmt(d[i, qi[-1]])}); the curve "
                 f"overstates what the top bits buy")
     # eviction off the curve
     if bits[0] == 0:
@@ -206,7 +212,7 @@ def _flags(fit: ExponentialFit, per_item: ExponentialFit, pooled: ExponentialFit
             off = np.isfinite(a) & ((factor > tol.eviction_factor) | (factor < 1.0 / tol.eviction_factor))
         for i in np.flatnonzero(off):
             f = float(factor[i])
-            where, times = ("below", f) if f > 1 else ("above", 1.0 / f)
+            where, times = ("below", f) if f > 1 else ("above", 1.0 / f if f > 0 else math.inf)
             add(int(i), "eviction_off_curve", f,
                 f"item {i}: measured D(0)={_fmt(e[i])} is {_fmt(times)}x {where} the curve's extrapolation "
                 f"alpha={_fmt(a[i])} (the 0->{bits[1]} step is {_fmt(ratios[i, 0])}x per bit against "
@@ -218,7 +224,7 @@ def _flags(fit: ExponentialFit, per_item: ExponentialFit, pooled: ExponentialFit
         bad_r2 = (fit.dof > 0) & (n_pts >= 3) & (r2 < tol.min_r2)
     for i in np.flatnonzero(np.isfinite(res) & (bad_factor | bad_r2)):
         k = int(np.nanargmax(np.abs(fit.log_residuals[i])))
-        factor = math.exp(res[i])
+        factor = _exp(res[i])
         add(int(i), "poor_fit", factor,
             f"item {i}: the {'pooled' if fit.pooled else 'per-item'} curve misses the measurement at b={bits[k]} by "
             f"{_fmt(factor)}x, R^2={_fmt(r2[i], 4)} (tolerance {tol.max_factor:g}x, R^2 >= {tol.min_r2:g}); the "

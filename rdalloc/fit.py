@@ -208,7 +208,8 @@ class ExponentialFit:
         ybar = (w * y).sum(axis=1) / np.where(W > 0, W, 1.0)
         sst = (w * (y - ybar[:, None]) ** 2).sum(axis=1)
         r = np.nan_to_num(self.log_residuals, nan=0.0)
-        ssr = np.where(self.fitted, (w * r * r).sum(axis=1), np.nan)
+        with np.errstate(over="ignore"):  # residuals of measurements spanning float64's range: inf, flagged
+            ssr = np.where(self.fitted, (w * r * r).sum(axis=1), np.nan)
         return ssr, sst
 
     @property

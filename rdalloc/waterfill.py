@@ -133,7 +133,11 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
 
     Returns a :class:`WaterfillResult` (grouped: every field but ``bits`` one per group, each equal to the group's
     own solve up to rounding). Raises ``ValueError`` for invalid or infeasible input, naming the group when grouped
-    (unless traced under ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits).
+    (unless traced under ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits); for
+    ``beta <= 1 + 1e-6`` (no precision left in the bits: use :func:`rdalloc.allocate`) or sizes whose total bits
+    overflow float64; and, the final check, for a spend above ``B (1 + 1e-9)`` (traced: status ``MAX_ITER``).
+    Results do not depend on the units of ``sizes``/``budget`` or of ``weights``/``alpha`` (tolerances are relative;
+    ``c_i`` is summed from logs, so any positive finite ``w_i alpha_i / n_i`` is representable).
 
     Two items of 64 elements, the first four times as important, at 3 bits on average: each factor of ``beta = 4``
     in importance is worth one bit.
@@ -165,7 +169,7 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     over = _Chunked(xp, n_items, (first.ck, first.inv_k, n, lo, hi), reducer)
     saturated = P >= first.g_max
     at_min = P <= first.g_min
-    infeasible = P < first.g_min - 1e-12 * xp.maximum(xp.abs(first.g_min), xp.ones_like(first.g_min))
+    infeasible = P < first.g_min - _INFEASIBLE_RTOL * (first.g_min + m_total)
     start = _start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter,
                          traced and reducer is _LOCAL)
     solved = _solve_level(xp, first, bracket, over, P, start, saturated | infeasible | at_min, max_iter)
@@ -180,14 +184,40 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
     payload, target = out.sums["payload"], xp.minimum(P, first.g_max)
+    residual = _relative(xp, payload - target, target)
+    status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
         bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
         budget_used=payload + m_total, distortion=out.sums["distortion"], kkt_residual=out.peak,
-        budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
+        budget_residual=residual,
         iterations=solved.iterations, status=status)
 
 
 _SAMPLED = 1 << 16  # eager single-process solves from this many items on start from a sampled bracket
+_INFEASIBLE_RTOL = 1e-12  # a budget below the cheapest box point by less than this share of it is rounding
+_SPEND_RTOL = 1e-9  # the final check: budget_used <= B (1 + rtol), rtol this or 64 eps of a lower precision
+
+
+def _checked_spend(xp, used, B, residual, status, infeasible, traced: bool, code):
+    """The final check of a solve: the spent budget (metadata included) may exceed ``B`` by rounding only,
+    ``used <= B (1 + rtol)`` with ``rtol = max(1e-9, 64 eps)`` of the dtype. Eager solves raise ``ValueError``
+    otherwise (never a silent overspend); traced solves cannot raise and report ``MAX_ITER`` instead of any other
+    status (one per group when grouped). ``OPTIMAL`` also needs the budget met, ``budget_residual <= rtol``; else the
+    status is ``MAX_ITER``."""
+    rtol = max(_SPEND_RTOL, 64 * float(xp.finfo(B.dtype).eps))
+    over = ~infeasible & (used > B * (1 + rtol))
+    status = xp.where((status == code(OPTIMAL)) & (residual > rtol), code(MAX_ITER), status)
+    if not traced and bool(xp.any(over)):
+        raise ValueError(f"waterfill spent {to_numpy(used).tolist()} bits against a budget of "
+                         f"{to_numpy(B).tolist()}: the input is outside the range float64 solves reliably (sizes, "
+                         f"weights and alpha far apart in scale); rescale sizes or weights")
+    return xp.where(over, code(MAX_ITER), status)
+
+
+def _relative(xp, diff, target):
+    """``|diff| / |target|`` (``|diff|`` where the target is 0): a residual that does not depend on units."""
+    scale = xp.abs(target)
+    return xp.abs(diff) / xp.where(scale > 0, scale, xp.ones_like(scale))
 
 
 class _FirstPass(NamedTuple):
@@ -255,7 +285,7 @@ def _solve_level(xp, first: _FirstPass, bracket, over: _Chunked, P, start, done,
     """The level with ``g(mu) = P`` by safeguarded Newton from ``start`` (nothing to do when ``done``): on the items
     kept inside the sampled bracket when there is one, then over all items if the root lies outside it."""
     eps = float(xp.finfo(P.dtype).eps)
-    tol = 64 * eps * xp.maximum(first.g_max, xp.ones_like(first.g_max))  # |g(mu) - P| at rounding level
+    tol = 64 * eps * first.g_max  # |g(mu) - P| at rounding level
     big, zero_i = _big(xp, P), xp.asarray(0, dtype=xp.int32, device=device(P))
     state = _Newton(mu=start, a=-big, b=big, g_a=first.g_max, g_b=first.g_min, iterations=zero_i, done=done,
                     secant_steps=zero_i)
@@ -272,7 +302,7 @@ def _big(xp, like):
 def _raise_if_infeasible(xp, B, P, first: _FirstPass, n, hi, m_total, elements, reducer) -> None:
     """``ValueError`` giving the feasible range when the payload budget ``P`` is below ``g_min``."""
     p, gmin = float(P), float(first.g_min)
-    if p < gmin - 1e-12 * max(abs(gmin), 1.0):
+    if p < gmin - _INFEASIBLE_RTOL * (gmin + float(m_total)):
         top_terms = n * hi + xp.zeros_like(first.ck)
         top = float(reducer.sum((xp.sum(top_terms),))[0])
         raise ValueError(f"budget {float(B):.6g} bits is infeasible: "
@@ -300,7 +330,7 @@ def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) 
     m_total = per_group(m)
     P = B - m_total  # payload budgets
     g_max, g_min = per_group(n * xp.where(useful, hi, lo)), per_group(n * lo)
-    infeasible = P < g_min - 1e-12 * xp.maximum(xp.abs(g_min), xp.ones_like(g_min))
+    infeasible = P < g_min - _INFEASIBLE_RTOL * (g_min + m_total)
     if not traced and bool(xp.any(infeasible)):
         g = int(np.argmax(to_numpy(infeasible)))
         top = per_group(n * hi)
@@ -319,7 +349,7 @@ def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) 
     big, zero_i = _big(xp, P), xp.zeros((G,), dtype=xp.int32, device=device(P))
     start = _Newton(mu=mu0, a=-big * xp.ones_like(P), b=big * xp.ones_like(P), g_a=g_max, g_b=g_min,
                     iterations=zero_i, done=saturated | infeasible | at_min, secant_steps=zero_i)
-    solved = _newton(xp, evaluate, P, 64 * eps * xp.maximum(g_max, xp.ones_like(g_max)), eps, big, start, max_iter)
+    solved = _newton(xp, evaluate, P, 64 * eps * g_max, eps, big, start, max_iter)
     mu_min = segment_max(xp, xp.where(useful, (ck - lo) / inv_k, -xp.inf), groups, G)
     mu = xp.where(at_min & ~saturated, mu_min, solved.mu)  # everything at lo: the lowest level that keeps it there
     level = xp.where(saturated, -big, mu)
@@ -332,10 +362,12 @@ def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) 
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
     payload, target = per_group(n * bits), xp.minimum(P, g_max)
+    residual = _relative(xp, payload - target, target)
+    status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
         bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
         budget_used=payload + m_total, distortion=per_group(n * inv_k * xp.exp(e)), kkt_residual=kkt,
-        budget_residual=xp.abs(payload - target) / xp.maximum(xp.abs(target), xp.ones_like(target)),
+        budget_residual=residual,
         iterations=solved.iterations, status=status)
 
 
@@ -506,7 +538,9 @@ def _sample_level(xp, n_items: int, items: tuple, P, elements, max_iter: int) ->
     t = ck - mu_s * inv_k
     bits = xp.minimum(xp.maximum(t, lo), hi)
     slope = xp.sum(xp.where((t > lo) & (t < hi), n * inv_k * ones, 0 * ones))
-    spread = 8 * xp.sqrt(xp.sum((n * (bits - P_s / n_tot)) ** 2))  # 8 standard errors of the sampled g
+    dev = n * (bits - P_s / n_tot)
+    scale = xp.max(xp.abs(dev))  # (squares of sizes near float64's limit would overflow)
+    spread = 8 * scale * xp.sqrt(xp.sum((dev / positive_or_one(xp, scale)) ** 2))  # 8 standard errors of the g
     return _Sample(mu_s, inside & solved.done & (slope > 0) & (xp.abs(mu_s) < big), slope, spread)
 
 
@@ -555,14 +589,18 @@ def _solve_in_bracket(xp, bracket: _Bracket, first: _FirstPass, P, tol, eps, big
 
 
 def _constants(xp, alpha, beta, w, n, all_useful):
-    """``k = ln beta``, ``1/k``, ``w > 0``, ``ck = ln(w alpha k / n) / k`` (``-inf`` where ``w = 0``) and ``n / k``."""
+    """``k = ln beta``, ``1/k``, ``w > 0``, ``ck = ln(w alpha k / n) / k`` (``-inf`` where ``w = 0``) and ``n / k``.
+
+    ``ln(w alpha k / n)`` is summed from the logs of its factors, so it is finite for every positive finite
+    ``w, alpha, n`` (the product itself can overflow or underflow); logs of 0-d factors cost nothing."""
     k = xp.log(beta)
     inv_k = 1.0 / k
+    log_factors = xp.log(alpha) + (xp.log(k) - xp.log(n))
     if all_useful:
-        return k, inv_k, None, xp.log(w * alpha * k / n) * inv_k, None
+        return k, inv_k, None, (log_factors + xp.log(w)) * inv_k, None
     useful = w > 0
-    prod = w * alpha * k / n
-    ck = xp.where(useful, xp.log(xp.where(useful, prod, xp.ones_like(prod))) * inv_k, -xp.inf)
+    log_w = xp.log(xp.where(useful, w, xp.ones_like(w)))
+    ck = xp.where(useful, (log_factors + log_w) * inv_k, -xp.inf)
     return k, inv_k, useful, ck, n * inv_k
 
 
