@@ -166,6 +166,8 @@ def test_calibrate_refuses_bad_arguments_before_loading(extra, words, model_dir,
 
 @pytest.mark.parametrize("config", ["{not json", '{"model_type": "nope"}', "[]"])
 def test_a_bogus_config_json_is_one_line_before_loading(config, tmp_path, no_model_load, capsys):
+    pytest.importorskip("torch")  # the adapter commands need the hf extra (without it: the install hint, tested apart)
+    pytest.importorskip("transformers")
     (tmp_path / "config.json").write_text(config)
     assert main(["eval", "--model", str(tmp_path)]) == 2
     line = _error(capsys)

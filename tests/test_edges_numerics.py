@@ -31,8 +31,11 @@ def test_sizes_whose_bits_overflow_are_refused(solver, average_bits):
 def test_waterfill_refuses_beta_too_close_to_one():
     with pytest.raises(ValueError, match="beta must be > 1.000001 for waterfill"):
         waterfill(ExponentialModel(np.array([4.0, 1.0, 0.25]), beta=1 + 1e-15), 64, average_bits=3)
+    # allocate needs no ln(beta): it answers within the budget with an honest certificate. (Which allocation wins is
+    # decided by distortion differences of a few ulps here: numpy 2 gives [7, 1, 1], numpy 1.26 [3, 3, 2].)
     a = allocate(ExponentialModel(np.array([4.0, 1.0, 0.25]), beta=1 + 1e-15), 64, average_bits=3)
-    assert a.bits.tolist() == [7, 1, 1]
+    assert float(a.payload_bits + a.metadata_bits) <= 64 * 3 * 3
+    assert float(a.lower_bound) <= float(a.distortion) <= 5.25
 
 
 def test_waterfill_subnormal_weight():
