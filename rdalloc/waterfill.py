@@ -183,7 +183,9 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
-    payload, target = out.sums["payload"], xp.minimum(P, first.g_max)
+    # the spend the answer should reach: the budget, within what the boxes allow (a budget a rounding below the
+    # cheapest point, accepted as feasible, is met by the cheapest point)
+    payload, target = out.sums["payload"], xp.maximum(xp.minimum(P, first.g_max), first.g_min)
     residual = _relative(xp, payload - target, target)
     status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
@@ -361,7 +363,7 @@ def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) 
     code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
-    payload, target = per_group(n * bits), xp.minimum(P, g_max)
+    payload, target = per_group(n * bits), xp.maximum(xp.minimum(P, g_max), g_min)
     residual = _relative(xp, payload - target, target)
     status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(

@@ -1,4 +1,9 @@
-"""Shared test set-up: hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` in CI draws more examples) and the real model."""
+"""Shared test set-up: hypothesis profiles and the real model.
+
+``HYPOTHESIS_PROFILE=ci`` (the test command, CI) draws more examples from a fixed seed, so a run is reproducible
+and a red CI points at one example that a rerun shows again; the default ``dev`` profile draws fresh examples on
+every run and keeps exploring (what it finds is pinned with ``@example``).
+"""
 
 import os
 
@@ -6,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

@@ -102,3 +102,11 @@ def test_allocate_reported_usage_never_exceeds_the_budget_at_the_cheapest_alloca
             assert B < least <= B * (1 + 1e-15)
             B, a = least, allocate(model, n, least, metadata=m)
         assert a.usage.total_bits <= B and a.bits.tolist() == [1] * N
+
+
+def test_a_budget_a_rounding_below_the_cheapest_point_is_met_by_it():
+    """Budget = the metadata, summed in another order (1 ulp below it): feasible, every item at lo, status OPTIMAL with
+    no residual (the residual was measured against the unreachable budget and read as an iteration limit)."""
+    r = waterfill(ExponentialModel(np.ones(7), 2.0), 1.0, 48.86314184623494, lo=np.zeros(7), hi=np.zeros(7),
+                  metadata=6.980448835176421)
+    assert int(r.status) == 0 and float(r.budget_residual) == 0.0 and np.all(r.bits == 0)
