@@ -15,8 +15,8 @@ compare those facts with a cache or a model's config *before* any model is loade
 
 Two file forms, chosen by the suffix given to ``save`` (``load`` reads either): ``.json``, the round trip of
 ``to_dict``/``from_dict``, readable anywhere (head plans); and ``.npz``, compact binary for token plans (the widths as
-uint8 arrays, every other field in a JSON header entry; about 1.6x smaller than JSON and two orders of magnitude faster
-to write and read at 32 x 8 x 32768: ``benchmarks/plan_io.py``). Both carry a ``"digest"``: in JSON the SHA-256 of the
+uint8 arrays, every other field in a JSON header entry; at 32 x 8 x 32768 a third of the JSON's size and 30-70x
+faster to write and to read: ``benchmarks/plan_io.py``). Both carry a ``"digest"``: in JSON the SHA-256 of the
 canonical JSON of every other field, in npz the SHA-256 of the header's canonical JSON then the arrays' bytes. Loading
 recomputes it, so an edited or corrupted file (a flipped digit in the bits) is refused, not silently loaded as another
 plan. JSON files without a digest (written before it existed) load after the field checks; npz files must have one.
