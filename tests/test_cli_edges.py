@@ -141,6 +141,19 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
         check_output(path, "--out", has_format("y"))
 
 
+
+def test_check_output_requires_a_plan_suffix_for_plans(tmp_path):
+    """Every command writing a plan through ``check_output(..., has_format(PLAN_FORMAT))`` (``rdalloc allocate
+    --out`` too) refuses a name the plan cannot be saved under, before any work."""
+    from rdalloc.cli import PLAN_FORMAT
+
+    for name in ("p.json", "p.npz", "P.NPZ"):
+        assert check_output(tmp_path / name, "--out", has_format(PLAN_FORMAT)) == tmp_path / name
+    with pytest.raises(ValueError, match=r"--out: a plan file's name must end in .json \(JSON\) or .npz .*p.txt"):
+        check_output(tmp_path / "p.txt", "--out", has_format(PLAN_FORMAT))
+    assert check_output(tmp_path / "r.txt", "--out", has_format("rdalloc.eval")) == tmp_path / "r.txt"
+
+
 # ---- the real-model commands ---------------------------------------------------------------------------------------
 LAYERS, KV_HEADS, Q_HEADS, HIDDEN, VOCAB = 2, 2, 4, 128, 128  # as in tests/test_experiment.py
 TEXT = "The quick brown fox jumps over the lazy dog while the cache holds keys and values of every token. " * 40
