@@ -19,7 +19,7 @@ Every command checks its arguments and output paths before any work (:func:`floa
 status 2, never a traceback, argparse's own usage errors included (:class:`Parser`; ``--help`` shows the usage).
 
 Plans are written in the form their path's suffix names: ``--plan-out plan.json`` as JSON (head plans; readable
-anywhere), ``plan.npz`` as compact binary (token plans: uint8 widths, 0.05 s for 32 x 8 x 32768 instead of 2 s);
+anywhere), ``plan.npz`` as compact binary (token plans: uint8 widths, 0.03 s for 32 x 8 x 32768 instead of 2 s);
 any other suffix is refused before any work. Commands reading a plan (``rdalloc eval --plan``) take either form.
 """
 
