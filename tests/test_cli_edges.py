@@ -3,8 +3,10 @@ work, one-line errors with exit status 2, results written atomically. Core comma
 and the experiment grids below, on the tiny Llama of tests/test_experiment.py with the expensive steps stubbed out."""
 
 import json
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rdalloc import Plan
@@ -40,13 +42,47 @@ def test_solve_checks_plan_out_before_solving(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("rdalloc.cli.allocate", never)
     foreign = tmp_path / "notes.json"
     foreign.write_text('{"mine": true}')
+    archive = tmp_path / "arrays.npz"
+    np.savez(archive, x=np.arange(3))
     cases = {str(tmp_path): "is a directory", str(tmp_path / "missing" / "p.json"): "does not exist",
-             str(foreign): "refusing to overwrite"}
+             str(foreign): "refusing to overwrite", str(archive): "refusing to overwrite",
+             str(tmp_path / "p.txt"): "must end in .json (JSON) or .npz"}
     for path, words in cases.items():
         assert main(["solve", "--plan-out", path]) == 2
         line = _error(capsys)
-        assert "--plan-out" in line and words in line, line
-    assert foreign.read_text() == '{"mine": true}'
+        assert "--plan-out" in line and words in line and path in line, line
+    assert foreign.read_text() == '{"mine": true}' and np.load(archive)["x"].tolist() == [0, 1, 2]
+    assert not (tmp_path / "p.txt").exists()
+
+
+def test_solve_writes_the_form_its_suffix_names(tmp_path, capsys):
+    """``--plan-out`` ending in .npz writes the compact binary plan, equal to the JSON one; either is ours to
+    overwrite, in either form."""
+    for name in ("p.json", "p.npz", "p.npz", "json-then-npz.npz"):
+        if name.startswith("json-then"):
+            Plan.load(tmp_path / "p.json").save(tmp_path / "json-then-npz.json")
+            (tmp_path / "json-then-npz.json").rename(tmp_path / name)  # a JSON plan under the .npz name: still ours
+        assert main(["solve", "--plan-out", str(tmp_path / name)]) == 0
+        assert f"plan written to {tmp_path / name}" in capsys.readouterr().out
+    assert zipfile.is_zipfile(tmp_path / "p.npz") and not zipfile.is_zipfile(tmp_path / "p.json")
+    assert zipfile.is_zipfile(tmp_path / "json-then-npz.npz")
+    assert Plan.load(tmp_path / "p.npz") == Plan.load(tmp_path / "p.json") == Plan.load(tmp_path / "json-then-npz.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["json-then-npz.npz", "p.json", "p.npz"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["solve", "--average-bits", "x"], "argument --average-bits: invalid float value: 'x' (rdalloc solve --help"),
+    (["solve", "--average-bits", "3", "--budget", "9"], "not allowed with argument --average-bits"),
+    (["solve", "--bogus"], "unrecognized arguments: --bogus (rdalloc --help shows the usage)"),
+    ([], "the following arguments are required: command"),
+    (["nope"], "invalid choice: 'nope'"),
+])
+def test_usage_errors_are_one_line_without_the_usage(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    line = _error(capsys)
+    assert line.startswith("rdalloc: error: ") and words in line and "usage:" not in line, line
 
 
 def test_solve_overwrites_its_own_plan(tmp_path, capsys):
@@ -103,6 +139,19 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     check_output(path, "--out", has_format("x"))
     with pytest.raises(ValueError, match="--out"):
         check_output(path, "--out", has_format("y"))
+
+
+
+def test_check_output_requires_a_plan_suffix_for_plans(tmp_path):
+    """Every command writing a plan through ``check_output(..., has_format(PLAN_FORMAT))`` (``rdalloc allocate
+    --out`` too) refuses a name the plan cannot be saved under, before any work."""
+    from rdalloc.cli import PLAN_FORMAT
+
+    for name in ("p.json", "p.npz", "P.NPZ"):
+        assert check_output(tmp_path / name, "--out", has_format(PLAN_FORMAT)) == tmp_path / name
+    with pytest.raises(ValueError, match=r"--out: a plan file's name must end in .json \(JSON\) or .npz .*p.txt"):
+        check_output(tmp_path / "p.txt", "--out", has_format(PLAN_FORMAT))
+    assert check_output(tmp_path / "r.txt", "--out", has_format("rdalloc.eval")) == tmp_path / "r.txt"
 
 
 # ---- the real-model commands ---------------------------------------------------------------------------------------
