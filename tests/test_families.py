@@ -292,14 +292,17 @@ def no_model_load(monkeypatch):
     ("calibrate", ["--group-size", "32"], ["--group-size 32", "head_dim=16"]),
     ("calibrate", [], ["--group-size", "32 channels", "head_dim=16"]),
     ("calibrate", ["--quantizers", "kivi,quarot", "--group-size", "12"], ["--group-size 12", "head_dim=16"]),
-    ("eval", ["--plan", "{plan}", "--group-size", "32"], ["--group-size", "head_dim=16"]),
+    ("eval", ["--plan", "{plan}", "--group-size", "32"], ["--group-size 32:", "head_dim=16"]),
+    ("eval", ["--plan", "{plan32}"], ["--plan", "'group_size': 32", "pass --group-size", "head_dim=16"]),
     ("eval", ["--plan", "{plan}", "--group-size", "-1"], ["--group-size", "at least 1"]),
 ])
 def test_cli_refuses_bad_placement_and_groups_before_loading(command, extra, words, gemma_dir, tmp_path,
                                                             no_model_load, capsys):
-    plan = tmp_path / "p.json"
+    plan, plan32 = tmp_path / "p.json", tmp_path / "p32.json"
     uniform_plan(model_facts(tiny_model("gemma", head_dim=16)[0]), _kivi(16), 4, tokens=32).save(plan)
-    argv = [command, "--model", str(gemma_dir), *[a.format(plan=plan) for a in extra]]
+    p32 = uniform_plan(model_facts(tiny_model("gemma", head_dim=32)[0]), _kivi(32), 4, tokens=32)
+    Plan(key=p32.key, value=p32.value, quantizer="kivi", meta={**p32.meta, "head_dim": 16}).save(plan32)
+    argv = [command, "--model", str(gemma_dir), *[a.format(plan=plan, plan32=plan32) for a in extra]]
     if command == "calibrate":
         argv += ["--out", str(tmp_path / "c.json")]
     assert main(argv) == 2
@@ -313,3 +316,26 @@ def test_cli_refuses_an_unknown_dtype(gemma_dir, tmp_path, capsys):
         main(["calibrate", "--model", str(gemma_dir), "--dtype", "int8", "--out", str(tmp_path / "c.json")])
     assert e.value.code == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+# ---- on a GPU (skipped without one) ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_cuda_in_bfloat16(family, gemma_dir):
+    import copy
+
+    cpu, config = tiny_model(family, dtype="bfloat16", head_dim=16)
+    model = copy.deepcopy(cpu).to("cuda")
+    ids, facts = IDS.to("cuda"), model_facts(model)
+    plain = logits(model, ids)
+    assert torch.equal(logits(model, ids, TransformCache(identity_transform, config)), plain)
+    full = uniform_plan(facts, _kivi(16), 16, tokens=IDS.shape[1])
+    assert torch.equal(logits(model, ids, plan_cache_factory(full, config)()), plain)
+    c = calibrate(model, facts, IDS, quantizers=[_kivi(16)], progress=False)
+    reference = fisher_importance(cpu, IDS, labels="data", progress=False)
+    np.testing.assert_allclose(fisher_importance(model, IDS, labels="data", progress=False).key, reference.key,
+                               rtol=0.15)
+    r = evaluate_plan(model, IDS, allocate_plan(c, "kivi", 6.0, tokens=IDS.shape[1]), progress=False)
+    assert math.isfinite(r.nll)
+    loaded, _, _ = load_model(gemma_dir, device="cuda", dtype="bfloat16", progress=False)
+    assert loaded.device.type == "cuda" and next(loaded.parameters()).dtype == torch.bfloat16

@@ -290,13 +290,16 @@ def cmd_eval(args) -> int:
             raise ValueError("the plan does not record its quantizer: pass --quantizer")
         quant = quantizers_with([name], args.group_size)[0]
     config_facts = _check_source(args)
+    group_flag = (f"--group-size {args.group_size}" if args.group_size is not None
+                  else f"--plan {args.plan!r} (quantizer {plan.meta.get('quantizer_spec') or plan.quantizer})"
+                  if plan is not None else "")
     if plan is not None and config_facts is not None:
-        _check_plan(plan, config_facts, quant)
+        _check_plan(plan, config_facts, quant, group_flag)
     out = check_output(args.out, "--out", has_format(EVAL_FORMAT)) if args.out else None
     model, facts, _, ev, text = _load(args, calibration=0, evaluation=args.windows)
     q = None
     if plan is not None:
-        q = _check_plan(plan, facts, quant)
+        q = _check_plan(plan, facts, quant, group_flag)
     r = evaluate_plan(model, ev, plan, quantizer=quant, progress=not args.no_progress)
     label = "FP16 (full cache)" if plan is None else f"{q} plan {args.plan}"
     print(f"{label}: perplexity {r.ppl:.4f} (nll {r.nll:.5f}) over {r.windows} windows of {ev.shape[1]} tokens")
@@ -308,8 +311,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_plan(plan, facts, quantizer):
-    """:func:`~.head_plans.check_plan`, its grouping error naming ``--group-size``."""
+def _check_plan(plan, facts, quantizer, flag: str):
+    """:func:`~.head_plans.check_plan`, its grouping error naming ``flag`` (where the group came from)."""
     from rdalloc.backends.hf.head_plans import check_plan
 
     try:
@@ -317,8 +320,7 @@ def _check_plan(plan, facts, quantizer):
     except ValueError as e:
         if "does not divide head_dim" not in str(e):
             raise
-        raise ValueError(f"--plan {plan.meta.get('quantizer_spec') or plan.quantizer}: {one_line(e)} (pass "
-                         f"--group-size with a divisor of {facts.head_dim})") from None
+        raise ValueError(f"{flag}: {one_line(e)} (pass --group-size with a divisor of {facts.head_dim})") from None
 
 
 def _needs_hf(command):
