@@ -108,7 +108,8 @@ def _num_layers(config_or_layers: Any) -> int:
     other = [i for i, t in enumerate(types) if t != "full_attention"]
     if other:
         raise ValueError(f"TransformCache supports full-attention layers only; layer {other[0]} is "
-                         f"{types[other[0]]!r} (all such layers: {other}): its cache keeps only the last tokens")
+                         f"{types[other[0]]!r} (all such layers: {other}; a sliding window keeps only the last "
+                         f"tokens)")
     return len(types)
 
 

@@ -135,6 +135,9 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+_WINDOWED = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
 def check_attention_layers(model_or_config: Any, what: str, *, softcap: bool = True) -> None:
     """``ValueError`` naming the layer indices and the reason if ``what`` (the entry point, for the message) cannot
     handle every decoder layer of the model: a layer whose type is not full attention (``layer_types``, or a
@@ -153,11 +156,13 @@ def check_attention_layers(model_or_config: Any, what: str, *, softcap: bool = T
             types = ["full_attention"] * n
     other = [i for i, t in enumerate(types) if t != "full_attention"]
     if other:
-        kinds = sorted({types[i] for i in other})
+        first = types[other[0]]
         window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+        reason = (f"its cache keeps only the last {window} tokens" if first in _WINDOWED
+                  else "it does not attend over a full K/V cache")
         raise ValueError(f"{what} supports full-attention layers only; layer {other[0]} of "
-                         f"{type(config).__name__} is {types[other[0]]!r} (window {window}; all such layers: "
-                         f"{other}, types {kinds}): its cache keeps only the last tokens")
+                         f"{type(config).__name__} is {first!r}: {reason} (all such layers: {other}, types "
+                         f"{sorted({types[i] for i in other})})")
     cap = getattr(config, "attn_logit_softcapping", None)
     if softcap and cap is not None:
         raise ValueError(f"{what} does not support soft-capped attention logits; layer 0 of {type(config).__name__} "
