@@ -114,6 +114,21 @@ def test_attention_importance_predicts_output_error(family):
             assert err / var == pytest.approx(getattr(imp, kind)[1, 0], rel=0.12), kind
     finally:
         hook.remove()
+    # relative=True divides by the energy of the residual stream entering each layer (Gemma scales its embeddings)
+    energy = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, a, kw, i=i: energy.__setitem__(i, (a[0] if a else kw["hidden_states"]).double().pow(2).sum(-1)
+                                                 .mean().item()), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        logits(model, IDS)
+    finally:
+        for h in hooks:
+            h.remove()
+    rel = attention_importance(model, IDS, relative=True, progress=False)
+    for kind in ("key", "value"):
+        np.testing.assert_allclose(getattr(rel, kind) * np.array([[energy[0]], [energy[1]]]), getattr(imp, kind),
+                                   rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
