@@ -284,6 +284,8 @@ def test_cli_bfloat16_group_16_end_to_end(gemma_dir, tmp_path, capsys):
     assert main(["eval", *source, "--windows", "1", "--plan", str(plan), "--out", str(result)]) == 0
     r = json.loads(result.read_text())
     assert math.isfinite(r["nll"]) and r["environment"]["dtype"] == "bfloat16"
+    assert r["environment"]["device"] == "cpu" and r["environment"]["attn_implementation"] == "sdpa"
+    assert json.loads(calib.read_text())["environment"]["device"] == "cpu"
     assert main(["allocate", "--calibration", str(calib), "--average-bits", "4", "--group-size", "8",
                  "--out", str(plan)]) == 2
     assert "--group-size 8" in _error(capsys)

@@ -349,5 +349,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
     text_facts = {"calibration_windows": int(ids.shape[0]), "length": int(ids.shape[1]), **dict(text or {})}
     return Calibration(facts=facts, fits=fits, importance=found, default_importance=default_importance,
                        text=text_facts, timings=timings, fit_bits=fit_bits, probes=probes,
-                       environment=environment(next(model.parameters()).dtype),
+                       environment=environment(next(model.parameters()).dtype, device=str(model.device),
+                                               attn_implementation=getattr(model.config, "_attn_implementation",
+                                                                           None)),
                        quantizer_specs={q.name: q.spec() for q in instances})

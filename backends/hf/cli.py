@@ -305,7 +305,8 @@ def cmd_eval(args) -> int:
     print(f"{label}: perplexity {r.ppl:.4f} (nll {r.nll:.5f}) over {r.windows} windows of {ev.shape[1]} tokens")
     if out is not None:
         result = {"format": EVAL_FORMAT, "plan": args.plan, "quantizer": q, "text": text, **r.to_dict(),
-                  "environment": environment(args.dtype)}
+                  "environment": environment(args.dtype, device=str(model.device),
+                                             attn_implementation=model.config._attn_implementation)}
         write_atomic(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         print(f"result written to {args.out}")
     return 0
