@@ -182,6 +182,11 @@ def test_calibrate_allocate_evaluate(family, dtype):
         assert math.isfinite(r.nll) and r.nll != plain.nll
     again = type(c).from_dict(json.loads(json.dumps(c.to_dict())))  # the group survives the JSON round trip
     assert again.quantizer("kivi").spec() == kivi.spec()
+    for bad in ({"name": "kivi", "group_size": 0}, {"name": "quarot"}, {"name": "kivi", "groups": 2}):
+        d = c.to_dict()
+        d["quantizer_specs"]["kivi"] = bad
+        with pytest.raises(ValueError, match=r"corrupted calibration: quantizer_specs\['kivi'\]"):
+            type(c).from_dict(d)
     with pytest.raises(ValueError, match="not the one this calibration measured"):
         allocate_plan(c, get_quantizer("kivi", group_size=8), 6.0, tokens=24)
 

@@ -97,6 +97,8 @@ class Calibration:
         given = get_quantizer(dict(quantizer) if isinstance(quantizer, Mapping) else quantizer)
         name = self._quantizer(given.name)
         measured = get_quantizer(dict(self.quantizer_specs.get(name) or {"name": name}))
+        if measured.name != name:
+            raise ValueError(f"the spec recorded for {name!r} makes quantizer {measured.name!r}")
         if not isinstance(quantizer, str) and given.spec() != measured.spec():
             raise ValueError(f"quantizer {given.spec()} is not the one this calibration measured: "
                              f"{measured.spec()}")
