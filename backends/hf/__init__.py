@@ -25,7 +25,8 @@ _HOMES = {
     "cache": ("TransformCache", "TransformLayer", "cache_factory", "identity_transform"),
     "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
-              "smollm2_gguf"),
+              "smollm2_gguf",
+              "check_attention_layers", "check_attn_implementation", "model_device"),
     "perplexity": ("PerplexityResult", "perplexity"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
 }

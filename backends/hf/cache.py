@@ -105,10 +105,11 @@ def _num_layers(config_or_layers: Any) -> int:
         types, _ = get_layer_types_and_kwargs(config)
     except (ImportError, AttributeError, TypeError):
         types = getattr(config, "layer_types", None) or ["full_attention"] * int(config.num_hidden_layers)
-    other = sorted({t for t in types if t != "full_attention"})
+    other = [i for i, t in enumerate(types) if t != "full_attention"]
     if other:
-        raise ValueError(f"TransformCache supports full-attention layers only; this model has layer types {other} "
-                         f"(e.g. a sliding window)")
+        raise ValueError(f"TransformCache supports full-attention layers only; layer {other[0]} is "
+                         f"{types[other[0]]!r} (all such layers: {other}; a sliding window keeps only the last "
+                         f"tokens)")
     return len(types)
 
 

@@ -39,10 +39,10 @@ import numpy as np
 from rdalloc.environment import environment
 from rdalloc.fit import ExponentialFit, fit_exponential
 from rdalloc.models import ExponentialModel, TabulatedModel
-from rdalloc.quantizers import get_quantizer
+from rdalloc.quantizers import Quantizer, get_quantizer
 
 from .capture import HeadImportance, attention_importance, capture_kv, fisher_importance, single_head_kl
-from .model import ModelFacts
+from .model import ModelFacts, check_attention_layers
 
 __all__ = ["Calibration", "calibrate", "CALIBRATION_FORMAT", "IMPORTANCE_METHODS", "DEFAULT_IMPORTANCE",
            "DEFAULT_QUANTIZERS", "CALIBRATION_BITS", "FIT_BITS", "fixed_beta_model"]
@@ -72,6 +72,8 @@ class Calibration:
       timings: seconds per step (``capture``, ``measure_fit``, ``probe``, ``fisher``, ``attention``, ``total``).
       probes: ``{quantizer: {bits: HeadImportance}}`` from :func:`~.capture.single_head_kl` (may be empty).
       environment: what it was measured on (:func:`rdalloc.environment.environment`: versions, CPU, dtype).
+      quantizer_specs: ``{quantizer: spec}`` (:meth:`rdalloc.quantizers.Quantizer.spec`, e.g. KIVI's group size)
+        of the quantizers as measured; a name absent here was measured with its defaults.
     """
 
     facts: ModelFacts
@@ -83,10 +85,24 @@ class Calibration:
     fit_bits: tuple[int, ...] = FIT_BITS
     probes: Mapping[str, Mapping[int, HeadImportance]] = field(default_factory=dict)
     environment: Mapping[str, Any] = field(default_factory=dict)
+    quantizer_specs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def quantizers(self) -> tuple[str, ...]:
         return tuple(self.fits)
+
+    def quantizer(self, quantizer: str | Mapping | Quantizer) -> Quantizer:
+        """The calibrated quantizer named by ``quantizer`` (a name: as measured, e.g. with its group size; a spec or
+        an instance: checked to be the one measured, else ``ValueError`` saying both)."""
+        given = get_quantizer(dict(quantizer) if isinstance(quantizer, Mapping) else quantizer)
+        name = self._quantizer(given.name)
+        measured = get_quantizer(dict(self.quantizer_specs.get(name) or {"name": name}))
+        if measured.name != name:
+            raise ValueError(f"the spec recorded for {name!r} makes quantizer {measured.name!r}")
+        if not isinstance(quantizer, str) and given.spec() != measured.spec():
+            raise ValueError(f"quantizer {given.spec()} is not the one this calibration measured: "
+                             f"{measured.spec()}")
+        return measured
 
     def _quantizer(self, quantizer: str) -> str:
         name = get_quantizer(quantizer).name
@@ -178,6 +194,7 @@ class Calibration:
                 "fits": {q: {r: f.to_dict() for r, f in roles.items()} for q, roles in self.fits.items()},
                 "importance": {m: imp.to_dict() for m, imp in self.importance.items()},
                 "probes": {q: {str(b): p.to_dict() for b, p in ps.items()} for q, ps in self.probes.items()},
+                "quantizer_specs": {q: self.quantizer(q).spec() for q in self.fits},
                 "environment": dict(self.environment)}
 
     @classmethod
@@ -193,12 +210,19 @@ class Calibration:
             importance = {m: HeadImportance.from_dict(i) for m, i in d["importance"].items()}
             probes = {q: {int(b): HeadImportance.from_dict(p) for b, p in ps.items()}
                       for q, ps in (d.get("probes") or {}).items()}
-            return cls(facts=ModelFacts.from_dict(d["facts"]), fits=fits, importance=importance,
+            calibration = cls(facts=ModelFacts.from_dict(d["facts"]), fits=fits, importance=importance,
                        default_importance=d.get("default_importance", DEFAULT_IMPORTANCE), text=d.get("text") or {},
                        timings=d.get("timings") or {}, fit_bits=tuple(int(b) for b in d.get("fit_bits", FIT_BITS)),
-                       probes=probes, environment=d.get("environment") or {})
+                       probes=probes, environment=d.get("environment") or {},
+                       quantizer_specs={q: dict(spec) for q, spec in (d.get("quantizer_specs") or {}).items()})
         except (KeyError, TypeError) as e:
             raise ValueError(f"corrupted calibration: missing or malformed field {e}") from None
+        for q, spec in calibration.quantizer_specs.items():
+            try:
+                calibration.quantizer(q)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"corrupted calibration: quantizer_specs[{q!r}] = {spec!r} ({e})") from None
+        return calibration
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -248,12 +272,21 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
     """Capture K/V over ``windows`` (``[count, length]`` token ids), measure and fit every quantizer's curves, and
     estimate head importance with each estimator in ``importance``; with ``probe_bits``, measure the single-head KL
     at those widths over the first ``probe_windows`` windows cut to ``probe_length`` tokens. See the module
-    docstring."""
+    docstring.
+
+    ``quantizers`` are registered names (default settings), spec dicts or instances, e.g.
+    ``get_quantizer("kivi", group_size=16)`` for a head_dim KIVI's default group of 32 channels does not divide; the
+    calibration records each spec and plans made from it carry it. Works on float32, float64 and bfloat16/float16
+    models on any device (statistics are upcast: K/V to float32, sums to float64). A model with sliding-window
+    layers (or, for the attention estimator, soft-capped logits) is refused before any forward pass
+    (:func:`~.model.check_attention_layers`)."""
     import torch
 
     from rdalloc.measure import measure_distortion
 
-    names = [get_quantizer(q).name for q in quantizers]
+    check_attention_layers(model, "calibrate", softcap="attention" in tuple(importance))
+    instances = [get_quantizer(dict(q) if isinstance(q, Mapping) else q) for q in quantizers]
+    names = [q.name for q in instances]
     fit_bits = tuple(int(b) for b in fit_bits)
     if len(fit_bits) < 2 or not set(fit_bits) <= set(int(b) for b in bits):
         raise ValueError(f"fit_bits must be at least two of the measured widths {list(bits)}, got {list(fit_bits)}")
@@ -271,9 +304,10 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
     for name, v in (("probe_windows", probe_windows), ("probe_length", probe_length)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "probe_length" else 1):
             raise ValueError(f"{name} must be a positive integer (probe_length >= 2), got {v!r}")
-    for q in names:  # e.g. QuaRot needs a power-of-two head_dim: fail before any forward pass
+    by_name = dict(zip(names, instances))
+    for q in instances:  # e.g. QuaRot needs a power-of-two head_dim: fail before any forward pass
         for role in ROLES:
-            get_quantizer(q).grouping(role, facts.head_dim)
+            q.grouping(role, facts.head_dim)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -287,7 +321,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
         for q in names:
             fits[q] = {}
             for role, x in (("key", kv.keys), ("value", kv.values)):
-                d = measure_distortion(x, q, list(bits), role=role).double().cpu().numpy()
+                d = measure_distortion(x, by_name[q], list(bits), role=role).double().cpu().numpy()
                 use = np.asarray([1.0 if b in fit_bits else 0.0 for b in bits])
                 fit = fit_exponential(d, list(bits), pooled=True, sample_weights=use, quantizer=q)
                 _ = fit.model  # raises ValueError naming the item if a fit is unusable (beta <= 1, NaN)
@@ -301,7 +335,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
         ids = torch.as_tensor(windows if hasattr(windows, "shape") else np.asarray(windows))
         probe_ids = ids[:probe_windows, :probe_length]
         for q in names:
-            probes[q] = {b: single_head_kl(model, probe_ids, q, b, progress=progress) for b in probe_bits}
+            probes[q] = {b: single_head_kl(model, probe_ids, by_name[q], b, progress=progress) for b in probe_bits}
         timings["probe"] = time.perf_counter() - t0
 
     found: dict[str, HeadImportance] = {}
@@ -317,4 +351,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
     text_facts = {"calibration_windows": int(ids.shape[0]), "length": int(ids.shape[1]), **dict(text or {})}
     return Calibration(facts=facts, fits=fits, importance=found, default_importance=default_importance,
                        text=text_facts, timings=timings, fit_bits=fit_bits, probes=probes,
-                       environment=environment(next(model.parameters()).dtype))
+                       environment=environment(next(model.parameters()).dtype, device=str(model.device),
+                                               attn_implementation=getattr(model.config, "_attn_implementation",
+                                                                           None)),
+                       quantizer_specs={q.name: q.spec() for q in instances})

@@ -30,6 +30,7 @@ import torch
 from .attention import AttentionSwap
 from .cache import TransformCache
 from .compat import forward
+from .model import check_attention_layers
 from .windows import as_windows, split_batches, with_progress
 
 __all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance",
@@ -66,6 +67,7 @@ def capture_kv(model: Any, windows: Any, *, layers: Sequence[int] | None = None,
                progress: bool = True) -> CapturedKV:
     """Run ``model`` over ``windows`` (``[count, length]`` token ids) and return the cached K/V of ``layers``
     (default all), stacked over windows: see :class:`CapturedKV`."""
+    check_attention_layers(model, "capture_kv", softcap=False)
     ids = as_windows(windows)
     chosen = _layer_list(layers, _num_layers(model))
     from transformers import DynamicCache
@@ -162,6 +164,7 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
     if labels == "data" and samples != 1:
         raise ValueError(f"samples > 1 only makes sense with labels='model' (the data labels are fixed), got "
                          f"samples={samples}")
+    check_attention_layers(model, "fisher_importance", softcap=False)
     ids = as_windows(windows)
     n_layers = _num_layers(model)
     generator = torch.Generator().manual_seed(int(seed))
@@ -193,8 +196,9 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
                     target = batch[:, 1:]
                 loss = -logp.gather(-1, target.to(logp.device)[..., None]).sum()
                 grads = torch.autograd.grad(loss, inputs, retain_graph=s + 1 < samples)
-                gk = torch.stack([grads[2 * i].pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).double().cpu()
-                gv = torch.stack([grads[2 * i + 1].pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).double().cpu()
+                # squares summed in float64 (a bfloat16 model's gradients would lose digits in the sum)
+                gk = torch.stack([grads[2 * i].double().pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
+                gv = torch.stack([grads[2 * i + 1].double().pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
                 sums_k = gk if sums_k is None else sums_k + gk
                 sums_v = gv if sums_v is None else sums_v + gv
     n_pred = ids.shape[1] - 1
@@ -225,6 +229,7 @@ def single_head_kl(model: Any, windows: Any, quantizer: Any, bits: int, *, batch
     q.check_bits(np.asarray([bits]), "bits")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_attention_layers(model, "single_head_kl", softcap=False)
     ids = as_windows(windows)
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     n_layers = _num_layers(model)
@@ -281,7 +286,8 @@ class AttentionProbe(AttentionSwap):
             scaling = query.shape[-1] ** -0.5
         k = key.repeat_interleave(groups, dim=1)
         v = value.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(query, k.transpose(2, 3)).float() * scaling
+        work = torch.promote_types(query.dtype, torch.float32)  # bf16/fp16 models: the product in float32 too
+        scores = torch.matmul(query.to(work), k.to(work).transpose(2, 3)).float() * scaling
         tq, tk = scores.shape[-2:]
         if attention_mask is None:
             causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
@@ -348,6 +354,7 @@ def attention_importance(model: Any, windows: Any, *, project: bool = True, rela
 
     Returns a :class:`HeadImportance` with ``key``, ``value`` shaped ``(layers, kv_heads)``.
     """
+    check_attention_layers(model, "attention_importance")
     ids = as_windows(windows)
     n_layers = _num_layers(model)
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -6,6 +6,12 @@
 * ``rdalloc eval --plan plan.json``: perplexity over evaluation windows with the plan's quantized KV cache (no plan:
   the full cache).
 
+Model placement: ``--device`` (cpu, cuda, cuda:1, ...), ``--dtype`` (the model's compute dtype) and
+``--attn-implementation`` (default: transformers' choice). ``--group-size`` sets the quantizers' group (KIVI: tokens per
+key group and channels per value group, default 32, which must divide head_dim; the per-token quantizers: channels
+per group, default the whole head_dim); ``calibrate`` records it, ``allocate`` puts it in the plan (it must match the
+calibration's), ``eval`` applies the plan's unless told otherwise.
+
 Every argument and output path is checked before the model loads; files are written atomically (:mod:`rdalloc.cli`).
 Importing this module imports neither torch nor transformers (the commands do, when they run), so ``rdalloc --help``
 and ``rdalloc solve`` stay light; without them a command says which extra to install.
@@ -38,8 +44,8 @@ from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
 
-__all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "HF_MODULES",
-           "EVAL_FORMAT"]
+__all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "quantizers_with",
+           "check_placement", "HF_MODULES", "EVAL_FORMAT"]
 
 HF_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib")
 """What the commands import beyond the core (the ``hf`` extra), by top-level module name."""
@@ -49,8 +55,60 @@ EVAL_FORMAT = "rdalloc.eval"
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16", "float16"),
-                        help="the model's dtype (default float64: low-bit results then do not depend on the CPU's "
-                             "SIMD kernels; float32 is faster)")
+                        help="the model's compute dtype (default float64: low-bit results then do not depend on the "
+                             "CPU's SIMD kernels; float32 is faster, bfloat16 for GPUs); rdalloc's statistics are "
+                             "upcast whatever it is")
+
+
+def add_placement(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--attn-implementation`` (``--dtype``: :func:`add_dtype`)."""
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="eager, sdpa, flash_attention_2, ... (default: transformers' choice)")
+
+
+def check_placement(args) -> None:
+    """``--device`` and ``--attn-implementation`` checked (the device must exist here); ``ValueError`` naming the
+    flag and the value."""
+    from rdalloc.backends.hf.model import check_attn_implementation, model_device
+
+    for flag, attr, check in (("--device", "device", model_device),
+                              ("--attn-implementation", "attn_implementation", check_attn_implementation)):
+        try:
+            check(getattr(args, attr))
+        except ValueError as e:
+            raise ValueError(f"{flag} {getattr(args, attr)!r}: {one_line(e)}") from None
+
+
+def add_group_size(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="the quantizers' group: KIVI tokens per key group and channels per value group (must "
+                             "divide head_dim), per-token quantizers channels per group; default: " + default_help)
+
+
+def quantizers_with(names, group_size: int | None, *, head_dim: int | None = None) -> list:
+    """The quantizers named ``names`` with ``group_size`` (``None``: their defaults), each checked to take a group
+    size and, when ``head_dim`` is known, to group it; ``ValueError`` naming ``--group-size`` otherwise."""
+    out = []
+    for name in names:
+        if group_size is None:
+            q = get_quantizer(name)
+        else:
+            check_positive(group_size, "--group-size")
+            try:
+                q = get_quantizer(name, group_size=group_size)
+            except TypeError:
+                raise ValueError(f"--group-size {group_size}: quantizer {name!r} takes no group size") from None
+        if head_dim is not None:
+            for role in ("key", "value"):
+                try:
+                    q.grouping(role, head_dim)
+                except ValueError as e:
+                    flag = "--group-size" + ("" if group_size is None else f" {group_size}")
+                    raise ValueError(f"{flag}: {one_line(e)} (pass --group-size with a divisor of {head_dim})") \
+                        from None
+        out.append(q)
+    return out
 
 
 def check_path(path, flag: str) -> None:
@@ -91,6 +149,7 @@ def _check_source(args):
     check_positive(args.windows, "--windows")
     check_positive(args.length, "--length")
     check_path(args.text, "--text")
+    check_placement(args)
     return check_model(args.model)
 
 
@@ -114,6 +173,7 @@ def _add_source(p, *, windows: int, length: int, what: str) -> None:
     p.add_argument("--windows", type=int, default=windows, help=f"{what} windows (default {windows})")
     p.add_argument("--length", type=int, default=length, help=f"tokens per {what} window (default {length})")
     add_dtype(p)
+    add_placement(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -121,7 +181,8 @@ def _load(args, *, calibration: int, evaluation: int):
     """Model, facts and text windows (the arguments checked by :func:`_check_source` first)."""
     from rdalloc.backends.hf import load_model, text_windows
 
-    model, tokenizer, facts = load_model(args.model, dtype=args.dtype, progress=not args.no_progress)
+    model, tokenizer, facts = load_model(args.model, device=args.device, dtype=args.dtype,
+                                         attn_implementation=args.attn_implementation, progress=not args.no_progress)
     tw = text_windows(tokenizer, length=args.length, calibration=calibration, evaluation=evaluation, path=args.text)
     return model, facts, tw.calibration, tw.evaluation, tw.to_dict()
 
@@ -139,11 +200,14 @@ def cmd_calibrate(args) -> int:
                          f"{args.importance!r}")
     probe_bits = probe_widths(args.probe_bits, "--probe-bits")
     check_positive(args.probe_length, "--probe-length")
-    _check_source(args)
+    config_facts = _check_source(args)
+    specs = quantizers_with(quantizers, args.group_size,
+                            head_dim=None if config_facts is None else config_facts.head_dim)
     out = check_output(args.out, "--out", has_format(CALIBRATION_FORMAT))
     t0 = time.perf_counter()
     model, facts, cal, _, text = _load(args, calibration=args.windows, evaluation=0)
-    c = calibrate(model, facts, cal, quantizers=quantizers, importance=importance,
+    specs = quantizers_with(quantizers, args.group_size, head_dim=facts.head_dim)
+    c = calibrate(model, facts, cal, quantizers=specs, importance=importance,
                   default_importance=args.default_importance, probe_bits=probe_bits,
                   probe_length=args.probe_length, text=text, progress=not args.no_progress)
     write_atomic(out, c.save)
@@ -157,18 +221,19 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def widest_uniform_plan(calibration, quantizer: str, average_bits: float, *, tokens: int) -> Plan:
+def widest_uniform_plan(calibration, quantizer, average_bits: float, *, tokens: int) -> Plan:
     """The uniform plan at the widest width (of the calibrated menu, or 16) whose average bits with metadata stay
     within ``average_bits`` (to rounding, a relative ``1e-12``); ``ValueError`` naming ``--average-bits`` if even
     the narrowest exceeds it."""
     from rdalloc.backends.hf.head_plans import uniform_plan
 
-    for bits in sorted({*calibration.menu(quantizer), 16}, reverse=True):
+    quantizer = calibration.quantizer(quantizer)
+    for bits in sorted({*calibration.menu(quantizer.name), 16}, reverse=True):
         plan = uniform_plan(calibration.facts, quantizer, bits, tokens=tokens)
         if plan.usage.average_bits <= average_bits * (1 + 1e-12):
             return plan
-    raise ValueError(f"--average-bits {average_bits!r} is below the narrowest uniform {quantizer} plan ({bits} bits: "
-                     f"{plan.usage.average_bits:.4f} average bits with metadata)")
+    raise ValueError(f"--average-bits {average_bits!r} is below the narrowest uniform {quantizer.name} plan "
+                     f"({bits} bits: {plan.usage.average_bits:.4f} average bits with metadata)")
 
 
 def cmd_allocate(args) -> int:
@@ -178,15 +243,23 @@ def cmd_allocate(args) -> int:
     check_finite(args.average_bits, "--average-bits")
     check_finite(args.beta, "--beta")
     check_positive(args.tokens, "--tokens")
+    if args.group_size is not None:
+        check_positive(args.group_size, "--group-size")
     out = check_output(args.out, "--out", has_format(PLAN_FORMAT))
     c = Calibration.load(args.calibration)
     q = quantizer_names(args.quantizer)[0]
+    quant = c.quantizer(q)  # as calibrated (its group size)
+    if args.group_size is not None:
+        asked = quantizers_with([q], args.group_size, head_dim=c.facts.head_dim)[0]
+        if asked.spec() != quant.spec():
+            raise ValueError(f"--group-size {args.group_size}: the calibration measured {quant.spec()}, not "
+                             f"{asked.spec()}; calibrate again with --group-size {args.group_size}")
     if args.method == "uniform":
-        plan = widest_uniform_plan(c, q, args.average_bits, tokens=args.tokens)
+        plan = widest_uniform_plan(c, quant, args.average_bits, tokens=args.tokens)
     elif args.method == "random":
-        plan = random_plan(c.facts, q, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
+        plan = random_plan(c.facts, quant, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
     else:
-        plan = allocate_plan(c, q, args.average_bits, tokens=args.tokens, importance=args.importance,
+        plan = allocate_plan(c, quant, args.average_bits, tokens=args.tokens, importance=args.importance,
                              model_from=args.model_from, fixed_beta=args.beta)
     write_atomic(out, plan.save)
     u = plan.usage
@@ -201,31 +274,54 @@ def cmd_allocate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rdalloc.backends.hf.head_plans import check_plan, evaluate_plan
+    from rdalloc.backends.hf.head_plans import evaluate_plan
 
     plan = None
     if args.plan is not None:
         check_path(args.plan, "--plan")
         plan = Plan.load(args.plan)
-    if args.quantizer is not None:
-        quantizer_names(args.quantizer)
+    quant = None  # None: the quantizer the plan records, with its settings
+    name = quantizer_names(args.quantizer)[0] if args.quantizer is not None else None
+    if args.group_size is not None:
+        check_positive(args.group_size, "--group-size")
+    if plan is not None and (args.group_size is not None or name not in (None, plan.quantizer)):
+        name = name or plan.quantizer  # another quantizer (its defaults), or a group size: not the plan's spec
+        if name is None:
+            raise ValueError("the plan does not record its quantizer: pass --quantizer")
+        quant = quantizers_with([name], args.group_size)[0]
     config_facts = _check_source(args)
+    group_flag = (f"--group-size {args.group_size}" if args.group_size is not None
+                  else f"--plan {args.plan!r} (quantizer {plan.meta.get('quantizer_spec') or plan.quantizer})"
+                  if plan is not None else "")
     if plan is not None and config_facts is not None:
-        check_plan(plan, config_facts, args.quantizer)
+        _check_plan(plan, config_facts, quant, group_flag)
     out = check_output(args.out, "--out", has_format(EVAL_FORMAT)) if args.out else None
     model, facts, _, ev, text = _load(args, calibration=0, evaluation=args.windows)
     q = None
     if plan is not None:
-        q = check_plan(plan, facts, args.quantizer)
-    r = evaluate_plan(model, ev, plan, quantizer=q, progress=not args.no_progress)
+        q = _check_plan(plan, facts, quant, group_flag)
+    r = evaluate_plan(model, ev, plan, quantizer=quant, progress=not args.no_progress)
     label = "FP16 (full cache)" if plan is None else f"{q} plan {args.plan}"
     print(f"{label}: perplexity {r.ppl:.4f} (nll {r.nll:.5f}) over {r.windows} windows of {ev.shape[1]} tokens")
     if out is not None:
         result = {"format": EVAL_FORMAT, "plan": args.plan, "quantizer": q, "text": text, **r.to_dict(),
-                  "environment": environment(args.dtype)}
+                  "environment": environment(args.dtype, device=str(model.device),
+                                             attn_implementation=model.config._attn_implementation)}
         write_atomic(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         print(f"result written to {args.out}")
     return 0
+
+
+def _check_plan(plan, facts, quantizer, flag: str):
+    """:func:`~.head_plans.check_plan`, its grouping error naming ``flag`` (where the group came from)."""
+    from rdalloc.backends.hf.head_plans import check_plan
+
+    try:
+        return check_plan(plan, facts, quantizer)
+    except ValueError as e:
+        if "does not divide head_dim" not in str(e):
+            raise
+        raise ValueError(f"{flag}: {one_line(e)} (pass --group-size with a divisor of {facts.head_dim})") from None
 
 
 def _needs_hf(command):
@@ -256,6 +352,7 @@ def register(sub) -> None:
     c.add_argument("--probe-bits", default="", help="widths whose single-head KL is measured, e.g. 1,2 (needed "
                    "for 1-bit plans; default none)")
     c.add_argument("--probe-length", type=int, default=128, help="tokens of the probe window (default 128)")
+    add_group_size(c, "each quantizer's own (KIVI 32)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
     c.set_defaults(func=_needs_hf(cmd_calibrate))
 
@@ -270,6 +367,7 @@ def register(sub) -> None:
     a.add_argument("--model-from", default=None, help="allocate with this quantizer's model (mismatch experiment)")
     a.add_argument("--beta", type=float, default=None, help="fixed beta for every item instead of the fitted model")
     a.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    add_group_size(a, "the calibration's (given: it must be the calibration's)")
     a.add_argument("--out", required=True, help="plan JSON to write")
     a.set_defaults(func=_needs_hf(cmd_allocate))
 
@@ -277,5 +375,6 @@ def register(sub) -> None:
     _add_source(e, windows=2, length=512, what="evaluation")
     e.add_argument("--plan", default=None, help="plan JSON (from rdalloc allocate); omit for FP16")
     e.add_argument("--quantizer", default=None, help="apply with this quantizer (default: the plan's)")
+    add_group_size(e, "the plan's")
     e.add_argument("--out", default=None, help="result JSON to write")
     e.set_defaults(func=_needs_hf(cmd_eval))

@@ -24,6 +24,10 @@ head_dim)``; the plan records both the charged and the payload-only average bits
 Evaluation. :func:`plan_transform` turns a plan into a ``TransformCache`` transform (the torch ``PlanApplier``
 fake-quantizes every stored position on each update), and :func:`evaluate_plan` measures perplexity over the
 evaluation windows with it (docs/design.md §5, simulated quantized-KV protocol).
+
+Quantizer settings. ``quantizer`` arguments take a registered name (default settings; for :func:`allocate_plan`:
+the settings the calibration measured), a spec dict or an instance, e.g. ``get_quantizer("kivi", group_size=16)``
+for head_dim 16. Every plan records ``meta["quantizer_spec"]`` and is applied with it.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ RANDOM_SIGMA = 1.5
 
 
 # ---- costs and plans ---------------------------------------------------------------------------------------------
-def head_costs(facts: ModelFacts, quantizer: str, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def _instance(quantizer: Any):
+    return get_quantizer(dict(quantizer) if isinstance(quantizer, Mapping) else quantizer)
+
+
+def head_costs(facts: ModelFacts, quantizer: Any, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """``(sizes, metadata)`` per item of a head plan (keys then values): ``tokens * head_dim`` elements each and the
     quantizer's metadata bits when quantized."""
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
         raise ValueError(f"tokens must be a positive integer (the evaluation window length), got {tokens!r}")
-    q = get_quantizer(quantizer)
+    q = _instance(quantizer)
     n = facts.layers * facts.kv_heads
     sizes = np.full(2 * n, float(tokens * facts.head_dim))
     meta = np.concatenate([np.full(n, float(q.item_metadata_bits(role, "head", int(tokens), facts.head_dim)))
@@ -64,14 +72,14 @@ def head_costs(facts: ModelFacts, quantizer: str, tokens: int) -> tuple[np.ndarr
     return sizes, meta
 
 
-def _head_plan(allocation, facts: ModelFacts, quantizer: str, meta: Mapping[str, Any], menu: Sequence[int]) -> Plan:
-    q = get_quantizer(quantizer)
+def _head_plan(allocation, facts: ModelFacts, quantizer: Any, meta: Mapping[str, Any], menu: Sequence[int]) -> Plan:
+    q = _instance(quantizer)
     return Plan.from_allocation(allocation, (facts.layers, facts.kv_heads), quantizer=q.name,
                                 meta={"model": facts.name, "head_dim": facts.head_dim, "quantizer_spec": q.spec(),
                                       "menu": [int(b) for b in menu], **dict(meta)})
 
 
-def allocate_plan(calibration: Calibration, quantizer: str, average_bits: float, *, tokens: int,
+def allocate_plan(calibration: Calibration, quantizer: Any, average_bits: float, *, tokens: int,
                   importance: str | None = None, model_from: str | None = None, fixed_beta: float | None = None,
                   menu: Sequence[int] | None = None) -> Plan:
     """The rdalloc head plan for ``quantizer`` at ``average_bits`` (metadata charged), over ``menu`` (default:
@@ -82,11 +90,12 @@ def allocate_plan(calibration: Calibration, quantizer: str, average_bits: float,
     charged). ``fixed_beta`` replaces the fitted curve by :func:`.calibrate.fixed_beta_model` extrapolated over the
     menu, times the importance (no probes). ``importance`` names the estimator (default: the calibration's).
     """
-    q = get_quantizer(quantizer).name
+    quant = calibration.quantizer(quantizer)
+    q = quant.name
     source = q if model_from is None else get_quantizer(model_from).name
     method = calibration.default_importance if importance is None else importance
     menu = calibration.menu(q) if menu is None else tuple(int(b) for b in menu)
-    sizes, meta = head_costs(calibration.facts, q, tokens)
+    sizes, meta = head_costs(calibration.facts, quant, tokens)
     if fixed_beta is None:
         model = calibration.loss_model(source, method)
         weights = np.ones(model.n_items)
@@ -94,13 +103,13 @@ def allocate_plan(calibration: Calibration, quantizer: str, average_bits: float,
         model = fixed_beta_model(calibration, source, fixed_beta, lo=min(menu))
         weights = calibration.weights(method)
     r = allocate(model, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
-    return _head_plan(r, calibration.facts, q, {"method": "rdalloc", "importance": method, "model_from": source,
+    return _head_plan(r, calibration.facts, quant, {"method": "rdalloc", "importance": method, "model_from": source,
                                                 "fixed_beta": fixed_beta, "tokens": int(tokens),
                                                 "probed_bits": list(calibration.probed_bits(source)),
                                                 "average_bits_asked": float(average_bits)}, menu)
 
 
-def uniform_bits(facts: ModelFacts, quantizer: str, average_bits: float, tokens: int) -> int | None:
+def uniform_bits(facts: ModelFacts, quantizer: Any, average_bits: float, tokens: int) -> int | None:
     """The integer width whose charged average equals ``average_bits`` exactly, or ``None``."""
     sizes, meta = head_costs(facts, quantizer, tokens)
     overhead = float(meta.sum() / sizes.sum())
@@ -110,12 +119,12 @@ def uniform_bits(facts: ModelFacts, quantizer: str, average_bits: float, tokens:
     return int(round(b))
 
 
-def uniform_plan(facts: ModelFacts, quantizer: str, bits: int, *, tokens: int) -> Plan:
+def uniform_plan(facts: ModelFacts, quantizer: Any, bits: int, *, tokens: int) -> Plan:
     """Every key and value head at ``bits`` (16: the full-precision plan)."""
-    q = get_quantizer(quantizer)
+    q = _instance(quantizer)
     q.check_bits(np.asarray([bits]), "bits")
     shape = (facts.layers, facts.kv_heads)
-    sizes, meta = head_costs(facts, q.name, tokens)
+    sizes, meta = head_costs(facts, q, tokens)
     b = np.full(sizes.shape, float(bits))
     usage = Usage.of(b, sizes, meta)
     return Plan(key=np.full(shape, bits), value=np.full(shape, bits), quantizer=q.name,
@@ -124,37 +133,42 @@ def uniform_plan(facts: ModelFacts, quantizer: str, bits: int, *, tokens: int) -
                       "method": "uniform", "tokens": int(tokens)})
 
 
-def random_plan(facts: ModelFacts, quantizer: str, average_bits: float, *, tokens: int, seed: int,
+def random_plan(facts: ModelFacts, quantizer: Any, average_bits: float, *, tokens: int, seed: int,
                 sigma: float = RANDOM_SIGMA, menu: Sequence[int] = MENU) -> Plan:
     """A random allocation at the budget: the flat model (every item alike) with log-normal random weights."""
-    q = get_quantizer(quantizer).name
-    sizes, meta = head_costs(facts, q, tokens)
+    quant = _instance(quantizer)
+    q = quant.name
+    sizes, meta = head_costs(facts, quant, tokens)
     rng = np.random.default_rng(int(seed))
     weights = np.exp(sigma * rng.standard_normal(sizes.size))
     flat = ExponentialModel(alpha=np.ones(sizes.size), beta=4.0, lo=float(min(menu)), hi=float(max(menu)),
                             quantizer=q)
     r = allocate(flat, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
-    return _head_plan(r, facts, q, {"method": "random", "seed": int(seed), "sigma": float(sigma),
+    return _head_plan(r, facts, quant, {"method": "random", "seed": int(seed), "sigma": float(sigma),
                                     "tokens": int(tokens), "average_bits_asked": float(average_bits)}, menu)
 
 
-def check_plan(plan: Plan, facts: ModelFacts, quantizer: str | None = None) -> str:
-    """``ValueError`` if ``plan`` is not a head plan for this model's cache or for ``quantizer`` (default: the one
-    the plan records); returns the quantizer's name."""
+def check_plan(plan: Plan, facts: ModelFacts, quantizer: Any = None) -> str:
+    """``ValueError`` if ``plan`` is not a head plan for this model's cache or for ``quantizer`` (a name, spec or
+    instance; default: the spec the plan records), or if that quantizer's groups do not fit the cache's head_dim;
+    returns the quantizer's name."""
+    from rdalloc.layout import resolve_quantizer
+
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an rdalloc.Plan, got {type(plan).__name__}")
     if plan.granularity != "head":
         raise ValueError(f"expected a head plan (one width per layer and kv-head), got a {plan.granularity!r} plan")
-    name = get_quantizer(quantizer if quantizer is not None else plan.quantizer or "").name \
-        if (quantizer or plan.quantizer) else None
-    if name is None:
+    if quantizer is None and plan.quantizer is None:
         raise ValueError("the plan does not record its quantizer: name one")
-    plan.check(layers=facts.layers, kv_heads=facts.kv_heads, quantizer=name)
+    q = resolve_quantizer(plan, dict(quantizer) if isinstance(quantizer, Mapping) else quantizer)
+    plan.check(layers=facts.layers, kv_heads=facts.kv_heads, quantizer=q.name)
     hd = plan.meta.get("head_dim") if isinstance(plan.meta, Mapping) else None
     if hd is not None and int(hd) != facts.head_dim:
         raise ValueError(f"the plan was made for head_dim={hd}, but the cache has head_dim={facts.head_dim}")
-    get_quantizer(name).check_bits(np.concatenate([np.ravel(plan.key), np.ravel(plan.value)]), "plan bits")
-    return name
+    for role in ("key", "value"):
+        q.grouping(role, facts.head_dim)
+    q.check_bits(np.concatenate([np.ravel(plan.key), np.ravel(plan.value)]), "plan bits")
+    return q.name
 
 
 # ---- the cache -------------------------------------------------------------------------------------------------

