@@ -548,11 +548,13 @@ class CompressedCache(Cache):
     @classmethod
     @torch.no_grad()
     def compress_rows(cls, rows: list[tuple], quantizer: Any = None, *, tokens: int | None = None,
-                      layers: list | None = None) -> CompressedCache:
-        """Compress a batch: ``rows`` = ``[(keys, values, plan), ...]``, one per batch row, ``keys``/``values``
-        ``[layers, 1, kv_heads, C_b, head_dim]`` (that row's tokens only, no padding). ``tokens``: the length the model
-        saw (default the longest ``C_b``). With ``layers`` (a list, e.g. a ``DynamicCache``'s ``layers``) the
-        compressed layers replace its items in place and the cache returned wraps the same list."""
+                      slots: list[int] | None = None, layers: list | None = None) -> CompressedCache:
+        """Compress a batch: ``rows`` = ``[(keys, values, plan), ...]``, one per sequence, ``keys``/``values``
+        ``[layers, 1, kv_heads, C_b, head_dim]`` (that sequence's tokens only, no padding). ``slots``: the sequence of
+        each batch row (default one row per sequence; rows of one sequence share its packed prefix). ``tokens``: the
+        length the model saw (default the longest ``C_b``). With ``layers`` (a list, e.g. a ``DynamicCache``'s
+        ``layers``) the compressed layers replace its items in place, all at once after every row is packed, and the
+        cache returned wraps the same list."""
         if not rows:
             raise ValueError("rows must hold at least one (keys, values, plan)")
         built = []
@@ -578,11 +580,15 @@ class CompressedCache(Cache):
             kept = plan.kept() & ~protected_mask(C, sink, window)[None, None, :]
             built.append([compress_row(keys[i], values[i], plan, ap, i, kept[i]) for i in range(L)])
         seen = max(p.tokens for _, _, p in rows) if tokens is None else int(tokens)
-        new = [CompressedLayer(i, [built[b][i] for b in range(len(rows))], seen) for i in range(L)]
+        slots = list(range(len(rows))) if slots is None else [int(s) for s in slots]
+        if not slots or min(slots) < 0 or max(slots) >= len(rows):
+            raise ValueError(f"slots must index the {len(rows)} rows, got {slots}")
+        new = [CompressedLayer(i, [built[s][i] for s in slots], seen) for i in range(L)]
+        plans = [rows[s][2] for s in slots]
         if layers is None:
-            return cls(new, [p for _, _, p in rows], D)
+            return cls(new, plans, D)
         layers[:] = new
-        return cls(layers, [p for _, _, p in rows], D)
+        return cls(layers, plans, D)
 
     @property
     def compressed_nbytes(self) -> int:
