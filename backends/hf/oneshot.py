@@ -154,6 +154,10 @@ class PrefillCompression(JointAttention):
         if tuple(mask.shape) != (B, C):
             raise ValueError(f"attention_mask must be [batch, tokens] = {(B, C)} like the input, got "
                              f"{tuple(mask.shape)}")
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[-1] != C:
+            raise ValueError(f"position_ids (generate derives them from attention_mask) must have the input's {C} "
+                             f"tokens, got shape {tuple(positions.shape)}")
         m = mask.detach().to("cpu", torch.long)
         if not torch.isin(m, torch.tensor([0, 1])).all():
             raise ValueError("attention_mask must hold 0 (pad) and 1 (token) only")
