@@ -17,6 +17,7 @@ from rdalloc.backends.hf.compress import (  # noqa: E402
     JointAttention,
     compressed_nbytes,
     observe_prefill,
+    scale_heads,
     token_weights,
 )
 from rdalloc.backends.hf.joint import allocate_joint  # noqa: E402
@@ -108,6 +109,27 @@ def test_one_call_equals_five_step_path(tiny, ids):
     assert np.array_equal(one.value, plan.value) and np.array_equal(one.key, plan.key)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert press.cache.compressed_nbytes == five.compressed_nbytes == compressed_nbytes(plan, Q, head_dim=16)
+
+
+@pytest.mark.parametrize("options", [{"method": "mse", "mode": "per_head"}, {"method": "rdkv", "importance": True}])
+def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
+    from rdalloc.backends.hf.capture import HeadImportance
+
+    options = dict(options)
+    if options.pop("importance", False):
+        rng = np.random.default_rng(0)
+        options["importance"] = HeadImportance(key=rng.uniform(0.5, 2, (2, 2)), value=rng.uniform(0.5, 2, (2, 2)),
+                                               method="fisher", units="", windows=1, tokens=1, meta={})
+    pre = observe_prefill(tiny, ids[0, :C], window=OBS)
+    w = token_weights(pre, method=options["method"])
+    if "importance" in options:
+        w = scale_heads(w, options["importance"])
+    plan = allocate_joint(w, pre.keys, pre.values, retention=0.4, quantizer=Q, sink=SINK, window=WIN,
+                          mode=options.get("mode", "global"))
+    with compress_after_prefill(tiny, retention=0.4, **options, **OPTS) as press:
+        gen(tiny, ids[:, :C], do_sample=False, new=1)
+    assert np.array_equal(press.plans[0].value, plan.value) and np.array_equal(press.plans[0].key, plan.key)
+    assert press.plans[0].meta["weighting"] == plan.meta["weighting"]
 
 
 def test_compression_is_applied(tiny, ids):

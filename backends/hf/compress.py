@@ -36,20 +36,25 @@ Three pieces, used in this order by :mod:`.joint`:
    (:func:`~.capture.fisher_importance`, calibrated once per model on other text) says it costs, ``F_h m`` nats
    per token.
 
-3. :class:`CompressedCache` holds the compressed prefix: the plan's middle tokens packed
-   (:mod:`rdalloc.apply`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
-   tokens at full precision, and every token appended afterwards at full precision. On each ``update`` a layer
-   dequantizes its packed part, gathers each kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the
-   largest kept count of the layer; shorter heads padded) and hands attention the prefix followed by the appended
-   tokens. The attention of :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that
-   always restores the model's own implementation) masks, per kv head and its query heads, the padding slots
-   (``-inf``: an evicted token is out of its own head's softmax and nobody else's) and applies causality within
-   the appended tokens. ``get_seq_length`` is the true number of tokens seen, so rotary positions of new tokens
-   are their true positions. :func:`reference_attention` computes the same attention by explicit per-head gathers.
+3. :class:`CompressedCache` holds a compressed prefix per batch row (:class:`CompressedRow`: one sequence's plan,
+   its own token count, no padding): the plan's middle tokens packed (:mod:`rdalloc.apply`, real bit-packed bytes,
+   evicted tokens not stored), the first ``sink`` and last ``window`` tokens at full precision; and every token
+   appended afterwards at full precision. On each ``update`` a layer dequantizes each row's packed part, gathers each
+   kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the largest prefix of the layer over rows and
+   heads; shorter ones padded) and hands attention the prefix followed by the appended tokens. The attention of
+   :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that always restores the model's
+   own implementation) masks, per row, kv head and its query heads, the padding slots (``-inf``: an evicted token is
+   out of its own head's softmax and nobody else's) and applies causality within the appended tokens (which every
+   row has in common: the attention mask of left padding concerns the prefix only, and the pads are not stored).
+   ``get_seq_length`` is the number of tokens seen (with left padding, the padded length, as transformers counts
+   it); new tokens get their true rotary positions (``generate`` derives them from the attention mask). Beam search
+   and the other row moves (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``) move whole
+   rows; rows may share one :class:`CompressedRow`. :func:`reference_attention` computes the same attention by
+   explicit per-head gathers.
 
 Bytes: ``CompressedCache.nbytes`` = packed bytes (payload + 16-bit metadata, :attr:`PackedCache.nbytes`) + 2 bytes
-per full-precision element (sink, window, appended), whatever dtype the model computes in (docs/design.md §5).
-Batch size 1 per cache (one sequence; no padding masks).
+per full-precision element (sink, window, appended), whatever dtype the model computes in (docs/design.md §5),
+summed over batch rows. :mod:`.oneshot` runs all of this in one call (``compress_after_prefill``).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ from rdalloc.plan import Plan
 from .attention import AttentionSwap
 from .compat import CACHE_KEYWORDS, forward
 
-__all__ = ["Prefill", "observe_prefill", "PrefillObserver", "TokenWeights", "token_weights", "WEIGHTINGS",
+__all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
+           "TokenWeights", "token_weights", "WEIGHTINGS",
            "CompressedCache", "CompressedLayer", "JointAttention", "reference_attention", "storage_plan",
            "protected_mask", "compressed_nbytes", "scale_heads"]
 
@@ -227,7 +233,7 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
         token = a2.sum(dim=(2, 3))
         eviction = (a2 * dist).sum(dim=(2, 3))
         if evicted is not None:
-            S = torch.as_tensor(np.asarray(evicted), dtype=torch.float64)
+            S = torch.as_tensor(np.asarray(evicted), dtype=torch.float64, device=a.device)
             if S.shape != (L, H, C):
                 raise ValueError(f"evicted must be bool [layers, kv_heads, tokens] = {(L, H, C)}, got {tuple(S.shape)}")
             aS = a * S[:, :, None, None, :]
@@ -237,7 +243,7 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
             eviction = (eviction * (1 - 2 * S) + cross).clamp_min(0) + 1e-3 * eviction
         key = s2 * torch.einsum("lhgit,lhgic->lhtc", a2 * dist, q * q)
     else:
-        visible = torch.clamp(C - torch.arange(C, dtype=torch.float64), max=W)
+        visible = torch.clamp(C - torch.arange(C, dtype=torch.float64, device=a.device), max=W)
         score = a.sum(dim=(2, 3)) / visible
         score = torch.nn.functional.avg_pool1d(score.reshape(L * H, 1, C), pool, stride=1, padding=pool // 2,
                                                count_include_pad=False).reshape(L, H, C)
@@ -247,7 +253,8 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
         token = score
         eviction = score * nu[..., None]
         key = s2 * score[..., None] * (nu[..., None] * Q)[:, :, None, :]
-    return TokenWeights(token=token.numpy(), eviction=eviction.numpy(), key=key.numpy(), method=method)
+    return TokenWeights(token=token.cpu().numpy(), eviction=eviction.cpu().numpy(), key=key.cpu().numpy(),
+                        method=method)
 
 
 def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights:

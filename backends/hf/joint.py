@@ -79,8 +79,8 @@ def measure_errors(keys: torch.Tensor, values: torch.Tensor, quantizer: Quantize
     for b in widths:
         vh = fake_quantize_uniform(values, q, int(b), "value")
         kh = fake_quantize_uniform(keys, q, int(b), "key")
-        dv[int(b)] = ((vh - values).double() ** 2).sum(-1).numpy()
-        dk[int(b)] = ((kh - keys).double() ** 2).numpy()
+        dv[int(b)] = ((vh - values).double() ** 2).sum(-1).cpu().numpy()
+        dk[int(b)] = ((kh - keys).double() ** 2).cpu().numpy()
     return KVErrors(dv, dk)
 
 
