@@ -80,6 +80,38 @@ def _unsupported_layers(model: Any) -> list[str]:
     return reasons
 
 
+def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, sink, window, observe, pool,
+                mode) -> dict:
+    """Validate the options of :func:`compress_after_prefill` (apart from the math); returns them normalised with the
+    model's ``layers`` and ``head_dim``."""
+    if (retention is None) == (nbytes is None):
+        raise ValueError(f"give exactly one of retention= (fraction of the FP16 prefix) and nbytes=, got "
+                         f"retention={retention!r}, nbytes={nbytes!r}")
+    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, (int, float))
+                                  or not 0 < float(retention) <= 1):
+        raise ValueError(f"retention must be a fraction in (0, 1], got {retention!r}")
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0):
+        raise ValueError(f"nbytes must be a positive integer, got {nbytes!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if method not in WEIGHTINGS:
+        raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
+    if mode not in ("global", "per_head"):
+        raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
+    if mode == "per_head" and budget == "shared":
+        raise ValueError("mode='per_head' gives every head of a sequence its own budget; it cannot share one "
+                         "budget over the batch (budget='shared')")
+    for name, v in (("observe", observe), ("pool", pool)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if pool % 2 == 0:
+        raise ValueError(f"pool must be odd (tokens averaged around each token), got {pool!r}")
+    layers, _, _, head_dim = _facts(model)
+    q = get_quantizer(quantizer)
+    return {"retention": retention, "nbytes": nbytes, "budget": budget, "method": method, "quantizer": q,
+            "menu": _check_options(q, menu, sink, window, head_dim), "layers": layers, "head_dim": head_dim}
+
+
 class PrefillCompression(JointAttention):
     """Context manager made by :func:`compress_after_prefill` (module docstring). After a prefill inside the block:
     ``plans`` (one :class:`rdalloc.Plan` per batch row; rows of one sequence share it), ``cache`` (a
@@ -91,33 +123,13 @@ class PrefillCompression(JointAttention):
                  menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
                  pool: int = 7, mode: str = "global", importance: Any = None):
         super().__init__(model)
-        if (retention is None) == (nbytes is None):
-            raise ValueError(f"give exactly one of retention= (fraction of the FP16 prefix) and nbytes=, got "
-                             f"retention={retention!r}, nbytes={nbytes!r}")
-        if retention is not None and not (isinstance(retention, (int, float)) and not isinstance(retention, bool)
-                                          and 0 < float(retention) <= 1):
-            raise ValueError(f"retention must be a fraction in (0, 1], got {retention!r}")
-        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer))
-                                   or nbytes <= 0):
-            raise ValueError(f"nbytes must be a positive integer, got {nbytes!r}")
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-        if method not in WEIGHTINGS:
-            raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
-        if mode not in ("global", "per_head"):
-            raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
-        if mode == "per_head" and budget == "shared":
-            raise ValueError("mode='per_head' gives every head of a sequence its own budget; it cannot share one "
-                             "budget over the batch (budget='shared')")
-        if isinstance(observe, bool) or not isinstance(observe, int) or observe < 1:
-            raise ValueError(f"observe must be a positive integer (queries observed), got {observe!r}")
-        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
-            raise ValueError(f"pool must be a positive odd integer, got {pool!r}")
-        self.layers_, self.kv_heads, self.q_heads, self.head_dim = _facts(model)
-        self.quantizer = get_quantizer(quantizer)
-        self.menu = _check_options(self.quantizer, menu, sink, window, self.head_dim)
-        self.retention, self.nbytes, self.budget = retention, nbytes, budget
-        self.method, self.sink, self.window, self.observe, self.pool = method, sink, window, observe, pool
+        options = _options_iv(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
+                              quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
+                              mode=mode)
+        self.num_layers, self.head_dim = options.pop("layers"), options.pop("head_dim")
+        self.retention, self.nbytes, self.budget = options["retention"], options["nbytes"], options["budget"]
+        self.method, self.quantizer, self.menu = options["method"], options["quantizer"], options["menu"]
+        self.sink, self.window, self.observe, self.pool = sink, window, observe, pool
         self.mode, self.importance = mode, importance
         self._prefill: dict | None = None  # the prefill in flight: pads, sequences, observations
         self.plans: list = []
@@ -208,7 +220,7 @@ class PrefillCompression(JointAttention):
         cache = self._given_cache(kwargs)
         if cache is None:
             cache = next((getattr(output, k) for k in CACHE_KEYWORDS if getattr(output, k, None) is not None), None)
-        L = self.layers_
+        L = self.num_layers
         if cache is None or len(getattr(cache, "layers", ())) != L:
             raise RuntimeError("the prefill returned no cache of every layer to compress")
         if len(state["observed"]) != L:
