@@ -6,10 +6,15 @@ keeps whatever the calls produce or need on the object itself. Entering register
 of this object alone (with the mask function it expects, ``mask``) and switches the model to it; leaving switches
 the model back, unregisters the name and calls :meth:`AttentionSwap.reset`, whatever happened inside, so a failed
 call leaves nothing behind.
+
+Nothing is hard-coded about the model's own implementation: :meth:`AttentionSwap.original_attention` runs whatever the
+model had on entering (``sdpa``, ``eager``, a flash kernel, a registered custom one), and with ``mask = None`` the
+swap keeps that implementation's mask function, so layers a subclass does not handle run exactly as before.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["AttentionSwap"]
@@ -18,8 +23,9 @@ __all__ = ["AttentionSwap"]
 class AttentionSwap:
     """Context manager: ``model`` runs :meth:`attention` inside ``with``, its own implementation again after."""
 
-    mask = "sdpa"
-    """The transformers mask function the attention expects (``"sdpa"``: boolean masks; ``"eager"``: additive)."""
+    mask: str | None = "sdpa"
+    """The transformers mask function the attention expects (``"sdpa"``: boolean masks; ``"eager"``: additive;
+    ``None``: the one of the model's own implementation, falling back to ``"sdpa"``)."""
 
     def __init__(self, model: Any):
         self.model = model
@@ -29,6 +35,18 @@ class AttentionSwap:
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """``(output [batch, q, q_heads, head_dim], weights or None)``, as transformers' attention functions."""
         raise NotImplementedError
+
+    def original_attention(self, module, query, key, value, attention_mask, **kwargs):
+        """The attention the model had on entering (its ``eager`` function when that was the implementation)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if self.previous in (None, "eager") or self.previous not in ALL_ATTENTION_FUNCTIONS:
+            if eager is None:
+                raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}): no attention "
+                                   f"function for the model's implementation {self.previous!r}")
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[self.previous](module, query, key, value, attention_mask, **kwargs)
 
     def reset(self) -> None:
         """Forget what the calls inside the block left on the object (called on leaving it)."""
@@ -40,9 +58,12 @@ class AttentionSwap:
         if self.name is not None:
             raise RuntimeError(f"{type(self).__name__} is already entered; make one per `with` block")
         self.name = f"rdalloc_{type(self).__name__}_{id(self):x}"
-        AttentionInterface.register(self.name, self.attention)
-        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS[self.mask])
         self.previous = self.model.config._attn_implementation
+        mask = self.mask
+        if mask is None:
+            mask = self.previous if self.previous in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionInterface.register(self.name, self.attention)
+        AttentionMaskInterface.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
         try:
             self.model.set_attn_implementation(self.name)
         except BaseException:

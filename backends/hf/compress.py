@@ -36,20 +36,25 @@ Three pieces, used in this order by :mod:`.joint`:
    (:func:`~.capture.fisher_importance`, calibrated once per model on other text) says it costs, ``F_h m`` nats
    per token.
 
-3. :class:`CompressedCache` holds the compressed prefix: the plan's middle tokens packed
-   (:mod:`rdalloc.apply`, real bit-packed bytes, evicted tokens not stored), the first ``sink`` and last ``window``
-   tokens at full precision, and every token appended afterwards at full precision. On each ``update`` a layer
-   dequantizes its packed part, gathers each kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the
-   largest kept count of the layer; shorter heads padded) and hands attention the prefix followed by the appended
-   tokens. The attention of :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that
-   always restores the model's own implementation) masks, per kv head and its query heads, the padding slots
-   (``-inf``: an evicted token is out of its own head's softmax and nobody else's) and applies causality within
-   the appended tokens. ``get_seq_length`` is the true number of tokens seen, so rotary positions of new tokens
-   are their true positions. :func:`reference_attention` computes the same attention by explicit per-head gathers.
+3. :class:`CompressedCache` holds a compressed prefix per batch row (:class:`CompressedRow`: one sequence's plan,
+   its own token count, no padding): the plan's middle tokens packed (:mod:`rdalloc.apply`, real bit-packed bytes,
+   evicted tokens not stored), the first ``sink`` and last ``window`` tokens at full precision; and every token
+   appended afterwards at full precision. On each ``update`` a layer dequantizes each row's packed part, gathers each
+   kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the largest prefix of the layer over rows and
+   heads; shorter ones padded) and hands attention the prefix followed by the appended tokens. The attention of
+   :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that always restores the model's
+   own implementation) masks, per row, kv head and its query heads, the padding slots (``-inf``: an evicted token is
+   out of its own head's softmax and nobody else's) and applies causality within the appended tokens (which every
+   row has in common: the attention mask of left padding concerns the prefix only, and the pads are not stored).
+   ``get_seq_length`` is the number of tokens seen (with left padding, the padded length, as transformers counts
+   it); new tokens get their true rotary positions (``generate`` derives them from the attention mask). Beam search
+   and the other row moves (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``) move whole
+   rows; rows may share one :class:`CompressedRow`. :func:`reference_attention` computes the same attention by
+   explicit per-head gathers.
 
 Bytes: ``CompressedCache.nbytes`` = packed bytes (payload + 16-bit metadata, :attr:`PackedCache.nbytes`) + 2 bytes
-per full-precision element (sink, window, appended), whatever dtype the model computes in (docs/design.md §5).
-Batch size 1 per cache (one sequence; no padding masks).
+per full-precision element (sink, window, appended), whatever dtype the model computes in (docs/design.md §5),
+summed over batch rows. :mod:`.oneshot` runs all of this in one call (``compress_after_prefill``).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ from rdalloc.plan import Plan
 from .attention import AttentionSwap
 from .compat import CACHE_KEYWORDS, forward
 
-__all__ = ["Prefill", "observe_prefill", "PrefillObserver", "TokenWeights", "token_weights", "WEIGHTINGS",
+__all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
+           "TokenWeights", "token_weights", "WEIGHTINGS",
            "CompressedCache", "CompressedLayer", "JointAttention", "reference_attention", "storage_plan",
            "protected_mask", "compressed_nbytes", "scale_heads"]
 
@@ -95,9 +101,33 @@ class Prefill:
         return tuple(int(s) for s in self.keys.shape)
 
 
+@torch.no_grad()
+def observe_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
+                scaling: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One sequence's observation: ``query`` ``[q_heads, T, head_dim]`` (its last ``window`` rows are observed),
+    ``key``/``value`` ``[kv_heads, T, head_dim]`` (the sequence's own tokens, no padding). Returns float32
+    ``(queries [q_heads, window, D], probs [q_heads, window, T], outputs [q_heads, window, D], scaling)``; the causal
+    mask is built on the tensors' device."""
+    w = int(window)
+    g = query.shape[0] // key.shape[0]
+    s = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    q = query[:, -w:].float()
+    k = key.float().repeat_interleave(g, 0)
+    v = value.float().repeat_interleave(g, 0)
+    T = k.shape[1]
+    scores = torch.matmul(q, k.transpose(1, 2)) * s
+    pos = torch.arange(T - w, T, device=q.device)
+    scores = scores.masked_fill(torch.arange(T, device=q.device)[None, :] > pos[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return q, p, torch.matmul(p, v), s
+
+
 class PrefillObserver(AttentionSwap):
-    """SDPA attention that also records, per layer, the last ``window`` queries, their attention probabilities and
-    outputs (``self.layers[layer] = (queries, probs, outputs, scaling)``); see :func:`observe_prefill`."""
+    """The model's own attention that also records, per layer, the last ``window`` queries of a one-sequence prefill,
+    their attention probabilities and outputs (``self.layers[layer] = (queries, probs, outputs, scaling)``, by
+    :func:`observe_row`); see :func:`observe_prefill`."""
+
+    mask = None
 
     def __init__(self, model: Any, window: int):
         super().__init__(model)
@@ -105,23 +135,13 @@ class PrefillObserver(AttentionSwap):
         self.layers: dict[int, tuple] = {}
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     **kwargs)
-        w = self.window
-        g = query.shape[1] // key.shape[1]
-        s = query.shape[-1] ** -0.5 if scaling is None else scaling
-        q = query[0, :, -w:].float()
-        k = key[0].float().repeat_interleave(g, 0)
-        v = value[0].float().repeat_interleave(g, 0)
-        T = k.shape[1]
-        scores = torch.matmul(q, k.transpose(1, 2)) * s
-        pos = torch.arange(T - w, T)
-        scores = scores.masked_fill(torch.arange(T)[None, :] > pos[:, None], float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        self.layers[module.layer_idx] = (q, p, torch.matmul(p, v), float(s))
+        out = self.original_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+        self.layers[module.layer_idx] = observe_row(query[0], key[0], value[0], self.window, scaling)
         return out
+
+    def reset(self) -> None:
+        pass  # the observations are the result; a new observer is made per prefill
 
 
 def _facts(model) -> tuple[int, int, int, int]:
@@ -213,7 +233,7 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
         token = a2.sum(dim=(2, 3))
         eviction = (a2 * dist).sum(dim=(2, 3))
         if evicted is not None:
-            S = torch.as_tensor(np.asarray(evicted), dtype=torch.float64)
+            S = torch.as_tensor(np.asarray(evicted), dtype=torch.float64, device=a.device)
             if S.shape != (L, H, C):
                 raise ValueError(f"evicted must be bool [layers, kv_heads, tokens] = {(L, H, C)}, got {tuple(S.shape)}")
             aS = a * S[:, :, None, None, :]
@@ -223,7 +243,7 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
             eviction = (eviction * (1 - 2 * S) + cross).clamp_min(0) + 1e-3 * eviction
         key = s2 * torch.einsum("lhgit,lhgic->lhtc", a2 * dist, q * q)
     else:
-        visible = torch.clamp(C - torch.arange(C, dtype=torch.float64), max=W)
+        visible = torch.clamp(C - torch.arange(C, dtype=torch.float64, device=a.device), max=W)
         score = a.sum(dim=(2, 3)) / visible
         score = torch.nn.functional.avg_pool1d(score.reshape(L * H, 1, C), pool, stride=1, padding=pool // 2,
                                                count_include_pad=False).reshape(L, H, C)
@@ -233,7 +253,8 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
         token = score
         eviction = score * nu[..., None]
         key = s2 * score[..., None] * (nu[..., None] * Q)[:, :, None, :]
-    return TokenWeights(token=token.numpy(), eviction=eviction.numpy(), key=key.numpy(), method=method)
+    return TokenWeights(token=token.cpu().numpy(), eviction=eviction.cpu().numpy(), key=key.cpu().numpy(),
+                        method=method)
 
 
 def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights:
@@ -309,18 +330,16 @@ def compressed_nbytes(plan: Plan, quantizer: Any = None, *, head_dim: int, batch
     return predict_nbytes(storage_plan(plan), quantizer, batch=batch, tokens=plan.tokens, head_dim=head_dim) + full
 
 
-class CompressedLayer(DynamicLayer):
-    """One decoder layer of a :class:`CompressedCache`: packed middle, full-precision sink/window, appended tokens
-    (``self.keys``/``self.values``, as in ``DynamicLayer``)."""
+class CompressedRow:
+    """One sequence's compressed prefix in one layer: the packed middle (``packed``, batch 1), the full-precision
+    ``sink_kv``/``window_kv`` (``[1, kv_heads, s, head_dim]``), and per kv head the positions of its kept middle tokens
+    (``gather_index``/``gather_valid`` ``[kv_heads, P]``, ``P`` the largest kept count; shorter heads padded).
+    Immutable once built: beam reordering shares rows between batch slots."""
 
-    def __init__(self, layer_idx: int, packed: PackedLayer, sink: tuple, window: tuple, kept: np.ndarray,
-                 tokens: int):
-        super().__init__()
-        self.layer_idx = int(layer_idx)
+    def __init__(self, packed: PackedLayer, sink: tuple, window: tuple, kept: np.ndarray):
         self.packed = packed
         self.sink_kv = sink
         self.window_kv = window
-        self.tokens = int(tokens)
         H = kept.shape[0]
         counts = kept.sum(axis=1)
         P = int(counts.max()) if H else 0
@@ -330,29 +349,110 @@ class CompressedLayer(DynamicLayer):
             pos = np.flatnonzero(kept[h])
             idx[h, :pos.size] = pos
             valid[h, :pos.size] = True
-        self.gather_index = torch.from_numpy(idx)
-        self.gather_valid = torch.from_numpy(valid)
+        device = sink[0].device
+        self.gather_index = torch.from_numpy(idx).to(device)
+        self.gather_valid = torch.from_numpy(valid).to(device)
         self.kept_counts = counts
-        self.attention: JointAttention | None = None  # set while a JointAttention runs this cache
 
     @property
-    def prefix_length(self) -> int:
+    def length(self) -> int:
+        """Slots of the prefix: sink + padded kept middle + window."""
         return int(self.sink_kv[0].shape[-2] + self.gather_index.shape[1] + self.window_kv[0].shape[-2])
 
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + sum(2 * t.numel() for t in (*self.sink_kv, *self.window_kv))
+
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(keys, values, valid)``: the compressed prefix ``[batch, kv_heads, P', head_dim]`` and ``[kv_heads, P']``
-        valid slots (sink, then each head's kept middle tokens padded, then the window)."""
+        """``(keys, values, valid)``: ``[1, kv_heads, length, head_dim]`` twice and ``[kv_heads, length]`` bool
+        (sink, each head's kept middle tokens padded, window)."""
         k = unpack_tensor(self.packed.keys)
         v = unpack_tensor(self.packed.values)
         B, H, _, D = k.shape
-        idx = self.gather_index.to(k.device)[None, :, :, None].expand(B, H, -1, D)
+        idx = self.gather_index[None, :, :, None].expand(B, H, -1, D)
         mk, mv = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
         sk, sv = self.sink_kv
         wk, wv = self.window_kv
-        H_ = self.gather_valid.shape[0]
-        valid = torch.cat([torch.ones(H_, sk.shape[-2], dtype=torch.bool), self.gather_valid,
-                           torch.ones(H_, wk.shape[-2], dtype=torch.bool)], dim=1).to(k.device)
-        return torch.cat([sk, mk, wk], dim=2), torch.cat([sv, mv, wv], dim=2), valid
+        ones = torch.ones(H, sk.shape[-2] + wk.shape[-2], dtype=torch.bool, device=self.gather_valid.device)
+        valid = torch.cat([ones[:, :sk.shape[-2]], self.gather_valid, ones[:, sk.shape[-2]:]], dim=1)
+        return torch.cat([sk, mk.to(sk.dtype), wk], dim=2), torch.cat([sv, mv.to(sv.dtype), wv], dim=2), valid
+
+
+def compress_row(keys: torch.Tensor, values: torch.Tensor, plan: Plan, applier: PlanApplier, layer: int,
+                 kept: np.ndarray) -> CompressedRow:
+    """Layer ``layer`` of one sequence (``keys``/``values`` ``[1, kv_heads, C, head_dim]``) packed by ``applier``
+    (built on :func:`storage_plan` of ``plan``), sink and window cloned at full precision."""
+    C = keys.shape[-2]
+    sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
+    packed = applier.pack(keys, values, layer=layer)
+    sk = (keys[:, :, :sink].clone(), values[:, :, :sink].clone())
+    wk = (keys[:, :, C - window:].clone(), values[:, :, C - window:].clone())
+    return CompressedRow(packed, sk, wk, kept)
+
+
+class CompressedLayer(DynamicLayer):
+    """One decoder layer of a :class:`CompressedCache`: one :class:`CompressedRow` per batch row (``rows``), and the
+    tokens appended since (``self.keys``/``self.values`` ``[batch, kv_heads, T, head_dim]``, as in ``DynamicLayer``).
+    ``tokens``: the prefill length the model saw (with left padding, the padded length), so that
+    ``get_seq_length`` agrees with transformers' own bookkeeping (positions come from the attention mask)."""
+
+    def __init__(self, layer_idx: int, rows: list[CompressedRow], tokens: int):
+        super().__init__()
+        self.layer_idx = int(layer_idx)
+        self.rows = list(rows)
+        self.tokens = int(tokens)
+        self.attention: JointAttention | None = None  # set while a JointAttention runs this cache
+
+    # batch-1 views (the five-step path and reference_attention)
+    @property
+    def packed(self) -> PackedLayer:
+        return self.rows[0].packed
+
+    @property
+    def sink_kv(self) -> tuple:
+        return self.rows[0].sink_kv
+
+    @property
+    def window_kv(self) -> tuple:
+        return self.rows[0].window_kv
+
+    @property
+    def gather_index(self) -> torch.Tensor:
+        return self.rows[0].gather_index
+
+    @property
+    def gather_valid(self) -> torch.Tensor:
+        return self.rows[0].gather_valid
+
+    @property
+    def kept_counts(self) -> np.ndarray:
+        return self.rows[0].kept_counts
+
+    @property
+    def prefix_length(self) -> int:
+        return max(row.length for row in self.rows)
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(keys, values, valid)``: the compressed prefix of every row ``[batch, kv_heads, P', head_dim]`` and the
+        valid slots ``[batch, kv_heads, P']`` (each row padded to the longest; a row shared by several batch slots,
+        as after beam reordering, is dequantized once)."""
+        done: dict[int, tuple] = {}
+        for row in self.rows:
+            if id(row) not in done:
+                done[id(row)] = row.prefix()
+        P = self.prefix_length
+        ks, vs, valids = [], [], []
+        for row in self.rows:
+            k, v, valid = done[id(row)]
+            pad = P - k.shape[-2]
+            if pad:
+                k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+                v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+                valid = torch.nn.functional.pad(valid, (0, pad))
+            ks.append(k)
+            vs.append(v)
+            valids.append(valid)
+        return torch.cat(ks), torch.cat(vs), torch.stack(valids)
 
     def update(self, key_states, value_states, *args, **kwargs):
         refused = (f"layer {self.layer_idx}: a compressed cache needs the per-head masked attention; run the model "
@@ -360,14 +460,17 @@ class CompressedLayer(DynamicLayer):
                    f"evicted tokens)")
         if self.attention is None:
             raise RuntimeError(refused)
+        if key_states.shape[0] != len(self.rows):
+            raise ValueError(f"layer {self.layer_idx}: the new keys have batch {key_states.shape[0]}, the compressed "
+                             f"cache holds {len(self.rows)} rows")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
         pending = self.attention.pending
         if self.layer_idx in pending:
             pending.pop(self.layer_idx)
             raise RuntimeError(f"the per-head mask of the previous step was never used: {refused}")
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
         pk, pv, valid = self.prefix()
         pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])
         return (torch.cat([pk.to(self.keys.dtype), self.keys], dim=-2),
@@ -380,6 +483,35 @@ class CompressedLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
+    def _select(self, rows: list[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch slot ``i`` takes row ``beam_idx[i]`` (prefix and appended tokens)."""
+        self._select(beam_idx.tolist())
+        if self.is_initialized and self.keys is not None and self.keys.numel():
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select([i for i in range(len(self.rows)) for _ in range(int(repeats))])
+        if self.is_initialized and self.keys is not None and self.keys.numel():
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(torch.arange(len(self.rows))[torch.as_tensor(indices).cpu()].tolist())
+        if self.is_initialized and self.keys is not None and self.keys.numel():
+            self.keys = self.keys[indices, ...]
+            self.values = self.values[indices, ...]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        appended = 0 if not self.is_initialized or self.keys is None else int(self.keys.shape[-2])
+        if tokens_to_remove < -appended or tokens_to_remove > 0:
+            raise ValueError(f"layer {self.layer_idx}: a compressed cache can only drop appended tokens (it holds "
+                             f"{appended}), got crop({tokens_to_remove})")
+        super().crop(tokens_to_remove)
+
     @property
     def appended_nbytes(self) -> int:
         if not self.is_initialized or self.keys is None:
@@ -388,21 +520,24 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        full = sum(2 * t.numel() for t in (*self.sink_kv, *self.window_kv))
-        return self.packed.nbytes + full + self.appended_nbytes
+        """Bytes held: every row's prefix (a row shared by several batch slots counted once per slot, as a serving
+        system holds it per request) + the appended tokens at 2 bytes per element."""
+        return sum(row.nbytes for row in self.rows) + self.appended_nbytes
 
 
 class CompressedCache(Cache):
-    """A ``transformers.Cache`` holding a prefix compressed by a token plan (module docstring).
+    """A ``transformers.Cache`` holding a prefix compressed by a token plan per batch row (module docstring).
 
-    Build it with :meth:`compress`; run the model under :class:`JointAttention` (``model(...)`` or
-    ``model.generate(...)``). ``nbytes`` (held now), ``compressed_nbytes`` (the prefix only), ``fp16_nbytes`` (the
-    prefix at 16 bits), ``retention``.
+    Build it with :meth:`compress` (one sequence) or :meth:`compress_rows` (a batch, a plan per row); run the model
+    under :class:`JointAttention` (``model(...)`` or ``model.generate(...)``). ``nbytes`` (held now),
+    ``compressed_nbytes`` (the prefixes only), ``fp16_nbytes`` (the prefixes at 16 bits), ``retention``,
+    ``predicted_nbytes`` (from the plans alone).
     """
 
-    def __init__(self, layers: list[CompressedLayer], plan: Plan, head_dim: int):
+    def __init__(self, layers: list[CompressedLayer], plans: Plan | list[Plan], head_dim: int):
         super().__init__(layers=layers)
-        self.plan = plan
+        self.plans = [plans] if isinstance(plans, Plan) else list(plans)
+        self.plan = self.plans[0]
         self.head_dim = int(head_dim)
 
     @classmethod
@@ -415,24 +550,52 @@ class CompressedCache(Cache):
         if keys.ndim != 5 or keys.shape != values.shape or keys.shape[1] != 1:
             raise ValueError(f"keys and values must be [layers, kv_heads, tokens, head_dim] (one sequence), got "
                              f"{tuple(keys.shape)} and {tuple(values.shape)}")
-        L, _, H, C, D = (int(s) for s in keys.shape)
-        if plan.granularity != "token" or plan.value_axes[-1] != "token":
-            raise ValueError(f"a compressed cache needs a token plan with per-token value bits, got value axes "
-                             f"{plan.value_axes}")
-        plan.check(layers=L, kv_heads=H, tokens=C, head_dim=D)
-        sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
-        if sink + window > C:
-            raise ValueError(f"the plan protects sink={sink} + window={window} tokens, more than the {C} the cache has")
-        prot = protected_mask(C, sink, window)
-        ap = PlanApplier(storage_plan(plan), quantizer)
-        kept = plan.kept() & ~prot[None, None, :]
-        layers = []
-        for i in range(L):
-            packed = ap.pack(keys[i], values[i], layer=i)
-            sk = (keys[i][:, :, :sink].clone(), values[i][:, :, :sink].clone())
-            wk = (keys[i][:, :, C - window:].clone(), values[i][:, :, C - window:].clone())
-            layers.append(CompressedLayer(i, packed, sk, wk, kept[i], C))
-        return cls(layers, plan, D)
+        return cls.compress_rows([(keys, values, plan)], quantizer)
+
+    @classmethod
+    @torch.no_grad()
+    def compress_rows(cls, rows: list[tuple], quantizer: Any = None, *, tokens: int | None = None,
+                      slots: list[int] | None = None, layers: list | None = None) -> CompressedCache:
+        """Compress a batch: ``rows`` = ``[(keys, values, plan), ...]``, one per sequence, ``keys``/``values``
+        ``[layers, 1, kv_heads, C_b, head_dim]`` (that sequence's tokens only, no padding). ``slots``: the sequence of
+        each batch row (default one row per sequence; rows of one sequence share its packed prefix). ``tokens``: the
+        length the model saw (default the longest ``C_b``). With ``layers`` (a list, e.g. a ``DynamicCache``'s
+        ``layers``) the compressed layers replace its items in place, all at once after every row is packed, and the
+        cache returned wraps the same list."""
+        if not rows:
+            raise ValueError("rows must hold at least one (keys, values, plan)")
+        built = []
+        L = H = D = None
+        for b, (keys, values, plan) in enumerate(rows):
+            if keys.ndim != 5 or keys.shape != values.shape or keys.shape[1] != 1:
+                raise ValueError(f"row {b}: keys and values must be [layers, 1, kv_heads, tokens, head_dim], got "
+                                 f"{tuple(keys.shape)} and {tuple(values.shape)}")
+            Lb, _, Hb, C, Db = (int(s) for s in keys.shape)
+            if L is None:
+                L, H, D = Lb, Hb, Db
+            elif (Lb, Hb, Db) != (L, H, D):
+                raise ValueError(f"row {b}: keys are {(Lb, Hb, Db)} (layers, kv_heads, head_dim), row 0's {(L, H, D)}")
+            if plan.granularity != "token" or plan.value_axes[-1] != "token":
+                raise ValueError(f"a compressed cache needs a token plan with per-token value bits, got value axes "
+                                 f"{plan.value_axes}")
+            plan.check(layers=L, kv_heads=H, tokens=C, head_dim=D)
+            sink, window = int(plan.meta.get("sink", 0)), int(plan.meta.get("window", 0))
+            if sink + window > C:
+                raise ValueError(f"the plan protects sink={sink} + window={window} tokens, more than the {C} the cache "
+                                 f"has")
+            ap = PlanApplier(storage_plan(plan), quantizer)
+            kept = plan.kept() & ~protected_mask(C, sink, window)[None, None, :]
+            built.append([compress_row(keys[i], values[i], plan, ap, i, kept[i]) for i in range(L)])
+        seen = max(p.tokens for _, _, p in rows) if tokens is None else int(tokens)
+        slots = list(range(len(rows))) if slots is None else [int(s) for s in slots]
+        if not slots or min(slots) < 0 or max(slots) >= len(rows):
+            raise ValueError(f"slots must index the {len(rows)} rows, got {slots}")
+        new = [CompressedLayer(i, [built[s][i] for s in slots], seen) for i in range(L)]
+        plans = [rows[s][2] for s in slots]
+        if layers is None:
+            return cls(new, plans, D)
+        layers[:] = new
+        return cls(layers, plans, D)
 
     @property
     def compressed_nbytes(self) -> int:
@@ -444,26 +607,28 @@ class CompressedCache(Cache):
 
     @property
     def fp16_nbytes(self) -> int:
-        return 2 * 2 * self.plan.layers * self.plan.kv_heads * self.plan.tokens * self.head_dim
+        return sum(2 * 2 * p.layers * p.kv_heads * p.tokens * self.head_dim for p in self.plans)
 
     @property
     def retention(self) -> float:
-        """Bytes of the compressed prefix / its bytes at 16 bits."""
+        """Bytes of the compressed prefixes / their bytes at 16 bits."""
         return self.compressed_nbytes / self.fp16_nbytes
 
     @property
     def predicted_nbytes(self) -> int:
-        return compressed_nbytes(self.plan, self.layers[0].packed.keys.layout.quantizer, head_dim=self.head_dim)
+        q = self.layers[0].packed.keys.layout.quantizer
+        return sum(compressed_nbytes(p, q, head_dim=self.head_dim) for p in self.plans)
 
 
 def _mask(valid: torch.Tensor, q: int, T: int, groups: int) -> torch.Tensor:
-    """``[1, q_heads, q, P + T]`` bool: each kv head's valid prefix slots (expanded to its query heads), and causality
-    among the ``T`` appended tokens (the ``q`` queries are the last ``q`` of them)."""
-    H, P = valid.shape
-    pre = valid.repeat_interleave(groups, 0)[:, None, :].expand(-1, q, -1)
+    """``[batch, q_heads, q, P + T]`` bool: each row's and kv head's valid prefix slots (``valid`` ``[batch, kv_heads,
+    P]``, expanded to the head's query heads), and causality among the ``T`` appended tokens (the ``q`` queries are the
+    last ``q`` of them)."""
+    B, H, P = valid.shape
+    pre = valid.repeat_interleave(groups, 1)[:, :, None, :].expand(-1, -1, q, -1)
     causal = torch.arange(T, device=valid.device)[None, :] <= (T - q + torch.arange(q, device=valid.device))[:, None]
-    tail = causal[None].expand(H * groups, -1, -1)
-    return torch.cat([pre, tail], dim=-1)[None]
+    tail = causal[None, None].expand(B, H * groups, -1, -1)
+    return torch.cat([pre, tail], dim=-1)
 
 
 def _masked_sdpa(query, key, value, mask, scaling):
@@ -475,40 +640,45 @@ def _masked_sdpa(query, key, value, mask, scaling):
     return out.transpose(1, 2).contiguous()
 
 
+def _compressed_layers(cache: Any) -> list[CompressedLayer]:
+    layers = getattr(cache, "layers", None) or []
+    return [layer for layer in layers if isinstance(layer, CompressedLayer)]
+
+
 class JointAttention(AttentionSwap):
     """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (module
-    docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run plain
-    SDPA.
+    docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run the
+    model's own attention implementation.
 
-    A compressed cache handed to the model (under either cache keyword) is attached on each call: its layers hand
-    their per-head masks to this object (``pending``, by layer index) on ``update`` and the attention takes them.
-    Leaving the block detaches every cache and drops any mask a failed call left."""
+    A cache with compressed layers handed to the model (under either cache keyword) is attached on each call: its
+    layers hand their per-head masks to this object (``pending``, by layer index) on ``update`` and the attention
+    takes them. Leaving the block detaches every cache and drops any mask a failed call left."""
+
+    mask = None  # the model's own mask function (compressed layers build their own masks)
 
     def __init__(self, model: Any):
         super().__init__(model)
         self.pending: dict[int, tuple] = {}
         self.attached: list[CompressedLayer] = []
-        self.hook = None
+        self.hooks: list = []
 
-    def attach(self, cache: CompressedCache) -> None:
-        """Let ``cache``'s layers run under this attention (done for every compressed cache the model is given)."""
-        for layer in cache.layers:
+    def attach(self, cache: Any) -> None:
+        """Let ``cache``'s compressed layers run under this attention (done for every cache the model is given)."""
+        for layer in _compressed_layers(cache):
             if layer.attention is not self:
                 layer.attention = self
                 self.attached.append(layer)
 
     def _attach_given_cache(self, module, args, kwargs):
         for keyword in CACHE_KEYWORDS:
-            if isinstance(kwargs.get(keyword), CompressedCache):
+            if kwargs.get(keyword) is not None:
                 self.attach(kwargs[keyword])
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         pending = self.pending.pop(module.layer_idx, None)
-        if pending is None:  # not a compressed layer: plain attention
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+        if pending is None:  # not a compressed layer: the model's own attention
+            return self.original_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
         valid, P, T = pending
         if key.shape[-2] != P + T:
             raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed "
@@ -524,35 +694,45 @@ class JointAttention(AttentionSwap):
 
     def __enter__(self):
         super().__enter__()
-        self.hook = self.model.register_forward_pre_hook(self._attach_given_cache, with_kwargs=True)
+        try:
+            self.hooks.append(self.model.register_forward_pre_hook(self._attach_given_cache, with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.hook.remove()
-        return super().__exit__(*exc)
+        try:
+            while self.hooks:
+                self.hooks.pop().remove()
+        finally:
+            super().__exit__(*exc)
+        return False
 
 
 @torch.no_grad()
-def reference_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-    """Attention of ``query`` (``[1, q_heads, q, head_dim]``, the last ``q`` appended tokens) over ``layer``, by
-    explicit gathers: for each query head, the sink, its kv head's kept middle tokens, the window and the appended
-    tokens up to the query's own. Returns ``[1, q, q_heads, head_dim]`` like the attention functions."""
-    k_all = unpack_tensor(layer.packed.keys)[0]
-    v_all = unpack_tensor(layer.packed.values)[0]
+def reference_attention(layer: CompressedLayer, query: torch.Tensor, scaling: float | None = None,
+                        row: int = 0) -> torch.Tensor:
+    """Attention of ``query`` (``[1, q_heads, q, head_dim]``, the last ``q`` appended tokens) over batch row ``row`` of
+    ``layer``, by explicit gathers: for each query head, the sink, its kv head's kept middle tokens, the window and
+    the appended tokens up to the query's own. Returns ``[1, q, q_heads, head_dim]`` like the attention functions."""
+    r = layer.rows[row]
+    k_all = unpack_tensor(r.packed.keys)[0]
+    v_all = unpack_tensor(r.packed.values)[0]
     H = k_all.shape[0]
     Hq, q, D = query.shape[1], query.shape[2], query.shape[3]
     g = Hq // H
     s = D ** -0.5 if scaling is None else scaling
     T = layer.keys.shape[-2]
-    out = torch.zeros(1, q, Hq, D, dtype=query.dtype)
+    out = torch.zeros(1, q, Hq, D, dtype=query.dtype, device=query.device)
     for qh in range(Hq):
         h = qh // g
-        pos = layer.gather_index[h][layer.gather_valid[h]]
-        ks = torch.cat([layer.sink_kv[0][0, h], k_all[h, pos], layer.window_kv[0][0, h]])
-        vs = torch.cat([layer.sink_kv[1][0, h], v_all[h, pos], layer.window_kv[1][0, h]])
+        pos = r.gather_index[h][r.gather_valid[h]]
+        ks = torch.cat([r.sink_kv[0][0, h], k_all[h, pos], r.window_kv[0][0, h]])
+        vs = torch.cat([r.sink_kv[1][0, h], v_all[h, pos], r.window_kv[1][0, h]])
         for j in range(q):
-            kk = torch.cat([ks, layer.keys[0, h, :T - q + j + 1]]).to(query.dtype)
-            vv = torch.cat([vs, layer.values[0, h, :T - q + j + 1]]).to(query.dtype)
+            kk = torch.cat([ks, layer.keys[row, h, :T - q + j + 1]]).to(query.dtype)
+            vv = torch.cat([vs, layer.values[row, h, :T - q + j + 1]]).to(query.dtype)
             p = torch.softmax((kk @ query[0, qh, j]) * s, dim=0)
             out[0, j, qh] = p @ vv
     return out

@@ -55,7 +55,8 @@ from rdalloc.quantizers import Quantizer, fake_quantize_uniform, get_quantizer
 from .compat import forward
 from .compress import CompressedCache, JointAttention, TokenWeights, compressed_nbytes, protected_mask
 
-__all__ = ["allocate_joint", "eviction_plan", "uniform_token_plan", "measure_errors", "KVErrors", "DEFAULT_MENU",
+__all__ = ["allocate_joint", "allocate_joint_shared",
+           "eviction_plan", "uniform_token_plan", "measure_errors", "KVErrors", "DEFAULT_MENU",
            "continuation_logits", "continuation_scores"]
 
 DEFAULT_MENU = (0, 2, 4, 8, 16)
@@ -78,8 +79,8 @@ def measure_errors(keys: torch.Tensor, values: torch.Tensor, quantizer: Quantize
     for b in widths:
         vh = fake_quantize_uniform(values, q, int(b), "value")
         kh = fake_quantize_uniform(keys, q, int(b), "key")
-        dv[int(b)] = ((vh - values).double() ** 2).sum(-1).numpy()
-        dk[int(b)] = ((kh - keys).double() ** 2).numpy()
+        dv[int(b)] = ((vh - values).double() ** 2).sum(-1).cpu().numpy()
+        dk[int(b)] = ((kh - keys).double() ** 2).cpu().numpy()
     return KVErrors(dv, dk)
 
 
@@ -121,17 +122,46 @@ def _solve(dist, allowed, sizes, meta, menu, budget):
 
 def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget, prot, D):
     """Two-stage solve over the heads ``sel`` (bool ``[L, H]``) with one budget; returns value bits ``[n, C]``, key
-    bits ``[n, D]`` for the selected heads (C order) and the stage-2 allocation."""
-    menu = tuple(menu)
+    bits ``[n, D]`` for the selected heads (C order) and the two allocations (see :func:`_joint_items`)."""
     widths = [b for b in menu if 0 < b < FULL_BITS]
-    u, e, K = w.token[sel], w.eviction[sel], w.key[sel]  # [n, C], [n, C], [n, C, D]
+    u = w.token[sel]
+    solved = _joint_items(u, w.eviction[sel], w.key[sel], {b: err.value[b][sel] for b in widths},
+                          {b: err.key[b][sel] for b in widths}, q, menu, budget, np.broadcast_to(prot, u.shape), None,
+                          D)
+    return solved.value_bits, solved.key_bits, solved.stage1, solved.stage2
+
+
+@dataclass(frozen=True)
+class _Solved:
+    """A two-stage solve over ``n`` heads: bits ``value_bits [n, C]``, ``key_bits [n, D]``; the spend and the
+    distortion of every item at its bits (``*_payload``, ``*_metadata``, ``*_distortion``, value items ``[n, C]``,
+    key-channel items ``[n, D]``, zero where a head keeps no packed token); the two allocations."""
+
+    value_bits: np.ndarray
+    key_bits: np.ndarray
+    value_payload: np.ndarray
+    value_metadata: np.ndarray
+    value_distortion: np.ndarray
+    key_payload: np.ndarray
+    key_metadata: np.ndarray
+    key_distortion: np.ndarray
+    stage1: Any
+    stage2: Any
+
+
+def _joint_items(u, e, K, dv, dk, q: Quantizer, menu, budget, prot, absent, D) -> _Solved:
+    """The two stages of the module docstring over ``n`` heads of ``C`` token slots: weights ``u, e`` ``[n, C]``,
+    ``K`` ``[n, C, D]``, errors ``dv[b]`` ``[n, C]``, ``dk[b]`` ``[n, C, D]``, ``prot`` bool ``[n, C]`` (held at 16
+    bits), ``absent`` bool ``[n, C]`` or ``None`` (slots that are no token of the head's sequence, e.g. the tail of a
+    shorter sequence: fixed at 0 bits, never weighted, never charged). Token ``t`` of a head is slot ``t``, so the
+    key groups of the quantizer (``t // group``) are the sequence's own."""
+    menu = tuple(menu)
     n, C = u.shape
-    dv = {b: err.value[b][sel] for b in widths}
-    dk = {b: err.key[b][sel] for b in widths}
     mv = q.item_metadata_bits("value", "token", C, D)
     mk = q.item_metadata_bits("key", "token", C, D)
     kg = q.grouping("key", D).size
     mpg = q.metadata_bits_per_group
+    m = np.asarray(menu)
     # stage 1: token items carrying K and V
     d1 = np.zeros((n, C, len(menu)))
     for j, b in enumerate(menu):
@@ -140,15 +170,18 @@ def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget
         elif b < FULL_BITS:
             d1[..., j] = u * dv[b] + (K * dk[b]).sum(-1)
     ok1 = np.ones((n, C, len(menu)), dtype=bool)
-    ok1[:, prot, :] = np.asarray(menu) == FULL_BITS
+    ok1[prot] = m == FULL_BITS
+    if absent is not None:
+        ok1[absent] = m == 0
+        d1[absent] = 0.0
     s1 = np.full((n, C), 2.0 * D)
     m1 = np.broadcast_to(mv + mk, (n, C)).astype(np.float64)
     B1 = budget
     menu_k = tuple(b for b in menu if b > 0)
-    floor = float((s1 * 16.0)[:, prot].sum())  # stage 1 at this budget evicts every unprotected token
+    floor = float((s1 * 16.0)[prot].sum())  # stage 1 at this budget evicts every unprotected token
     for attempt in range(12):
         a1 = _solve(d1.reshape(n * C, -1), ok1.reshape(n * C, -1), s1.reshape(-1), m1.reshape(-1), menu, B1)
-        kept = (np.asarray(a1.bits).reshape(n, C) > 0) & ~prot[None, :]
+        kept = (np.asarray(a1.bits).reshape(n, C) > 0) & ~prot
         cnt = kept.sum(1)
         # stage 2 items: value tokens, then key channels of heads with kept unprotected tokens
         d2v = np.zeros((n, C, len(menu)))
@@ -162,8 +195,10 @@ def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget
                 ok2v[..., j] = kept
             else:
                 ok2v[..., j] = kept
-        ok2v[:, prot, :] = np.asarray(menu) == FULL_BITS
-        s2v = np.where(prot[None, :], 2.0 * D, float(D)) * np.ones((n, 1))
+        ok2v[prot] = m == FULL_BITS
+        if absent is not None:
+            d2v[absent] = 0.0
+        s2v = np.where(prot, 2.0 * D, float(D))
         m2v = np.broadcast_to(mv, (n, C)).astype(np.float64)
         heads = np.flatnonzero(cnt > 0)
         blocks = np.array([len(np.unique(np.flatnonzero(kept[i]) // kg)) for i in heads], dtype=np.float64)
@@ -191,11 +226,50 @@ def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget
     else:
         raise ValueError(f"stage 2 stayed infeasible for a budget of {budget:.0f} bits after 12 attempts")
     a2 = _solve(dist, ok, sizes, meta, menu, budget)
-    bits = np.asarray(a2.bits)
-    vbits = bits[:n * C].reshape(n, C)
-    kbits = np.full((n, D), FULL_BITS, dtype=np.int64)
-    kbits[heads] = bits[n * C:].reshape(heads.size, D)
-    return vbits, kbits, a1, a2
+    bits = np.asarray(a2.bits).astype(np.int64)
+    column = np.searchsorted(np.sort(m), bits)
+    chosen = dist[:, np.argsort(m)][np.arange(bits.size), column]
+    payload = sizes * bits
+    metadata = meta * ((bits > 0) & (bits < FULL_BITS))
+
+    def split(x, fill):
+        value = x[:n * C].reshape(n, C)
+        key = np.full((n, D), fill, dtype=x.dtype)
+        key[heads] = x[n * C:].reshape(heads.size, D)
+        return value, key
+
+    vbits, kbits = split(bits, FULL_BITS)
+    (vp, kp), (vm, km), (vd, kd) = split(payload, 0.0), split(metadata, 0.0), split(chosen, 0.0)
+    return _Solved(vbits, kbits, vp, vm, vd, kp, km, kd, a1, a2)
+
+
+def _check_options(q, menu, sink, window, D) -> tuple:
+    if q.grouping("key", D).axis != "token":
+        raise ValueError(f"per-channel key bits need a quantizer that groups keys over tokens (e.g. 'kivi'); "
+                         f"{q.name!r} groups them over channels")
+    menu = tuple(int(b) for b in menu)
+    if FULL_BITS not in menu or 0 not in menu:
+        raise ValueError(f"menu must contain 0 (evict) and 16 (full precision), got {list(menu)}")
+    for b in menu:
+        if not q.supports(b):
+            raise ValueError(f"menu width {b} is not supported by quantizer {q.name!r}")
+    for name, v in (("sink", sink), ("window", window)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    return menu
+
+
+def _check_context(C, sink, window, row=None):
+    if sink + window >= C:
+        where = "" if row is None else f" (row {row})"
+        raise ValueError(f"sink={sink} + window={window} protected tokens leave nothing to compress in a context of "
+                         f"{C} tokens{where}")
+
+
+def _plan(vbits, kbits, q, B, usage, dist, cert, meta) -> Plan:
+    return Plan(key=kbits, value=vbits, key_axes=("layer", "kv_head", "channel"),
+                value_axes=("layer", "kv_head", "token"), quantizer=q.name, budget_bits=B, usage=usage,
+                predicted_distortion=dist, certificate=cert, meta=meta)
 
 
 def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tensor, *, retention: float | None = None,
@@ -211,21 +285,8 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
         raise ValueError(f"the weights are for (layers, kv_heads, tokens) = {weights.token.shape}, but the keys are "
                          f"{(L, H, C)}")
     q = get_quantizer(quantizer)
-    if q.grouping("key", D).axis != "token":
-        raise ValueError(f"per-channel key bits need a quantizer that groups keys over tokens (e.g. 'kivi'); "
-                         f"{q.name!r} groups them over channels")
-    menu = tuple(int(b) for b in menu)
-    if FULL_BITS not in menu or 0 not in menu:
-        raise ValueError(f"menu must contain 0 (evict) and 16 (full precision), got {list(menu)}")
-    for b in menu:
-        if not q.supports(b):
-            raise ValueError(f"menu width {b} is not supported by quantizer {q.name!r}")
-    for name, v in (("sink", sink), ("window", window)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-    if sink + window >= C:
-        raise ValueError(f"sink={sink} + window={window} protected tokens leave nothing to compress in a context of "
-                         f"{C} tokens")
+    menu = _check_options(q, menu, sink, window, D)
+    _check_context(C, sink, window)
     B = _budget(L, H, C, D, retention, budget_bits)
     per = mode == "per_head"
     Bh = B / (L * H) if per else B
@@ -260,9 +321,77 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
     meta = {"sink": sink, "window": window, "menu": list(menu), "mode": mode, "weighting": weights.method,
             "quantizer_spec": q.spec(), "retention_target": B / (16.0 * 2 * L * H * C * D),
             "note": "key bits apply to the packed (unprotected) tokens; sink and window tokens are held at 16 bits"}
-    return Plan(key=kbits, value=vbits, key_axes=("layer", "kv_head", "channel"),
-                value_axes=("layer", "kv_head", "token"), quantizer=q.name, budget_bits=B, usage=usage,
-                predicted_distortion=dist, certificate=cert, meta=meta)
+    return _plan(vbits, kbits, q, B, usage, dist, cert, meta)
+
+
+def allocate_joint_shared(weights: Sequence[TokenWeights], keys: Sequence[torch.Tensor],
+                          values: Sequence[torch.Tensor], *, retention: float | None = None,
+                          budget_bits: float | None = None, menu: Sequence[int] = DEFAULT_MENU,
+                          quantizer: Any = "kivi", sink: int = 4, window: int = 32) -> list[Plan]:
+    """One token plan per sequence of a batch under **one budget shared by the batch**: the global two-stage problem
+    of the module docstring over every sequence's layers, heads, tokens and channels at once (sequence ``r`` has
+    ``keys[r]``/``values[r]`` ``[L, H, C_r, D]`` of its own tokens and ``weights[r]``). The budget is ``retention`` of
+    the FP16 bytes of all the sequences' tokens, or ``budget_bits``. A sequence's quality then depends on what it is
+    batched with: bits go where they buy the most over the whole batch.
+
+    Every plan records the shared budget (``budget_bits``, ``meta["budget"] = "shared"``) and its own spend and
+    distortion; the spends sum to the stage-2 allocation's, within the shared budget."""
+    R = len(keys)
+    if not (R == len(values) == len(weights)) or R == 0:
+        raise ValueError(f"weights, keys and values must be non-empty and one per sequence, got {len(weights)}, "
+                         f"{R} and {len(values)}")
+    shapes = [tuple(int(s) for s in k.shape) for k in keys]
+    L, H, _, D = shapes[0]
+    for r, (shape, v, w) in enumerate(zip(shapes, values, weights)):
+        if len(shape) != 4 or shape[0::3] != (L, D) or shape[1] != H or tuple(v.shape) != shape:
+            raise ValueError(f"sequence {r}: keys and values must be [layers, kv_heads, tokens, head_dim] with "
+                             f"{(L, H, D)} as sequence 0, got {shape} and {tuple(v.shape)}")
+        if w.token.shape != shape[:3]:
+            raise ValueError(f"sequence {r}: the weights are for {w.token.shape}, the keys {shape[:3]}")
+    q = get_quantizer(quantizer)
+    menu = _check_options(q, menu, sink, window, D)
+    Cs = [s[2] for s in shapes]
+    for r, C in enumerate(Cs):
+        _check_context(C, sink, window, r)
+    Cmax, n = max(Cs), R * L * H
+    B = _budget(L, H, sum(Cs), D, retention, budget_bits)
+    need = 16.0 * 2 * D * L * H * sum(int(protected_mask(C, sink, window).sum()) for C in Cs)
+    if B < need:
+        raise ValueError(f"the shared budget of {B:.0f} bits is below the {need:.0f} bits the protected tokens "
+                         f"(sink={sink}, window={window}) of the {R} sequences need at full precision")
+    widths = [b for b in menu if 0 < b < FULL_BITS]
+
+    def stack(arrays, tail=()):
+        out = np.zeros((n, Cmax, *tail))
+        for r, a in enumerate(arrays):
+            out[r * L * H:(r + 1) * L * H, :Cs[r]] = np.asarray(a).reshape(L * H, Cs[r], *tail)
+        return out
+
+    errs = [measure_errors(k, v, q, widths) for k, v in zip(keys, values)]
+    u, e = stack([w.token for w in weights]), stack([w.eviction for w in weights])
+    K = stack([w.key for w in weights], (D,))
+    dv = {b: stack([x.value[b] for x in errs]) for b in widths}
+    dk = {b: stack([x.key[b] for x in errs], (D,)) for b in widths}
+    prot = stack([np.broadcast_to(protected_mask(C, sink, window), (L, H, C)) for C in Cs]).astype(bool)
+    absent = stack([np.ones((L, H, C)) for C in Cs]) == 0
+    t0 = time.perf_counter()
+    solved = _joint_items(u, e, K, dv, dk, q, menu, B, prot, absent, D)
+    seconds = time.perf_counter() - t0
+    cert = {"stage1": solved.stage1.certificate(), **solved.stage2.certificate(), "budget": "shared",
+            "sequences": R, "solve_seconds": seconds}
+    plans = []
+    for r, C in enumerate(Cs):
+        rows = slice(r * L * H, (r + 1) * L * H)
+        payload = float(solved.value_payload[rows].sum() + solved.key_payload[rows].sum())
+        metadata = float(solved.value_metadata[rows].sum() + solved.key_metadata[rows].sum())
+        dist = float(solved.value_distortion[rows].sum() + solved.key_distortion[rows].sum())
+        meta = {"sink": sink, "window": window, "menu": list(menu), "mode": "global", "budget": "shared",
+                "sequence": r, "sequences": R, "weighting": weights[r].method, "quantizer_spec": q.spec(),
+                "retention_target": B / (16.0 * 2 * L * H * sum(Cs) * D),
+                "note": "budget_bits is the budget shared by the batch; usage is this sequence's spend"}
+        plans.append(_plan(solved.value_bits[rows, :C].reshape(L, H, C), solved.key_bits[rows].reshape(L, H, D), q, B,
+                           Usage(payload, metadata, 2.0 * L * H * C * D), dist, cert, meta))
+    return plans
 
 
 def eviction_plan(weights: TokenWeights, shape: Sequence[int], *, retention: float | None = None,
