@@ -9,18 +9,21 @@ decode step compiles once for every length, the layer index may be traced (``lax
 is a pytree (a carry of ``jax.jit``, ``lax.scan``, ``lax.while_loop``).
 
 **Storage of one role** (keys or values), every array with a leading layer axis and the kv-head axis next, so
-sharding the input over kv heads shards the storage the same way:
+sharding the input over kv heads shards the storage the same way (widths are static, so where each head's data lies
+is a static table, indexed by the traced layer):
 
-* ``codes``: uint8 ``(layers, kv_heads, batch, capacity, head_dim * W / 8)``: each token's codes bit-packed
-  (:func:`rdalloc.bitpack.pack_bits`) at the role's widest quantized width ``W`` of the whole plan. A head of width
-  ``b < W`` stores codes ``< 2**b`` in a ``W``-bit slot: mixed heads pad to the widest (the price of one static shape
-  under a traced layer index; :attr:`PackedKVCache.plan_nbytes` is what the plan itself needs). Absent when no head
-  of the role is quantized.
+* ``codes``: uint8 **bit-planes** ``(layers, planes, batch, capacity, head_dim / 8)``: plane ``p`` of a head holds
+  bit ``p`` of each of its tokens' codes, 8 channels per byte; a head at width ``b`` owns ``b`` planes, so a layer
+  holds exactly its heads' bits, and the pool is as long as the layer (per shard) that needs the most planes: layers
+  pad to the widest layer, never to the widest head (:attr:`PackedKVCache.plan_nbytes` is what the plan itself
+  needs). Under head sharding each shard's heads own one contiguous part of the plane axis, which shards with them.
+  Absent when no head of the role is quantized.
 * ``params``: float16 group parameters (``quantizer.params``, e.g. scale and zero) per group at its place: per-token
   groups ``(layers, kv_heads, batch, capacity, head_dim / g, n_params)``; per-channel token groups (KIVI keys)
   ``(layers, kv_heads, batch, ceil(capacity / g), head_dim, n_params)``.
-* ``full``: the original values of width-16 heads, in the cache dtype ``(layers, kv_heads, batch, capacity,
-  head_dim)`` (bit for bit); absent when no head of the role is at 16.
+* ``full``: the original values of width-16 heads, in the cache dtype ``(layers, slots, batch, capacity, head_dim)``
+  (bit for bit), one slot per 16-bit head, as many slots as the layer (per shard) with the most; absent when no
+  head of the role is at 16.
 * ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision, ``(layers, kv_heads,
   batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group, exactly as
   :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to storage.
@@ -54,7 +57,6 @@ import numpy as np
 from jax import lax
 
 from rdalloc._namespace import is_traced
-from rdalloc.bitpack import pack_bits, unpack_bits
 from rdalloc.layout import resolve_quantizer
 from rdalloc.models import FULL_BITS
 from rdalloc.plan import Plan
@@ -100,6 +102,37 @@ class CacheSpec:
 
     def has_full(self, role: str) -> bool:
         return bool(np.any(self.bits(role) == FULL_BITS))
+
+    @property
+    def shards(self) -> int:
+        """How many devices the kv-head axis is split over (1 without sharding)."""
+        if self.sharding is None or len(self.sharding.spec) < 2 or self.sharding.spec[1] is None:
+            return 1
+        axes = self.sharding.spec[1]
+        return math.prod(self.sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+    def planes(self, role: str) -> tuple[int, np.ndarray]:
+        """``(pool size, plane index (layers, kv_heads, W))``: where each head's bit-planes lie in the role's plane
+        pool. Head ``h`` of layer ``l`` at width ``w`` owns ``w`` consecutive planes, heads packed one after the
+        other within their shard's part of the pool; each shard's part is as long as the most planes one layer puts
+        on one shard. Planes ``p >= w`` (and 0/16-bit heads) get the pool size (an index past the end)."""
+        return _slots(self.bits(role), self.shards, lambda b: np.where((b > 0) & (b < FULL_BITS), b, 0),
+                      self.slot_bits(role))
+
+    def full_slots(self, role: str) -> tuple[int, np.ndarray]:
+        """``(pool size, slot (layers, kv_heads, 1))``: each 16-bit head's slot in the full-precision pool."""
+        return _slots(self.bits(role), self.shards, lambda b: (b == FULL_BITS).astype(np.int64), 1)
+
+
+def _slots(bits: np.ndarray, shards: int, need, depth: int) -> tuple[int, np.ndarray]:
+    L, H = bits.shape
+    per = H // shards
+    n = need(bits.astype(np.int64))  # slots each head takes
+    used = n.reshape(L, shards, per)
+    part = int(used.sum(-1).max()) if n.size else 0
+    offset = np.cumsum(used, -1) - used + (np.arange(shards) * part)[None, :, None]
+    idx = offset.reshape(L, H)[..., None] + np.arange(depth)
+    return shards * part, np.where(np.arange(depth) < n[..., None], idx, shards * part).astype(np.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -216,6 +249,9 @@ def create_cache(plan: Plan, *, batch: int, capacity: int, head_dim: int, dtype:
     spec = CacheSpec(q, tuple(map(tuple, plan.key.tolist())), tuple(map(tuple, plan.value.tolist())), batch,
                      capacity, head_dim, dtype.name, sharding)
     L, H = plan.layers, plan.kv_heads
+    if H % spec.shards:
+        raise ValueError(f"sharding splits kv heads over {spec.shards} devices, which does not divide the plan's "
+                         f"kv_heads={H}")
     stores = [_empty_role(spec, role, L, H) for role in ("key", "value")]
     return PackedKVCache(stores[0], stores[1], jnp.zeros((L,), jnp.int32), jnp.zeros((), bool),
                          jnp.asarray(spec.bits("key")), jnp.asarray(spec.bits("value")), spec)
@@ -224,18 +260,19 @@ def create_cache(plan: Plan, *, batch: int, capacity: int, head_dim: int, dtype:
 def _empty_role(spec: CacheSpec, role: str, L: int, H: int) -> RoleStorage:
     B, T, D, sh = spec.batch, spec.capacity, spec.head_dim, spec.sharding
     g = spec.grouping(role)
-    W = spec.slot_bits(role)
     n_params = len(spec.quantizer.params)
     codes = params = full = residual = None
-    if W:
-        codes = _zeros((L, H, B, T, D * W // 8), jnp.uint8, sh)
+    n_planes, _ = spec.planes(role)
+    if n_planes:
+        codes = _zeros((L, n_planes, B, T, D // 8), jnp.uint8, sh)
         if g.axis == "channel":
             params = _zeros((L, H, B, T, D // g.size, n_params), jnp.float16, sh)
         else:
             params = _zeros((L, H, B, -(-T // g.size), D, n_params), jnp.float16, sh)
             residual = _zeros((L, H, B, g.size, D), jnp.float32, sh)
-    if spec.has_full(role):
-        full = _zeros((L, H, B, T, D), spec.dtype, sh)
+    n_full, _ = spec.full_slots(role)
+    if n_full:
+        full = _zeros((L, n_full, B, T, D), spec.dtype, sh)
     return RoleStorage(codes, params, full, residual)
 
 
@@ -268,15 +305,42 @@ def _decode(spec: CacheSpec, role: str, codes: Any, params: Any, bits: Any) -> A
     return q.inverse_transform(from_groups(q.decode(cg, ps, b), g, n, D), role)
 
 
-def _pack(codes: Any, W: int) -> Any:
-    """uint8 codes ``[..., D]`` -> ``[..., D * W / 8]`` (each token's codes fill whole bytes: ``D % 8 == 0``)."""
+def _to_planes(codes: Any, W: int) -> Any:
+    """uint8 codes ``[..., D]`` -> bit-planes ``[W, ..., D / 8]``: plane ``p``, byte ``j``, bit ``i`` is bit ``p`` of
+    channel ``8 j + i``."""
     *lead, D = codes.shape
-    return pack_bits(codes.reshape(-1), W).reshape(*lead, D * W // 8)
+    c = codes.reshape(*lead, D // 8, 8)
+    shift = jnp.arange(8, dtype=jnp.uint8)
+    return jnp.stack([jnp.sum(((c >> p) & 1) << shift, axis=-1, dtype=jnp.uint8) for p in range(W)])
 
 
-def _unpack(packed: Any, W: int, D: int) -> Any:
-    *lead, nb = packed.shape
-    return unpack_bits(packed.reshape(-1), W, math.prod(lead) * D).reshape(*lead, D)
+def _from_planes(planes: Any, W: int) -> Any:
+    """Inverse of :func:`_to_planes` (planes ``[W, ..., D / 8]`` -> codes ``[..., D]``, uint8)."""
+    bits = (planes[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [W, ..., D/8, 8]
+    weight = (jnp.uint8(1) << jnp.arange(W, dtype=jnp.uint8)).reshape(W, *([1] * (bits.ndim - 1)))
+    codes = jnp.sum(bits * weight, axis=0, dtype=jnp.uint8)
+    return codes.reshape(*codes.shape[:-2], -1)
+
+
+def _write_codes(spec: CacheSpec, role: str, pool: Any, layer: Any, pos: Any, codes: Any) -> Any:
+    """Codes ``[B, H, n, D]`` of tokens at ``pos`` written as bit-planes into their heads' planes of the pool."""
+    W = spec.slot_bits(role)
+    _, index = spec.planes(role)
+    planes = _to_planes(codes, W)  # [W, B, H, n, D/8]
+    slot = jnp.asarray(index)[layer]  # [H, W]; past the end for planes a head does not own: dropped
+    upd = jnp.transpose(planes, (2, 0, 3, 1, 4))  # [H, W, n, B, D/8]
+    return pool.at[layer, slot[:, :, None], :, pos[None, None, :]].set(upd, mode="drop")
+
+
+def _read_codes(spec: CacheSpec, role: str, pool: Any, layer: Any) -> Any:
+    """Codes ``[B, H, capacity, D]`` of every head of ``layer`` from the plane pool (0 where a head owns no plane)."""
+    W = spec.slot_bits(role)
+    n_planes, index = spec.planes(role)
+    slot = jnp.asarray(index)[layer]  # [H, W]
+    planes = jnp.take(lax.dynamic_index_in_dim(pool, layer, keepdims=False), jnp.minimum(slot, n_planes - 1),
+                      axis=0)  # [H, W, B, T, D/8]
+    planes = jnp.where((slot < n_planes)[:, :, None, None, None], planes, jnp.uint8(0))
+    return jnp.swapaxes(_from_planes(jnp.swapaxes(planes, 0, 1), W), 0, 1)
 
 
 # ---- append ---------------------------------------------------------------------------------------------------------
@@ -346,11 +410,14 @@ def _append_role(cache: PackedKVCache, role: str, st: RoleStorage, bits: Any, la
     codes, params, full, residual = st.codes, st.params, st.full, st.residual
     if full is not None:
         pos = jnp.where(fits, start + jnp.arange(n), big)
-        full = _scatter_tokens(full, layer, pos, jnp.swapaxes(x.astype(full.dtype), 0, 1))
+        _, slots = s.full_slots(role)
+        slot = jnp.asarray(slots[..., 0])[layer]  # [H]; past the end for heads not at 16: dropped
+        full = full.at[layer, slot[:, None], :, pos[None, :]].set(jnp.swapaxes(x.astype(full.dtype), 0, 1)
+                                                                   .swapaxes(1, 2), mode="drop")
     if W and g.axis == "channel":
         c, p = _encode(s, role, x.astype(jnp.float32), bits)  # p: [B, H, n, D/g, n_params]
         pos = jnp.where(fits, start + jnp.arange(n), big)
-        codes = _scatter_tokens(codes, layer, pos, jnp.swapaxes(_pack(c, W), 0, 1))
+        codes = _write_codes(s, role, codes, layer, pos, c)
         params = _scatter_tokens(params, layer, pos, jnp.swapaxes(p, 0, 1))
     elif W:
         G = g.size
@@ -366,7 +433,7 @@ def _append_role(cache: PackedKVCache, role: str, st: RoleStorage, bits: Any, la
         c, p = _encode(s, role, buf[:, :, :m * G], bits)  # p: [B, H, D, m, n_params]
         tok = jnp.arange(m * G)
         pos = jnp.where(fits & (tok < nfull * G), base + tok, big)
-        codes = _scatter_tokens(codes, layer, pos, jnp.swapaxes(_pack(c, W), 0, 1))
+        codes = _write_codes(s, role, codes, layer, pos, c)
         grp = jnp.arange(m)
         gpos = jnp.where(fits & (grp < nfull), base // G + grp, big)
         params = _scatter_tokens(params, layer, gpos, jnp.swapaxes(jnp.swapaxes(p, 2, 3), 0, 1))
@@ -391,7 +458,7 @@ def _dequantize_role(cache: PackedKVCache, role: str, layer: Any) -> Any:
     B, H, T, D = s.batch, s.kv_heads, s.capacity, s.head_dim
     out = jnp.zeros((B, H, T, D), jnp.float32)
     if W:
-        codes = _unpack(_layer_of(st.codes, layer), W, D)
+        codes = _read_codes(s, role, st.codes, layer)
         params = _layer_of(st.params, layer)
         if g.axis == "token":
             Tp = params.shape[2] * g.size
@@ -407,7 +474,10 @@ def _dequantize_role(cache: PackedKVCache, role: str, layer: Any) -> Any:
         else:
             out = _decode(s, role, codes, params, bits)
     if st.full is not None:
-        out = jnp.where((bits == FULL_BITS)[None, :, None, None], _layer_of(st.full, layer).astype(jnp.float32), out)
+        n_full, slots = s.full_slots(role)
+        slot = jnp.minimum(jnp.asarray(slots[..., 0])[layer], n_full - 1)
+        full = jnp.take(_layer_of(st.full, layer), slot, axis=1)
+        out = jnp.where((bits == FULL_BITS)[None, :, None, None], full.astype(jnp.float32), out)
     return out
 
 

@@ -236,15 +236,21 @@ def test_bad_arguments():
         jc.attend(None, 0, jnp.ones((B, 4, 1, D)))
 
 
-def test_bytes_held():
-    plan = Plan(key=np.array([[2, 4, 4, 4]]), value=np.array([[4, 4, 4, 4]]), quantizer="kivi")
+def test_bytes_held_pad_layers_to_the_widest_layer_not_heads_to_the_widest_head():
+    plan = Plan(key=np.array([[2, 4, 4, 4], [8, 8, 2, 2]]), value=np.array([[4, 4, 4, 4], [16, 1, 1, 16]]),
+                quantizer="kivi")
     cache = jc.create_cache(plan, batch=1, capacity=32, head_dim=D, quantizer=KIVI)
-    # keys: 4-bit slots, 32 tokens x 16 channels x 4 heads; params 8 groups x 16 channels x 2; residual 4 x 16 f32
-    keys = 4 * 32 * 16 * 4 // 8 + 4 * 8 * 16 * 2 * 2 + 4 * 4 * 16 * 4
-    values = 4 * 32 * 16 * 4 // 8 + 4 * 32 * 4 * 2 * 2
+    plane = 32 * D // 8  # one bit-plane of one head: 32 tokens x 16 channels, 8 per byte
+    # keys: layer 1 needs 20 planes (layer 0: 14); params 8 groups x 16 channels x 2 f16; residual 4 x 16 f32
+    keys = 2 * 20 * plane + 2 * 4 * 8 * 16 * 2 * 2 + 2 * 4 * 4 * 16 * 4
+    # values: layer 0 needs 16 planes; params 32 tokens x 4 groups x 2 f16; two full-precision slots (layer 1)
+    values = 2 * 16 * plane + 2 * 4 * 32 * 4 * 2 * 2 + 2 * 2 * 32 * 16 * 4
     assert cache.nbytes == keys + values
-    # the plan itself: head 0's keys at 2 bits, no residual
-    assert cache.plan_nbytes == (32 * 16 * 2 + 3 * 32 * 16 * 4) // 8 + 4 * 8 * 16 * 4 + values
+    assert cache.keys.codes.shape == (2, 20, 1, 32, 2) and cache.values.full.shape == (2, 2, 1, 32, 16)
+    # the plan itself: codes at each head's width, parameters of quantized heads, 2 bytes per full element
+    plan_keys = (14 + 20) * plane + 8 * 8 * 16 * 2 * 2
+    plan_values = (16 + 2) * plane + 6 * 32 * 4 * 2 * 2 + 2 * 32 * 16 * 2
+    assert cache.plan_nbytes == plan_keys + plan_values
 
 
 SHARDING_SCRIPT = textwrap.dedent("""
@@ -265,9 +271,30 @@ SHARDING_SCRIPT = textwrap.dedent("""
     cache = step(cache, jnp.int32(1), k[:, :, :1])
     for a in jax.tree_util.tree_leaves((cache.keys, cache.values)):
         assert a.sharding.spec[:2] == (None, "heads"), (a.shape, a.sharding)
-        assert len({s.data.shape for s in a.addressable_shards}) == 1 and a.addressable_shards[0].data.shape[1] == 1
-    out = jax.jit(jc.attend)(cache, jnp.int32(1), jnp.ones((1, 8, 1, 16)))
-    assert np.all(np.isfinite(np.asarray(out)))
+        shapes = {s.data.shape for s in a.addressable_shards}
+        assert len(a.addressable_shards) == 4 and shapes == {(a.shape[0], a.shape[1] // 4, *a.shape[2:])}, shapes
+    # each head's planes lie in its own shard's part: the sharded cache reads back what an unsharded one holds
+    plain = jc.create_cache(plan, batch=1, capacity=16, head_dim=16, quantizer=q)
+    host = jax.device_get(k)
+    plain = jc.append(jc.append(plain, 1, jnp.asarray(host), jnp.asarray(host)), 1, jnp.asarray(host[:, :, :1]),
+                      jnp.asarray(host[:, :, :1]))
+    for a, b in zip(jax.jit(jc.dequantize)(cache, 1), jc.dequantize(plain, 1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    query = jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, 1, 16)), jnp.float32)
+    out = jax.jit(jc.attend)(cache, jnp.int32(1), query)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jc.attend(plain, 1, query)), rtol=1e-6, atol=1e-6)
+    try:
+        jc.create_cache(Plan(key=np.full((1, 2), 4), value=np.full((1, 2), 4)), batch=1, capacity=8, head_dim=16,
+                        quantizer=q, sharding=kv_sharding)
+        raise AssertionError("no error")
+    except ValueError as e:
+        assert "splits kv heads over 4 devices, which does not divide the plan's kv_heads=2" in str(e), e
+    try:
+        jc.create_cache(plan, batch=1, capacity=8, head_dim=16, quantizer=q,
+                        sharding=NamedSharding(mesh, P(None, None, "heads")))
+        raise AssertionError("no error")
+    except ValueError as e:
+        assert "may shard only the kv-head axis" in str(e), e
     print("OK")
 """)
 
