@@ -27,6 +27,8 @@ is a static table, indexed by the traced layer):
 * ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision, ``(layers, kv_heads,
   batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group, exactly as
   :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to storage.
+  (No ``lax.cond``: the residual plus the new chunk is encoded as candidate groups every call, and only the groups
+  that are full are written, by a masked scatter; one decode step encodes two groups of ``g`` tokens per head.)
 
 Quantization is the quantizer's own ``fit``/``encode``/``decode`` with the head's width as a traced integer array
 (``transform`` first: QuaRot's rotation), so dequantized storage equals :func:`rdalloc.apply.fake_quantize_tensor` of
@@ -461,16 +463,17 @@ def _dequantize_role(cache: PackedKVCache, role: str, layer: Any) -> Any:
         codes = _read_codes(s, role, st.codes, layer)
         params = _layer_of(st.params, layer)
         if g.axis == "token":
-            Tp = params.shape[2] * g.size
-            codes = jnp.pad(codes, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
-            params = jnp.swapaxes(params, 2, 3)  # [B, H, D, groups, n_params]
-            out = _decode(s, role, codes, params, bits)[:, :, :T]
+            # decode in token order: codes [B, H, groups, g, D] against parameters [B, H, groups, 1, D] (no
+            # transposes), then the residual written over its place (positions past the length are unspecified)
+            G, n_groups = g.size, params.shape[2]
+            codes = jnp.pad(codes, ((0, 0), (0, 0), (0, n_groups * G - T), (0, 0))).astype(jnp.float32)
+            ps = tuple(params[:, :, :, None, :, i].astype(jnp.float32) for i in range(params.shape[-1]))
+            b = _quant_bits(bits).reshape(1, H, 1, 1, 1)
+            xh = s.quantizer.decode(codes.reshape(B, H, n_groups, G, D), ps, b).reshape(B, H, n_groups * G, D)
+            xh = s.quantizer.inverse_transform(xh, role)
             length = cache.length[layer]
-            base = length - length % g.size
-            t = jnp.arange(T)
-            res = _layer_of(st.residual, layer)
-            from_res = jnp.take(res, jnp.clip(t - base, 0, g.size - 1), axis=2)
-            out = jnp.where(((t >= base) & (t < length))[:, None], from_res, out)
+            xh = jnp.pad(xh, ((0, 0), (0, 0), (0, G), (0, 0)))  # the residual holds untransformed tokens
+            out = lax.dynamic_update_slice(xh, _layer_of(st.residual, layer), (0, 0, length - length % G, 0))[:, :, :T]
         else:
             out = _decode(s, role, codes, params, bits)
     if st.full is not None:
