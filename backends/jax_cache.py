@@ -8,9 +8,9 @@ array: the per-layer valid ``length`` and the widths (``(layers, kv_heads)`` int
 decode step compiles once for every length, the layer index may be traced (``lax.scan`` over layers), and the cache
 is a pytree (a carry of ``jax.jit``, ``lax.scan``, ``lax.while_loop``).
 
-**Storage of one role** (keys or values), every array with a leading layer axis and the kv-head axis next, so
-sharding the input over kv heads shards the storage the same way (widths are static, so where each head's data lies
-is a static table, indexed by the traced layer):
+**Storage of one role** (keys or values), every array with a leading layer axis and a head-ordered axis next (kv
+heads, or pool entries laid out shard by shard), so sharding the input over kv heads shards the storage the same way
+(widths are static, so where each head's data lies is a static table, indexed by the traced layer):
 
 * ``codes``: uint8 **bit-planes** ``(layers, planes, batch, capacity, head_dim / 8)``: plane ``p`` of a head holds
   bit ``p`` of each of its tokens' codes, 8 channels per byte; a head at width ``b`` owns ``b`` planes, so a layer
@@ -24,11 +24,12 @@ is a static table, indexed by the traced layer):
 * ``full``: the original values of width-16 heads, in the cache dtype ``(layers, slots, batch, capacity, head_dim)``
   (bit for bit), one slot per 16-bit head, as many slots as the layer (per shard) with the most; absent when no
   head of the role is at 16.
-* ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision, ``(layers, kv_heads,
-  batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group, exactly as
-  :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to storage.
-  (No ``lax.cond``: the residual plus the new chunk is encoded as candidate groups every call, and only the groups
-  that are full are written, by a masked scatter; one decode step encodes two groups of ``g`` tokens per head.)
+* ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision (float32),
+  ``(layers, kv_heads, batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group,
+  exactly as :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to
+  storage. (No ``lax.cond``: the residual plus the new chunk is encoded as candidate groups every call, and only
+  the groups that are full are written, by a masked scatter; one decode step encodes two groups of ``g`` tokens per
+  head.)
 
 Quantization is the quantizer's own ``fit``/``encode``/``decode`` with the head's width as a traced integer array
 (``transform`` first: QuaRot's rotation), so dequantized storage equals :func:`rdalloc.apply.fake_quantize_tensor` of
@@ -38,13 +39,15 @@ the same tokens (full groups; the residual is returned as stored).
 :func:`attend` gives its query heads an output of zeros (no token to attend to). Key and value widths must be 0
 together (a head is evicted whole).
 
-**Writes** go at traced offsets by scatter with ``mode="drop"`` (a position outside storage is dropped, never clamped
-onto valid data). **Capacity**: appending past ``capacity`` raises ``ValueError`` when the length is concrete (eager
-calls); under ``jax.jit`` the chunk that does not fit is not written, ``length`` stays, and the sticky boolean
+A traced ``layer`` must be in range (checked only when it is a Python int). **Writes** go at traced offsets by
+scatter with ``mode="drop"`` (a position outside storage is dropped, never clamped onto valid data).
+**Capacity**: appending past ``capacity`` raises ``ValueError`` when the length is concrete (eager calls); under
+``jax.jit`` the chunk that does not fit is not written, ``length`` stays, and the sticky boolean
 ``overflow`` turns True (check it after the loop).
 
 :func:`attend` dequantizes inside the jitted function (XLA fuses unpack, decode and the dot products; a fused Pallas
-kernel reading packed bytes is out of scope on CPU).
+kernel reading packed bytes is out of scope on CPU). On CPU a decode step costs 15-30x the full-precision cache's
+(bit-plane extraction and float16 parameter conversion per element: ``benchmarks/jax_decode.py``).
 """
 
 from __future__ import annotations
