@@ -46,7 +46,7 @@ scatter with ``mode="drop"`` (a position outside storage is dropped, never clamp
 ``overflow`` turns True (check it after the loop).
 
 :func:`attend` dequantizes inside the jitted function (XLA fuses unpack, decode and the dot products; a fused Pallas
-kernel reading packed bytes is out of scope on CPU). On CPU a decode step costs 15-30x the full-precision cache's
+kernel reading packed bytes is out of scope on CPU). On CPU a decode step costs 7-25x the full-precision cache's
 (bit-plane extraction and float16 parameter conversion per element: ``benchmarks/jax_decode.py``).
 """
 
