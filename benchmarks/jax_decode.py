@@ -1,0 +1,185 @@
+"""A jitted JAX decode loop over the fixed-capacity packed KV cache against a full-precision fixed-capacity cache.
+
+    python benchmarks/jax_decode.py                          # contexts 1024,4096; 128 decode steps
+    python benchmarks/jax_decode.py --contexts 1024 --steps 32
+
+Synthetic model dims (``--layers 8 --kv-heads 4 --q-heads 16 --head-dim 64``, batch 1): random K/V, no weights, so
+what is timed is the cache (append one token per layer, then decode attention) inside one jitted step that runs a
+``lax.scan`` over layers (traced layer index). For each context the cache is built with capacity ``context + steps``,
+prefilled in one jitted call (one chunk per layer), then the jitted step decodes ``--steps`` tokens in a Python loop
+(one call per token, ``block_until_ready`` each); the step compiles once for all lengths (checked: its cache size
+stays 1). Reported per cache: compile time of the step (lower + compile), prefill time, median time per token, bytes
+held by the storage arrays (and what the plan alone needs), each against the full-precision cache doing the same
+attention (float16 storage, float32 math). Caches: ``packed mixed`` (KIVI, head widths drawn from 2..8 for keys and
+values, seeded), ``packed uniform 4`` (KIVI 4 bits everywhere). Ratios come from one run on the same machine; on a
+shared CPU absolute milliseconds say little. Writes ``benchmarks/results/jax_decode.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from rdalloc.backends import jax_cache as jc
+
+from rdalloc import Plan
+from rdalloc.environment import environment
+from rdalloc.quantizers import get_quantizer
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+# ---- the full-precision baseline: same shapes, same attention, float16 storage ------------------------------------
+def full_create(L, H, B, T, D):
+    return {"k": jnp.zeros((L, H, B, T, D), jnp.float16), "v": jnp.zeros((L, H, B, T, D), jnp.float16),
+            "length": jnp.zeros((L,), jnp.int32)}
+
+
+def full_append(c, layer, k, v):
+    start = c["length"][layer]
+    kk = jnp.swapaxes(k.astype(jnp.float16), 0, 1)[None]
+    vv = jnp.swapaxes(v.astype(jnp.float16), 0, 1)[None]
+    return {"k": lax.dynamic_update_slice(c["k"], kk, (layer, 0, 0, start, 0)),
+            "v": lax.dynamic_update_slice(c["v"], vv, (layer, 0, 0, start, 0)),
+            "length": c["length"].at[layer].add(k.shape[2])}
+
+
+def full_attend(c, layer, q):
+    k = jnp.swapaxes(lax.dynamic_index_in_dim(c["k"], layer, keepdims=False), 0, 1).astype(jnp.float32)
+    v = jnp.swapaxes(lax.dynamic_index_in_dim(c["v"], layer, keepdims=False), 0, 1).astype(jnp.float32)
+    B, Hq, _, D = q.shape
+    H = k.shape[1]
+    s = jnp.einsum("bhrd,bhtd->bhrt", q.reshape(B, H, Hq // H, D), k) / np.sqrt(D)
+    s = jnp.where(jnp.arange(k.shape[2]) < c["length"][layer], s, -jnp.inf)
+    return jnp.einsum("bhrt,bhtd->bhrd", jax.nn.softmax(s, axis=-1), v).reshape(q.shape)
+
+
+# ---- one decode step: scan over layers, append then attend ---------------------------------------------------------
+def make_step(append, attend, L):
+    def step(cache, k_new, v_new, q):  # k_new, v_new: [L, B, H, 1, D]; q: [L, B, Hq, 1, D]
+        def layer_fn(c, inputs):
+            layer, k, v, qq = inputs
+            c = append(c, layer, k, v)
+            return c, attend(c, layer, qq)
+        return lax.scan(layer_fn, cache, (jnp.arange(L, dtype=jnp.int32), k_new, v_new, q))
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_prefill(append, L):
+    def prefill(cache, k, v):  # [L, B, H, n, D]
+        def layer_fn(c, inputs):
+            layer, kk, vv = inputs
+            return append(c, layer, kk, vv), None
+        return lax.scan(layer_fn, cache, (jnp.arange(L, dtype=jnp.int32), k, v))[0]
+    return jax.jit(prefill, donate_argnums=0)
+
+
+def storage_bytes(cache) -> int:
+    if isinstance(cache, jc.PackedKVCache):
+        return cache.nbytes
+    return int(cache["k"].nbytes + cache["v"].nbytes)
+
+
+def run_cache(name, cache, append, attend, a, context, rng) -> dict:
+    L, H, Hq, D, B = a.layers, a.kv_heads, a.q_heads, a.head_dim, 1
+    k_pre = jnp.asarray(rng.normal(size=(L, B, H, context, D)).astype(np.float32))
+    v_pre = jnp.asarray(rng.normal(size=(L, B, H, context, D)).astype(np.float32))
+    new = [jnp.asarray(rng.normal(size=(L, B, H, 1, D)).astype(np.float32)) for _ in range(2 * a.steps)]
+    q = jnp.asarray(rng.normal(size=(L, B, Hq, 1, D)).astype(np.float32))
+    prefill, step = make_prefill(append, L), make_step(append, attend, L)
+    t = time.perf_counter()
+    prefill_c = prefill.lower(cache, k_pre, v_pre).compile()
+    t_prefill_compile = time.perf_counter() - t
+    t = time.perf_counter()
+    cache = jax.block_until_ready(prefill_c(cache, k_pre, v_pre))
+    t_prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    step.lower(cache, new[0], new[1], q).compile()
+    t_compile = time.perf_counter() - t
+    times = []
+    for i in range(a.steps):
+        t = time.perf_counter()
+        cache, out = jax.block_until_ready(step(cache, new[2 * i], new[2 * i + 1], q))
+        times.append(time.perf_counter() - t)
+    assert np.all(np.isfinite(np.asarray(out)))
+    length = int(np.asarray(cache["length"] if isinstance(cache, dict) else cache.length)[0])
+    assert length == context + a.steps, length
+    row = {"context": context, "cache": name, "compile_s": t_compile, "prefill_compile_s": t_prefill_compile,
+           "prefill_s": t_prefill, "ms_per_token": 1e3 * statistics.median(times[1:]),
+           "first_call_ms": 1e3 * times[0], "step_compilations": step._cache_size(), "bytes": storage_bytes(cache)}
+    if isinstance(cache, jc.PackedKVCache):
+        row["plan_bytes"] = cache.plan_nbytes
+        row["overflow"] = bool(cache.overflow)
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return row
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Command: `{res['command']}` (ratios measured side by side in one run; load average "
+             f"{res['load_start']} at start, {res['load_end']} at end)", "",
+             f"Synthetic dims: layers {res['dims']['layers']}, kv_heads {res['dims']['kv_heads']}, q_heads "
+             f"{res['dims']['q_heads']}, head_dim {res['dims']['head_dim']}, batch 1; capacity = context + steps; "
+             f"{res['steps']} decode steps, one jitted step per token (scan over layers).", "",
+             "| context | cache | step compile (s) | compilations | prefill (s) | ms / token | x full time "
+             "| bytes held (MiB) | x full bytes | plan bytes (MiB) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        base = next(b for b in res["rows"] if b["context"] == r["context"] and b["cache"].startswith("full"))
+        plan = f"{r['plan_bytes'] / 2**20:.2f}" if "plan_bytes" in r else "–"
+        lines.append(f"| {r['context']} | {r['cache']} | {r['compile_s']:.2f} | {r['step_compilations']} | "
+                     f"{r['prefill_s']:.3f} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / base['ms_per_token']:.2f} "
+                     f"| {r['bytes'] / 2**20:.2f} | {r['bytes'] / base['bytes']:.3f} | {plan} |")
+    lines += ["", f"Environment: `{json.dumps(res['environment'])}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="1024,4096")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--q-heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    L, H, D = a.layers, a.kv_heads, a.head_dim
+    q = get_quantizer("kivi")
+    wrng = np.random.default_rng(0)
+    plans = {"packed mixed 2..8": Plan(key=wrng.choice([2, 3, 4, 5, 6, 8], (L, H)),
+                                       value=wrng.choice([2, 3, 4, 5, 6, 8], (L, H)), quantizer="kivi"),
+             "packed uniform 4": Plan(key=np.full((L, H), 4), value=np.full((L, H), 4), quantizer="kivi")}
+    rows = []
+    for context in (int(c) for c in a.contexts.split(",")):
+        T = context + a.steps
+        rng = np.random.default_rng(context)
+        rows.append(run_cache("full fp16", full_create(L, H, 1, T, D), full_append, full_attend, a, context, rng))
+        for name, plan in plans.items():
+            rng = np.random.default_rng(context)
+            cache = jc.create_cache(plan, batch=1, capacity=T, head_dim=D, quantizer=q)
+            rows.append(run_cache(name, cache, jc.append, jc.attend, a, context, rng))
+    res = {"steps": a.steps, "dims": {"layers": L, "kv_heads": H, "q_heads": a.q_heads, "head_dim": D},
+           "plans": {k: {"key": v.key.tolist(), "value": v.value.tolist()} for k, v in plans.items()},
+           "rows": rows, "environment": environment(jnp.float32), "device": str(jax.devices()[0]),
+           "load_start": load_start, "load_end": [round(x, 2) for x in os.getloadavg()],
+           "command": "python benchmarks/jax_decode.py " + " ".join(
+               f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("contexts", "steps", "layers", "kv_heads",
+                                                                     "q_heads", "head_dim"))}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "jax_decode.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "jax_decode.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
