@@ -337,7 +337,7 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
         rows = part if contiguous else by_group[part]
         where = np.arange(part.start, part.stop) if contiguous else to_numpy(rows)
         mine = tuple(None if x is None else _rows(xp, x, rows) for x in items)
-        mine += _per_item(xp, model, menu, tuple(_rows(xp, x, rows) if x.ndim else x for x in data),
+        mine += _per_item(xp, model, menu, tuple(_rows(xp, x, rows) if x is not None and x.ndim else x for x in data),
                           xp.ones_like(mine[0]))
         tables = _item_tables(xp, model, menu, mine, False, where)
         for g in block:
@@ -675,9 +675,9 @@ def _model_arrays(xp, model, menu, dev, ones) -> tuple:
 def _model_data(xp, model, dev) -> tuple:
     """The model's arrays on the solver's backend as given (0-d where shared; float64 arrays are not copied):
     (alpha, beta, eviction, full) or (distortion table, allowed mask)."""
-    if isinstance(model, TabulatedModel):
+    if isinstance(model, TabulatedModel):  # no mask (None) when every point is allowed
         return (as_float64(xp, model.distortion, device=dev, name="distortion"),
-                xp.asarray(model.allowed_mask, device=dev))
+                None if model.allowed is None else xp.asarray(model.allowed_mask, device=dev))
     return tuple(as_float64(xp, v, device=dev, name=name) for v, name in (
         (model.alpha, "alpha"), (model.beta, "beta"), (model.eviction if model.can_evict else 0.0, "eviction"),
         (model.full, "full")))
@@ -687,8 +687,11 @@ def _per_item(xp, model, menu, data: tuple, ones) -> tuple:
     """:func:`_model_data` (or some items' rows of it) as one row per item (``ones``: one per item); a table keeps
     the menu's columns."""
     if isinstance(model, TabulatedModel):
-        cols = xp.asarray([model.bits.index(b) for b in menu], device=device(ones))
-        return tuple(xp.take(x, cols, axis=1) for x in data)
+        cols = [model.bits.index(b) for b in menu]
+        if cols == list(range(len(model.bits))):  # the whole table, as it is
+            return data
+        cols = xp.asarray(cols, device=device(ones))
+        return tuple(None if x is None else xp.take(x, cols, axis=1) for x in data)
     return tuple(x * ones for x in data)
 
 
@@ -705,8 +708,8 @@ def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, where) ->
     if isinstance(model, TabulatedModel):
         table, mask = parts
         for k in range(len(menu)):
-            D.append(xp.where(mask[:, k], table[:, k], zero))
-            allowed.append(mask[:, k])
+            D.append(table[:, k] if mask is None else xp.where(mask[:, k], table[:, k], zero))
+            allowed.append(yes if mask is None else mask[:, k])
     else:
         alpha, beta, eviction, full = parts
         log_beta = xp.log(beta)
@@ -784,6 +787,10 @@ def _hull(xp, C, W, valid, static: bool):
     row; ``nxt[k]``, the next hull row after row ``k`` (``K`` if none); int8 indices.
     """
     K = C.shape[0]
+    if not static:
+        convex = _convex_hull(xp, C, W, valid)
+        if convex is not None:
+            return convex
     row = lambda X, k: X[k, :]  # noqa: E731
     keep, best, seen = [], xp.zeros_like(C[0, :]), xp.zeros_like(valid[0, :])
     for k in range(K):
@@ -834,6 +841,29 @@ def _hull(xp, C, W, valid, static: bool):
         nxt[k] = j
         j = xp.where(keep[k], xp.asarray(k, dtype=xp.int8, device=device(C)), j)
     return j, xp.stack(nxt, axis=0), E, dC
+
+
+def _convex_hull(xp, C, W, valid):
+    """:func:`_hull`'s answer when every item's points all are its hull, else ``None`` (eager backends).
+
+    When every point is allowed, ``W`` strictly decreases down the rows and the efficiencies ``E_k = (W_{k-1} - W_k)
+    / (C_k - C_{k-1})`` do not increase, dominance drops nothing and the first round of chords drops nothing, so the
+    hull is every row: ``first = 0``, ``nxt[k] = k + 1``, and ``E``, ``dC`` are those of the first round (the same
+    float operations, so the same bits). Checked with whole-table operations instead of ``K`` row-by-row scans."""
+    K, N = C.shape
+    if K < 2 or not bool(xp.all(valid)) or not bool(xp.all(W[1:, :] < W[:-1, :])):
+        return None
+    d = C[1:, :] - C[:-1, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = (W[:-1, :] - W[1:, :]) / d
+    if K > 2 and not bool(xp.all(e[:-1, :] >= e[1:, :])):
+        return None
+    dev = device(C)
+    E = xp.concat([xp.full((1, N), -xp.inf, dtype=C.dtype, device=dev), e], axis=0)
+    dC = xp.concat([xp.zeros((1, N), dtype=C.dtype, device=dev), d], axis=0)
+    rows = xp.reshape(xp.arange(1, K + 1, dtype=xp.int8, device=dev), (K, 1))
+    nxt = rows * xp.ones((K, N), dtype=xp.int8, device=dev)
+    return xp.zeros((N,), dtype=xp.int8, device=dev), nxt, E, dC
 
 
 def _split_level(xp, E, dC, R, skip, static: bool):
