@@ -933,6 +933,10 @@ def _split_level_eager(xp, e, c, R, skip):
     e, c = e[keep], c[keep]
     if e.shape[0] == 0:
         return hi, xp.asarray(rounds, dtype=xp.int32), const - tied
+    if array_api_compat.is_numpy_namespace(xp) and e.shape[0] > _RADIX and bool(const <= R):
+        found = _split_in_bucket(xp, e, c, const, R)
+        if found is not None:
+            return found[0], xp.asarray(rounds, dtype=xp.int32), found[1]
     o = _descending(xp, e)
     e, c = xp.take(e, o), xp.take(c, o)
     ok = const + xp.cumulative_sum(c) - c <= R
@@ -940,6 +944,35 @@ def _split_level_eager(xp, e, c, R, skip):
     if j < 0:
         return hi, xp.asarray(rounds, dtype=xp.int32), const - tied
     return e[j], xp.asarray(rounds, dtype=xp.int32), const + xp.sum(masked(xp, e > e[j], c))
+
+
+def _split_in_bucket(xp, e, c, const, R):
+    """The exact finish of :func:`_split_level_eager` on numpy without sorting every candidate: ``(v, T(v))``, or
+    ``None`` when summation rounding puts the split outside the chosen bucket (the caller then sorts all).
+
+    The candidates ``e`` (finite) are put in about ``2**12`` buckets by the leading bits of an integer key that is
+    monotone in the value (the float64 bit pattern, sign folded), so every value in a higher bucket is larger. With
+    ``A_b = const + cost of the buckets above b``, non-increasing in ``b``, the split lies in the lowest bucket ``b*``
+    with ``A_b* <= R``: every value below it has ``T > R`` and the largest value in it has ``T = A_b* <= R``. Only that
+    bucket is sorted (``const <= R`` on entry, so ``b*`` exists)."""
+    bits = (e + 0.0).view(np.int64)  # (+ 0.0: -0.0 becomes 0.0, so equal values get equal keys)
+    key = bits ^ ((bits >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    k_lo, k_hi = int(key.min()), int(key.max())
+    shift = max((k_hi - k_lo).bit_length() - _RADIX_BITS, 0)
+    ids = (key >> shift) - (k_lo >> shift)
+    cost = np.bincount(ids, weights=c)
+    above = const + np.concatenate([np.cumsum(cost[:0:-1])[::-1], [0.0]])  # A_b
+    b = cost.shape[0] - int(np.count_nonzero(above <= R))
+    inside = ids == b
+    e, c = e[inside], c[inside]
+    const = above[b]
+    o = _descending(xp, e)
+    e, c = e[o], c[o]
+    ok = const + np.cumsum(c) - c <= R
+    j = int(np.count_nonzero(ok)) - 1
+    if j < 0:
+        return None
+    return e[j], const + np.sum(c * (e > e[j]))
 
 
 def _descending(xp, e):
@@ -972,6 +1005,8 @@ def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):
 
 
 _EXACT = 1 << 16  # candidates sorted exactly at the end of the sample-select
+_RADIX = 1 << 11  # numpy: more candidates than this are first narrowed to one bucket of leading key bits
+_RADIX_BITS = 12  # about 2**12 buckets
 
 
 def _masked_sum(xp, mask, x):
