@@ -62,6 +62,7 @@ solve's; on JAX one ``lax.map`` over the groups runs the static solve with the o
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
@@ -880,8 +881,10 @@ def _split_level(xp, E, dC, R, skip, static: bool):
     and bisection safeguards, in ``lax.while_loop`` with static shapes.
     Invariant: ``T(lo) > R >= T(hi)``, ``T(lam) = sum dC [E > lam]``; done when no value lies in ``(lo, hi)``.
     """
-    search = _split_level_static if static else _split_level_eager
-    return search(xp, xp.reshape(E, (-1,)), xp.reshape(dC, (-1,)), R, skip)
+    if static:
+        return _split_level_static(xp, xp.reshape(E, (-1,)), xp.reshape(dC, (-1,)), R, skip)
+    # row 0 holds no segment end (no cheaper point precedes it): the other rows are one contiguous block
+    return _split_level_eager(xp, xp.reshape(E[1:, :], (-1,)), xp.reshape(dC[1:, :], (-1,)), R, skip)
 
 
 def _split_level_eager(xp, e, c, R, skip):
@@ -950,16 +953,19 @@ def _split_in_bucket(xp, e, c, const, R):
     """The exact finish of :func:`_split_level_eager` on numpy without sorting every candidate: ``(v, T(v))``, or
     ``None`` when summation rounding puts the split outside the chosen bucket (the caller then sorts all).
 
-    The candidates ``e`` (finite) are put in about ``2**12`` buckets by the leading bits of an integer key that is
-    monotone in the value (the float64 bit pattern, sign folded), so every value in a higher bucket is larger. With
+    The candidates ``e`` (finite, ``>= 0``) are put in buckets by the leading 16 bits of their float64 pattern (sign,
+    exponent, 4 mantissa bits: 16 buckets per octave), a key that is monotone in the value for non-negative floats, so
+    every value in a higher bucket is larger. With
     ``A_b = const + cost of the buckets above b``, non-increasing in ``b``, the split lies in the lowest bucket ``b*``
     with ``A_b* <= R``: every value below it has ``T > R`` and the largest value in it has ``T = A_b* <= R``. Only that
     bucket is sorted (``const <= R`` on entry, so ``b*`` exists)."""
-    bits = (e + 0.0).view(np.int64)  # (+ 0.0: -0.0 becomes 0.0, so equal values get equal keys)
-    key = bits ^ ((bits >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
-    k_lo, k_hi = int(key.min()), int(key.max())
-    shift = max((k_hi - k_lo).bit_length() - _RADIX_BITS, 0)
-    ids = (key >> shift) - (k_lo >> shift)
+    if sys.byteorder != "little" or e.dtype != np.float64:
+        return None
+    top = np.ascontiguousarray(e).view(np.uint16)[3::4]  # sign, exponent and 4 leading mantissa bits: the key
+    t_lo, t_hi = int(top.min()), int(top.max())
+    if t_hi >= 0x8000:  # a negative value or -0.0: the key is not monotone there
+        return None
+    ids = top - np.uint16(t_lo)
     cost = np.bincount(ids, weights=c)
     above = const + np.concatenate([np.cumsum(cost[:0:-1])[::-1], [0.0]])  # A_b
     b = cost.shape[0] - int(np.count_nonzero(above <= R))
@@ -1006,7 +1012,6 @@ def _pivot_pass(xp, e, c, lo, hi, v_lo, v_hi):
 
 _EXACT = 1 << 16  # candidates sorted exactly at the end of the sample-select
 _RADIX = 1 << 11  # numpy: more candidates than this are first narrowed to one bucket of leading key bits
-_RADIX_BITS = 12  # about 2**12 buckets
 
 
 def _masked_sum(xp, mask, x):
