@@ -282,11 +282,13 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     cur, slack, steps = _fill(xp, E, dC, nxt, cur, slack, n.shape[0] if max_fill is None else int(max_fill))
     # 4. exact phase (eager backends): reduced-cost fixing, then a dynamic program over the core
     lam_eff = xp.where(saturated, xp.zeros_like(lam), lam)
-    dual = xp.sum(_at(xp, W, cur_t) + lam_eff * _at(xp, C, cur_t)) - lam_eff * B
+    at_t = (_at(xp, W, cur_t), _at(xp, C, cur_t))  # each item's Lagrangian point: distortion and cost
+    dual = xp.sum(at_t[0] + lam_eff * at_t[1]) - lam_eff * B
     solution = _Solution.of(xp, cur, order, W, menu, n, m)
     proven, nodes = None, 0
     if not static and not bool(saturated) and max_nodes > 0:
-        better, proven, nodes = _exact(xp, C, W, valid, cur_t, cur, float(lam), float(dual), float(B), max_nodes)
+        better, proven, nodes = _exact(xp, C, W, valid, cur_t, at_t, float(solution.distortion), float(lam),
+                                       float(dual), float(B), max_nodes)
         if better is not None:  # an improvement: kept unless float summation puts it a hair over the budget
             found = _Solution.of(xp, better, order, W, menu, n, m)
             if float(found.payload + found.metadata) <= float(B):
@@ -483,7 +485,7 @@ def _bound_and_status(xp, distortion, dual, proven, saturated, infeasible):
     return dual, status
 
 
-def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_nodes: int):
+def _exact(xp, C, W, valid, cur_t, at_t: tuple, U: float, lam: float, dual: float, B: float, max_nodes: int):
     """Exact phase: reduced-cost fixing against the incumbent, then an exact dynamic program over the core items.
 
     With ``r_ik = W_ik + lam C_ik - min_k (W_ik + lam C_ik) >= 0`` (``min`` at the Lagrangian row ``t_i``) every
@@ -494,21 +496,20 @@ def _exact(xp, C, W, valid, cur_t, cur, lam: float, dual: float, B: float, max_n
     items at ``t_i``; its optimum is the new incumbent. Done (proven) when every item outside the core is fixed by the
     new ``U``. Returns ``(cur or None, proven lower bound or None, nodes)``: the improved rows (``None`` when the
     incumbent stands), and when proven the bound ``min(U, smallest bound the program cut, L + smallest reduced cost
-    off t outside the core)``; ``None`` when ``max_nodes`` ran out first.
+    off t outside the core)``; ``None`` when ``max_nodes`` ran out first. ``at_t``: ``(W, C)`` at each item's row
+    ``t_i``; ``U``: the incumbent's distortion.
     """
     K = C.shape[0]
-    lag_t = _at(xp, W, cur_t) + lam * _at(xp, C, cur_t)
-    U = float(xp.sum(_at(xp, W, cur)))
     tol = _RTOL * (abs(U) + lam * B)
     if U - dual <= tol:
         return None, dual, 0
+    W_t, C_t = at_t
+    lag_t = W_t + lam * C_t
     inf = xp.asarray(xp.inf, dtype=C.dtype)
-    rmin = xp.full_like(lag_t, xp.inf)
-    t = xp.astype(cur_t, xp.int64)
-    for k in range(K):  # the smallest reduced cost of moving each item off t_i
-        r = W[k, :] + lam * C[k, :] - lag_t
-        rmin = xp.minimum(rmin, xp.where(valid[k, :] & (t != k), r, inf))
-    base_cost, base_w = float(xp.sum(_at(xp, C, cur_t))), float(xp.sum(_at(xp, W, cur_t)))
+    rows = xp.reshape(xp.arange(K, dtype=cur_t.dtype, device=device(C)), (K, 1))
+    off_t = valid & (rows != xp.reshape(cur_t, (1, -1)))
+    rmin = xp.min(xp.where(off_t, W + lam * C - xp.reshape(lag_t, (1, -1)), inf), axis=0)  # smallest r off t_i
+    base_cost, base_w = float(xp.sum(C_t)), float(xp.sum(W_t))
     best, nodes, size = None, 0, _CORE0
     while True:
         thr = U - dual - tol
@@ -733,8 +734,9 @@ def _item_stage(xp, model, menu, parts, n, w, m, lo, hi, static: bool, where) ->
     C = xp.stack([n * b + (m if 0 < b < FULL_BITS else zero) for b in menu], axis=0)
     valid = xp.stack(allowed, axis=0)
     if not is_traced(valid):
-        overflow = to_numpy(xp.any(valid & ~(xp.abs(W) < xp.inf), axis=0))
-        if overflow.any():
+        finite = bool(xp.all(xp.abs(W) < xp.inf))  # (W is 0 at the points not allowed)
+        overflow = None if finite else to_numpy(xp.any(valid & ~(xp.abs(W) < xp.inf), axis=0))
+        if not finite and overflow.any():
             j = int(np.argmax(overflow))
             raise ValueError(f"weights * distortion overflows float64 at item {int(where[j])} (weight "
                              f"{float(to_numpy(w if w.ndim == 0 else w[j]))!r}); scale weights down")
