@@ -70,7 +70,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-from ._checks import allocate_iv
+from ._checks import allocate_iv, group_sizes
 from ._namespace import (
     as_float64,
     cond,
@@ -332,7 +332,7 @@ def _allocate_grouped(xp, model, menu, items: tuple, groups, B, elements, static
     G = B.shape[0]
     contiguous = bool(xp.all(groups[1:] >= groups[:-1]))
     by_group = None if contiguous else xp.argsort(groups, stable=True)
-    ends = np.cumsum(to_numpy(segment_sum(xp, xp.ones_like(items[0]), groups, G)).astype(np.int64))
+    ends = np.cumsum(group_sizes(xp, groups, G))
     starts = np.concatenate([[0], ends[:-1]])
     solves = []
     for block in _blocks(starts, ends):  # small groups share the per-item stage, up to a chunk of items
