@@ -264,15 +264,16 @@ def _solve(xp, tables: tuple, menu, n, m, B, elements, static: bool, max_fill: i
     ``group`` names the budget in an error."""
     order, C, W, first, nxt, E, dC, valid = tables
     base = xp.sum(_at(xp, C, first))  # the cheapest allocation
+    extra = xp.sum(dC)  # what every item's best point costs more
     R = B - base
     if not is_traced(B):  # feasible means: the cheapest allocation's usage, summed as reported, is within B
         if float(B) < float(base) * (1 + 1e-12):  # (only a budget this close needs the reported summation)
             cheapest = _Solution.of(xp, first, order, W, menu, n, m)
             base = cheapest.payload + cheapest.metadata
-        _raise_if_infeasible(B, base, base + xp.sum(dC), elements, menu, group)
+        _raise_if_infeasible(B, base, base + extra, elements, menu, group)
         R = xp.maximum(R, xp.zeros_like(R))  # (base, summed otherwise, may exceed B by rounding)
     # 2. split level lambda*: every segment with E > lambda* is taken, the tied ones in order while they fit
-    saturated = R >= xp.sum(dC)
+    saturated = R >= extra
     infeasible = R < 0
     lam, iterations, spent = _split_level(xp, E, dC, R, saturated | infeasible, static=static)
     cur_t = _last(xp, E > lam, first)  # the Lagrangian minimizer at lambda*
