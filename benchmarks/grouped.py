@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,8 +108,9 @@ def run(heads: int, tokens: int, average_bits: float, repeat: int) -> dict:
             "objective_vs_rdkv_total": float(distortion.sum() / distortion_rdkv.sum() - 1)}
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"Command: `{command}` (numpy; ratios measured side by side in one run, best of the repetitions)", "",
+def markdown(rows: list[dict], command: str, load: list) -> str:
+    lines = [f"Command: `{command}` (numpy; ratios measured side by side in one run, best of the repetitions; "
+             f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores)", "",
              "| heads x tokens | avg bits | grouped / RDKV | per-head loop / RDKV | RDKV iters | budget use rdalloc "
              "(min) | RDKV (min) | rdalloc objective vs RDKV (worst head, total) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -129,15 +131,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     sizes = [(32, 1024)] if args.quick else [(32, 4096), (32, 16384)]
+    load = [os.getloadavg()[0]]  # the machine may be shared: other jobs slow both sides, not always alike
     rows = [run(h, t, bits, args.repeat) for h, t in sizes for bits in (1.0, 2.0, 4.0)]
+    load.append(os.getloadavg()[0])
     command = " ".join(["python", "benchmarks/grouped.py", *sys.argv[1:]])
-    text = markdown(rows, command)
+    text = markdown(rows, command, load)
     print(text)
     if not args.quick:
         OUT.mkdir(exist_ok=True)
         (OUT / "grouped.md").write_text(text)
         (OUT / "grouped.json").write_text(json.dumps({"command": command, "environment": environment(),
-                                                      "rows": rows}, indent=2) + "\n")
+                                                      "load_average_1min": load, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

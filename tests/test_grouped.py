@@ -337,3 +337,21 @@ def test_grouped_allocate_on_jax_decides_feasibility_as_numpy_does():
         assert (np.asarray(solve(jnp.asarray(least)).bits) == 1).all()  # eager JAX
         with pytest.raises(ValueError, match="budget of group 1 .* is infeasible"):
             solve(jnp.asarray(below))
+
+
+@pytest.mark.parametrize("average", [1.0, 2.0, 4.0])
+def test_grouped_allocate_on_the_benchmark_shapes(average):
+    """RDKV's per-head protocol at small scale (benchmarks/grouped.py): one table ``eps`` for every token, broadcast
+    (no copy), token weights heavy-tailed, the menu {0, 2, 4, 8, 16}; enough tokens per head that the split search
+    narrows a bucket of candidates. Each head is its own solve, bit for bit, proven optimal within its budget."""
+    menu, eps, dim = (0, 2, 4, 8, 16), np.array([1.0, 0.25, 0.011, 0.000057, 0.0]), 128
+    heads, tokens = 3, 1500
+    weights = np.random.default_rng(7).lognormal(0.0, 2.0, (heads, tokens))
+    budgets = np.full(heads, average * dim * tokens)
+    model = TabulatedModel(menu, np.broadcast_to(eps, (heads * tokens, len(menu))))
+    got = allocate(model, dim, budgets, groups=np.repeat(np.arange(heads), tokens), weights=weights.ravel(), menu=menu)
+    one_head = TabulatedModel(menu, np.broadcast_to(eps, (tokens, len(menu))))
+    for h in range(heads):
+        solo = allocate(one_head, dim, float(budgets[h]), weights=weights[h], menu=menu)
+        assert_same_allocation(got, solo, np.arange(h * tokens, (h + 1) * tokens), h)
+        assert int(solo.status) == OPTIMAL and float(solo.payload_bits) <= budgets[h]
