@@ -516,9 +516,11 @@ def _exact(xp, C, W, valid, cur_t, at_t: tuple, U: float, lam: float, dual: floa
     W_t, C_t = at_t
     lag_t = W_t + lam * C_t
     inf = xp.asarray(xp.inf, dtype=C.dtype)
-    rows = xp.reshape(xp.arange(K, dtype=cur_t.dtype, device=device(C)), (K, 1))
-    off_t = valid & (rows != xp.reshape(cur_t, (1, -1)))
-    rmin = xp.min(xp.where(off_t, W + lam * C - xp.reshape(lag_t, (1, -1)), inf), axis=0)  # smallest r off t_i
+    rmin = xp.full_like(lag_t, xp.inf)
+    t = xp.astype(cur_t, xp.int64)
+    for k in range(K):  # the smallest reduced cost of moving each item off t_i (row by row: no (K, N) temporaries)
+        r = W[k, :] + lam * C[k, :] - lag_t
+        rmin = xp.minimum(rmin, xp.where(valid[k, :] & (t != k), r, inf))
     base_cost, base_w = float(xp.sum(C_t)), float(xp.sum(W_t))
     best, nodes, size = None, 0, _CORE0
     while True:
@@ -864,13 +866,17 @@ def _convex_hull(xp, C, W, valid):
     hull is every row: ``first = 0``, ``nxt[k] = k + 1``, and ``E``, ``dC`` are those of the first round (the same
     float operations, so the same bits). Checked with whole-table operations instead of ``K`` row-by-row scans."""
     K, N = C.shape
-    if K < 2 or not bool(xp.all(valid)) or not bool(xp.all(W[1:, :] < W[:-1, :])):
+    if K < 2:
         return None
-    d = C[1:, :] - C[:-1, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        e = (W[:-1, :] - W[1:, :]) / d
-    if K > 2 and not bool(xp.all(e[:-1, :] >= e[1:, :])):
-        return None
+    for part in (slice(0, min(N, 64)), slice(None)):  # the first items, then all: a table that fails, fails early
+        Cp, Wp = C[:, part], W[:, part]
+        if not bool(xp.all(valid[:, part])) or not bool(xp.all(Wp[1:, :] < Wp[:-1, :])):
+            return None
+        d = Cp[1:, :] - Cp[:-1, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e = (Wp[:-1, :] - Wp[1:, :]) / d
+        if K > 2 and not bool(xp.all(e[:-1, :] >= e[1:, :])):
+            return None
     dev = device(C)
     E = xp.concat([xp.full((1, N), -xp.inf, dtype=C.dtype, device=dev), e], axis=0)
     dC = xp.concat([xp.zeros((1, N), dtype=C.dtype, device=dev), d], axis=0)
