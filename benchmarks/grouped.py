@@ -141,12 +141,12 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     command = " ".join(["python", "benchmarks/grouped.py", *sys.argv[1:]])
     text = markdown(rows, command, load)
-    print(text)
-    if not args.quick:
+    if not args.quick:  # written before printing: a closed pipe (| head) must not lose the results
         OUT.mkdir(exist_ok=True)
         (OUT / "grouped.md").write_text(text)
         (OUT / "grouped.json").write_text(json.dumps({"command": command, "environment": environment(),
                                                       "load_average_1min": load, "rows": rows}, indent=2) + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
