@@ -13,12 +13,15 @@ distortion) points.
    at the fixed point the chain is convex). Collinear points are kept, so unit steps stay available. Consecutive
    hull points form *segments* with cost ``dC > 0`` and efficiency ``e = dW / dC``, non-increasing along each item.
    A round is one forward and one backward scan over the ``K`` rows; the last round's efficiencies are the segments'.
+   Eager backends first check whole tables at once: where every point is allowed, strictly better than the cheaper
+   one and the efficiencies do not rise, every point is on the hull and no scan is needed.
 2. **Threshold.** For a multiplier ``lambda`` every item takes exactly its segments with ``e > lambda`` (a prefix);
    ``T(lambda)`` is the cost. The split level ``lambda*`` is the smallest segment efficiency with ``T(lambda*) <= B``.
    It is found exactly on the set of efficiency *values*. On numpy and torch: sample-select — sort a strided sample
    of about ``(NK)**(2/3)`` candidates, take two pivots 4 standard errors around the estimated split, and in one pass
    sum the cost above the upper one and keep the candidates between them (a few percent); the exact costs at both
-   pivots follow, and an exact sort of the kept ones finishes. On JAX: the same sampled pivots give the first
+   pivots follow, and an exact sort of the kept ones finishes (numpy: of the one bucket of leading float bits
+   that holds the split, found from per-bucket costs). On JAX: the same sampled pivots give the first
    bracket, then safeguarded interpolation (Illinois) on ``ln lambda`` with every trial snapped to an efficiency in
    the bracket and bisection when it shrinks slowly, in ``lax.while_loop`` with static shapes; it stops when no
    efficiency lies strictly inside the bracket. The segments tied at ``lambda*`` are then taken in item order while
