@@ -10,7 +10,8 @@ table, stopping once every head spends between 99 % and 100 % of its budget. It 
 description. rdalloc solves the same problem with one grouped :func:`rdalloc.allocate` (one budget per head), and
 with one call per head for comparison (the distortion models are data, built before the clock starts; RDKV's table
 is built inside its solve, as its code does). Reported: time ratios measured side by side in one run (best of a few
-repetitions; the machine is shared, so ratios only), each head's budget use, and the objective against RDKV's.
+repetitions, interleaved; the machine is shared, so ratios only, with its load average), each head's budget use, and
+the objective against RDKV's.
 
 Writes benchmarks/results/grouped.md and grouped.json (with the command and ``rdalloc.environment()``).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,23 +76,26 @@ def rdalloc_per_head(model: TabulatedModel, weights: np.ndarray, budgets: np.nda
     return [allocate(model, HEAD_DIM, float(b), weights=w, menu=MENU) for w, b in zip(weights, budgets)]
 
 
-def best_of(fn, repeat: int):
-    times, out = [], None
+def best_of(fns: list, repeat: int) -> list:
+    """``(best time, last output)`` of each function, the repetitions interleaved (one of each in turn), so that a
+    shared machine's load falls on all of them alike."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
+        for j, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[j] = fn()
+            times[j].append(time.perf_counter() - t)
+    return [(min(t), out) for t, out in zip(times, outs)]
 
 
 def run(heads: int, tokens: int, average_bits: float, repeat: int) -> dict:
     weights = instance(heads, tokens)
     budgets = np.full(heads, average_bits * HEAD_DIM * tokens)
-    t_rdkv, (choice, iterations) = best_of(lambda: rdkv_bisection(weights, budgets), repeat)
     table = lambda items: TabulatedModel(MENU, np.broadcast_to(EPS, (items, len(MENU))))  # noqa: E731  (data)
     everyone, one_head = table(heads * tokens), table(tokens)
-    t_grouped, grouped = best_of(lambda: rdalloc_grouped(everyone, weights, budgets), repeat)
-    t_loop, _ = best_of(lambda: rdalloc_per_head(one_head, weights, budgets), repeat)
+    (t_rdkv, (choice, iterations)), (t_grouped, grouped), (t_loop, _) = best_of(
+        [lambda: rdkv_bisection(weights, budgets), lambda: rdalloc_grouped(everyone, weights, budgets),
+         lambda: rdalloc_per_head(one_head, weights, budgets)], repeat)
     spent_rdkv = (HEAD_DIM * np.asarray(MENU)[choice]).sum(axis=1)
     distortion_rdkv = (weights * EPS[choice]).sum(axis=1)
     spent = np.asarray(grouped.payload_bits) + np.asarray(grouped.metadata_bits)
@@ -107,8 +112,10 @@ def run(heads: int, tokens: int, average_bits: float, repeat: int) -> dict:
             "objective_vs_rdkv_total": float(distortion.sum() / distortion_rdkv.sum() - 1)}
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"Command: `{command}` (numpy; ratios measured side by side in one run, best of the repetitions)", "",
+def markdown(rows: list[dict], command: str, load: list) -> str:
+    lines = [f"Command: `{command}` (numpy; ratios measured side by side in one run, best of the interleaved "
+             f"repetitions; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} "
+             "cores)", "",
              "| heads x tokens | avg bits | grouped / RDKV | per-head loop / RDKV | RDKV iters | budget use rdalloc "
              "(min) | RDKV (min) | rdalloc objective vs RDKV (worst head, total) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -129,15 +136,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     sizes = [(32, 1024)] if args.quick else [(32, 4096), (32, 16384)]
+    load = [os.getloadavg()[0]]  # the machine may be shared: other jobs slow both sides, not always alike
     rows = [run(h, t, bits, args.repeat) for h, t in sizes for bits in (1.0, 2.0, 4.0)]
+    load.append(os.getloadavg()[0])
     command = " ".join(["python", "benchmarks/grouped.py", *sys.argv[1:]])
-    text = markdown(rows, command)
-    print(text)
-    if not args.quick:
+    text = markdown(rows, command, load)
+    if not args.quick:  # written before printing: a closed pipe (| head) must not lose the results
         OUT.mkdir(exist_ok=True)
         (OUT / "grouped.md").write_text(text)
         (OUT / "grouped.json").write_text(json.dumps({"command": command, "environment": environment(),
-                                                      "rows": rows}, indent=2) + "\n")
+                                                      "load_average_1min": load, "rows": rows}, indent=2) + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -184,11 +184,19 @@ def check_groups(xp, groups: Any, n_items: int, n_groups: int, dev: Any) -> Any:
             v = to_numpy(ids)
             raise ValueError(f"groups must hold ids in [0, {n_groups}) (one per budget), got "
                              f"{_first_bad(v, (v < 0) | (v >= n_groups))}")
-        counts = to_numpy(segment_sum(xp, xp.ones(ids.shape, dtype=float_dtype(xp), device=dev), ids, n_groups))
+        counts = group_sizes(xp, ids, n_groups)
     if (counts == 0).any():
         raise ValueError(f"group {int(np.argmin(counts))} has no items: each of the {n_groups} budgets needs at "
                          f"least one item in groups")
     return ids
+
+
+def group_sizes(xp, ids: Any, n_groups: int) -> np.ndarray:
+    """The number of items in each group, a numpy integer array (``ids``: a concrete index array)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return np.bincount(ids, minlength=n_groups)
+    ones = xp.ones(ids.shape, dtype=float_dtype(xp), device=device(ids))
+    return to_numpy(segment_sum(xp, ones, ids, n_groups)).astype(np.int64)
 
 
 def group_count(budget: Any, average_bits: Any) -> int:

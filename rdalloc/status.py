@@ -9,6 +9,10 @@
 * ``INFEASIBLE`` (3): the budget is below the cheapest allocation (eager calls raise ``ValueError`` instead; under
   ``jax.jit`` the status says it).
 * ``MAX_ITER`` (4): the iteration cap was reached before the stopping rule held.
+* ``CHECK_FAILED`` (5): the solve's final check failed: its answer spends more than ``B (1 + 1e-9)``, or (continuous
+  solver) claims the optimum without meeting the budget to that tolerance. Only input outside the range float64
+  solves reliably (sizes, weights and distortions far apart in scale) causes it; eager calls raise ``ValueError`` for
+  an overspend instead, so the code is seen under ``jax.jit`` and for a missed budget.
 """
 
 from enum import IntEnum
@@ -22,15 +26,18 @@ class Status(IntEnum):
     SATURATED = 2
     INFEASIBLE = 3
     MAX_ITER = 4
+    CHECK_FAILED = 5
 
 
-OPTIMAL, FEASIBLE, SATURATED, INFEASIBLE, MAX_ITER = Status
+OPTIMAL, FEASIBLE, SATURATED, INFEASIBLE, MAX_ITER, CHECK_FAILED = Status
 
 MESSAGES = {OPTIMAL: "optimal (proven)",
             FEASIBLE: "feasible, within the reported gap of the optimum",
             SATURATED: "budget at or above what every item's best point costs (items with zero weight at their "
                        "cheapest)",
             INFEASIBLE: "budget below the cheapest allocation",
-            MAX_ITER: "iteration limit reached"}
+            MAX_ITER: "iteration limit reached",
+            CHECK_FAILED: "final check failed: the answer misses or exceeds its budget beyond rounding (input outside "
+                          "the range float64 solves reliably)"}
 
-__all__ = ["Status", "OPTIMAL", "FEASIBLE", "SATURATED", "INFEASIBLE", "MAX_ITER", "MESSAGES"]
+__all__ = ["Status", "OPTIMAL", "FEASIBLE", "SATURATED", "INFEASIBLE", "MAX_ITER", "CHECK_FAILED", "MESSAGES"]

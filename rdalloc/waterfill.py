@@ -63,7 +63,7 @@ from ._namespace import (
     while_loop,
 )
 from .models import ExponentialModel
-from .status import INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
+from .status import CHECK_FAILED, INFEASIBLE, MAX_ITER, MESSAGES, OPTIMAL, SATURATED
 
 __all__ = ["waterfill", "WaterfillResult", "OPTIMAL", "SATURATED", "INFEASIBLE", "MAX_ITER"]
 
@@ -77,7 +77,7 @@ class WaterfillResult:
     kkt_residual: largest violation of the KKT conditions in log marginal value (``|ln(marginal_i / lambda)|`` on
     free items, one-sided at the bounds). budget_residual: ``|spent - target| / max(target, 1)``.
     iterations: evaluations of ``g`` (the classifying pass counts as one; the rest run on the kept items). status:
-    a code of :mod:`rdalloc.status` (``OPTIMAL``, ``SATURATED``, ``INFEASIBLE`` or ``MAX_ITER``).
+    a code of :mod:`rdalloc.status` (``OPTIMAL``, ``SATURATED``, ``INFEASIBLE``, ``MAX_ITER`` or ``CHECK_FAILED``).
     Fields are 0-d arrays of the input backend (so the result can leave ``jax.jit``), one per group for a grouped
     solve; ``to_dict`` gives floats (lists when grouped).
     """
@@ -135,7 +135,8 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     own solve up to rounding). Raises ``ValueError`` for invalid or infeasible input, naming the group when grouped
     (unless traced under ``jax.jit``, where an infeasible budget gives status ``INFEASIBLE`` and NaN bits); for
     ``beta <= 1 + 1e-6`` (no precision left in the bits: use :func:`rdalloc.allocate`) or sizes whose total bits
-    overflow float64; and, the final check, for a spend above ``B (1 + 1e-9)`` (traced: status ``MAX_ITER``).
+    overflow float64; and, the final check, for a spend above ``B (1 + 1e-9)`` (traced: status ``CHECK_FAILED``,
+    which also marks an answer that claims the optimum without meeting the budget to ``1e-9``).
     Results do not depend on the units of ``sizes``/``budget`` or of ``weights``/``alpha`` (tolerances are relative;
     ``c_i`` is summed from logs, so any positive finite ``w_i alpha_i / n_i`` is representable).
 
@@ -203,17 +204,17 @@ _SPEND_RTOL = 1e-9  # the final check: budget_used <= B (1 + rtol), rtol this or
 def _checked_spend(xp, used, B, residual, status, infeasible, traced: bool, code):
     """The final check of a solve: the spent budget (metadata included) may exceed ``B`` by rounding only,
     ``used <= B (1 + rtol)`` with ``rtol = max(1e-9, 64 eps)`` of the dtype. Eager solves raise ``ValueError``
-    otherwise (never a silent overspend); traced solves cannot raise and report ``MAX_ITER`` instead of any other
+    otherwise (never a silent overspend); traced solves cannot raise and report ``CHECK_FAILED`` instead of any other
     status (one per group when grouped). ``OPTIMAL`` also needs the budget met, ``budget_residual <= rtol``; else the
-    status is ``MAX_ITER``."""
+    status is ``CHECK_FAILED`` too (eager or traced)."""
     rtol = max(_SPEND_RTOL, 64 * float(xp.finfo(B.dtype).eps))
     over = ~infeasible & (used > B * (1 + rtol))
-    status = xp.where((status == code(OPTIMAL)) & (residual > rtol), code(MAX_ITER), status)
+    status = xp.where((status == code(OPTIMAL)) & (residual > rtol), code(CHECK_FAILED), status)
     if not traced and bool(xp.any(over)):
         raise ValueError(f"waterfill spent {to_numpy(used).tolist()} bits against a budget of "
                          f"{to_numpy(B).tolist()}: the input is outside the range float64 solves reliably (sizes, "
                          f"weights and alpha far apart in scale); rescale sizes or weights")
-    return xp.where(over, code(MAX_ITER), status)
+    return xp.where(over, code(CHECK_FAILED), status)
 
 
 def _relative(xp, diff, target):

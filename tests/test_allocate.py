@@ -1,5 +1,6 @@
 """Integer and menu allocation: brute force on tiny cases, exact cases, invariants (hypothesis) and bad input."""
 
+import importlib
 from dataclasses import replace
 
 import numpy as np
@@ -281,3 +282,33 @@ def test_tabulated_menu_must_be_in_the_table():
     model = TabulatedModel(bits=(2, 4), distortion=np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"bit-widths \[3\] that the table does not hold"):
         allocate(model, 1.0, average_bits=3.0, menu=(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "edges", "zeros", "negative"])
+def test_the_bucketed_split_level_equals_the_full_sort(kind, monkeypatch):
+    """The split search's exact finish on numpy sorts one bucket of leading float bits; it must give the same level
+    as sorting every candidate (ties, subnormals, zeros and huge values; negative values fall back to the sort)."""
+    import array_api_compat.numpy as xp
+
+    A = importlib.import_module("rdalloc.allocate")
+    bucket, answered = A._split_in_bucket, []
+    monkeypatch.setattr(A, "_split_in_bucket", lambda *a: answered.append(bucket(*a)) or answered[-1])
+    rng = np.random.default_rng(["spread", "ties", "edges", "zeros", "negative"].index(kind))
+    for n in (3000, 20_000):
+        e = {"spread": rng.lognormal(0.0, 3.0, n), "ties": np.round(rng.lognormal(0.0, 1.0, n), 1),
+             "edges": rng.choice([5e-324, 1e-310, 1e-300, 1.0, 2.0, 1e300], n),
+             "zeros": rng.uniform(0.0, 1.0, n) * (rng.random(n) > 0.3), "negative": rng.normal(0.0, 1.0, n)}[kind]
+        e = np.where(rng.random(n) < 0.2, -np.inf, e)  # no segment there
+        c = np.where(e > -np.inf, rng.choice([0.0, 1.0, 64.0, 96.0], n), 0.0)
+        E, dC = np.stack([np.full(n, -np.inf), e]), np.stack([np.zeros(n), c])
+        for share in (0.0, 0.01, 0.3, 0.9, 0.999):
+            R = np.asarray(share * c.sum())
+            bucketed = A._split_level(xp, E, dC, R, np.asarray(False), False)
+            with monkeypatch.context() as m:
+                m.setattr(A, "_RADIX", 1 << 62)  # never bucket: sort every candidate
+                full = A._split_level(xp, E, dC, R, np.asarray(False), False)
+            assert float(bucketed[0]) == float(full[0])
+            assert float(bucketed[2]) == pytest.approx(float(full[2]), rel=1e-12, abs=1e-12)
+            assert float(bucketed[2]) <= float(R) * (1 + 1e-12)
+    found = [a is not None for a in answered]
+    assert found and (not any(found) if kind == "negative" else all(found))  # the bucket answered (or fell back)

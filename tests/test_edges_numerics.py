@@ -110,3 +110,22 @@ def test_a_budget_a_rounding_below_the_cheapest_point_is_met_by_it():
     r = waterfill(ExponentialModel(np.ones(7), 2.0), 1.0, 48.86314184623494, lo=np.zeros(7), hi=np.zeros(7),
                   metadata=6.980448835176421)
     assert int(r.status) == 0 and float(r.budget_residual) == 0.0 and np.all(r.bits == 0)
+
+
+def test_a_failed_final_check_has_its_own_status():
+    """Traced solves cannot raise: an overspend beyond B (1 + 1e-9), or OPTIMAL without the budget met, reads
+    CHECK_FAILED (it read MAX_ITER, an iteration limit nobody reached); eager solves raise for the overspend."""
+    from rdalloc.status import CHECK_FAILED, INFEASIBLE, MESSAGES
+    from rdalloc.waterfill import _checked_spend
+
+    code = lambda v: np.asarray(int(v), dtype=np.int32)  # noqa: E731
+    B = np.array([10.0, 10.0, 10.0, 10.0])
+    used = np.array([10.0 * (1 + 1e-10), 10.0 * (1 + 1e-8), 9.0, 12.0])
+    residual = np.array([0.0, 0.0, 0.1, 0.0])
+    status = np.array([OPTIMAL, OPTIMAL, OPTIMAL, INFEASIBLE], dtype=np.int32)
+    infeasible = np.array([False, False, False, True])
+    got = _checked_spend(np, used, B, residual, status, infeasible, True, code)
+    assert got.tolist() == [OPTIMAL, CHECK_FAILED, CHECK_FAILED, INFEASIBLE]
+    assert "final check failed" in MESSAGES[CHECK_FAILED]
+    with pytest.raises(ValueError, match="waterfill spent"):
+        _checked_spend(np, used, B, residual, status, infeasible, False, code)

@@ -304,3 +304,54 @@ def test_grouped_allocate_raises_naming_the_infeasible_group():
     average = np.array([3.0, 0.5, 3.0, 3.0, 3.0])
     with pytest.raises(ValueError, match="budget of group 1 .* is infeasible"):
         allocate(model, sizes, average_bits=average, groups=groups, weights=weights, menu=(1, 2, 4))
+
+
+def test_grouped_allocate_on_jax_decides_feasibility_as_numpy_does():
+    """Feasible means the cheapest allocation's usage, summed as reported, is within the budget: no slack, on every
+    backend (JAX grouped used a relative slack in its eager check and an absolute one under jit, so a budget 1 ulp
+    below the least came back INFEASIBLE without the error eager calls owe)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(6)
+    n_items, menu = 60, (1, 2, 4)
+    model = ExponentialModel(rng.lognormal(0.0, 1.0, n_items), 4.0)  # no eviction: every item needs 1 bit
+    sizes = rng.integers(1, 50, n_items).astype(float)
+    groups = rng.integers(0, 3, n_items)
+    least = np.array([sizes[groups == g].sum() + 32.0 * np.sum(groups == g) for g in range(3)])  # exact sums
+    below = least.copy()
+    below[1] = np.nextafter(least[1], 0.0)
+    numpy_solve = lambda budget: allocate(model, sizes, budget, groups=groups, menu=menu, metadata=32.0)  # noqa: E731
+    assert (np.asarray(numpy_solve(least).bits) == 1).all()
+    with pytest.raises(ValueError, match="budget of group 1 .* is infeasible"):
+        numpy_solve(below)
+    with jax.enable_x64(True):
+        a, n, g = (jnp.asarray(x) for x in (model.alpha, sizes, groups))
+        solve = lambda budget: allocate(ExponentialModel(a, 4.0), n, budget, groups=g, menu=menu,  # noqa: E731
+                                        metadata=32.0)
+        at_least = jax.jit(solve)(jnp.asarray(least))
+        assert INFEASIBLE not in np.asarray(at_least.status).tolist() and (np.asarray(at_least.bits) == 1).all()
+        short = jax.jit(solve)(jnp.asarray(below))
+        assert np.asarray(short.status).tolist()[1] == INFEASIBLE
+        assert INFEASIBLE not in np.asarray(short.status)[[0, 2]].tolist()
+        assert (np.asarray(short.bits)[groups == 1] == -1).all()
+        assert (np.asarray(solve(jnp.asarray(least)).bits) == 1).all()  # eager JAX
+        with pytest.raises(ValueError, match="budget of group 1 .* is infeasible"):
+            solve(jnp.asarray(below))
+
+
+@pytest.mark.parametrize("average", [1.0, 2.0, 4.0])
+def test_grouped_allocate_on_the_benchmark_shapes(average):
+    """RDKV's per-head protocol at small scale (benchmarks/grouped.py): one table ``eps`` for every token, broadcast
+    (no copy), token weights heavy-tailed, the menu {0, 2, 4, 8, 16}; enough tokens per head that the split search
+    narrows a bucket of candidates. Each head is its own solve, bit for bit, proven optimal within its budget."""
+    menu, eps, dim = (0, 2, 4, 8, 16), np.array([1.0, 0.25, 0.011, 0.000057, 0.0]), 128
+    heads, tokens = 3, 1500
+    weights = np.random.default_rng(7).lognormal(0.0, 2.0, (heads, tokens))
+    budgets = np.full(heads, average * dim * tokens)
+    model = TabulatedModel(menu, np.broadcast_to(eps, (heads * tokens, len(menu))))
+    got = allocate(model, dim, budgets, groups=np.repeat(np.arange(heads), tokens), weights=weights.ravel(), menu=menu)
+    one_head = TabulatedModel(menu, np.broadcast_to(eps, (tokens, len(menu))))
+    for h in range(heads):
+        solo = allocate(one_head, dim, float(budgets[h]), weights=weights[h], menu=menu)
+        assert_same_allocation(got, solo, np.arange(h * tokens, (h + 1) * tokens), h)
+        assert int(solo.status) == OPTIMAL and float(solo.payload_bits) <= budgets[h]

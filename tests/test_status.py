@@ -9,8 +9,9 @@ from rdalloc import ExponentialModel, allocate, status, waterfill
 
 
 def test_codes_are_distinct_and_shared():
-    codes = [status.OPTIMAL, status.FEASIBLE, status.SATURATED, status.INFEASIBLE, status.MAX_ITER]
-    assert sorted(codes) == list(range(5)) and set(status.MESSAGES) == set(codes)
+    codes = [status.OPTIMAL, status.FEASIBLE, status.SATURATED, status.INFEASIBLE, status.MAX_ITER,
+             status.CHECK_FAILED]
+    assert sorted(codes) == list(range(6)) and set(status.MESSAGES) == set(codes)
     modules = [importlib.import_module(f"rdalloc.{m}") for m in ("allocate", "waterfill")]
     for name in ("OPTIMAL", "SATURATED", "INFEASIBLE"):  # the names both solver modules use are these codes
         assert all(getattr(m, name) == getattr(status, name) for m in modules)

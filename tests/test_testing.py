@@ -229,3 +229,26 @@ def test_strategies_without_hypothesis_name_the_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "rdalloc.testing.strategies")
     with pytest.raises(ImportError, match=r"pip install 'rdalloc\[test\]'"):
         import rdalloc.testing.strategies  # noqa: F401
+
+
+def test_the_continuous_references_follow_subnormal_weights():
+    """The bisection reference and the KKT check work in logs, as waterfill does: a weight of 5e-324 is a live item
+    (at hi when the budget is slack, at lo otherwise), not a zero weight whose product underflowed; so the
+    continuous strategy draws subnormal and tiny weights beside normal ones."""
+    model = ExponentialModel(np.array([0.01, 1.0]), beta=4.0, lo=1.0, hi=8.0)
+    weights = np.array([5e-324, 1.0])  # 5e-324 * 0.01 rounds to 0 in a product
+    for budget, want in ((64 * 16.0, [8.0, 8.0]), (64 * 6.0, [1.0, 5.0])):
+        got = waterfill(model, 64.0, budget, weights=weights)
+        ref = bisection_waterfill(model, 64.0, budget, weights=weights)
+        np.testing.assert_allclose(ref, want, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(got.bits), ref, atol=1e-9)
+        assert_kkt(model, 64.0, ref, budget, weights=weights)
+    drawn = find(continuous_problems(), lambda p: np.any((p.arrays["weights"] > 0) & (p.arrays["weights"] < 1e-300)))
+    assert np.max(drawn.arrays["weights"]) >= 1e-3
+
+
+def test_menu_problems_draw_subnormal_weights_beside_normal_ones():
+    drawn = find(menu_problems(), lambda p: np.any((np.asarray(p.weights) > 0) & (np.asarray(p.weights) < 1e-300)))
+    assert np.max(drawn.weights) >= 1e-3
+    W, C = drawn.table()
+    assert_allocation(drawn, drawn.allocate(), optimum=brute_force_optimum(W, C, drawn.budget))

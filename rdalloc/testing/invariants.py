@@ -95,8 +95,8 @@ def assert_kkt(model: ExponentialModel, sizes: Any, bits: Any, budget: float, *,
     hi = _vector(model.hi if hi is None else hi, N)
     alpha, beta, n, w, m = (_vector(x, N) for x in (model.alpha, model.beta, sizes, weights, metadata))
     assert_in_box(b, lo, hi, atol=atol)
-    with np.errstate(divide="ignore"):
-        log_v = np.log(w * alpha * np.log(beta) / n) - b * np.log(beta)
+    with np.errstate(divide="ignore"):  # summed from logs: a subnormal weight keeps its digits (0: -inf)
+        log_v = np.log(w) + np.log(alpha) + np.log(np.log(beta)) - np.log(n) - b * np.log(beta)
     at_lo, at_hi = b <= lo + atol, b >= hi - atol
     # ln lambda >= ln v_i where b_i could rise (free or at lo); <= ln v_i where it could fall (free or at hi)
     need_above = np.where(~at_hi, log_v, -np.inf)

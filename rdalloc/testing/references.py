@@ -122,7 +122,8 @@ def bisection_waterfill(model: ExponentialModel, sizes: Any, budget: float, *, w
                         hi: Any = None, metadata: Any = 0.0) -> np.ndarray:
     """Optimal real bits of :func:`rdalloc.waterfill`'s problem, by bisection and the closed form.
 
-    With ``k_i = ln beta_i`` and ``c_i = ln(w_i alpha_i k_i / n_i)``, ``b_i(mu) = clip((c_i - mu) / k_i, lo_i, hi_i)``
+    With ``k_i = ln beta_i`` and ``c_i = ln(w_i alpha_i k_i / n_i)`` (a sum of logs, so any positive finite weight,
+    subnormal included, is followed), ``b_i(mu) = clip((c_i - mu) / k_i, lo_i, hi_i)``
     and ``g(mu) = sum_i n_i b_i(mu)`` is non-increasing. Bisection on ``mu`` until the bracket stops shrinking finds
     the active set (free F, at ``hi`` U, at ``lo`` L); the root of ``g(mu) = P`` on it is
     ``mu* = (sum_F n c / k + sum_U n hi + sum_L n lo - P) / sum_F n / k``. A budget that buys every item ``hi``
@@ -134,8 +135,8 @@ def bisection_waterfill(model: ExponentialModel, sizes: Any, budget: float, *, w
     if P < floor - 1e-12 * max(floor, 1.0):
         raise ValueError(f"budget {budget!r} is infeasible: the box needs at least {floor + budget - P!r} bits")
     k = np.log(beta)
-    with np.errstate(divide="ignore"):
-        c = np.log(w * alpha * k / n)  # -inf for zero weight: such an item stays at lo
+    with np.errstate(divide="ignore"):  # summed from logs (a subnormal weight keeps its digits); -inf for zero weight:
+        c = np.log(w) + np.log(alpha) + np.log(k) - np.log(n)  # such an item stays at lo
     live = np.isfinite(c)
     top = np.where(live, hi, lo)
     if P >= float(n @ top):
@@ -165,7 +166,8 @@ def cvxpy_waterfill(model: ExponentialModel, sizes: Any, budget: float, *, weigh
                     hi: Any = None, metadata: Any = 0.0) -> tuple[float, np.ndarray]:
     """``(distortion, bits)`` of :func:`rdalloc.waterfill`'s problem from cvxpy's exponential-cone program (Clarabel at
     ``1e-10``; accurate to about ``1e-6``). Raises ``ImportError`` without cvxpy and ``AssertionError`` when the solver
-    does not report an optimum."""
+    does not report an optimum. It cannot follow subnormal or tiny weights: their terms ``w alpha beta**(-b)`` sit far
+    below the solver's absolute tolerance, so their bits are not determined (use :func:`bisection_waterfill`)."""
     try:
         import cvxpy as cp
     except ImportError as e:

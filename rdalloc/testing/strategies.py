@@ -3,8 +3,8 @@
 * :func:`exponential_models` / :func:`tabulated_models` — models of ``n_items`` items, with or without eviction.
 * :func:`menus` — strictly increasing widths in ``[0, 16]``, with or without eviction (0) and full precision (16).
 * :func:`menu_problems` — :class:`~rdalloc.testing.MenuProblem` instances: either model, unequal sizes, metadata,
-  weights (zero included) and a budget at an edge (the cheapest allocation, 0 when every item can be evicted; the
-  richest), in between, or beyond the richest.
+  weights (zero and subnormal included) and a budget at an edge (the cheapest allocation, 0 when every item can be
+  evicted; the richest), in between, or beyond the richest.
 * :func:`continuous_problems` — :class:`~rdalloc.testing.ContinuousProblem` instances for :func:`rdalloc.waterfill`,
   budgets likewise.
 
@@ -55,9 +55,12 @@ def _zero_or(lo: float, hi: float) -> st.SearchStrategy:
     return st.one_of(st.just(0.0), _floats(lo, hi))
 
 
-def _weights(n_items: int) -> st.SearchStrategy:
-    """All 1, or each 0 or in ``[1e-3, 3]``."""
-    return st.one_of(st.just(1.0), _vectors(n_items, _zero_or(1e-3, 3.0)))
+def _weights(n_items: int, tiny: bool = False) -> st.SearchStrategy:
+    """All 1, or each 0 or in ``[1e-3, 3]``; ``tiny``: also subnormal or tiny, in ``[5e-324, 1e-300]``."""
+    each = _zero_or(1e-3, 3.0)
+    if tiny:
+        each = st.one_of(each, st.floats(5e-324, 1e-300, allow_subnormal=True))
+    return st.one_of(st.just(1.0), _vectors(n_items, each))
 
 
 @st.composite
@@ -111,15 +114,25 @@ def _budget(draw, cheapest: float, richest: float, integral: bool) -> float:
     return float(max(math.floor(budget), cheapest)) if integral else budget
 
 
+def _tiny_beside_normal(w) -> bool:
+    """Weights below ``1e-3`` (subnormal or tiny) only beside one of at least ``1e-3``."""
+    w = np.asarray(w)
+    return bool(np.max(w) >= 1e-3 or not np.any(w > 0))
+
+
 @st.composite
 def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tuple[str, ...] = ("exponential",
                   "tabulated"), menu: tuple[int, ...] | None = None) -> MenuProblem:
     """A :class:`~rdalloc.testing.MenuProblem` of 1 to ``max_items`` items: a model of one of ``kinds``; a menu
     (:func:`menus` unless given; it needs a width in ``[1, 15]``) that every item can use; sizes in ``[1, 128]``
-    (equal or not); metadata in ``[0, 64]``; weights 0 or in ``[1e-3, 3]`` (or all 1); a budget placed as
-    :data:`BUDGETS` says. Sizes and metadata are multiples of 1/16, so that sums of costs are exact in float64;
-    ``integral``: integers, and an integer budget, so that :func:`~rdalloc.testing.dynamic_program_optimum`
-    applies."""
+    (equal or not); metadata in ``[0, 64]``; weights 0 or in ``[1e-3, 3]`` (or all 1), see below; a budget placed as
+    :data:`BUDGETS` says. Sizes and metadata are multiples of 1/16, so that sums of costs are exact in float64 in
+    any order: :func:`rdalloc.allocate` decides feasibility on its own summation with no slack, so a cheapest budget
+    summed in another order could fall an ulp short and be refused. ``integral``: integers, and an integer budget,
+    so that :func:`~rdalloc.testing.dynamic_program_optimum` applies. Weights may be subnormal or tiny
+    (``[5e-324, 1e-300]``) beside at least one in ``[1e-3, 3]``: the references read the same products ``w_i D_i(b)``
+    as the solver, but an optimum made of subnormal terms alone has too few digits for the checks' relative
+    tolerance (``1e-9``)."""
     n_items = draw(st.integers(1, max_items))
     menu = draw(menus()) if menu is None else tuple(menu)
     if draw(st.sampled_from(kinds)) == "exponential":
@@ -135,7 +148,7 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
 
     sizes = draw(st.one_of(number(1, 128), _vectors(n_items, number(1, 128))))
     metadata = draw(st.one_of(number(0, 64), _vectors(n_items, number(0, 64))))
-    weights = draw(_weights(n_items))
+    weights = draw(_weights(n_items, tiny=True).filter(_tiny_beside_normal))
     problem = MenuProblem(model, menu, sizes, 0.0, weights, metadata)
     W, C = problem.table()
     ok = np.isfinite(W)
@@ -147,13 +160,15 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
 @st.composite
 def continuous_problems(draw, max_items: int = 60) -> ContinuousProblem:
     """A :class:`~rdalloc.testing.ContinuousProblem` of 1 to ``max_items`` items: an exponential model; sizes in
-    ``[1, 200]``; weights 0 or in ``[1e-3, 3]``, not all 0 (or all 1); a box ``0 <= lo_i <= hi_i <= 16`` (the
-    model's ``[1, 8]`` or drawn per item); metadata in ``[0, 64]`` (or none); a budget placed as :data:`BUDGETS`
-    says."""
+    ``[1, 200]`` (any float: the solver's feasibility slack is relative, so budget edges need no exact sums); weights
+    0, in ``[1e-3, 3]`` or subnormal and tiny (``[5e-324, 1e-300]``: :func:`~rdalloc.testing.bisection_waterfill`
+    works in logs and follows them), at least one in ``[1e-3, 3]`` (or all 1: a distortion made of subnormal terms
+    alone has too few digits for relative checks); a box ``0 <= lo_i <= hi_i <= 16`` (the model's ``[1, 8]`` or
+    drawn per item); metadata in ``[0, 64]`` (or none); a budget placed as :data:`BUDGETS` says."""
     n_items = draw(st.integers(1, max_items))
     model = draw(exponential_models(n_items, eviction=False, lo=1.0, hi=8.0))
     sizes = draw(st.one_of(_floats(1.0, 200.0), _vectors(n_items, _floats(1.0, 200.0))))
-    weights = draw(_weights(n_items).filter(lambda w: np.max(w) > 0))
+    weights = draw(_weights(n_items, tiny=True).filter(lambda w: np.max(w) >= 1e-3))
     if draw(st.booleans()):
         lo, hi = 1.0, 8.0
     else:
