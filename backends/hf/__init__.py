@@ -26,6 +26,7 @@ _HOMES = {
     "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
               "smollm2_gguf"),
+    "packed_cache": ("PackedHeadCache", "PackedHeadLayer", "left_padding"),
     "perplexity": ("PerplexityResult", "perplexity"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
 }
