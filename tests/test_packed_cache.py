@@ -324,3 +324,28 @@ def test_bad_arguments_are_refused(llama):
         PackedHeadCache(plan, sliding)
     with pytest.raises(NotImplementedError, match="crop"):
         PackedHeadCache(plan, llama.config).crop(-1)
+
+
+# ---- the bundled model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundled_model_perplexity_equals_the_simulation(real):
+    """A mixed head plan (2..8 bits, 4 average) on SmolLM2-135M: the packed cache with ``quantize_residual`` gives the
+    simulation's perplexity (``head_plans.evaluate_plan``) within float rounding and holds the bytes it predicts."""
+    pytest.importorskip("gguf")
+    from rdalloc.backends.hf import perplexity, text_windows
+    from rdalloc.backends.hf.head_plans import evaluate_plan, random_plan
+
+    windows = text_windows(real.tokenizer, length=160, calibration=1, evaluation=2).evaluation
+    plan = random_plan(real.facts, "kivi", 4.0, tokens=160, seed=0)
+    assert len(set(plan.key.ravel().tolist()) | set(plan.value.ravel().tolist())) > 2
+    made = []
+
+    def factory():
+        made.append(PackedHeadCache.from_model(plan, real.model, quantize_residual=True))
+        return made[-1]
+
+    ours = perplexity(real.model, windows, factory, progress=False)
+    sim = evaluate_plan(real.model, windows, plan, progress=False)
+    assert ours.ppl == pytest.approx(sim.ppl, rel=1e-6, abs=0)
+    assert len(made) == 2 and all(c.nbytes == c.predicted_nbytes() > 0 for c in made)
+    assert made[0].nbytes < 0.4 * made[0].fp16_nbytes
