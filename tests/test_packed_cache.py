@@ -100,9 +100,10 @@ def test_sixteen_bits_left_padded_batch_equals_dynamic_cache(llama):
     ref = run(llama, DynamicCache(config=llama.config), ids, mask)
     real = mask.bool()
     assert torch.equal(ours[real], ref[real])
-    kw = dict(max_new_tokens=8, do_sample=False, attention_mask=mask)
-    out = generate(llama, PackedHeadCache(head_plan(*FULL), llama.config, attention_mask=mask), ids, **kw)
-    assert torch.equal(out, llama.generate(ids, **kw))
+    for beams in (1, 3):  # beam search expands the batch (rows repeated) and reorders it every step
+        kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, attention_mask=mask, num_beams=beams)
+        out = generate(llama, PackedHeadCache(head_plan(*FULL), llama.config, attention_mask=mask), ids, **kw)
+        assert torch.equal(out, llama.generate(ids, **kw))
 
 
 def test_sixteen_bits_beam_search_and_sampling_equal_dynamic_cache(llama):
