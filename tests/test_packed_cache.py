@@ -184,6 +184,11 @@ def test_bytes_held_equal_the_prediction(llama, spec, residual):
     for i in range(11, 40):  # every length: group tails, flushes
         run(llama, cache, ids[:, i:i + 1])
         assert cache.nbytes == cache.predicted_nbytes(), i + 1
+    for layer in cache.layers:  # the figure is the storage: no tensor is a view keeping more alive
+        for group in layer.groups:
+            for st in group.states:
+                for t in (*st.codes, *st.params, st.full, st.residual):
+                    assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     # with nothing in the residual the figure is rdalloc.accounting's for the whole length
     if spec is QUAROT and residual is None:
         assert cache.nbytes == predict_nbytes(plan, None, batch=3, tokens=40, head_dim=16)

@@ -203,7 +203,7 @@ def _append(spec: _RoleSpec, state: _RoleState, x: torch.Tensor) -> _RoleState:
     n = (r // spec.unit) * spec.unit
     if n == 0:
         return _RoleState(state.codes, state.params, state.full, residual, state.stored)
-    flush, rest = residual[:, :, :n], residual[:, :, n:]
+    flush, rest = residual[:, :, :n], residual[:, :, n:].clone()  # (a view would keep the flushed tokens alive)
     codes, params, start = [], [], 0
     for k, (b, heads) in enumerate(spec.widths):
         c, p = _quantize_units(spec, flush[:, start:start + heads.size], b)
@@ -307,7 +307,7 @@ class PackedHeadLayer(DynamicLayer):
                                  f"holds {self.dtype} on {self.device}")
         elif self.pads is not None and key_states.shape[0] % self.pads.size:
             raise ValueError(f"key_states has batch {key_states.shape[0]} {where}, but the attention_mask given to "
-                             f"the cache has {self.pads.size} rows (nor does it divide it)")
+                             f"the cache has {self.pads.size} rows, and the batch is not a multiple of it")
         for spec, name, x in zip(self.specs, ("key_states", "value_states"), (key_states, value_states)):
             quantized = np.zeros((1, spec.n_heads, 1, 1), dtype=bool)
             for _, heads in spec.widths:
