@@ -118,8 +118,9 @@ def test_sixteen_bits_beam_search_and_sampling_equal_dynamic_cache(llama):
 
 
 # ---- parity with the simulation ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", [KIVI8, QUAROT], ids=["kivi", "quarot"])
-@pytest.mark.parametrize("residual", [None, 16])
+@pytest.mark.parametrize("spec,residual", [(KIVI8, None), (KIVI8, 16), (QUAROT, None), (QUAROT, 16),
+                                           ({"name": "absmax"}, 3)], ids=["kivi", "kivi-r16", "quarot", "quarot-r16",
+                                                                          "absmax-r3"])
 def test_quantize_residual_reproduces_transform_cache(llama, spec, residual):
     """Prefill 21 tokens then decode one at a time: every step's logits equal the simulation's (quantizer groups
     complete and partial, flushes at the residual length, 0- and 16-bit heads)."""
