@@ -197,20 +197,22 @@ def main() -> None:
     stream = tokenize(default_text(), loaded.tokenizer)
     calibration = Calibration.load(CALIBRATION)
     rows, notes = [], []
-    for config in a.configs.split(","):
+    cmd = f"HF_HUB_OFFLINE=1 python benchmarks/hf_caches.py --configs {a.configs} --tokens {a.tokens} " \
+          f"--repeats {a.repeats}"
+    a.out.mkdir(parents=True, exist_ok=True)
+    configs = a.configs.split(",")
+    for i, config in enumerate(configs):
         context, batch = (int(x) for x in config.split("x"))
         r, n = measure(model, facts, stream, calibration, context, batch, a.tokens, a.repeats)
         rows += r
         notes += [x for x in n if x not in notes]
-    cmd = "HF_HUB_OFFLINE=1 python benchmarks/hf_caches.py " + " ".join(
-        [f"--configs {a.configs}", f"--tokens {a.tokens}", f"--repeats {a.repeats}"])
-    res = {"model": facts.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows, "notes": notes,
-           "command": cmd, "seconds": time.perf_counter() - t0, "load_start": load_start,
-           "load_end": [round(x, 2) for x in os.getloadavg()], "machine": platform.machine(),
-           "environment": environment(next(model.parameters()).dtype)}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "hf_caches.json").write_text(json.dumps(res, indent=1) + "\n")
-    (a.out / "hf_caches.md").write_text(markdown(res))
+        done = [] if i + 1 == len(configs) else [f"Partial: {i + 1} of {len(configs)} configurations done."]
+        res = {"model": facts.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows, "notes": notes + done,
+               "command": cmd, "seconds": time.perf_counter() - t0, "load_start": load_start,
+               "load_end": [round(x, 2) for x in os.getloadavg()], "machine": platform.machine(),
+               "environment": environment(next(model.parameters()).dtype)}
+        (a.out / "hf_caches.json").write_text(json.dumps(res, indent=1) + "\n")  # after each configuration
+        (a.out / "hf_caches.md").write_text(markdown(res))
 
 
 if __name__ == "__main__":
