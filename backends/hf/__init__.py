@@ -28,6 +28,7 @@ _HOMES = {
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
               "smollm2_gguf",
               "check_attention_layers", "check_attn_implementation", "model_device"),
+    "packed_cache": ("PackedHeadCache", "PackedHeadLayer", "left_padding"),
     "perplexity": ("PerplexityResult", "perplexity"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
 }
