@@ -122,7 +122,7 @@ def measure(model, facts, stream: torch.Tensor, calibration, context: int, batch
         return make
 
     def packed_bytes(cache):
-        assert cache.nbytes == cache.predicted_nbytes(), (cache.nbytes, cache.predicted_nbytes())
+        assert cache.nbytes == cache.predicted_nbytes, (cache.nbytes, cache.predicted_nbytes)
         return cache.nbytes
 
     rows = [("DynamicCache (full precision)", lambda: DynamicCache(config=cfg), dense_nbytes),
@@ -170,7 +170,7 @@ def markdown(res: dict) -> str:
             f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} threads), load average at start "
             f"{res['load_start']}, at end {res['load_end']}. Time per token excludes the prefill; ratios are "
             f"measured side by side in this run, the milliseconds are this shared CPU's. Bytes held: docs/design.md "
-            f"§5 (full precision 2 bytes per element); the packed caches' bytes equal `predicted_nbytes()` "
+            f"§5 (full precision 2 bytes per element); the packed caches' bytes equal `predicted_nbytes` "
             f"(checked in the run).")
     lines = [head, "", "| context | batch | cache | ms / token | x DynamicCache | bytes held | retention | "
              "same tokens as DynamicCache |", "|---:|---:|---|---:|---:|---:|---:|---:|"]

@@ -90,7 +90,7 @@ def test_sixteen_bits_equals_dynamic_cache(which, request):
     ref = DynamicCache(config=model.config)
     run(model, ref, ids)
     assert torch.equal(step, run(model, ref, ids[:, :1]))
-    assert cache.nbytes == cache.predicted_nbytes() == cache.fp16_nbytes == 2 * LAYERS * 2 * KV_HEADS * 38 * 16
+    assert cache.nbytes == cache.predicted_nbytes == cache.fp16_nbytes == 2 * LAYERS * 2 * KV_HEADS * 38 * 16
 
 
 def test_sixteen_bits_left_padded_batch_equals_dynamic_cache(llama):
@@ -132,7 +132,7 @@ def test_quantize_residual_reproduces_transform_cache(llama, spec, residual):
     for i in range(21, 45):
         torch.testing.assert_close(run(llama, ours, ids[:, i:i + 1]), run(llama, sim, ids[:, i:i + 1]), rtol=0,
                                    atol=1e-5)
-        assert ours.nbytes == ours.predicted_nbytes()
+        assert ours.nbytes == ours.predicted_nbytes
     assert ours.get_seq_length() == sim.get_seq_length() == 45
 
 
@@ -181,10 +181,10 @@ def test_bytes_held_equal_the_prediction(llama, spec, residual):
     cache = PackedHeadCache(plan, llama.config, residual_length=residual)
     ids = token_ids(3, 40)
     run(llama, cache, ids[:, :11])
-    assert cache.nbytes == cache.predicted_nbytes()
+    assert cache.nbytes == cache.predicted_nbytes
     for i in range(11, 40):  # every length: group tails, flushes
         run(llama, cache, ids[:, i:i + 1])
-        assert cache.nbytes == cache.predicted_nbytes(), i + 1
+        assert cache.nbytes == cache.predicted_nbytes, i + 1
     for layer in cache.layers:  # the figure is the storage: no tensor is a view keeping more alive
         for group in layer.groups:
             for st in group.states:
@@ -205,7 +205,7 @@ def test_prediction_counts_each_part_by_hand(llama):
     keys = 3 * (16 * 16 * 2 // 8 + 2 * 2 * 16 * 2) + 2 * 3 * 3 * 16  # 16 stored tokens: codes + (scale, zero) per
     values = 2 * 3 * 19 * 16  # group of 8 tokens of a channel; 3 residual tokens at 2 bytes; values at 16 bits
     assert cache.layers[0].nbytes == keys + values
-    assert cache.nbytes == cache.predicted_nbytes() == 2 * (keys + values)
+    assert cache.nbytes == cache.predicted_nbytes == 2 * (keys + values)
 
 
 # ---- padding -----------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_left_padded_rows_are_stored_as_alone(llama64, bits, quantize_residual):
         for a, b in zip(batch[1:], ref[1:]):
             torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-10)
         alone_bytes += alone.nbytes
-    assert cache.nbytes == cache.predicted_nbytes() == alone_bytes  # each row holds what it holds alone
+    assert cache.nbytes == cache.predicted_nbytes == alone_bytes  # each row holds what it holds alone
 
 
 def test_generate_left_padded_batch_equals_each_row_alone(llama64):
@@ -272,7 +272,7 @@ def test_bfloat16(llama):
     torch.testing.assert_close(ours, sim, rtol=0, atol=0)
     k, v = cache.layers[0].update(*(torch.zeros((2, KV_HEADS, 1, 16), dtype=torch.bfloat16),) * 2)
     assert k.dtype == torch.bfloat16 and k.device == ids.device and k.shape == (2, KV_HEADS, 20, 16)
-    assert cache.nbytes == cache.predicted_nbytes()
+    assert cache.nbytes == cache.predicted_nbytes
 
 
 def test_a_failed_call_leaves_no_state(llama):
@@ -354,5 +354,5 @@ def test_bundled_model_perplexity_equals_the_simulation(real):
     ours = perplexity(real.model, windows, factory, progress=False)
     sim = evaluate_plan(real.model, windows, plan, progress=False)
     assert ours.ppl == pytest.approx(sim.ppl, rel=1e-6, abs=0)
-    assert len(made) == 2 and all(c.nbytes == c.predicted_nbytes() > 0 for c in made)
+    assert len(made) == 2 and all(c.nbytes == c.predicted_nbytes > 0 for c in made)
     assert made[0].nbytes < 0.4 * made[0].fp16_nbytes

@@ -28,7 +28,7 @@ compute dtype of :func:`rdalloc.apply.fake_quantize_tensor`, so a stored token d
 gives it.
 
 **Memory.** :attr:`PackedHeadCache.nbytes` sums the tensors held (codes, 2 bytes per float16 parameter, 2 bytes per
-full-precision element of 16-bit heads and residual: docs/design.md §5); :meth:`PackedHeadCache.predicted_nbytes`
+full-precision element of 16-bit heads and residual: docs/design.md §5); :attr:`PackedHeadCache.predicted_nbytes`
 computes the same figure from the plan alone (:func:`rdalloc.accounting.item_costs` for the stored tokens, plus the
 residual) given how many tokens are stored and in the residual.
 
@@ -520,6 +520,7 @@ class PackedHeadCache(Cache):
         element (16-bit heads and residual), docs/design.md §5."""
         return sum(layer.nbytes for layer in self.layers)
 
+    @property
     def predicted_nbytes(self) -> int:
         """The bytes the plan predicts for the tokens this cache holds, from the plan alone: the cost model
         ``sum_i C_i(b_i) / 8`` (:func:`rdalloc.accounting.item_costs`) of the stored tokens of each set of rows, plus
