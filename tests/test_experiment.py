@@ -20,11 +20,13 @@ from rdalloc.backends.hf.head_plans import (  # noqa: E402
     check_plan,
     evaluate_plan,
     head_costs,
+    plan_cache_factory,  # noqa: E402
     plan_transform,
     random_plan,
     uniform_bits,
     uniform_plan,
 )
+from rdalloc.backends.hf.perplexity import PerplexityResult, perplexity, reference_logprobs  # noqa: E402
 
 from experiments.ppl_grid import markdown_table, plot_results, run_experiment  # noqa: E402
 from rdalloc import Plan  # noqa: E402
@@ -104,6 +106,48 @@ def test_fp16_evaluate_matches_plain_perplexity(tiny, facts, ids):
     plain = evaluate_plan(tiny, ids, None, progress=False)
     sixteen = evaluate_plan(tiny, ids, uniform_plan(facts, "kivi", 16, tokens=64), progress=False)
     assert sixteen.ppl == plain.ppl
+
+
+def test_kl_to_the_reference_is_zero_unchanged_and_positive_at_two_bits(tiny, facts, ids):
+    ref = reference_logprobs(tiny, ids, progress=False)
+    plain = perplexity(tiny, ids, progress=False)
+    assert ref.result.nll == plain.nll and ref.result.kl == 0.0 and plain.kl is None
+    assert ref.nbytes == 2 * 63 * VOCAB * 4 and ref.logprobs[0].dtype == torch.float32
+    same = perplexity(tiny, ids, plan_cache_factory(uniform_plan(facts, "kivi", 16, tokens=64), tiny.config),
+                      reference=ref, progress=False)
+    assert same.kl == 0.0 and not same.token_kl.any() and same.nll == plain.nll
+    two = perplexity(tiny, ids, plan_cache_factory(uniform_plan(facts, "kivi", 2, tokens=64), tiny.config),
+                     reference=ref, progress=False)
+    assert two.kl > 1e-4 and two.token_kl.shape == two.token_nll.shape == (2, 63)
+    assert two.token_kl.dtype == two.token_nll.dtype == np.float32
+    assert two.token_kl.min() > -1e-6  # KL >= 0 up to float32 rounding
+    # the per-token arrays line up with the tokens: recompute token (1, 10) by hand
+    cache = plan_cache_factory(uniform_plan(facts, "kivi", 2, tokens=64), tiny.config)()
+    lq = torch.log_softmax(logits(tiny, ids[1:2], cache)[0, 10].double(), -1)
+    lp = ref.logprobs[1][10].double()
+    assert two.token_nll[1, 10] == pytest.approx(-lq[ids[1, 11]].item(), rel=1e-6)
+    assert two.token_kl[1, 10] == pytest.approx((lp.exp() * (lp - lq)).sum().item(), rel=1e-4, abs=1e-7)
+    assert two.kl == pytest.approx(float(two.token_kl.astype(np.float64).mean()), rel=1e-6)
+    assert two.window_kl == pytest.approx(two.token_kl.astype(np.float64).mean(1).tolist(), rel=1e-6)
+    assert two.nll == pytest.approx(float(two.token_nll.astype(np.float64).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="other windows"):
+        perplexity(tiny, ids[:1], reference=ref, progress=False)
+    with pytest.raises(TypeError, match="reference"):
+        perplexity(tiny, ids, reference=ref.logprobs, progress=False)
+
+
+def test_perplexity_result_json_old_and_new(tiny, ids):
+    ref = reference_logprobs(tiny, ids, progress=False)
+    r = perplexity(tiny, ids, reference=ref, progress=False)
+    small = r.to_dict()
+    assert "kl" in small and "token_kl" not in small
+    full = PerplexityResult.from_dict(json.loads(json.dumps(r.to_dict(per_token=True))))
+    assert full == r and np.array_equal(full.token_kl, r.token_kl) and np.array_equal(full.token_nll, r.token_nll)
+    old = {k: small[k] for k in ("nll", "ppl", "tokens", "windows", "window_nll")}  # saved before KL existed
+    loaded = PerplexityResult.from_dict(old)
+    assert loaded.kl is None and loaded.window_kl is None and loaded.token_nll is None and loaded.nll == r.nll
+    with pytest.raises(ValueError, match="corrupted"):
+        PerplexityResult.from_dict({**small, "window_kl": None})
 
 
 # ---- calibration -------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ _HOMES = {
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
               "smollm2_gguf",
               "check_attention_layers", "check_attn_implementation", "model_device"),
-    "perplexity": ("PerplexityResult", "perplexity"),
+    "paired": ("PairedComparison", "paired_comparison"),
+    "perplexity": ("PerplexityResult", "ReferenceLogProbs", "perplexity", "reference_logprobs"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
