@@ -4,6 +4,7 @@ Llama (no download)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -28,7 +29,14 @@ from rdalloc.backends.hf.head_plans import (  # noqa: E402
 )
 from rdalloc.backends.hf.perplexity import PerplexityResult, perplexity, reference_logprobs  # noqa: E402
 
-from experiments.ppl_grid import markdown_table, plot_results, run_experiment  # noqa: E402
+from experiments.ppl_grid import (  # noqa: E402
+    COMPARED,
+    ExperimentResult,
+    markdown_table,
+    plot_results,
+    plot_verdicts,
+    run_experiment,
+)
 from rdalloc import Plan  # noqa: E402
 from rdalloc.cli import main  # noqa: E402
 from rdalloc.quantizers import get_quantizer  # noqa: E402
@@ -256,6 +264,37 @@ def test_run_experiment_table_and_plot(tiny, calib, ids, tmp_path):
     assert "| FP16 |" in md and "### kivi" in md
     plot_results(r, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # KL to FP16 on every row, and the paired verdicts of rdalloc against the other rows
+    assert r.fp16["kl"] == 0.0 and all(math.isfinite(x["kl"]) and x["kl"] > -1e-6 for x in r.rows)
+    kl = r.table("kl")
+    assert set(kl["kivi"]) == set(table["kivi"])
+    for q in ("kivi", "quarot"):
+        comps = {c["against"]: c for c in r.comparisons if c["quantizer"] == q and c["budget"] == 4.0}
+        assert {"mismatch", "beta4", "random"} <= set(comps) <= set(COMPARED)
+        assert comps["random"]["seeds"] == 2
+        for c in comps.values():
+            for metric in ("kl", "nll"):
+                v = c[metric]
+                assert v["verdict"] in ("better", "worse", "undecided") and v["tokens"] == ids.numel() - 2
+                assert v["low"] <= v["difference"] <= v["high"] and v["level"] == 0.95
+            if c["identical_plan"]:
+                assert c["kl"]["difference"] == 0.0 and c["kl"]["verdict"] == "undecided"
+        # the paired mean difference is the difference of the rows' mean KL (random: averaged over its seeds)
+        ours = next(x["kl"] for x in r.rows if x["quantizer"] == q and x["budget"] == 4.0 and x["row"] == "rdalloc")
+        rand = np.mean([x["kl"] for x in r.rows if x["quantizer"] == q and x["budget"] == 4.0 and x["row"] == "random"])
+        assert comps["random"]["kl"]["difference"] == pytest.approx(ours - rand, rel=1e-4, abs=1e-9)
+    assert "### Verdicts" in md and "| KL (mnat) |" in md and "rdalloc vs" in md
+    plot_verdicts(r, tmp_path / "v.png")
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    back = ExperimentResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert list(back.comparisons) == list(r.comparisons) and markdown_table(back) == md
+    old = r.to_dict()
+    del old["comparisons"]
+    for row in old["rows"]:
+        del row["kl"]
+    legacy = ExperimentResult.from_dict(old)  # saved before KL was measured
+    assert legacy.comparisons == () and legacy.table("kl") == {} and "### Verdicts" not in markdown_table(legacy)
+    plot_results(legacy, tmp_path / "old.png")
 
 
 # ---- the CLI steps -------------------------------------------------------------------------------------------------
