@@ -59,7 +59,7 @@ COMPARED = ("uniform", "mismatch", "beta4", "random")
 """The rows the calibrated ``rdalloc`` row is compared with, token by token."""
 LEVEL = 0.95
 """Confidence level of the paired intervals."""
-QUICK = {"calibration_windows": 2, "calibration_length": 256, "evaluation_windows": 2, "evaluation_length": 512,
+QUICK = {"calibration_windows": 2, "calibration_length": 256, "evaluation_windows": 6, "evaluation_length": 512,
          "budgets": (3.0, 3.5, 4.0), "seeds": (0,), "importance_budgets": (3.5,), "probe_bits": ()}
 FULL = {"calibration_windows": 4, "calibration_length": 512, "evaluation_windows": 4, "evaluation_length": 512,
         "budgets": (2.0, 2.5, 3.0, 3.5, 4.0), "seeds": (0, 1, 2), "importance_budgets": (2.0, 2.5, 3.0, 3.5, 4.0),
@@ -81,6 +81,9 @@ class ExperimentResult:
     rows: Sequence[Mapping[str, Any]]
     facts: Mapping[str, Any] = field(default_factory=dict)
     comparisons: Sequence[Mapping[str, Any]] = ()
+    token_values: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    """Per-token float32 ``[windows, T - 1]`` NLL and KL of every row, keyed ``quantizer/budget/row[/seed]/metric``
+    (FP16: ``fp16/nll``); kept in memory, not in the JSON form (``--save-tokens`` writes them as ``tokens.npz``)."""
 
     def to_dict(self) -> dict:
         return {"format": RESULT_FORMAT, "version": 1, "fp16": dict(self.fp16),
@@ -199,6 +202,7 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
     done: dict = {}
     out_rows = []
     per_token: dict = {}  # (quantizer, budget, row) -> list of (plan key, PerplexityResult)
+    token_values = {"fp16/nll": fp16.token_nll}
     for info, plan in with_progress(jobs, desc="experiment (plans)", total=len(jobs), enabled=progress):
         key = (info["quantizer"], plan.key.tobytes(), plan.value.tobytes())
         if key not in done:
@@ -208,6 +212,8 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
         r, seconds = done[key]
         if info["row"] == "rdalloc" or info["row"] in COMPARED:
             per_token.setdefault((info["quantizer"], info["budget"], info["row"]), []).append((key, r))
+        name = f"{info['quantizer']}/{info['budget']:g}/{info['row']}" + (f"/{info['seed']}" if "seed" in info else "")
+        token_values[name + "/nll"], token_values[name + "/kl"] = r.token_nll, r.token_kl
         usage = plan.usage
         hist = {int(k): int(c) for k, c in zip(*np.unique(np.concatenate([plan.key.ravel(), plan.value.ravel()]),
                                                              return_counts=True))}
@@ -217,7 +223,7 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
                          "predicted_distortion": plan.predicted_distortion})
     comparisons = paired_rows(per_token, resamples=resamples, seed=seed)
     return ExperimentResult(fp16={"ppl": fp16.ppl, "nll": fp16.nll, "kl": fp16.kl, "seconds": t_fp16},
-                            rows=out_rows, comparisons=comparisons,
+                            rows=out_rows, comparisons=comparisons, token_values=token_values,
                             facts={"model": facts.to_dict(), "evaluation_windows": int(windows.shape[0]),
                                    "evaluation_length": tokens, "tokens_scored": fp16.tokens,
                                    "quantizers": names, "budgets": [float(b) for b in budgets],
@@ -484,7 +490,10 @@ def run(args) -> None:
                    "calibration_seconds": c.timings, "load_seconds": t_load, "wall_seconds": wall,
                    "command": "python -m experiments.ppl_grid" + (" --full" if args.full else ""),
                    "environment": environment(args.dtype)}
+    tokens = r.token_values
     r = ExperimentResult(fp16=r.fp16, rows=r.rows, facts=facts_extra, comparisons=r.comparisons)
+    if args.save_tokens:
+        write_atomic(out / "tokens.npz", lambda tmp: np.savez_compressed(tmp, **tokens))
     write_atomic(out / "results.json", r.save)
     write_atomic(out / "calibration.json", c.save)
     md = markdown_table(r) + (f"\nCalibration {c.timings['total']:.1f} s; whole run {wall:.1f} s wall on this "
@@ -513,6 +522,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default: experiments/results/demo, or demo_full "
                    "with --full)")
     add_dtype(d)
+    d.add_argument("--save-tokens", action="store_true", help="also write the per-token NLL and KL of every row "
+                   "(float32) to tokens.npz")
     d.add_argument("--no-progress", action="store_true")
     return d
 

@@ -10,9 +10,11 @@ replacement and recomputes the mean (sum of the drawn units' sums over their tok
 * whole windows when there are at least ``min_windows`` of them (default 20): dependence within a window is then
   kept entirely;
 * otherwise non-overlapping blocks of ``block`` consecutive tokens inside each window (the last block of a window may
-  be shorter; blocks never straddle two windows). Default ``block = 32``: on the bundled model's demo the interval
-  width grows from 1 to about 32 tokens and then levels off (``experiments/README.md``), i.e. the dependence that
-  matters is shorter than that; larger blocks leave fewer units and noisier intervals.
+  be shorter; blocks never straddle two windows). Default ``block = 32``: about twice the ``n**(1/3)`` rule of thumb
+  (Hall, Horowitz & Jing 1995: ~15 for the demo's ~3000 tokens), on the long side because a block too short
+  understates the variance (too narrow an interval, false verdicts) while one too long only costs precision; 32 still
+  leaves ~100 blocks for 6 windows of 512 tokens. With few windows, dependence across a whole window (text that is
+  hard for one plan throughout) is not captured: verdicts hold for text like the windows evaluated.
 
 Verdict at ``level``: ``better`` if the whole interval lies below 0 (``a`` has lower loss), ``worse`` if above,
 ``undecided`` otherwise (so identical rows, ``d = 0``, are always undecided).
