@@ -273,7 +273,7 @@ def _label(row: str, result: ExperimentResult, q: str) -> str:
     return _LABELS[row].format(imp=imp, other=other, otherq=otherq, n=len(result.facts.get("seeds", [])))
 
 
-def _cells(rows: Mapping, budgets: Sequence[float], fmt: str) -> list[str]:
+def _cells(rows: Mapping, budgets: Sequence[float], fmt: str) -> list[tuple[str, str]]:
     """One markdown line per row (in :data:`ROWS` order) of ``{row: {budget: value}}``, the lowest value in bold."""
     best = {b: min(v[b] for v in rows.values() if b in v) for b in budgets}
     lines = []
@@ -285,8 +285,8 @@ def _cells(rows: Mapping, budgets: Sequence[float], fmt: str) -> list[str]:
     return lines
 
 
-def _interval(c: Mapping[str, Any], scale: float = 1.0) -> str:
-    return f"{c['difference'] * scale:+.4f} [{c['low'] * scale:+.4f}, {c['high'] * scale:+.4f}]"
+def _interval(c: Mapping[str, Any], scale: float = 1.0, fmt: str = "+.4f") -> str:
+    return f"{c['difference'] * scale:{fmt}} [{c['low'] * scale:{fmt}}, {c['high'] * scale:{fmt}}]"
 
 
 def comparison_table(result: ExperimentResult) -> list[str]:
@@ -307,7 +307,7 @@ def comparison_table(result: ExperimentResult) -> list[str]:
         if c["identical_plan"]:
             lines.append(f"| {c['quantizer']} | {c['budget']:g} | {against} | 0 | same plan | 0 | same plan |")
             continue
-        lines.append(f"| {c['quantizer']} | {c['budget']:g} | {against} | {_interval(c['kl'], 1e3)} | "
+        lines.append(f"| {c['quantizer']} | {c['budget']:g} | {against} | {_interval(c['kl'], 1e3, '+.2f')} | "
                      f"**{c['kl']['verdict']}** | {_interval(c['nll'])} | **{c['nll']['verdict']}** |")
     counts: dict = {}
     for c in result.comparisons:
