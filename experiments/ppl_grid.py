@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rdalloc.backends.hf import perplexity, reference_logprobs
 from rdalloc.backends.hf.calibrate import CALIBRATION_FORMAT, IMPORTANCE_METHODS, Calibration, calibrate
 from rdalloc.backends.hf.cli import add_dtype, check_model, check_path, probe_widths, quantizer_names
 from rdalloc.backends.hf.head_plans import allocate_plan, plan_cache_factory, random_plan, uniform_bits, uniform_plan
 from rdalloc.backends.hf.model import load_model, model_facts
 from rdalloc.backends.hf.paired import paired_comparison
-from rdalloc.backends.hf.perplexity import perplexity, reference_logprobs
 from rdalloc.backends.hf.text import text_windows
 from rdalloc.backends.hf.windows import with_progress
 

@@ -10,11 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from rdalloc.backends.hf import text_windows  # noqa: E402
+from rdalloc.backends.hf import (  # noqa: E402
+    perplexity,
+    reference_logprobs,
+    text_windows,  # noqa: E402
+)
 from rdalloc.backends.hf.calibrate import calibrate  # noqa: E402
 from rdalloc.backends.hf.head_plans import allocate_plan, plan_cache_factory, uniform_plan  # noqa: E402
 from rdalloc.backends.hf.paired import paired_comparison  # noqa: E402
-from rdalloc.backends.hf.perplexity import perplexity, reference_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -14,20 +14,25 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from hf_fixtures import logits, save_model_dir, tiny_llama  # noqa: E402
-from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
+from rdalloc.backends.hf import (  # noqa: E402
+    PerplexityResult,
+    TransformCache,
+    model_facts,
+    perplexity,
+    reference_logprobs,
+)
 from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
 from rdalloc.backends.hf.head_plans import (  # noqa: E402
     allocate_plan,
     check_plan,
     evaluate_plan,
     head_costs,
-    plan_cache_factory,  # noqa: E402
+    plan_cache_factory,
     plan_transform,
     random_plan,
     uniform_bits,
     uniform_plan,
 )
-from rdalloc.backends.hf.perplexity import PerplexityResult, perplexity, reference_logprobs  # noqa: E402
 
 from experiments.ppl_grid import (  # noqa: E402
     COMPARED,

@@ -39,9 +39,10 @@ __all__ = sorted(_MODULE_OF)
 def __getattr__(name: str):
     if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    module = import_module(f".{_MODULE_OF[name]}", __name__)
+    # bind every name of that module now: importing it made `perplexity` (module and function) the submodule
+    globals().update({n: getattr(module, n) for n in _HOMES[_MODULE_OF[name]]})
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
