@@ -432,7 +432,8 @@ def plot_verdicts(result: ExperimentResult, path: str | Path) -> None:
     ax.set_yticks(range(len(shown)), [f"{c['quantizer']} @ {c['budget']:g}: vs {c['against']}" for c in shown],
                   fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("KL difference rdalloc − row, % of the row's KL (95 % CI; green better, red worse, gray undecided)")
+    ax.set_xlabel("KL difference rdalloc − row, % of the row's KL (95 % CI)")
+    ax.set_title("green: rdalloc better, red: worse, gray: undecided", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
