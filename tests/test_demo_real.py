@@ -10,9 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from rdalloc.backends.hf import text_windows  # noqa: E402
+from rdalloc.backends.hf import (  # noqa: E402
+    perplexity,
+    reference_logprobs,
+    text_windows,  # noqa: E402
+)
 from rdalloc.backends.hf.calibrate import calibrate  # noqa: E402
-from rdalloc.backends.hf.head_plans import allocate_plan, evaluate_plan, uniform_plan  # noqa: E402
+from rdalloc.backends.hf.head_plans import allocate_plan, plan_cache_factory, uniform_plan  # noqa: E402
+from rdalloc.backends.hf.paired import paired_comparison  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +55,28 @@ def test_calibration_gives_finite_fits(real, calib):
 @pytest.mark.parametrize("quantizer", ["kivi", "quarot"])
 def test_four_bit_plans_stay_close_to_fp16(real, windows, calib, quantizer):
     ev = windows[1]
-    fp16 = evaluate_plan(real.model, ev, None, progress=False)
-    assert 1.0 < fp16.ppl < 100.0
+    ref = reference_logprobs(real.model, ev, progress=False)
+    fp16 = ref.result
+    assert 1.0 < fp16.ppl < 100.0 and fp16.kl == 0.0
+
+    def run(plan):
+        return perplexity(real.model, ev, plan_cache_factory(plan, real.model.config), reference=ref, progress=False)
+
     tokens = ev.shape[1]
-    uniform = evaluate_plan(real.model, ev, uniform_plan(real.facts, quantizer, 4, tokens=tokens), progress=False)
+    uniform = run(uniform_plan(real.facts, quantizer, 4, tokens=tokens))
     budget = uniform_plan(real.facts, quantizer, 4, tokens=tokens).usage.average_bits  # 4 bits + metadata
     plan = allocate_plan(calib, quantizer, budget, tokens=tokens)
     assert plan.usage.average_bits <= budget + 1e-9
-    ours = evaluate_plan(real.model, ev, plan, progress=False)
-    print(f"\n{quantizer}: FP16 {fp16.ppl:.3f}, uniform 4-bit {uniform.ppl:.3f}, rdalloc at the same "
-          f"{budget:.2f} bits {ours.ppl:.3f}")
+    ours = run(plan)
+    two = run(uniform_plan(real.facts, quantizer, 2, tokens=tokens))
+    c = paired_comparison(ours.token_kl, uniform.token_kl)
+    print(f"\n{quantizer}: FP16 {fp16.ppl:.3f}, uniform 4-bit {uniform.ppl:.3f} (KL {uniform.kl:.4f}), rdalloc at "
+          f"the same {budget:.2f} bits {ours.ppl:.3f} (KL {ours.kl:.4f}; vs uniform {c.difference:+.4f} "
+          f"[{c.low:+.4f}, {c.high:+.4f}] {c.verdict}); uniform 2-bit KL {two.kl:.4f}")
+    assert c.low <= c.difference <= c.high and c.tokens == tokens - 1
+    # KL to FP16 is positive and grows as bits fall: 4 bits damage the distribution less than 2 bits
+    assert 0 < uniform.kl < two.kl and 0 < ours.kl < two.kl
+    assert uniform.token_kl.shape == (1, tokens - 1) and uniform.token_kl.min() > -1e-6
     for r in (uniform, ours):
         assert math.isfinite(r.ppl)
         # measured on this 255-token window: KIVI +0.9% (uniform) / +0.3% (rdalloc), QuaRot +7.1% / +4.2%

@@ -4,6 +4,7 @@ Llama (no download)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,20 +14,34 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from hf_fixtures import logits, save_model_dir, tiny_llama  # noqa: E402
-from rdalloc.backends.hf import TransformCache, model_facts  # noqa: E402
+from rdalloc.backends.hf import (  # noqa: E402
+    PerplexityResult,
+    TransformCache,
+    model_facts,
+    perplexity,
+    reference_logprobs,
+)
 from rdalloc.backends.hf.calibrate import Calibration, calibrate, fixed_beta_model  # noqa: E402
 from rdalloc.backends.hf.head_plans import (  # noqa: E402
     allocate_plan,
     check_plan,
     evaluate_plan,
     head_costs,
+    plan_cache_factory,
     plan_transform,
     random_plan,
     uniform_bits,
     uniform_plan,
 )
 
-from experiments.ppl_grid import markdown_table, plot_results, run_experiment  # noqa: E402
+from experiments.ppl_grid import (  # noqa: E402
+    COMPARED,
+    ExperimentResult,
+    markdown_table,
+    plot_results,
+    plot_verdicts,
+    run_experiment,
+)
 from rdalloc import Plan  # noqa: E402
 from rdalloc.cli import main  # noqa: E402
 from rdalloc.quantizers import get_quantizer  # noqa: E402
@@ -104,6 +119,48 @@ def test_fp16_evaluate_matches_plain_perplexity(tiny, facts, ids):
     plain = evaluate_plan(tiny, ids, None, progress=False)
     sixteen = evaluate_plan(tiny, ids, uniform_plan(facts, "kivi", 16, tokens=64), progress=False)
     assert sixteen.ppl == plain.ppl
+
+
+def test_kl_to_the_reference_is_zero_unchanged_and_positive_at_two_bits(tiny, facts, ids):
+    ref = reference_logprobs(tiny, ids, progress=False)
+    plain = perplexity(tiny, ids, progress=False)
+    assert ref.result.nll == plain.nll and ref.result.kl == 0.0 and plain.kl is None
+    assert ref.nbytes == 2 * 63 * VOCAB * 4 and ref.logprobs[0].dtype == torch.float32
+    same = perplexity(tiny, ids, plan_cache_factory(uniform_plan(facts, "kivi", 16, tokens=64), tiny.config),
+                      reference=ref, progress=False)
+    assert same.kl == 0.0 and not same.token_kl.any() and same.nll == plain.nll
+    two = perplexity(tiny, ids, plan_cache_factory(uniform_plan(facts, "kivi", 2, tokens=64), tiny.config),
+                     reference=ref, progress=False)
+    assert two.kl > 1e-4 and two.token_kl.shape == two.token_nll.shape == (2, 63)
+    assert two.token_kl.dtype == two.token_nll.dtype == np.float32
+    assert two.token_kl.min() > -1e-6  # KL >= 0 up to float32 rounding
+    # the per-token arrays line up with the tokens: recompute token (1, 10) by hand
+    cache = plan_cache_factory(uniform_plan(facts, "kivi", 2, tokens=64), tiny.config)()
+    lq = torch.log_softmax(logits(tiny, ids[1:2], cache)[0, 10].double(), -1)
+    lp = ref.logprobs[1][10].double()
+    assert two.token_nll[1, 10] == pytest.approx(-lq[ids[1, 11]].item(), rel=1e-6)
+    assert two.token_kl[1, 10] == pytest.approx((lp.exp() * (lp - lq)).sum().item(), rel=1e-4, abs=1e-7)
+    assert two.kl == pytest.approx(float(two.token_kl.astype(np.float64).mean()), rel=1e-6)
+    assert two.window_kl == pytest.approx(two.token_kl.astype(np.float64).mean(1).tolist(), rel=1e-6)
+    assert two.nll == pytest.approx(float(two.token_nll.astype(np.float64).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="other windows"):
+        perplexity(tiny, ids[:1], reference=ref, progress=False)
+    with pytest.raises(TypeError, match="reference"):
+        perplexity(tiny, ids, reference=ref.logprobs, progress=False)
+
+
+def test_perplexity_result_json_old_and_new(tiny, ids):
+    ref = reference_logprobs(tiny, ids, progress=False)
+    r = perplexity(tiny, ids, reference=ref, progress=False)
+    small = r.to_dict()
+    assert "kl" in small and "token_kl" not in small
+    full = PerplexityResult.from_dict(json.loads(json.dumps(r.to_dict(per_token=True))))
+    assert full == r and np.array_equal(full.token_kl, r.token_kl) and np.array_equal(full.token_nll, r.token_nll)
+    old = {k: small[k] for k in ("nll", "ppl", "tokens", "windows", "window_nll")}  # saved before KL existed
+    loaded = PerplexityResult.from_dict(old)
+    assert loaded.kl is None and loaded.window_kl is None and loaded.token_nll is None and loaded.nll == r.nll
+    with pytest.raises(ValueError, match="corrupted"):
+        PerplexityResult.from_dict({**small, "window_kl": None})
 
 
 # ---- calibration -------------------------------------------------------------------------------------------------
@@ -212,6 +269,37 @@ def test_run_experiment_table_and_plot(tiny, calib, ids, tmp_path):
     assert "| FP16 |" in md and "### kivi" in md
     plot_results(r, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # KL to FP16 on every row, and the paired verdicts of rdalloc against the other rows
+    assert r.fp16["kl"] == 0.0 and all(math.isfinite(x["kl"]) and x["kl"] > -1e-6 for x in r.rows)
+    kl = r.table("kl")
+    assert set(kl["kivi"]) == set(table["kivi"])
+    for q in ("kivi", "quarot"):
+        comps = {c["against"]: c for c in r.comparisons if c["quantizer"] == q and c["budget"] == 4.0}
+        assert {"mismatch", "beta4", "random"} <= set(comps) <= set(COMPARED)
+        assert comps["random"]["seeds"] == 2
+        for c in comps.values():
+            for metric in ("kl", "nll"):
+                v = c[metric]
+                assert v["verdict"] in ("better", "worse", "undecided") and v["tokens"] == ids.numel() - 2
+                assert v["low"] <= v["difference"] <= v["high"] and v["level"] == 0.95
+            if c["identical_plan"]:
+                assert c["kl"]["difference"] == 0.0 and c["kl"]["verdict"] == "undecided"
+        # the paired mean difference is the difference of the rows' mean KL (random: averaged over its seeds)
+        ours = next(x["kl"] for x in r.rows if x["quantizer"] == q and x["budget"] == 4.0 and x["row"] == "rdalloc")
+        rand = np.mean([x["kl"] for x in r.rows if x["quantizer"] == q and x["budget"] == 4.0 and x["row"] == "random"])
+        assert comps["random"]["kl"]["difference"] == pytest.approx(ours - rand, rel=1e-4, abs=1e-9)
+    assert "### Verdicts" in md and "| KL (mnat) |" in md and "rdalloc vs" in md
+    plot_verdicts(r, tmp_path / "v.png")
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    back = ExperimentResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert list(back.comparisons) == list(r.comparisons) and markdown_table(back) == md
+    old = r.to_dict()
+    del old["comparisons"]
+    for row in old["rows"]:
+        del row["kl"]
+    legacy = ExperimentResult.from_dict(old)  # saved before KL was measured
+    assert legacy.comparisons == () and legacy.table("kl") == {} and "### Verdicts" not in markdown_table(legacy)
+    plot_results(legacy, tmp_path / "old.png")
 
 
 # ---- the CLI steps -------------------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ _HOMES = {
     "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
     "oneshot": ("PrefillCompression", "compress_after_prefill"),
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
-              "smollm2_gguf",
-              "check_attention_layers", "check_attn_implementation", "model_device"),
+              "smollm2_gguf", "check_attention_layers", "check_attn_implementation", "model_device"),
     "packed_cache": ("PackedHeadCache", "PackedHeadLayer", "left_padding"),
-    "perplexity": ("PerplexityResult", "perplexity"),
+    "paired": ("PairedComparison", "paired_comparison"),
+    "perplexity": ("PerplexityResult", "ReferenceLogProbs", "perplexity", "reference_logprobs"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
@@ -40,9 +40,10 @@ __all__ = sorted(_MODULE_OF)
 def __getattr__(name: str):
     if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    module = import_module(f".{_MODULE_OF[name]}", __name__)
+    # bind every name of that module now: importing it made `perplexity` (module and function) the submodule
+    globals().update({n: getattr(module, n) for n in _HOMES[_MODULE_OF[name]]})
+    return globals()[name]
 
 
 def __dir__() -> list[str]:
