@@ -10,9 +10,14 @@
   importance); :mod:`.head_plans` — head plans from it and their perplexity (``evaluate_plan``).
 * :mod:`.cache` — ``TransformCache``: a ``transformers.Cache`` handing attention ``transform(layer, K, V)`` of the
   full stored cache (simulated quantized KV), for ``model(...)`` and ``model.generate(...)``.
-* :mod:`.perplexity` — ``perplexity()`` over windows, a fresh cache per window.
+* :mod:`.packed_cache` — ``PackedHeadCache``: a head plan applied for real, K/V stored bit-packed at each head's
+  width as tokens arrive (``model.generate(..., cache=PackedHeadCache.for_inputs(plan, model, inputs))``).
+* :mod:`.perplexity` — ``perplexity()`` over windows, a fresh cache per window, with KL to a once-computed FP16
+  reference (``reference_logprobs``); :mod:`.paired` — paired block-bootstrap comparisons of two rows.
 * :mod:`.compress`, :mod:`.joint` — compress a prefilled cache once (``CompressedCache``, ``JointAttention``) with a
   joint eviction and quantization plan (``allocate_joint``).
+* :mod:`.oneshot` — ``with compress_after_prefill(model, retention=0.1): model.generate(...)``: the same in one call,
+  for batches, beams and sampling.
 * :mod:`.cli` — the ``rdalloc calibrate``, ``allocate`` and ``eval`` commands.
 
 Importing this package is light: the names below import torch and transformers on first use (``rdalloc --help``
