@@ -243,12 +243,14 @@ def test_the_continuous_references_follow_subnormal_weights():
         np.testing.assert_allclose(ref, want, atol=1e-9)
         np.testing.assert_allclose(np.asarray(got.bits), ref, atol=1e-9)
         assert_kkt(model, 64.0, ref, budget, weights=weights)
-    drawn = find(continuous_problems(), lambda p: np.any((p.arrays["weights"] > 0) & (p.arrays["weights"] < 1e-300)))
+    tiny = lambda w: np.any((np.asarray(w) > 0) & (np.asarray(w) < 1e-300))  # noqa: E731
+    drawn = find(continuous_problems(tiny_weights=True), lambda p: tiny(p.arrays["weights"]))
     assert np.max(drawn.arrays["weights"]) >= 1e-3
 
 
 def test_menu_problems_draw_subnormal_weights_beside_normal_ones():
-    drawn = find(menu_problems(), lambda p: np.any((np.asarray(p.weights) > 0) & (np.asarray(p.weights) < 1e-300)))
+    drawn = find(menu_problems(tiny_weights=True), lambda p: np.any((np.asarray(p.weights) > 0)
+                                                                  & (np.asarray(p.weights) < 1e-300)))
     assert np.max(drawn.weights) >= 1e-3
     W, C = drawn.table()
     assert_allocation(drawn, drawn.allocate(), optimum=brute_force_optimum(W, C, drawn.budget))

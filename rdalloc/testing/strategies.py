@@ -122,17 +122,18 @@ def _tiny_beside_normal(w) -> bool:
 
 @st.composite
 def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tuple[str, ...] = ("exponential",
-                  "tabulated"), menu: tuple[int, ...] | None = None) -> MenuProblem:
+                  "tabulated"), menu: tuple[int, ...] | None = None, tiny_weights: bool = False) -> MenuProblem:
     """A :class:`~rdalloc.testing.MenuProblem` of 1 to ``max_items`` items: a model of one of ``kinds``; a menu
     (:func:`menus` unless given; it needs a width in ``[1, 15]``) that every item can use; sizes in ``[1, 128]``
     (equal or not); metadata in ``[0, 64]``; weights 0 or in ``[1e-3, 3]`` (or all 1), see below; a budget placed as
     :data:`BUDGETS` says. Sizes and metadata are multiples of 1/16, so that sums of costs are exact in float64 in
     any order: :func:`rdalloc.allocate` decides feasibility on its own summation with no slack, so a cheapest budget
     summed in another order could fall an ulp short and be refused. ``integral``: integers, and an integer budget,
-    so that :func:`~rdalloc.testing.dynamic_program_optimum` applies. Weights may be subnormal or tiny
-    (``[5e-324, 1e-300]``) beside at least one in ``[1e-3, 3]``: the references read the same products ``w_i D_i(b)``
-    as the solver, but an optimum made of subnormal terms alone has too few digits for the checks' relative
-    tolerance (``1e-9``)."""
+    so that :func:`~rdalloc.testing.dynamic_program_optimum` applies. ``tiny_weights``: weights may also be subnormal
+    or tiny (``[5e-324, 1e-300]``) beside at least one in ``[1e-3, 3]``: the references read the same products
+    ``w_i D_i(b)`` as the solver, but an optimum made of subnormal terms alone has too few digits for the checks'
+    relative tolerance (``1e-9``). Off by default: products that underflow break properties that hold in exact
+    arithmetic (scaling every weight by 0.5 turns 5e-324 into 0)."""
     n_items = draw(st.integers(1, max_items))
     menu = draw(menus()) if menu is None else tuple(menu)
     if draw(st.sampled_from(kinds)) == "exponential":
@@ -148,7 +149,7 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
 
     sizes = draw(st.one_of(number(1, 128), _vectors(n_items, number(1, 128))))
     metadata = draw(st.one_of(number(0, 64), _vectors(n_items, number(0, 64))))
-    weights = draw(_weights(n_items, tiny=True).filter(_tiny_beside_normal))
+    weights = draw(_weights(n_items, tiny=tiny_weights).filter(_tiny_beside_normal))
     problem = MenuProblem(model, menu, sizes, 0.0, weights, metadata)
     W, C = problem.table()
     ok = np.isfinite(W)
@@ -158,17 +159,18 @@ def menu_problems(draw, max_items: int = 8, *, integral: bool = False, kinds: tu
 
 
 @st.composite
-def continuous_problems(draw, max_items: int = 60) -> ContinuousProblem:
+def continuous_problems(draw, max_items: int = 60, *, tiny_weights: bool = False) -> ContinuousProblem:
     """A :class:`~rdalloc.testing.ContinuousProblem` of 1 to ``max_items`` items: an exponential model; sizes in
     ``[1, 200]`` (any float: the solver's feasibility slack is relative, so budget edges need no exact sums); weights
-    0, in ``[1e-3, 3]`` or subnormal and tiny (``[5e-324, 1e-300]``: :func:`~rdalloc.testing.bisection_waterfill`
-    works in logs and follows them), at least one in ``[1e-3, 3]`` (or all 1: a distortion made of subnormal terms
-    alone has too few digits for relative checks); a box ``0 <= lo_i <= hi_i <= 16`` (the model's ``[1, 8]`` or
+    0 or in ``[1e-3, 3]``, at least one in ``[1e-3, 3]`` (or all 1), and with ``tiny_weights`` also subnormal or tiny
+    (``[5e-324, 1e-300]``: :func:`~rdalloc.testing.bisection_waterfill` works in logs and follows them; off by
+    default, as a budget within 1e-300 of the cheapest beside such weights is refused by ``waterfill`` as outside
+    float64's reliable range); a box ``0 <= lo_i <= hi_i <= 16`` (the model's ``[1, 8]`` or
     drawn per item); metadata in ``[0, 64]`` (or none); a budget placed as :data:`BUDGETS` says."""
     n_items = draw(st.integers(1, max_items))
     model = draw(exponential_models(n_items, eviction=False, lo=1.0, hi=8.0))
     sizes = draw(st.one_of(_floats(1.0, 200.0), _vectors(n_items, _floats(1.0, 200.0))))
-    weights = draw(_weights(n_items, tiny=True).filter(lambda w: np.max(w) >= 1e-3))
+    weights = draw(_weights(n_items, tiny=tiny_weights).filter(lambda w: np.max(w) >= 1e-3))
     if draw(st.booleans()):
         lo, hi = 1.0, 8.0
     else:
