@@ -1,7 +1,7 @@
 """Outside peer for the packed head-plan cache: transformers' ``QuantizedCache`` (quanto backend) at equal bytes.
 
-    HF_HUB_OFFLINE=1 python -m experiments.quantized_cache_peer                        # 4 windows, 512 + 64 tokens
-    HF_HUB_OFFLINE=1 python -m experiments.quantized_cache_peer --windows 8 --context 1024 --continuation 128
+    HF_HUB_OFFLINE=1 python -m experiments.quantized_cache_peer                        # 4 windows, 256 + 32 tokens
+    HF_HUB_OFFLINE=1 python -m experiments.quantized_cache_peer --windows 4 --context 512 --continuation 64
 
 Protocol (a cache only matters in decoding: ``QuantizedCache`` hands attention the originals during a prefill
 forward, so a single-forward perplexity would not see its quantization). Per evaluation window ``ids`` of
@@ -290,7 +290,7 @@ def rdalloc_rows(facts: Any, calibration: Any, config: Any, tokens: int, targets
             overhead = float(meta.sum() / sizes.sum())
             menu = calibration.menu(quant.name)
             m = match_budget(lambda bits, q=qname: allocate_plan(calibration, q, bits, tokens=tokens), config,
-                             tokens, target, low=min(menu) + overhead, high=max(menu) + overhead)
+                             tokens, target, low=min(menu) + overhead, high=max(menu) + overhead, tolerance=4e-3)
             rows.append(_packed_row(f"rdalloc PackedHeadCache, calibrated {quant.name} plan at quanto {b}-bit bytes",
                                     "rdalloc", b, m.plan, config, m.nbytes,
                                     {"average_bits_charged": m.average_bits, "target_bytes": m.target,
@@ -422,8 +422,8 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--continuation", type=int, default=64)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--continuation", type=int, default=32)
     p.add_argument("--nbits", default="2,4", help="quanto widths (2 and/or 4), comma-separated")
     p.add_argument("--quantizers", default="kivi,quarot", help="rdalloc plans' quantizers (from the calibration)")
     p.add_argument("--quanto-group-size", type=int, default=None, help="default: transformers' (64)")
