@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ from rdalloc.backends.hf.text import default_text, tokenize
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from rdalloc.environment import environment
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/ beside benchmarks/
+from experiments import quantized_cache_peer as _peer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"
@@ -64,12 +68,9 @@ def dense_nbytes(cache) -> int:
 
 
 def quanto_nbytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for q in (layer._quantized_keys, layer._quantized_values):
-            total += sum(t.numel() * t.element_size() for t in (q._data, q._scale, q._shift))
-        total += 2 * (layer.keys.numel() + layer.values.numel())
-    return total
+    """Bytes a quanto ``QuantizedCache`` holds, counted as ``experiments/quantized_cache_peer.py`` does (packed codes
+    at their bytes, float16-equivalent scale and shift, residual at 2 bytes per element)."""
+    return _peer.quanto_nbytes(cache)["bytes"]
 
 
 def quanto_cache(config):
