@@ -350,6 +350,9 @@ def test_text_sources(tmp_path):
         read_text(tmp_path / "missing.txt")
     w = text_windows(PositionTokenizer(), path=f, length=2, calibration=1, evaluation=1)
     assert w.source == str(f) and w.tokens == len("héllo wörld")
+    source = read_text("python-source")
+    assert source == read_text("python-source") and len(source) > 300_000 and "def parse_args" in source
+    assert read_text("pydoc_data.topics") == text and not set(source[:2000].split()) <= set(text.split())
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ from rdalloc.environment import environment
 from rdalloc.plan import Plan
 from rdalloc.quantizers import get_quantizer
 
+from .text import BUILTIN_TEXTS
+
 __all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "quantizers_with",
            "check_placement", "HF_MODULES", "EVAL_FORMAT"]
 
@@ -148,7 +150,8 @@ def _check_source(args):
     """The arguments :func:`_load` takes, checked; returns :func:`check_model`'s facts."""
     check_positive(args.windows, "--windows")
     check_positive(args.length, "--length")
-    check_path(args.text, "--text")
+    if args.text not in BUILTIN_TEXTS:
+        check_path(args.text, "--text")
     check_placement(args)
     return check_model(args.model)
 
@@ -169,7 +172,8 @@ def quantizer_names(text: str) -> list[str]:
 def _add_source(p, *, windows: int, length: int, what: str) -> None:
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file (default: the "
                    "bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--text", default=None, help="a UTF-8 text file (default: pydoc_data.topics)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file, or a built-in text: "
+                   "pydoc_data.topics (default) or python-source")
     p.add_argument("--windows", type=int, default=windows, help=f"{what} windows (default {windows})")
     p.add_argument("--length", type=int, default=length, help=f"tokens per {what} window (default {length})")
     add_dtype(p)

@@ -2,7 +2,10 @@
 
 The default text is CPython's ``pydoc_data.topics`` (the help texts of the language reference, about half a
 megabyte of English prose in CPython 3.11): the topics are joined in sorted-key order with a blank line between them,
-so the text (and every window cut from it) is the same on every run of the same Python. Any UTF-8 file works too.
+so the text (and every window cut from it) is the same on every run of the same Python. A second built-in text, in
+another register, checks that conclusions drawn on the first are not tuned to it: ``"python-source"``, the source of
+eight pure-Python standard-library modules (code, comments and docstrings; about 0.6 MB) joined in a fixed order.
+Both ship with every CPython, so neither needs a network. Any UTF-8 file works too.
 
 Splitting. The token stream of ``N`` tokens is cut at ``split_at = floor(split * N)``: the **calibration** part is
 ``[0, split_at)`` and the **evaluation** part is ``[split_at, N)``. Windows are consecutive, non-overlapping slices of
@@ -17,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TextWindows", "default_text", "read_text", "tokenize", "cut_windows", "text_windows"]
+__all__ = ["TextWindows", "BUILTIN_TEXTS", "default_text", "python_source_text", "read_text", "tokenize",
+           "cut_windows", "text_windows"]
+
+#: Standard-library modules that are single pure-Python files in every CPython >= 3.11, in the order joined.
+PYTHON_SOURCE_MODULES = ("argparse", "difflib", "tarfile", "inspect", "typing", "statistics", "dataclasses", "shutil")
 
 
 def default_text() -> str:
@@ -27,10 +34,27 @@ def default_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
+def python_source_text() -> str:
+    """The source of :data:`PYTHON_SOURCE_MODULES`, joined in that order with a blank line between files."""
+    import importlib.util
+
+    parts = []
+    for name in PYTHON_SOURCE_MODULES:
+        origin = importlib.util.find_spec(name).origin
+        parts.append(Path(origin).read_text(encoding="utf-8").strip())
+    return "\n\n".join(parts)
+
+
+#: Texts known by name (``read_text("python-source")``, ``--text python-source``): a name wins over a file of that name.
+BUILTIN_TEXTS = {"pydoc_data.topics": default_text, "python-source": python_source_text}
+
+
 def read_text(path: str | os.PathLike | None = None) -> str:
-    """The default text (``path=None``) or the contents of a UTF-8 file."""
+    """The default text (``path=None``), a built-in text by name (:data:`BUILTIN_TEXTS`) or a UTF-8 file's contents."""
     if path is None:
         return default_text()
+    if isinstance(path, str) and path in BUILTIN_TEXTS:
+        return BUILTIN_TEXTS[path]()
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"text path must be an existing UTF-8 file, got {str(path)!r}")
@@ -103,7 +127,8 @@ def text_windows(tokenizer: Any, *, length: int, calibration: int, evaluation: i
     Args:
       tokenizer: a Hugging Face tokenizer.
       length: tokens per window; calibration, evaluation: how many windows of each.
-      path: a UTF-8 file (default: ``pydoc_data.topics``); text: the text itself (overrides ``path``).
+      path: a UTF-8 file or a name in :data:`BUILTIN_TEXTS` (default: ``pydoc_data.topics``);
+        text: the text itself (overrides ``path``).
       split: fraction of the token stream that forms the calibration part, in ``(0, 1)`` (see the module docstring).
     """
     if not (isinstance(split, (int, float)) and 0.0 < float(split) < 1.0):
