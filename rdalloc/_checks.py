@@ -347,6 +347,19 @@ class WaterfillInputs(NamedTuple):
     budget: Any
 
 
+SMALLEST_SIZE = float(np.nextafter(np.finfo(np.float64).smallest_normal, 0.0))
+"""Sizes must exceed it; with ``greater`` it is exclusive, so the smallest accepted is float64's smallest normal."""
+
+
+def named_namespace(**arrays: Any):
+    """:func:`namespace` of the arguments, after a ``TypeError`` naming any that is neither ``None``, a Python number,
+    list or tuple, nor an array (a string, a dict, ...)."""
+    for name, x in arrays.items():
+        if not (x is None or isinstance(x, (int, float, bool, list, tuple)) or array_api_compat.is_array_api_obj(x)):
+            raise TypeError(f"{name} must be a number or an array, got {type(x).__name__} {x!r:.60}")
+    return namespace(*arrays.values())
+
+
 def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights: Any, lo: Any, hi: Any,
                  metadata: Any, groups: Any, reducer: Any) -> WaterfillInputs:
     """Check and convert :func:`~rdalloc.waterfill`'s arguments (``lo``/``hi`` default to the model's range;
@@ -358,7 +371,8 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
         raise TypeError(f"model must be an ExponentialModel, got {type(model).__name__}")
     if groups is not None and reducer is not None:
         raise ValueError("groups cannot be combined with a reducer: a grouped solve runs in one process")
-    xp = namespace(model.alpha, sizes, weights, lo, hi, metadata, groups)
+    xp = named_namespace(alpha=model.alpha, sizes=sizes, weights=weights, lo=lo, hi=hi, metadata=metadata,
+                         groups=groups)
     dev = device(model.alpha)
     n_items = check_items(model)
     lo = model.lo if lo is None else lo
@@ -366,6 +380,7 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
     for name, value in (("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi), ("metadata", metadata)):
         check_shape(name, value, n_items)
     check_values("sizes", sizes, positive=True)
+    check_values("sizes", sizes, greater=SMALLEST_SIZE, why=" (a subnormal size: budgets per element overflow)")
     check_values("weights", weights, nonnegative=True)
     check_values("metadata", metadata, nonnegative=True)
     check_values("lo", lo, nonnegative=True)
@@ -422,12 +437,13 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: 
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
     menu = default_menu(model) if menu is None else check_menu(menu)
     data = model.alpha if isinstance(model, ExponentialModel) else model.distortion
-    xp = namespace(data, sizes, weights, metadata, lo, hi, groups)
+    xp = named_namespace(model=data, sizes=sizes, weights=weights, metadata=metadata, lo=lo, hi=hi, groups=groups)
     dev = device(data)
     N = check_items(model)
     for name, value in (("sizes", sizes), ("weights", weights), ("metadata", metadata)):
         check_shape(name, value, N)
     check_values("sizes", sizes, positive=True)
+    check_values("sizes", sizes, greater=SMALLEST_SIZE, why=" (a subnormal size: budgets per element overflow)")
     check_values("weights", weights, nonnegative=True)
     check_values("metadata", metadata, nonnegative=True)
     ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)

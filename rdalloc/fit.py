@@ -295,7 +295,9 @@ def fit_validated(d: np.ndarray, bits: tuple[int, ...], w: np.ndarray, pooled: b
     with np.errstate(divide="ignore"):
         y = np.log(np.where(w > 0, d, 1.0))
     a, k, se, dof = _wls(b, y, w, pooled, slope_items if pooled else None)
-    return ExponentialFit(alpha=np.exp(a), beta=np.exp(k), pooled=bool(pooled), bits=bits, distortions=d, weights=w,
+    with np.errstate(over="ignore", under="ignore"):  # out of float64's range: inf or 0, refused by fit_exponential
+        alpha, beta = np.exp(a), np.exp(k)
+    return ExponentialFit(alpha=alpha, beta=beta, pooled=bool(pooled), bits=bits, distortions=d, weights=w,
                           log_beta_se=se, dof=np.asarray(dof, dtype=int), quantizer=quantizer,
                           slope_items=slope_items.copy() if pooled and slope_items is not None else None)
 
@@ -363,6 +365,13 @@ def fit_exponential(distortions: Any, bits: Sequence[int], *, pooled: bool = Tru
         raise ValueError(f"distortions of item {i} leave {int(fit.n_points[i])} usable quantized point(s) "
                          f"(values {d[i, q].tolist()} at bits {qb}; zeros and zero-weight points are left out); "
                          f"a {'pooled' if pooled else 'per-item'} fit needs {need}")
+    for name, v in (("alpha", fit.alpha), ("beta", fit.beta)):
+        bad = (v == 0) | np.isinf(v)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"distortions of item {i} ({d[i].tolist()} at bits {list(bits)}) give a fitted {name} "
+                             f"of {float(v[i])!r}: its logarithm lies outside float64's range; rescale the "
+                             f"distortions")
     return fit
 
 

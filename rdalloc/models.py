@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_menu, check_shape, check_values
+from ._checks import SMALLEST_SIZE, check_menu, check_shape, check_values
 from ._namespace import as_float64, is_traced, namespace, to_numpy
 from .cost import FULL_BITS
 
@@ -44,6 +44,8 @@ class ExponentialModel:
     def __post_init__(self):
         n = self.n_items
         check_values("alpha", self.alpha, positive=True)
+        check_values("alpha", self.alpha, greater=SMALLEST_SIZE, why=" (a subnormal alpha: the solvers' ratios of "
+                     "alphas overflow)")
         check_shape("beta", self.beta, n)
         check_values("beta", self.beta, greater=1.0)
         if self.eviction is not None:

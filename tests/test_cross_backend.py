@@ -14,7 +14,7 @@ from rdalloc.backends import jax as rdj
 from rdalloc.backends import torch as rdt
 
 from rdalloc import Plan, PlanApplier, measure_distortion
-from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax
+from rdalloc.quantizers import KIVI, PerTokenAsymmetric, QuaRot, SymmetricAbsmax, f16_down
 
 MENU = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
 
@@ -65,7 +65,7 @@ def test_torch_and_jax_agree(case):
     tf, jf = ta.fake_quantize(tk, tv, layer=0), ja.fake_quantize(jk, jv, layer=0)
     tp, jp = ta.pack(tk, tv, layer=0), ja.pack(jk, jv, layer=0)
     for a, b in ((tf.keys, jf.keys), (tf.values, jf.values)):
-        np.testing.assert_allclose(a.numpy(), np.asarray(b), rtol=1e-6, atol=1e-6 * float(np.abs(k).max()))
+        np.testing.assert_array_equal(_bits(a.numpy()), _bits(np.asarray(b)))  # bit for bit, the sign of zero too
     # the same codes (payload bytes) and the same float16 parameters
     assert tp.nbytes == jp.nbytes
     for t_part, j_part in ((tp.keys, jp.keys), (tp.values, jp.values)):
@@ -166,3 +166,120 @@ def test_measure_distortion_refuses_the_same_bits_on_every_backend(bits):
             measure(arr, "kivi", bits, role="key")
         errors.append((info.type, str(info.value)))
     assert errors[0] == errors[1] == errors[2]
+
+
+# ---- bit for bit on numpy, torch and JAX -----------------------------------------------------------------------------
+def _three_backends(plan, q, k, v):
+    """Fake quantization, packed codes and unpacked values of one layer on numpy, torch and JAX, as numpy arrays."""
+    out = []
+    for conv in (np.asarray, torch.as_tensor, jnp.asarray):
+        ap = PlanApplier(plan, q)
+        kk, vv = conv(k), conv(v)
+        fq = ap.fake_quantize(kk, vv, layer=0)
+        packed = ap.pack(kk, vv, layer=0)
+        uk, uv = ap.unpack(packed)
+        codes = [np.asarray(p) for part in (packed.keys, packed.values) for p in part.payload]
+        params = [np.asarray(p) for part in (packed.keys, packed.values) for p in part.params]
+        out.append({"keys": np.asarray(fq.keys), "values": np.asarray(fq.values), "unpacked keys": np.asarray(uk),
+                    "unpacked values": np.asarray(uv), "codes": codes, "params": params})
+    return out
+
+
+def _assert_bitwise(results):
+    """Every backend's arrays equal numpy's bit for bit (the sign of zero included), and unpacking equals fake
+    quantization bit for bit."""
+    ref = results[0]
+    for name, got in zip(("torch", "jax"), results[1:]):
+        for key in ("keys", "values", "unpacked keys", "unpacked values"):
+            a, b = ref[key], got[key]
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, key)
+            bad = np.nonzero(_bits(a) != _bits(b))
+            assert bad[0].size == 0, f"{name} {key} differ from numpy at {bad}: {a[bad]} vs {b[bad]}"
+        for key in ("codes", "params"):
+            assert len(ref[key]) == len(got[key])
+            for a, b in zip(ref[key], got[key]):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=f"{name} {key}")
+    for r in results:
+        for role in ("keys", "values"):
+            np.testing.assert_array_equal(_bits(r[role]), _bits(r["unpacked " + role]))
+
+
+def _bits(a):
+    """The bit patterns of ``a`` as unsigned integers (``-0.0 != 0.0``, NaNs by payload)."""
+    a = np.ascontiguousarray(a)
+    return a.view(f"u{a.itemsize}")
+
+
+def test_kivi_7_bit_group_of_one_token_is_bitwise_equal():
+    """Found by an outside check: a KIVI key group holding one token (the others padding) at 7 bits has
+    ``(x - zero) / scale = 126.5`` exactly. numpy and torch divided (126, half to even); XLA rewrote the division by the
+    broadcast scale into a product by its reciprocal (127). Every backend now multiplies by the reciprocal."""
+    x = np.float32(0.5390266)
+    k = np.zeros((1, 1, 1, 8), np.float32)
+    k[..., 0] = x
+    k[..., 1:] = np.linspace(-1.0, 1.0, 7, dtype=np.float32)
+    plan = Plan(key=np.array([[7]]), value=np.array([[7]]), quantizer="kivi")
+    q = KIVI(group_size=4)
+    results = _three_backends(plan, q, k, k)
+    _assert_bitwise(results)
+    # the tie itself: one valid element, so zero = f16_down(x), scale = the least float16 with 127 scale >= x - zero
+    zero = f16_down(np.asarray(x))
+    scale = results[0]["params"][0][0, 0, 0].astype(np.float32)
+    assert (x - zero) / scale == 126.5
+    assert results[0]["keys"][0, 0, 0, 0] == np.float32(127) * scale + zero  # 126.5 * (1 + 2**-24 ...) rounds to 127
+    assert abs(results[0]["keys"][0, 0, 0, 0] - x) <= scale / 2
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_absmax_zeros_are_positive_on_every_backend(bits):
+    """Symmetric absmax decodes the centre code to +0.0 everywhere: XLA folded ``(round(x / s) + c) - c`` into
+    ``round(x / s)`` and returned -0.0 for small negative x (numpy and torch: +0.0)."""
+    row = np.array([-0.0, 0.0, -1e-4, 1e-4, -0.3, 0.3, 5.0, -5.0], np.float32)
+    k = np.stack([row, -row, np.full(8, -0.0, np.float32)])[None, None]  # [1, 1, 3, 8]; the last token all -0.0
+    plan = Plan(key=np.array([[bits]]), value=np.array([[bits]]), quantizer="absmax")
+    results = _three_backends(plan, SymmetricAbsmax(), k, k)
+    _assert_bitwise(results)
+    out = results[0]["keys"]
+    if bits > 1:
+        assert (out[0, 0, :, :4] == 0).all()
+        assert not np.signbit(out[out == 0]).any()
+
+
+def _tie_prone(draw, shape):
+    """float32 values that often sit on a quantizer's grid or half-way between two of its points: small integers and
+    halves times a power of two, signed zeros, with ordinary normals and subnormals between them."""
+    n = int(np.prod(shape))
+    kind = draw(st.sampled_from(["grid", "normal", "mixed"]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    rng = np.random.default_rng(seed)
+    grid = (rng.integers(-16, 17, n) / 2.0 * 2.0 ** rng.integers(-12, 4)).astype(np.float32)
+    grid[rng.random(n) < 0.1] = -0.0
+    normal = (rng.standard_normal(n) * 10.0 ** rng.integers(-4, 3)).astype(np.float32)
+    if kind == "grid":
+        x = grid
+    elif kind == "normal":
+        x = normal
+    else:
+        x = np.where(rng.random(n) < 0.5, grid, normal)
+        x[rng.random(n) < 0.05] = np.float32(1e-40)  # float32 subnormals
+    return x.reshape(shape)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_codes_and_values_are_bitwise_equal_on_numpy_torch_and_jax(data):
+    """Random small tensors, widths 1..8 (plus 0 and 16), every built-in quantizer: numpy, torch and JAX give the same
+    codes, float16 parameters and dequantized values bit for bit, and unpacking equals fake quantization."""
+    kind = data.draw(st.sampled_from(["kivi", "quarot", "per_token", "absmax"]))
+    g = data.draw(st.sampled_from([1, 2, 4]))
+    q = {"kivi": KIVI(group_size=g), "quarot": QuaRot(), "per_token": PerTokenAsymmetric(group_size=g),
+         "absmax": SymmetricAbsmax(group_size=g)}[kind]
+    h = data.draw(st.integers(1, 2))
+    t = data.draw(st.integers(1, 6))
+    d = data.draw(st.sampled_from([4, 8]))
+    widths = data.draw(st.lists(st.sampled_from(MENU), min_size=2 * h, max_size=2 * h))
+    plan = Plan(key=np.array([widths[:h]]), value=np.array([widths[h:]]), quantizer=kind)
+    k = _tie_prone(data.draw, (1, h, t, d))
+    v = _tie_prone(data.draw, (1, h, t, d))
+    _assert_bitwise(_three_backends(plan, q, k, v))

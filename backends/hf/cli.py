@@ -46,8 +46,8 @@ from rdalloc.quantizers import get_quantizer
 
 from .text import BUILTIN_TEXTS
 
-__all__ = ["register", "add_dtype", "check_path", "check_model", "probe_widths", "quantizer_names", "quantizers_with",
-           "check_placement", "HF_MODULES", "EVAL_FORMAT"]
+__all__ = ["register", "add_dtype", "check_path", "check_model", "converted_directory", "probe_widths",
+           "quantizer_names", "quantizers_with", "check_placement", "HF_MODULES", "EVAL_FORMAT"]
 
 HF_MODULES = ("torch", "transformers", "gguf", "accelerate", "safetensors", "tqdm", "matplotlib")
 """What the commands import beyond the core (the ``hf`` extra), by top-level module name."""
@@ -119,30 +119,53 @@ def check_path(path, flag: str) -> None:
         raise ValueError(f"{flag} {str(path)!r} does not exist")
 
 
+def converted_directory(path):
+    """The directory the bundled model (``path`` ``None`` or ``"smollm2"``) or a ``.gguf`` file was converted into,
+    found without loading or converting anything; ``None`` when it is not converted yet (or ``path`` is no GGUF)."""
+    from rdalloc.backends.hf.model import SMOLLM2, _is_conversion_of, cache_dir, smollm2_gguf
+
+    if path is None or str(path) == SMOLLM2:
+        gguf = smollm2_gguf()
+    else:
+        gguf = Path(path).expanduser()
+        if not (gguf.is_file() and gguf.suffix == ".gguf"):
+            return None
+    target = cache_dir() / "models" / gguf.stem
+    return target if _is_conversion_of(target, gguf) else None
+
+
 def check_model(path):
     """``--model`` checked before anything loads: it exists, and a directory's ``config.json`` is a JSON object whose
     ``model_type`` transformers knows (else ``ValueError`` naming the flag, the file and the value). Returns the
-    directory's :class:`~rdalloc.backends.hf.model.ModelFacts`, read from that config without loading weights, or
-    ``None`` (the bundled model, a ``.gguf`` file)."""
-    check_path(path, "--model")
-    config = None if path is None else Path(path).expanduser() / "config.json"
+    model's :class:`~rdalloc.backends.hf.model.ModelFacts`, read from that config without loading weights: a local
+    directory's, or for the bundled model and a ``.gguf`` file the config of their cached conversion; ``None`` when
+    there is none yet (the first load converts, and the facts are checked after it)."""
+    from rdalloc.backends.hf.model import SMOLLM2
+
+    if path is not None and str(path) != SMOLLM2:
+        check_path(path, "--model")
+    directory = converted_directory(path)
+    if directory is None and path is not None and str(path) != SMOLLM2:
+        directory = Path(path).expanduser()
+    config = None if directory is None else directory / "config.json"
     if config is None or not config.is_file():
-        return None  # the bundled model, a .gguf file, or a directory load_model refuses by name
+        return None  # not converted yet, or a directory load_model refuses by name
+    label = f"--model {str(path)!r}" if path is not None else "--model (default: the bundled model)"
     try:
         d = json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"--model {str(path)!r}: {config} is not valid JSON ({one_line(e)})") from None
+        raise ValueError(f"{label}: {config} is not valid JSON ({one_line(e)})") from None
     from rdalloc.backends.hf.model import model_facts
     from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = d.get("model_type") if isinstance(d, dict) else None
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise ValueError(f"--model {str(path)!r}: {config} names no model type transformers knows "
+        raise ValueError(f"{label}: {config} names no model type transformers knows "
                          f"(model_type={model_type!r})")
     try:
         return model_facts(SimpleNamespace(config=AutoConfig.from_pretrained(config.parent, local_files_only=True)))
     except (AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"--model {str(path)!r}: {config} does not describe a model with layers and attention heads "
+        raise ValueError(f"{label}: {config} does not describe a model with layers and attention heads "
                          f"({type(e).__name__}: {one_line(e)})") from None
 
 
