@@ -152,16 +152,65 @@ def check_budget(budget: float | None, average_bits: float | None, total_element
     return f if budget is not None else f * total_elements
 
 
-def check_representable(xp, n: Any, m: Any, n_items: int) -> None:
+def check_representable(xp, n: Any, m: Any, n_items: int) -> float | None:
     """``ValueError`` unless the most any allocation can cost, ``16 sum_i n_i + sum_i m_i`` bits, is a finite float64
-    (so every budget, cost and sum of the solve is); concrete arrays only."""
+    (so every budget, cost and sum of the solve is); returns it (concrete arrays only; ``None`` when traced)."""
     if is_traced(n) or is_traced(m):
-        return
+        return None
     with concrete(xp):
         total_n, total_m = (float(xp.sum(x)) if x.ndim else float(x) * n_items for x in (n, m))
     if not np.isfinite(FULL_BITS * total_n + total_m):
         raise ValueError(f"sizes and metadata overflow float64: 16 * sum(sizes) + sum(metadata) = "
                          f"{FULL_BITS} * {total_n!r} + {total_m!r} bits; express sizes in larger units")
+    return FULL_BITS * total_n + total_m
+
+
+LARGEST_SPAN = 1e300
+"""The largest rate per element times bits, and metadata bits per element, that :func:`allocate` accepts."""
+
+
+def _largest_log10_ratio(top: Any, bottom: Any) -> tuple[int, float]:
+    """The item with the largest ``top / bottom`` (non-negative, bottom positive) and that ratio's log10."""
+    t, b = np.broadcast_arrays(to_numpy(top).astype(np.float64), to_numpy(bottom).astype(np.float64))
+    with np.errstate(divide="ignore"):
+        r = np.log10(t) - np.log10(b)
+    i = int(np.argmax(r))
+    return i, float(r[i])
+
+
+def check_dynamic_range(xp, weights: Any, scale: Any, n: Any, m: Any, most_bits: float | None,
+                        scale_name: str) -> None:
+    """``ValueError`` unless :func:`allocate`'s rates per element fit float64: ``w_i scale_i`` finite, ``r_i = w_i
+    scale_i / n_i`` (``scale`` is ``alpha``, or ``max_b D(b)`` for a table) at most :data:`LARGEST_SPAN` over
+    ``most_bits`` (the costliest allocation's bits), and ``m_i / n_i`` at most :data:`LARGEST_SPAN` bits per element.
+
+    The menu solve divides distortion steps by cost steps (rates per element) and multiplies its multiplier, a rate,
+    by costs; beyond these bounds either overflows. A common factor of the weights does not change the answer, so the
+    message says to scale them. Concrete arrays only; a min/max pass decides the common case, per-item logs run only
+    when it exceeds a bound. (Rates far apart are fine: the smallest merely underflow towards weight 0.)"""
+    if most_bits is None or any(is_traced(x) for x in (weights, scale, n, m)):
+        return
+    with concrete(xp), np.errstate(over="ignore"):
+        scale = weights * scale
+        s_max, n_min, m_max = (float(f(x)) for f, x in ((xp.max, scale), (xp.min, n), (xp.max, m)))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if not np.isfinite(s_max):
+            s = np.broadcast_to(to_numpy(scale), np.broadcast_shapes(np.shape(scale), np.shape(n)))
+            i = int(np.argmax(~np.isfinite(s)))
+            raise ValueError(f"{scale_name} overflows float64 at item {i}; scale weights down (the allocation does "
+                             f"not depend on their common scale)")
+        if m_max / n_min > LARGEST_SPAN:
+            i, r = _largest_log10_ratio(m, n)
+            if r > np.log10(LARGEST_SPAN):
+                raise ValueError(f"metadata / sizes = 10**{r:.1f} bits per element at item {i} exceeds "
+                                 f"{LARGEST_SPAN:g}: express sizes in smaller units")
+        ceiling = LARGEST_SPAN / max(most_bits, 1.0)
+        if s_max / n_min > ceiling:
+            i, r = _largest_log10_ratio(scale, n)
+            if r > np.log10(ceiling):
+                raise ValueError(f"{scale_name} / sizes = 10**{r:.1f} at item {i} exceeds {ceiling:.3g} ("
+                                 f"{LARGEST_SPAN:g} over the {most_bits:.3g} bits of the costliest allocation): scale "
+                                 f"weights down (the allocation does not depend on their common scale)")
 
 
 def check_groups(xp, groups: Any, n_items: int, n_groups: int, dev: Any) -> Any:
@@ -390,7 +439,7 @@ def waterfill_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, weights
     alpha, beta, n, w, lo, hi, m = (as_float64(xp, v, device=dev, name=name) for name, v in (
         ("alpha", model.alpha), ("beta", model.beta), ("sizes", sizes), ("weights", weights), ("lo", lo), ("hi", hi),
         ("metadata", metadata)))  # scalars stay 0-d
-    check_representable(xp, n, m, n_items)
+    check_representable(xp, n, m, n_items)  # (waterfill works in logs: no range of rates to check)
     check_ordered(lo, hi, n_items)
     if groups is not None:
         n_groups = group_count(budget, average_bits)
@@ -449,7 +498,14 @@ def allocate_iv(model: Any, sizes: Any, budget: Any, average_bits: Any, groups: 
     ones = xp.ones((N,), dtype=float_dtype(xp), device=dev)
     n, w, m = (as_float64(xp, v, device=dev, name=name) * ones
                for name, v in (("sizes", sizes), ("weights", weights), ("metadata", metadata)))
-    check_representable(xp, n, m, N)
+    most_bits = check_representable(xp, n, m, N)
+    if isinstance(model, ExponentialModel):
+        check_dynamic_range(xp, w, as_float64(xp, model.alpha, device=dev, name="alpha"), n, m, most_bits,
+                            "weights * distortion")  # (alpha is the distortion at 0 bits)
+    elif not any(is_traced(x) for x in (model.distortion, w, n, m)):  # (the table's mask is numpy: check on host)
+        d = np.asarray(to_numpy(model.distortion), dtype=np.float64)
+        scale = np.max(np.where(model.allowed_mask, d, 0.0), axis=1)
+        check_dynamic_range(np, to_numpy(w), scale, to_numpy(n), to_numpy(m), most_bits, "weights * distortion")
     if groups is None:
         elements = xp.sum(n)
         total = xp.asarray(check_budget(budget, average_bits, elements if is_traced(elements) else float(elements)),

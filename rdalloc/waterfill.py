@@ -171,22 +171,28 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     saturated = P >= first.g_max
     at_min = P <= first.g_min
     infeasible = P < first.g_min - _INFEASIBLE_RTOL * (first.g_min + m_total)
-    start = _start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), P, elements, max_iter,
+    # the level is sought for the budget within the boxes' reach (beyond it the answer is a box end, and a budget
+    # far beyond, per element, would overflow the start level)
+    reach = xp.maximum(xp.minimum(P, first.g_max), first.g_min)
+    start = _start_level(xp, first, bracket, n_items, (alpha, beta, w, n, lo, hi), reach, elements, max_iter,
                          traced and reducer is _LOCAL)
-    solved = _solve_level(xp, first, bracket, over, P, start, saturated | infeasible | at_min, max_iter)
+    solved = _solve_level(xp, first, bracket, over, reach, start, saturated | infeasible | at_min, max_iter)
     mu_min = first.mu_min if not local else _lowest_level_at_lo(xp, over, P, at_min & ~saturated)
     mu = xp.where(at_min & ~saturated, mu_min, solved.mu)  # everything at lo: the lowest level that keeps it there
     level = xp.where(saturated, -_big(xp, P), mu)  # lambda = 0 when the budget is slack (finite residual)
     force = traced or bool(saturated | at_min)  # eager: skip the fix-ups the data does not need
     out = over.run(_final_pass(xp, mu, level, saturated, at_min, force, first.all_useful))
     (bits,) = out.arrays
+    if not traced and not bool(xp.abs(out.sums["distortion"]) < xp.inf):
+        raise ValueError("the weighted distortion of the answer, sum_i w_i alpha_i beta^(-b_i), overflows float64: "
+                         "scale weights down (the allocation does not depend on their common scale)")
     bits = xp.where(infeasible, xp.nan, bits) if traced else bits
     code = lambda v: xp.asarray(int(v), dtype=xp.int32, device=device(P))  # noqa: E731
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
     # the spend the answer should reach: the budget, within what the boxes allow (a budget a rounding below the
     # cheapest point, accepted as feasible, is met by the cheapest point)
-    payload, target = out.sums["payload"], xp.maximum(xp.minimum(P, first.g_max), first.g_min)
+    payload, target = out.sums["payload"], reach
     residual = _relative(xp, payload - target, target)
     status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
@@ -411,8 +417,10 @@ def _final_pass(xp, mu, level, saturated, at_min, force: bool, all_useful: bool)
         else:
             zero = xp.zeros_like(bits)
             kkt = xp.maximum(xp.maximum(xp.where(bits < hi, r, zero), xp.where(bits > lo, -r, zero)), zero)
-        return _Part(arrays=(bits,), sums={"payload": _dot(xp, n, bits), "distortion": _dot(xp, n, inv_k * xp.exp(e))},
-                     peak=kkt)
+        # n exp(e) / k with n inside the exp: the marginal per element e can exceed float64 where n e does not
+        with np.errstate(over="ignore"):  # a weighted distortion beyond float64 is refused by the caller
+            distortion = xp.sum(inv_k * xp.exp(e + xp.log(n)))
+        return _Part(arrays=(bits,), sums={"payload": _dot(xp, n, bits), "distortion": distortion}, peak=kkt)
     return chunk
 
 
