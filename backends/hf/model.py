@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["ModelFacts", "LoadedModel", "load_model", "model_dtype", "DTYPES", "model_device",
+__all__ = ["ModelFacts", "LoadedModel", "load_model", "gguf_facts", "model_dtype", "DTYPES", "model_device",
            "check_attn_implementation", "check_attention_layers", "model_facts", "smollm2_gguf", "convert_gguf",
            "cache_dir", "SMOLLM2", "INSTALL_HINT"]
 
@@ -207,6 +207,36 @@ def model_facts(model: Any, name: str | None = None) -> ModelFacts:
         name = Path(str(name)).name or str(name)
     return ModelFacts(name=str(name), layers=int(config.num_hidden_layers), kv_heads=kv_heads, q_heads=q_heads,
                       head_dim=int(head_dim))
+
+
+def gguf_facts(gguf: str | os.PathLike) -> ModelFacts:
+    """:class:`ModelFacts` read from a GGUF file's header (``{arch}.block_count``, ``.attention.head_count``,
+    ``.attention.head_count_kv``, ``.attention.key_length`` or ``.embedding_length / head_count``) without converting
+    or loading its weights: seconds where a first conversion takes tens. ``ValueError`` naming the file and the key
+    when the header lacks one."""
+    from gguf import GGUFReader
+
+    gguf = Path(gguf).expanduser()
+    try:
+        fields = GGUFReader(str(gguf)).fields
+    except (OSError, ValueError, IndexError, KeyError) as e:  # (a truncated header fails on its first read)
+        raise ValueError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def value(key: str, default: Any = None) -> Any:
+        field = fields.get(key)
+        if field is None:
+            if default is not None:
+                return default
+            raise ValueError(f"{gguf} has no {key!r} in its header: cannot tell the model's KV-cache shape")
+        part = field.parts[field.data[0]]
+        return bytes(part).decode("utf-8") if field.types[0].name == "STRING" else int(part[0])
+
+    arch = value("general.architecture")
+    q_heads = value(f"{arch}.attention.head_count")
+    kv_heads = value(f"{arch}.attention.head_count_kv", q_heads)
+    head_dim = value(f"{arch}.attention.key_length", 0) or value(f"{arch}.embedding_length") // q_heads
+    return ModelFacts(name=gguf.stem, layers=value(f"{arch}.block_count"), kv_heads=kv_heads, q_heads=q_heads,
+                      head_dim=head_dim)
 
 
 def _source_record(gguf: Path) -> dict:
