@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from importlib import resources
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import write_atomic
 from .allocate import allocate, default_menu
 from .models import ExponentialModel, model_from_dict
 from .plan import Plan, plan_format, read_npz_header
@@ -158,23 +158,6 @@ def prepare_output_dir(path: str | os.PathLike, flag: str, files: dict[str, Call
     for name, ours in files.items():
         check_output(p / name, flag, ours)
     return p
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path`` (same suffix), then rename it onto ``path``: a failure
-    leaves the previous file, or none, never half of one."""
-    p = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}-", suffix=p.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_problem(args) -> dict:

@@ -33,8 +33,6 @@ import io
 import json
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import write_atomic
 from ._namespace import to_numpy
 from .allocate import Allocation
 from .cost import Usage
@@ -394,7 +393,8 @@ class Plan:
         form = plan_format(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot save the plan to {path}: the folder {path.parent} does not exist")
-        _write_atomic(path, self._write_json if form == "json" else self._write_npz)
+        write = self._write_json if form == "json" else self._write_npz
+        write_atomic(path, lambda tmp: _write_binary(tmp, write))
 
     def _write_json(self, f) -> None:
         f.write(json.dumps(self.to_dict(), allow_nan=False).encode())
@@ -612,22 +612,6 @@ def _npz_header(archive: Any) -> dict:
     return header
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """``write(f)`` into a new temporary file beside ``path`` (binary), then rename it onto ``path``; on any failure
-    the temporary file is removed and ``path`` is untouched."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _canonical(d: Mapping[str, Any]) -> bytes:
     """The canonical JSON of ``d``: sorted keys, no spaces; what JSON cannot hold, by its ``repr``."""
     return json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr).encode()
@@ -660,3 +644,8 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
+
+
+def _write_binary(path: Path, write: Any) -> None:
+    with open(path, "wb") as f:
+        write(f)

@@ -253,7 +253,7 @@ def test_a_failed_save_leaves_no_partial_file_and_keeps_the_old_one(name, tmp_pa
     def no_rename(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
 
-    monkeypatch.setattr("rdalloc.plan.os.replace", no_rename)
+    monkeypatch.setattr("rdalloc._io.os.replace", no_rename)
     with pytest.raises(PermissionError):
         new.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [name]
