@@ -214,8 +214,10 @@ def hadamard_transform(x: Any) -> Any:
     """``x @ H / sqrt(d)`` over the last axis, ``H`` the Sylvester Hadamard matrix of order ``d`` (a power of two).
 
     A fast Walsh–Hadamard transform: ``log2(d)`` butterfly stages of additions and subtractions, then one scaling, so
-    torch and JAX give bit-identical results (no matmul precision modes) in ``O(d log d)`` per vector. The normalized
-    matrix is symmetric and orthogonal, hence its own inverse: apply it to queries and keys alike and
+    torch and JAX give bit-identical results (no matmul precision modes) in ``O(d log d)`` per vector. A sum that
+    falls below the smallest normal float is flushed to zero at every stage, as XLA does, so numpy and torch agree
+    with it there too (:func:`flush_subnormal`; skipped when no input is small enough, :func:`_may_underflow`).
+    The normalized matrix is symmetric and orthogonal, hence its own inverse: apply it to queries and keys alike and
     ``q_rot . k_rot == q . k``.
     """
     xp = array_api_compat.array_namespace(x)
@@ -225,12 +227,27 @@ def hadamard_transform(x: Any) -> Any:
     lead = tuple(x.shape[:-1])
     h = 1
     y = x
+    flush = flush_subnormal if _may_underflow(xp, x, d) else (lambda v: v)
     while h < d:
         y = xp.reshape(y, (*lead, d // (2 * h), 2, h))
         a, b = y[..., 0, :], y[..., 1, :]
-        y = xp.reshape(xp.stack([a + b, a - b], axis=-2), (*lead, d))
+        y = flush(xp.reshape(xp.stack([a + b, a - b], axis=-2), (*lead, d)))
         h *= 2
-    return y * (1.0 / math.sqrt(d))
+    return flush(y * (1.0 / math.sqrt(d)))
+
+
+def _may_underflow(xp, x: Any, d: int) -> bool:
+    """Whether a butterfly sum or the final scaling of :func:`hadamard_transform` can fall below the smallest normal.
+
+    Every value the transform forms is a signed sum of inputs, so a multiple of the finest input's ulp: when every
+    nonzero ``|x| >= 2 d tiny / eps`` (``tiny`` the smallest normal), each is 0 or at least ``2 d tiny``, and stays
+    normal after the scaling by ``1 / sqrt(d)``. Only then is flushing skipped (one reduction instead of ``log2 d``
+    passes); JAX is always flushed (traced values cannot be inspected, and XLA fuses the passes)."""
+    if array_api_compat.is_jax_namespace(xp) or not xp.isdtype(x.dtype, "real floating"):
+        return True
+    info = xp.finfo(x.dtype)
+    a = xp.abs(x)
+    return bool(xp.any((a > 0) & (a < 2.0 * d * float(info.smallest_normal) / float(info.eps))))
 
 
 def to_device(a: np.ndarray, like: Any) -> Any:

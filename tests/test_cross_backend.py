@@ -283,3 +283,30 @@ def test_codes_and_values_are_bitwise_equal_on_numpy_torch_and_jax(data):
     k = _tie_prone(data.draw, (1, h, t, d))
     v = _tie_prone(data.draw, (1, h, t, d))
     _assert_bitwise(_three_backends(plan, q, k, v))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_quarot_near_the_smallest_normal_float_is_bitwise_equal(bits):
+    """QuaRot's butterfly sums of values near ``2**-126`` fall into float32's subnormal range, which XLA flushes to
+    zero and numpy and torch keep; every stage (and the final scaling) is flushed alike, so the three agree."""
+    tiny = np.float32(2.0 ** -126)
+    rng = np.random.default_rng(7)
+    k = (tiny * rng.choice(np.array([1.0, 1.25, 1.5, -1.0, -1.25, 3.0], np.float32), size=(1, 2, 5, 8))).astype(
+        np.float32)
+    v = k[..., ::-1].copy()
+    v[0, 1, 2] = rng.standard_normal(8).astype(np.float32)  # an ordinary token beside the tiny ones
+    plan = Plan(key=np.array([[bits, bits]]), value=np.array([[bits, bits]]), quantizer="quarot")
+    _assert_bitwise(_three_backends(plan, QuaRot(), k, v))
+
+
+def test_hadamard_sums_below_the_smallest_normal_are_flushed_on_every_backend():
+    """``1.25 * 2**-126 - 2**-126`` is subnormal: XLA flushes it to zero, numpy and torch now do too, at every stage
+    and after the scaling (before, numpy and torch kept it and the rotated values differed from JAX's)."""
+    from rdalloc.quantizers import hadamard_transform
+
+    tiny = 2.0 ** -126
+    x = np.array([[1.25 * tiny, tiny, 3 * tiny, -tiny, 0.0, 1.5 * tiny, 2.0 ** -100, -(2.0 ** -110)]], np.float32)
+    ref = hadamard_transform(x)
+    assert not ((ref != 0) & (np.abs(ref) < tiny)).any()
+    for conv in (torch.as_tensor, jnp.asarray):
+        np.testing.assert_array_equal(_bits(np.asarray(hadamard_transform(conv(x)))), _bits(ref))
