@@ -157,12 +157,13 @@ def check_representable(xp, n: Any, m: Any, n_items: int) -> float | None:
     (so every budget, cost and sum of the solve is); returns it (concrete arrays only; ``None`` when traced)."""
     if is_traced(n) or is_traced(m):
         return None
-    with concrete(xp):
+    with concrete(xp), np.errstate(over="ignore"):  # (an overflowing sum is what is refused)
         total_n, total_m = (float(xp.sum(x)) if x.ndim else float(x) * n_items for x in (n, m))
-    if not np.isfinite(FULL_BITS * total_n + total_m):
+        most = FULL_BITS * total_n + total_m
+    if not np.isfinite(most):
         raise ValueError(f"sizes and metadata overflow float64: 16 * sum(sizes) + sum(metadata) = "
                          f"{FULL_BITS} * {total_n!r} + {total_m!r} bits; express sizes in larger units")
-    return FULL_BITS * total_n + total_m
+    return most
 
 
 LARGEST_SPAN = 1e300

@@ -323,7 +323,7 @@ class FitReport:
             lo, hi = s["beta_ci"]
             lines.append(f"pooled:   beta = {_fmt(s['beta'], 4)} [{_fmt(lo, 4)}, {_fmt(hi, 4)}] ({pct} CI), "
                          f"within-R^2 = {_fmt(s['r2_within'], 4)}, largest |log residual| = "
-                         f"{_fmt(s['max_log_residual'])} (x{_fmt(math.exp(s['max_log_residual']))})")
+                         f"{_fmt(s['max_log_residual'])} (x{_fmt(_exp(s['max_log_residual']))})")
         if pi.fitted.any():
             b = pi.beta[pi.fitted]
             lines.append(f"per item: beta {_fmt(float(b.min()))}..{_fmt(float(b.max()))} (median "
@@ -337,7 +337,8 @@ class FitReport:
                 + " ".join(f"{s_:>7}" for s_ in steps) + "  flags")
         lines += ["", "per item (own beta | pooled beta); per-bit ratios D(b)/D(b') ** (1/(b'-b)):", head]
         ci = pi.beta_interval(lvl)
-        r2_i, x_i, r2_p, x_p = pi.r2, np.exp(pi.max_log_residual), po.r2, np.exp(po.max_log_residual)
+        with np.errstate(over="ignore"):  # (residuals may span more than float64: shown as inf)
+            r2_i, x_i, r2_p, x_p = pi.r2, np.exp(pi.max_log_residual), po.r2, np.exp(po.max_log_residual)
         flagged = sorted({fl.item for fl in self.flags if fl.item is not None})
         flagged_set = set(flagged)
         rows = flagged + [i for i in range(f.n_items) if i not in flagged_set]

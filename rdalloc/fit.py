@@ -239,7 +239,8 @@ class ExponentialFit:
     def beta_interval(self, level: float = 0.95) -> np.ndarray:
         """``(N, 2)`` confidence interval of ``beta`` per item: ``exp(ln beta -/+ t_{dof, (1+level)/2} se)``.
 
-        NaN where there are no residual degrees of freedom. For a pooled fit every row is the shared interval.
+        NaN where there are no residual degrees of freedom, inf where the bound exceeds float64. For a pooled fit every
+        row is the shared interval.
         """
         if not 0 < level < 1:
             raise ValueError(f"level must lie in (0, 1), got {level!r}")
@@ -247,7 +248,8 @@ class ExponentialFit:
         t = np.where(dof > 0, stats.t.ppf(0.5 + level / 2, np.maximum(dof, 1)), np.nan)
         k = np.log(self.beta)
         half = t * self.log_beta_se
-        return np.stack([np.exp(k - half), np.exp(k + half)], axis=1)
+        with np.errstate(over="ignore"):  # a fit of points spanning float64 has an interval reaching inf
+            return np.stack([np.exp(k - half), np.exp(k + half)], axis=1)
 
     # ---- the model --------------------------------------------------------------------------------------------
     @property

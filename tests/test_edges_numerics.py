@@ -1,6 +1,8 @@
 """Pinned regressions: the solvers' numerics at the edges of float64 (issue #18). Every input a float can carry
 gives a correct answer or a ValueError/TypeError naming the argument; never a silent overspend or a false OPTIMAL."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,15 @@ def test_a_failed_final_check_has_its_own_status():
     assert "final check failed" in MESSAGES[CHECK_FAILED]
     with pytest.raises(ValueError, match="waterfill spent"):
         _checked_spend(np, used, B, residual, status, infeasible, False, code)
+
+
+def test_reports_and_refusals_at_float64s_edge_raise_no_overflow_warning():
+    """A fit report over points spanning float64 shows inf instead of warning (or raising OverflowError), and sizes
+    whose sum overflows are refused by name without a RuntimeWarning first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = str(fit_report([[1e-300, 1e300, 1e-300]], [1, 2, 3]))
+        assert "inf" in text
+        for solver in (waterfill, allocate):
+            with pytest.raises(ValueError, match="sizes and metadata overflow float64"):
+                solver(ExponentialModel(np.array([4.0, 1.0, 0.25])), np.full(3, 1e308), average_bits=3)
