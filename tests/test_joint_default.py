@@ -45,7 +45,8 @@ def pre(tiny, ids):
 def test_calibrated_weights_are_a_blend_of_mse_and_rdkv(pre):
     w = token_weights(pre, method="calibrated")
     mse, rdkv = token_weights(pre, method="mse"), token_weights(pre, method="rdkv")
-    assert w.method == "calibrated" and w.blend.shape == (LAYERS, KV_HEADS)
+    assert w.method == "calibrated" and w.blend.shape == (3, LAYERS, KV_HEADS)
+    np.testing.assert_array_equal(w.blend[0], w.blend[2])  # values and keys share the high-rate coefficient
     assert set(np.unique(w.blend)) <= set(BLEND_GRID)
     for f in ("token", "eviction", "key"):
         x = getattr(w, f)
@@ -71,6 +72,19 @@ def test_calibration_follows_the_held_out_half(pre):
     assert (calibrate_blend(repeated) == 0).all()
     assert (base > 0).any()
     assert (calibrate_blend(pre, grid=(0.7,)) == 0.7).all()
+
+
+def test_high_rate_criterion_prefers_the_smooth_weights_when_later_queries_spread(pre):
+    """Later queries that attend every token they see alike: the early half's squared attention puts near-zero
+    weight on tokens they use, which the high-rate criterion punishes; it picks a larger alpha than on the data."""
+    half = OBS // 2
+    probs = pre.probs.clone()
+    vis = torch.arange(C)[None, :] <= torch.arange(C - OBS + half, C)[:, None]
+    probs[:, :, half:] = (vis.double() / vis.sum(-1, keepdim=True)).to(probs.dtype)
+    spread = type(pre)(keys=pre.keys, values=pre.values, queries=pre.queries, probs=probs, outputs=pre.outputs,
+                       scaling=pre.scaling, window=pre.window)
+    assert (calibrate_blend(spread)[0] >= calibrate_blend(pre)[0]).all()
+    assert (calibrate_blend(spread)[0] == 1.0).all()
 
 
 def test_calibrated_rejects_bad_arguments(pre):

@@ -38,11 +38,21 @@ Three pieces, used in this order by :mod:`.joint`:
    is a shrinkage estimator, and its coefficient is chosen per ``(layer, kv_head)`` by held-out prediction inside the
    prefill, as a disjoint calibration window: the weights are built from the earlier half ``A`` of the observation
    queries and scored against the plug-in ``mse`` weights of the later half ``B`` (the queries closest to the
-   continuation), on the tokens every observed query sees (``t < C - W``). The score of ``alpha`` is the fraction of
-   ``B``'s eviction distortion (and of its value weight) that falls outside the tokens ``A``'s weights rank highest,
-   averaged over keep fractions ``{5, 10, 20, 40} %``: the modelled loss of ``B`` after keeping the tokens ``A``
-   would keep. The ``alpha`` of least score (grid :data:`BLEND_GRID`; ``0`` is ``mse``, ``1`` is ``rdkv``, ``0.1/1.1``
-   the fixed hybrid) then blends the weights of all ``W`` queries. With ``W/2`` queries the best ``alpha`` is, if
+   continuation), on the tokens every observed query sees (``t < C - W``). Two coefficients per head, because the
+   weights are used in two regimes:
+
+   * ``alpha_e`` for the eviction weights ``e``, by the low-rate criterion: the fraction of ``B``'s eviction
+     distortion on the tokens outside those ``A``'s weights rank highest, averaged over keep fractions
+     ``{5, 10, 20, 40} %`` (:data:`KEEP_FRACTIONS`): the modelled loss of ``B`` after keeping what ``A`` would keep.
+   * ``alpha_q`` for the quantization weights ``u`` and ``K``, by the high-rate criterion: with bits
+     ``b_t = R + 1/2 log2(w_t / G(w))`` from weights ``w`` (reverse water-filling at high rate, ``G`` the geometric
+     mean), the distortion under the true weights ``w*`` is ``4^-R G(w) sum_t w*_t / w_t``; its log,
+     ``log sum_t w*_t / w_t + mean_t log w_t``, is scored with ``w`` from ``A`` (floored at ``1e-12`` of its largest)
+     and ``w*`` the ``u`` of ``B``. It is least when ``w`` is proportional to ``w*`` and punishes a near-zero weight on
+     a token the later queries use, the failure of ``mse`` at high retention.
+
+   The ``alpha`` of least score (grid :data:`BLEND_GRID`; ``0`` is ``mse``, ``1`` is ``rdkv``, ``0.1/1.1`` the
+   fixed hybrid) then blends the weights of all ``W`` queries. With ``W/2`` queries the best ``alpha`` is, if
    anything, larger than with ``W``: the choice errs towards smoothing.
 
    These weights measure each head's error at its own attention output, so they compare tokens *within* a head
@@ -205,7 +215,8 @@ def observe_prefill(model: Any, input_ids: Any, *, window: int = 32) -> Prefill:
 class TokenWeights:
     """Weights of the joint problem (numpy float64): ``token`` ``u`` ``[L, H, C]`` (value error), ``eviction`` ``e``
     ``[L, H, C]``, ``key`` ``K`` ``[L, H, C, D]`` (key error per token and channel); ``method``; ``blend``: the
-    ``[L, H]`` mixture coefficients of a blended weighting (``None`` otherwise)."""
+    ``[3, L, H]`` mixture coefficients of a blended weighting for ``token``, ``eviction``, ``key`` (``None``
+    otherwise)."""
 
     token: np.ndarray
     eviction: np.ndarray
@@ -305,20 +316,29 @@ def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights
 
 def blend_weights(mse: TokenWeights, rdkv: TokenWeights, alpha: Any, *, method: str = "blend") -> TokenWeights:
     """``S_mse [(1 - alpha) mse / S_mse + alpha rdkv / S_rdkv]`` per ``(layer, kv_head)`` and kind of weight (``S``
-    the head's total of that kind); ``alpha`` a number or ``[L, H]`` in ``[0, 1]``. A head whose ``rdkv`` total is 0
-    keeps ``(1 - alpha) mse``. ``alpha`` is stored in the result's ``blend``."""
+    the head's total of that kind); ``alpha`` a number or ``[L, H]`` in ``[0, 1]`` for every kind, or ``[3, L, H]``
+    for ``token``, ``eviction`` and ``key`` in this order. A head whose ``rdkv`` total is 0 keeps ``(1 - alpha) mse``.
+    The ``[3, L, H]`` coefficients are stored in the result's ``blend``."""
     L, H = mse.token.shape[:2]
-    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (L, H)).copy()
+    a = np.asarray(alpha, dtype=np.float64)
+    a = np.broadcast_to(a, (3, L, H)).copy() if a.ndim == 3 else np.broadcast_to(a, (L, H))[None].repeat(3, 0)
     if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
         raise ValueError(f"alpha must lie in [0, 1], got values in [{a.min()}, {a.max()}]")
     out = {}
-    for f in ("token", "eviction", "key"):
+    for j, f in enumerate(("token", "eviction", "key")):
         x, y = getattr(mse, f), getattr(rdkv, f)
         ax = tuple(range(2, x.ndim))
         sx, sy = x.sum(axis=ax, keepdims=True), y.sum(axis=ax, keepdims=True)
-        aa = a.reshape(L, H, *([1] * len(ax)))
+        aa = a[j].reshape(L, H, *([1] * len(ax)))
         out[f] = (1 - aa) * x + aa * np.divide(sx, sy, out=np.zeros_like(sx), where=sy > 0) * y
     return TokenWeights(token=out["token"], eviction=out["eviction"], key=out["key"], method=method, blend=a)
+
+
+def _high_rate_cost(w: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``log sum_t target_t / w_t + mean_t log w_t`` over the last axis (``w`` floored at 1e-12 of its largest): the
+    log distortion, up to a constant, of high-rate bits allocated by ``w`` and paid at ``target``."""
+    w = np.maximum(w, 1e-12 * w.max(axis=-1, keepdims=True) + 1e-300)
+    return np.log((target / w).sum(-1) + 1e-300) + np.log(w).mean(-1)
 
 
 def _missed(score: np.ndarray, target: np.ndarray, fractions) -> np.ndarray:
@@ -334,9 +354,10 @@ def _missed(score: np.ndarray, target: np.ndarray, fractions) -> np.ndarray:
 
 @torch.no_grad()
 def calibrate_blend(prefill: Prefill, *, pool: int = 7, grid=BLEND_GRID, fractions=KEEP_FRACTIONS) -> np.ndarray:
-    """``[L, H]`` the mixture coefficient of ``method="calibrated"`` per head, chosen on the observation queries
-    themselves: weights from the earlier half, scored against the later half (module docstring). Needs an observation
-    window of at least 4 queries."""
+    """``[3, L, H]`` the mixture coefficients of ``method="calibrated"`` per head for the ``token``, ``eviction`` and
+    ``key`` weights (the first and last the same, ``alpha_q``; the middle ``alpha_e``), chosen on the observation
+    queries themselves: weights from the earlier half, scored against the later half (module docstring). Needs an
+    observation window of at least 4 queries."""
     W = prefill.window
     if W < 4:
         raise ValueError(f"method='calibrated' splits the observation window in two halves and needs window >= 4, "
@@ -354,12 +375,13 @@ def calibrate_blend(prefill: Prefill, *, pool: int = 7, grid=BLEND_GRID, fractio
     mse_a, rdkv_a = token_weights(early, method="mse", pool=pool), token_weights(early, method="rdkv", pool=pool)
     target = token_weights(late, method="mse", pool=pool)
     seen = C - W  # tokens every observed query sees
-    score = np.zeros((len(grid), L, H))
+    low, high = np.zeros((len(grid), L, H)), np.zeros((len(grid), L, H))
     for j, a in enumerate(grid):
         b = blend_weights(mse_a, rdkv_a, float(a))
-        for f in ("eviction", "token"):
-            score[j] += _missed(getattr(b, f)[..., :seen], getattr(target, f)[..., :seen], fractions).mean(-1)
-    return grid[np.argmin(score, axis=0)]
+        low[j] = _missed(b.eviction[..., :seen], target.eviction[..., :seen], fractions).mean(-1)
+        high[j] = _high_rate_cost(b.token[..., :seen], target.token[..., :seen])
+    alpha_e, alpha_q = grid[np.argmin(low, axis=0)], grid[np.argmin(high, axis=0)]
+    return np.stack([alpha_q, alpha_e, alpha_q])
 
 
 def scale_heads(weights: TokenWeights, importance: Any) -> TokenWeights:
