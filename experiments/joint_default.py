@@ -59,6 +59,7 @@ ROWS = {
     "global hybrid+fisher, allocated protection": ("joint-global", "hybrid+fisher", "allocated", True),
     "global calibrated+fisher, allocated protection": ("joint-global", "calibrated+fisher", "allocated", True),
     "global rdkv+fisher, allocated protection": ("joint-global", "rdkv+fisher", "allocated", True),
+    "global rdkv+fisher, auto protection": ("joint-global", "rdkv+fisher", "auto", True),
     "global rdkv+fisher": ("joint-global", "rdkv+fisher", "reserved", True),
     "global hybrid, no head scale": ("joint-global", "hybrid", "reserved", True),
     "per-head hybrid+fisher": ("joint-per-head", "hybrid+fisher", "reserved", False),
@@ -134,6 +135,8 @@ def run_cells(model, tokenizer, *, texts, windows: int, context: int, continuati
                     cells[key] = {"ids": hashes[wi], "kl": kl.tolist(), "nll": nll,
                                   "bytes": int(cache.compressed_nbytes), "predicted_bytes": int(cache.predicted_nbytes),
                                   "retention": float(cache.retention), "budget_bits": float(plan.budget_bits or 0),
+                                  "predicted_distortion": plan.predicted_distortion,
+                                  "protect_chosen": plan.meta.get("protect_chosen"),
                                   "seconds": time.perf_counter() - t1}
                     if progress:
                         print(f"{text} w{wi} r={r:g} {row:48s} ret={cache.retention:.4f} kl={kl.mean():.4f} "

@@ -150,6 +150,7 @@ def test_protect_rejects_bad_values(pre):
         allocate_joint(w, pre.keys, pre.values, retention=0.3, quantizer=Q, protect="pinned")
 
 
+
 def test_the_options_change_the_logits(tiny, ids, pre):
     """The calibrated weighting and the allocated protection are not ignored: at the same budget they give other
     plans and other continuation logits than the old default (hybrid weights, reserved protection)."""
@@ -168,3 +169,22 @@ def test_the_options_change_the_logits(tiny, ids, pre):
     assert not (np.array_equal(old.value, new.value) and np.array_equal(old.key, new.key))
     logits["new"] = continuation_logits(tiny, CompressedCache.compress(pre.keys, pre.values, new, Q), ids[C:])
     assert not torch.allclose(logits["old"], logits["new"])
+
+
+@pytest.mark.parametrize("retention", [0.08, 0.5])
+def test_auto_protection_takes_the_plan_of_lower_modelled_distortion(pre, retention):
+    w = token_weights(pre, method="rdkv")
+    kw = dict(retention=retention, quantizer=Q, sink=SINK, window=WIN)
+    auto = allocate_joint(w, pre.keys, pre.values, protect="auto", **kw)
+    allocated = allocate_joint(w, pre.keys, pre.values, protect="allocated", **kw)
+    try:
+        reserved = allocate_joint(w, pre.keys, pre.values, **kw)
+    except ValueError:  # 0.08: the reservation does not fit
+        reserved = None
+    options = {"allocated": allocated} | ({"reserved": reserved} if reserved is not None else {})
+    best = min(options, key=lambda how: options[how].predicted_distortion)
+    assert auto.meta["protect_chosen"] == best and auto.meta["protect"] == "auto"
+    assert auto.predicted_distortion == options[best].predicted_distortion
+    np.testing.assert_array_equal(auto.value, options[best].value)
+    cache = CompressedCache.compress(pre.keys, pre.values, auto, Q)
+    assert cache.compressed_nbytes == cache.predicted_nbytes and auto.usage.total_bits <= auto.budget_bits

@@ -291,11 +291,28 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
     ``"allocated"``: they may not be evicted but are items of the allocation like the others, at their own distortion
     (``u_t |dv_t(b)|^2 + sum_c K_tc dk_tc(b)^2``) and any width of the menu but 0, 16 included; they are packed with
     the rest (the plan's ``meta["sink"]``/``meta["window"]`` are then 0, ``meta["pinned"]`` records the pair), so their
-    keys take their channels' widths."""
+    keys take their channels' widths. ``"auto"``: both, and the plan of lower modelled distortion (the two solve the
+    same objective over different feasible sets: reserved tokens cost ``2 * 16 * D`` bits each with exact keys, pinned
+    ones whatever widths the allocation gives them; ``meta["protect_chosen"]`` says which won)."""
     if mode not in ("global", "per_head"):
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
-    if protect not in ("reserved", "allocated"):
-        raise ValueError(f"protect must be 'reserved' or 'allocated', got {protect!r}")
+    if protect not in ("reserved", "allocated", "auto"):
+        raise ValueError(f"protect must be 'reserved', 'allocated' or 'auto', got {protect!r}")
+    if protect == "auto":
+        kw = dict(retention=retention, budget_bits=budget_bits, menu=menu, quantizer=quantizer, mode=mode, sink=sink,
+                  window=window)
+        if errors is None:
+            q = get_quantizer(quantizer)
+            errors = measure_errors(keys, values, q, [b for b in menu if 0 < int(b) < FULL_BITS])
+        plans = {}
+        try:
+            plans["reserved"] = allocate_joint(weights, keys, values, errors=errors, protect="reserved", **kw)
+        except ValueError:  # a budget below the reservation: the allocation alone
+            pass
+        plans["allocated"] = allocate_joint(weights, keys, values, errors=errors, protect="allocated", **kw)
+        chosen = min(plans, key=lambda how: plans[how].predicted_distortion)
+        plans[chosen].meta.update(protect="auto", protect_chosen=chosen)
+        return plans[chosen]
     L, H, C, D = (int(s) for s in keys.shape)
     if weights.token.shape != (L, H, C):
         raise ValueError(f"the weights are for (layers, kv_heads, tokens) = {weights.token.shape}, but the keys are "
