@@ -221,8 +221,12 @@ def markdown(res: dict, settings: dict) -> str:
     out += ["### Candidates", "", "| candidate | cells where some row is significantly better | undecided pairs | "
             "geometric mean of KL / best KL |", "|---|---|---:|---:|"]
     for a, s in res["summary"].items():
-        where = ", ".join(sorted({"|".join(k.split("|")[i] for i in (0, 2, 3)) for k in s["beaten_in"]})) or "none"
-        out.append(f"| {a} | {where} | {s['undecided_against']} | {s['geomean_kl_over_best']:.3f} |")
+        by: dict = {}
+        for k in s["beaten_in"]:
+            text, _, b, r = k.split("|")
+            by.setdefault(f"{text} {100 * float(r):g} %", []).append(b)
+        where = "; ".join(f"{c} ({len(b)} rows{': ' + b[0] if len(b) == 1 else ''})" for c, b in sorted(by.items()))
+        out.append(f"| {a} | {where or 'none'} | {s['undecided_against']} | {s['geomean_kl_over_best']:.3f} |")
     out += ["", f"Chosen default: **{res['chosen']}** (never significantly beaten: "
             f"{', '.join(res['never_beaten']) or 'no candidate'})."]
     return "\n".join(out)
