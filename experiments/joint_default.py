@@ -248,7 +248,8 @@ def plot(res: dict, settings: dict, path: Path) -> None:
                    if f"{text}|{row}|{r:g}" in res["table"]]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, "o-", lw=2.5 if row == res["chosen"] else 1, label=row)
+                style = "s--" if row.startswith("kvpress") else "o:" if row not in ROWS else "o-"
+                ax.plot(x, y, style, lw=2.5 if row == res["chosen"] else 1, label=row)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks([100 * r for r in rets])
