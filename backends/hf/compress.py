@@ -29,6 +29,32 @@ Three pieces, used in this order by :mod:`.joint`:
    ``mse`` tends to win at low retention and ``rdkv`` at high retention, and the hybrid is meant to track the better
    of the two (measured by ``experiments/joint_grid.py``).
 
+   ``method="calibrated"`` estimates the blend instead of fixing it. What the evaluation measures is the loss of
+   the *continuation's* queries; per head, its first-order part is ``sum_{future i} a_it^2 |v_t - o_i|^2`` for an
+   evicted token (and ``sum_i a_it^2`` per unit of value error). ``mse`` is the plug-in estimate of that sum from the
+   ``W`` observed queries (unbiased for queries like them, but noisy: a token the few observed queries ignore gets
+   ~0), ``rdkv`` a smoothed one (linear, pooled: biased, low variance). The mixture
+   ``w(alpha) = S_mse [(1 - alpha) mse / S_mse + alpha rdkv / S_rdkv]`` (``S`` the head's totals, per kind of weight)
+   is a shrinkage estimator, and its coefficient is chosen per ``(layer, kv_head)`` by held-out prediction inside the
+   prefill, as a disjoint calibration window: the weights are built from the earlier half ``A`` of the observation
+   queries and scored against the plug-in ``mse`` weights of the later half ``B`` (the queries closest to the
+   continuation), on the tokens every observed query sees (``t < C - W``). Two coefficients per head, because the
+   weights are used in two regimes:
+
+   * ``alpha_e`` for the eviction weights ``e``, by the low-rate criterion: the fraction of ``B``'s eviction
+     distortion on the tokens outside those ``A``'s weights rank highest, averaged over keep fractions
+     ``{5, 10, 20, 40} %`` (:data:`KEEP_FRACTIONS`): the modelled loss of ``B`` after keeping what ``A`` would keep.
+   * ``alpha_q`` for the quantization weights ``u`` and ``K``, by the high-rate criterion: with bits
+     ``b_t = R + 1/2 log2(w_t / G(w))`` from weights ``w`` (reverse water-filling at high rate, ``G`` the geometric
+     mean), the distortion under the true weights ``w*`` is ``4^-R G(w) sum_t w*_t / w_t``; its log,
+     ``log sum_t w*_t / w_t + mean_t log w_t``, is scored with ``w`` from ``A`` (floored at ``1e-12`` of its largest)
+     and ``w*`` the ``u`` of ``B``. It is least when ``w`` is proportional to ``w*`` and punishes a near-zero weight on
+     a token the later queries use, the failure of ``mse`` at high retention.
+
+   The ``alpha`` of least score (grid :data:`BLEND_GRID`; ``0`` is ``mse``, ``1`` is ``rdkv``, ``0.1/1.1`` the
+   fixed hybrid) then blends the weights of all ``W`` queries. With ``W/2`` queries the best ``alpha`` is, if
+   anything, larger than with ``W``: the choice errs towards smoothing.
+
    These weights measure each head's error at its own attention output, so they compare tokens *within* a head
    but not heads with each other: a unit of output error costs the loss more in some layers than in others. One
    global budget needs a common unit, and :func:`scale_heads` gives it: per head, the weights are rescaled so that
@@ -59,6 +85,7 @@ summed over batch rows. :mod:`.oneshot` runs all of this in one call (``compress
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +101,15 @@ from .attention import AttentionSwap
 from .compat import CACHE_KEYWORDS, forward
 
 __all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
-           "TokenWeights", "token_weights", "WEIGHTINGS",
+           "TokenWeights", "token_weights", "WEIGHTINGS", "BLEND_GRID", "blend_weights", "calibrate_blend",
            "CompressedCache", "CompressedLayer", "JointAttention", "reference_attention", "storage_plan",
            "protected_mask", "compressed_nbytes", "scale_heads"]
 
-WEIGHTINGS = ("hybrid", "mse", "rdkv")
+WEIGHTINGS = ("hybrid", "mse", "rdkv", "calibrated")
+BLEND_GRID = (0.0, 0.03, 0.09, 0.2, 0.35, 0.5, 0.7, 1.0)
+"""The mixture coefficients ``alpha`` ``method="calibrated"`` chooses among, per head (module docstring)."""
+KEEP_FRACTIONS = (0.05, 0.1, 0.2, 0.4)
+"""Keep fractions at which a blend's held-out prediction is scored (``method="calibrated"``)."""
 
 
 # ---- 1. observing the prefill --------------------------------------------------------------------------------------
@@ -183,12 +214,15 @@ def observe_prefill(model: Any, input_ids: Any, *, window: int = 32) -> Prefill:
 @dataclass(frozen=True)
 class TokenWeights:
     """Weights of the joint problem (numpy float64): ``token`` ``u`` ``[L, H, C]`` (value error), ``eviction`` ``e``
-    ``[L, H, C]``, ``key`` ``K`` ``[L, H, C, D]`` (key error per token and channel); ``method``."""
+    ``[L, H, C]``, ``key`` ``K`` ``[L, H, C, D]`` (key error per token and channel); ``method``; ``blend``: the
+    ``[3, L, H]`` mixture coefficients of a blended weighting for ``token``, ``eviction``, ``key`` (``None``
+    otherwise)."""
 
     token: np.ndarray
     eviction: np.ndarray
     key: np.ndarray
     method: str
+    blend: np.ndarray | None = None
 
     @property
     def channel(self) -> np.ndarray:
@@ -211,6 +245,12 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
     kind of weight, to the same total as ``mse``; see :func:`_hybrid`."""
     if method not in WEIGHTINGS:
         raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
+    if method == "calibrated":
+        if evicted is not None:
+            raise ValueError("evicted= re-linearizes method='mse' only; method='calibrated' takes no evicted")
+        alpha = calibrate_blend(prefill, pool=pool)
+        return blend_weights(token_weights(prefill, method="mse", pool=pool),
+                             token_weights(prefill, method="rdkv", pool=pool), alpha, method="calibrated")
     if method == "hybrid":
         return _hybrid(token_weights(prefill, method="mse", pool=pool, evicted=evicted),
                        token_weights(prefill, method="rdkv", pool=pool), floor)
@@ -274,6 +314,76 @@ def _hybrid(mse: TokenWeights, rdkv: TokenWeights, floor: float) -> TokenWeights
     return TokenWeights(token=out["token"], eviction=out["eviction"], key=out["key"], method="hybrid")
 
 
+def blend_weights(mse: TokenWeights, rdkv: TokenWeights, alpha: Any, *, method: str = "blend") -> TokenWeights:
+    """``S_mse [(1 - alpha) mse / S_mse + alpha rdkv / S_rdkv]`` per ``(layer, kv_head)`` and kind of weight (``S``
+    the head's total of that kind); ``alpha`` a number or ``[L, H]`` in ``[0, 1]`` for every kind, or ``[3, L, H]``
+    for ``token``, ``eviction`` and ``key`` in this order. A head whose ``rdkv`` total is 0 keeps ``(1 - alpha) mse``.
+    The ``[3, L, H]`` coefficients are stored in the result's ``blend``."""
+    L, H = mse.token.shape[:2]
+    a = np.asarray(alpha, dtype=np.float64)
+    a = np.broadcast_to(a, (3, L, H)).copy() if a.ndim == 3 else np.broadcast_to(a, (L, H))[None].repeat(3, 0)
+    if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+        raise ValueError(f"alpha must lie in [0, 1], got values in [{a.min()}, {a.max()}]")
+    out = {}
+    for j, f in enumerate(("token", "eviction", "key")):
+        x, y = getattr(mse, f), getattr(rdkv, f)
+        ax = tuple(range(2, x.ndim))
+        sx, sy = x.sum(axis=ax, keepdims=True), y.sum(axis=ax, keepdims=True)
+        aa = a[j].reshape(L, H, *([1] * len(ax)))
+        out[f] = (1 - aa) * x + aa * np.divide(sx, sy, out=np.zeros_like(sx), where=sy > 0) * y
+    return TokenWeights(token=out["token"], eviction=out["eviction"], key=out["key"], method=method, blend=a)
+
+
+def _high_rate_cost(w: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``log sum_t target_t / w_t + mean_t log w_t`` over the last axis (``w`` floored at 1e-12 of its largest): the
+    log distortion, up to a constant, of high-rate bits allocated by ``w`` and paid at ``target``."""
+    w = np.maximum(w, 1e-12 * w.max(axis=-1, keepdims=True) + 1e-300)
+    return np.log((target / w).sum(-1) + 1e-300) + np.log(w).mean(-1)
+
+
+def _missed(score: np.ndarray, target: np.ndarray, fractions) -> np.ndarray:
+    """``[..., len(fractions)]``: the fraction of ``target``'s total (last axis) on the tokens outside the top
+    ``ceil(f n)`` of ``score``."""
+    n = score.shape[-1]
+    order = np.argsort(-score, axis=-1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(target, order, axis=-1), axis=-1)
+    total = np.maximum(cum[..., -1:], 1e-300)
+    ks = [min(n, max(1, math.ceil(f * n))) - 1 for f in fractions]
+    return 1 - cum[..., ks] / total
+
+
+@torch.no_grad()
+def calibrate_blend(prefill: Prefill, *, pool: int = 7, grid=BLEND_GRID, fractions=KEEP_FRACTIONS) -> np.ndarray:
+    """``[3, L, H]`` the mixture coefficients of ``method="calibrated"`` per head for the ``token``, ``eviction`` and
+    ``key`` weights (the first and last the same, ``alpha_q``; the middle ``alpha_e``), chosen on the observation
+    queries themselves: weights from the earlier half, scored against the later half (module docstring). Needs an
+    observation window of at least 4 queries."""
+    W = prefill.window
+    if W < 4:
+        raise ValueError(f"method='calibrated' splits the observation window in two halves and needs window >= 4, "
+                         f"got {W}")
+    grid = np.asarray(grid, dtype=np.float64)
+    half = W // 2
+    L, H, C, D = prefill.shape
+
+    def part(lo, hi):
+        return Prefill(keys=prefill.keys, values=prefill.values, queries=prefill.queries[:, :, lo:hi],
+                       probs=prefill.probs[:, :, lo:hi], outputs=prefill.outputs[:, :, lo:hi],
+                       scaling=prefill.scaling, window=hi - lo)
+
+    early, late = part(0, half), part(half, W)
+    mse_a, rdkv_a = token_weights(early, method="mse", pool=pool), token_weights(early, method="rdkv", pool=pool)
+    target = token_weights(late, method="mse", pool=pool)
+    seen = C - W  # tokens every observed query sees
+    low, high = np.zeros((len(grid), L, H)), np.zeros((len(grid), L, H))
+    for j, a in enumerate(grid):
+        b = blend_weights(mse_a, rdkv_a, float(a))
+        low[j] = _missed(b.eviction[..., :seen], target.eviction[..., :seen], fractions).mean(-1)
+        high[j] = _high_rate_cost(b.token[..., :seen], target.token[..., :seen])
+    alpha_e, alpha_q = grid[np.argmin(low, axis=0)], grid[np.argmin(high, axis=0)]
+    return np.stack([alpha_q, alpha_e, alpha_q])
+
+
 def scale_heads(weights: TokenWeights, importance: Any) -> TokenWeights:
     r"""The weights in the loss's units: per ``(layer, kv_head)``, values and evictions times ``s^V``, keys times
     ``s^K``, where
@@ -297,7 +407,7 @@ def scale_heads(weights: TokenWeights, importance: Any) -> TokenWeights:
     sk = np.divide(fk, k, out=np.zeros_like(fk), where=k > 0)
     return TokenWeights(token=weights.token * sv[..., None], eviction=weights.eviction * sv[..., None],
                         key=weights.key * sk[..., None, None],
-                        method=f"{weights.method}+{getattr(importance, 'method', 'scaled')}")
+                        method=f"{weights.method}+{getattr(importance, 'method', 'scaled')}", blend=weights.blend)
 
 
 # ---- 3. the compressed cache ----------------------------------------------------------------------------------------

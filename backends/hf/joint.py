@@ -120,14 +120,14 @@ def _solve(dist, allowed, sizes, meta, menu, budget):
     return allocate(model, sizes, budget, menu=menu, metadata=meta)
 
 
-def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget, prot, D):
+def _joint_heads(sel, w: TokenWeights, err: KVErrors, q: Quantizer, menu, budget, prot, D, pinned=None):
     """Two-stage solve over the heads ``sel`` (bool ``[L, H]``) with one budget; returns value bits ``[n, C]``, key
     bits ``[n, D]`` for the selected heads (C order) and the two allocations (see :func:`_joint_items`)."""
     widths = [b for b in menu if 0 < b < FULL_BITS]
     u = w.token[sel]
     solved = _joint_items(u, w.eviction[sel], w.key[sel], {b: err.value[b][sel] for b in widths},
                           {b: err.key[b][sel] for b in widths}, q, menu, budget, np.broadcast_to(prot, u.shape), None,
-                          D)
+                          D, None if pinned is None else np.broadcast_to(pinned, u.shape))
     return solved.value_bits, solved.key_bits, solved.stage1, solved.stage2
 
 
@@ -149,12 +149,14 @@ class _Solved:
     stage2: Any
 
 
-def _joint_items(u, e, K, dv, dk, q: Quantizer, menu, budget, prot, absent, D) -> _Solved:
+def _joint_items(u, e, K, dv, dk, q: Quantizer, menu, budget, prot, absent, D, pinned=None) -> _Solved:
     """The two stages of the module docstring over ``n`` heads of ``C`` token slots: weights ``u, e`` ``[n, C]``,
     ``K`` ``[n, C, D]``, errors ``dv[b]`` ``[n, C]``, ``dk[b]`` ``[n, C, D]``, ``prot`` bool ``[n, C]`` (held at 16
     bits), ``absent`` bool ``[n, C]`` or ``None`` (slots that are no token of the head's sequence, e.g. the tail of a
-    shorter sequence: fixed at 0 bits, never weighted, never charged). Token ``t`` of a head is slot ``t``, so the
-    key groups of the quantizer (``t // group``) are the sequence's own."""
+    shorter sequence: fixed at 0 bits, never weighted, never charged), ``pinned`` bool ``[n, C]`` or ``None`` (slots
+    that must stay but are allocated like the others: any width of the menu but 0, packed, their keys in the key
+    channels). Token ``t`` of a head is slot ``t``, so the key groups of the quantizer (``t // group``) are the
+    sequence's own."""
     menu = tuple(menu)
     n, C = u.shape
     mv = q.item_metadata_bits("value", "token", C, D)
@@ -171,6 +173,8 @@ def _joint_items(u, e, K, dv, dk, q: Quantizer, menu, budget, prot, absent, D) -
             d1[..., j] = u * dv[b] + (K * dk[b]).sum(-1)
     ok1 = np.ones((n, C, len(menu)), dtype=bool)
     ok1[prot] = m == FULL_BITS
+    if pinned is not None:
+        ok1[pinned] = m > 0
     if absent is not None:
         ok1[absent] = m == 0
         d1[absent] = 0.0
@@ -178,7 +182,9 @@ def _joint_items(u, e, K, dv, dk, q: Quantizer, menu, budget, prot, absent, D) -
     m1 = np.broadcast_to(mv + mk, (n, C)).astype(np.float64)
     B1 = budget
     menu_k = tuple(b for b in menu if b > 0)
-    floor = float((s1 * 16.0)[prot].sum())  # stage 1 at this budget evicts every unprotected token
+    floor = float((s1 * 16.0)[prot].sum())  # stage 1 at this budget evicts every unprotected (unpinned) token
+    if pinned is not None:
+        floor += float((s1 * min(menu_k) + m1)[pinned].sum())
     for attempt in range(12):
         a1 = _solve(d1.reshape(n * C, -1), ok1.reshape(n * C, -1), s1.reshape(-1), m1.reshape(-1), menu, B1)
         kept = (np.asarray(a1.bits).reshape(n, C) > 0) & ~prot
@@ -274,12 +280,39 @@ def _plan(vbits, kbits, q, B, usage, dist, cert, meta) -> Plan:
 
 def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tensor, *, retention: float | None = None,
                    budget_bits: float | None = None, menu: Sequence[int] = DEFAULT_MENU, quantizer: Any = "kivi",
-                   mode: str = "global", sink: int = 4, window: int = 32, errors: KVErrors | None = None) -> Plan:
+                   mode: str = "global", sink: int = 4, window: int = 32, errors: KVErrors | None = None,
+                   protect: str = "reserved") -> Plan:
     """A token plan (value bits ``[L, H, C]``, key bits ``[L, H, D]``) for the prefill K/V ``[L, H, C, D]`` under one
     budget (``retention`` of the FP16 cache or ``budget_bits``, metadata and protected tokens included); see the module
-    docstring. ``mode``: ``"global"`` (one budget) or ``"per_head"`` (RDKV: the same budget for every head)."""
+    docstring. ``mode``: ``"global"`` (one budget) or ``"per_head"`` (RDKV: the same budget for every head).
+
+    ``protect``: how the first ``sink`` and last ``window`` tokens are kept. ``"reserved"`` (the default): at 16 bits,
+    keys and values, held beside the packed storage (a fixed reservation of ``2 * 16 * D`` bits per token and head).
+    ``"allocated"``: they may not be evicted but are items of the allocation like the others, at their own distortion
+    (``u_t |dv_t(b)|^2 + sum_c K_tc dk_tc(b)^2``) and any width of the menu but 0, 16 included; they are packed with
+    the rest (the plan's ``meta["sink"]``/``meta["window"]`` are then 0, ``meta["pinned"]`` records the pair), so their
+    keys take their channels' widths. ``"auto"``: both, and the plan of lower modelled distortion (the two solve the
+    same objective over different feasible sets: reserved tokens cost ``2 * 16 * D`` bits each with exact keys, pinned
+    ones whatever widths the allocation gives them; ``meta["protect_chosen"]`` says which won)."""
     if mode not in ("global", "per_head"):
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
+    if protect not in ("reserved", "allocated", "auto"):
+        raise ValueError(f"protect must be 'reserved', 'allocated' or 'auto', got {protect!r}")
+    if protect == "auto":
+        kw = dict(retention=retention, budget_bits=budget_bits, menu=menu, quantizer=quantizer, mode=mode, sink=sink,
+                  window=window)
+        if errors is None:
+            q = get_quantizer(quantizer)
+            errors = measure_errors(keys, values, q, [b for b in menu if 0 < int(b) < FULL_BITS])
+        plans = {}
+        try:
+            plans["reserved"] = allocate_joint(weights, keys, values, errors=errors, protect="reserved", **kw)
+        except ValueError:  # a budget below the reservation: the allocation alone
+            pass
+        plans["allocated"] = allocate_joint(weights, keys, values, errors=errors, protect="allocated", **kw)
+        chosen = min(plans, key=lambda how: plans[how].predicted_distortion)
+        plans[chosen].meta.update(protect="auto", protect_chosen=chosen)
+        return plans[chosen]
     L, H, C, D = (int(s) for s in keys.shape)
     if weights.token.shape != (L, H, C):
         raise ValueError(f"the weights are for (layers, kv_heads, tokens) = {weights.token.shape}, but the keys are "
@@ -290,8 +323,13 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
     B = _budget(L, H, C, D, retention, budget_bits)
     per = mode == "per_head"
     Bh = B / (L * H) if per else B
-    _check_protected(Bh, per, L, H, C, D, sink, window, mode)
-    prot = protected_mask(C, sink, window)
+    pinned = None
+    if protect == "reserved":
+        _check_protected(Bh, per, L, H, C, D, sink, window, mode)
+        prot = protected_mask(C, sink, window)
+    else:
+        pinned = protected_mask(C, sink, window)
+        prot = np.zeros(C, dtype=bool)
     err = errors if errors is not None else measure_errors(keys, values, q, [b for b in menu if 0 < b < FULL_BITS])
     vbits = np.zeros((L, H, C), dtype=np.int64)
     kbits = np.zeros((L, H, D), dtype=np.int64)
@@ -302,7 +340,7 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
             for h in range(H):
                 sel = np.zeros((L, H), dtype=bool)
                 sel[l, h] = True
-                vb, kb, _, a2 = _joint_heads(sel, weights, err, q, menu, Bh, prot, D)
+                vb, kb, _, a2 = _joint_heads(sel, weights, err, q, menu, Bh, prot, D, pinned)
                 vbits[l, h], kbits[l, h] = vb[0], kb[0]
                 payload += a2.usage.payload_bits
                 metadata += a2.usage.metadata_bits
@@ -312,15 +350,19 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
                 "distortion": dist}
     else:
         sel = np.ones((L, H), dtype=bool)
-        vb, kb, a1, a2 = _joint_heads(sel, weights, err, q, menu, B, prot, D)
+        vb, kb, a1, a2 = _joint_heads(sel, weights, err, q, menu, B, prot, D, pinned)
         vbits[:], kbits[:] = vb.reshape(L, H, C), kb.reshape(L, H, D)
         usage = Usage(a2.usage.payload_bits, a2.usage.metadata_bits, 2.0 * L * H * C * D)
         cert = {"stage1": a1.certificate(), **a2.certificate()}
         dist = float(a2.distortion)
     cert["solve_seconds"] = time.perf_counter() - t0
     meta = {"sink": sink, "window": window, "menu": list(menu), "mode": mode, "weighting": weights.method,
-            "quantizer_spec": q.spec(), "retention_target": B / (16.0 * 2 * L * H * C * D),
+            "quantizer_spec": q.spec(), "retention_target": B / (16.0 * 2 * L * H * C * D), "protect": protect,
             "note": "key bits apply to the packed (unprotected) tokens; sink and window tokens are held at 16 bits"}
+    if pinned is not None:
+        meta.update(sink=0, window=0, pinned={"sink": sink, "window": window},
+                    note="every token is packed; the first `pinned.sink` and last `pinned.window` tokens were kept "
+                         "(never evicted) at widths the allocation chose")
     return _plan(vbits, kbits, q, B, usage, dist, cert, meta)
 
 
