@@ -243,8 +243,8 @@ def _may_underflow(xp, x: Any, d: int) -> bool:
     nonzero ``|x| >= 2 d tiny / eps`` (``tiny`` the smallest normal), each is 0 or at least ``2 d tiny``, and stays
     normal after the scaling by ``1 / sqrt(d)``. Only then is flushing skipped (one reduction instead of ``log2 d``
     passes); JAX is always flushed (traced values cannot be inspected, and XLA fuses the passes)."""
-    if array_api_compat.is_jax_namespace(xp) or not xp.isdtype(x.dtype, "real floating"):
-        return True
+    if array_api_compat.is_jax_namespace(xp) or not xp.isdtype(x.dtype, "real floating") or getattr(x, "is_meta", 0):
+        return True  # (meta tensors hold no values to inspect)
     info = xp.finfo(x.dtype)
     a = xp.abs(x)
     return bool(xp.any((a > 0) & (a < 2.0 * d * float(info.smallest_normal) / float(info.eps))))
