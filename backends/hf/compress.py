@@ -59,6 +59,7 @@ summed over batch rows. :mod:`.oneshot` runs all of this in one call (``compress
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ from rdalloc.plan import Plan
 
 from .attention import AttentionSwap
 from .compat import CACHE_KEYWORDS, forward
+from .fused_decode import FusedUnsupported, fused_attention, fused_layout
 
 __all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
            "TokenWeights", "token_weights", "WEIGHTINGS",
@@ -353,6 +355,10 @@ class CompressedRow:
         self.gather_index = torch.from_numpy(idx).to(device)
         self.gather_valid = torch.from_numpy(valid).to(device)
         self.kept_counts = counts
+        try:  # the fused read's index metadata, laid out once (no bytes copied)
+            self.fused, self.fused_reason = fused_layout(packed, kept), None
+        except FusedUnsupported as e:
+            self.fused, self.fused_reason = None, str(e)
 
     @property
     def length(self) -> int:
@@ -402,6 +408,7 @@ class CompressedLayer(DynamicLayer):
         self.rows = list(rows)
         self.tokens = int(tokens)
         self.attention: JointAttention | None = None  # set while a JointAttention runs this cache
+        self._buffers: tuple | None = None  # (keys, values) [batch, kv_heads, capacity, head_dim]; self.keys views them
 
     # batch-1 views (the five-step path and reference_attention)
     @property
@@ -469,12 +476,37 @@ class CompressedLayer(DynamicLayer):
         if self.layer_idx in pending:
             pending.pop(self.layer_idx)
             raise RuntimeError(f"the per-head mask of the previous step was never used: {refused}")
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
+        if self.attention.fused and all(row.fused is not None for row in self.rows):
+            pending[self.layer_idx] = self  # the attention reads the packed storage and the buffers itself
+            return self.keys, self.values
+        if self.attention.fused:
+            self.attention.warn_unfused(self)
         pk, pv, valid = self.prefix()
         pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])
         return (torch.cat([pk.to(self.keys.dtype), self.keys], dim=-2),
                 torch.cat([pv.to(self.values.dtype), self.values], dim=-2))
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the new tokens into preallocated buffers, their capacity doubled when full (never grown per step);
+        ``self.keys``/``self.values`` are views of the valid part. When they were replaced from outside (row moves,
+        ``crop``) the buffers are rebuilt from them."""
+        B, H, n, D = key_states.shape
+        held = self._buffers is not None and self.keys is self._buffers[2]
+        T = 0 if self.keys is None or self.keys.numel() == 0 else int(self.keys.shape[-2])
+        if not held or T + n > self._buffers[0].shape[-2]:
+            cap = max(16, 2 * (T + n))
+            kb = key_states.new_empty(B, H, cap, D)
+            vb = value_states.new_empty(B, H, cap, value_states.shape[-1])
+            if T:
+                kb[:, :, :T] = self.keys
+                vb[:, :, :T] = self.values
+            self._buffers = (kb, vb, None)
+        kb, vb, _ = self._buffers
+        kb[:, :, T:T + n] = key_states
+        vb[:, :, T:T + n] = value_states
+        self.keys, self.values = kb[:, :, :T + n], vb[:, :, :T + n]
+        self._buffers = (kb, vb, self.keys)
 
     def get_seq_length(self) -> int:
         appended = 0 if not self.is_initialized or self.keys is None else int(self.keys.shape[-2])
@@ -645,6 +677,11 @@ def _compressed_layers(cache: Any) -> list[CompressedLayer]:
     return [layer for layer in layers if isinstance(layer, CompressedLayer)]
 
 
+FUSED_DEFAULT = True
+"""Whether :class:`JointAttention` reads the packed storage directly (:mod:`.fused_decode`) unless told otherwise:
+set from ``benchmarks/decode.py`` (the fused path against the dequantize-and-gather path, side by side)."""
+
+
 class JointAttention(AttentionSwap):
     """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (module
     docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run the
@@ -656,11 +693,23 @@ class JointAttention(AttentionSwap):
 
     mask = None  # the model's own mask function (compressed layers build their own masks)
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, *, fused: bool | None = None):
         super().__init__(model)
-        self.pending: dict[int, tuple] = {}
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None (the default path), True or False, got {fused!r}")
+        self.fused = FUSED_DEFAULT if fused is None else fused
+        self.pending: dict[int, Any] = {}
         self.attached: list[CompressedLayer] = []
         self.hooks: list = []
+        self._warned = False
+
+    def warn_unfused(self, layer: CompressedLayer) -> None:
+        """Once per block: a layer whose rows have no fused layout runs the dequantize-and-gather path."""
+        if not self._warned:
+            self._warned = True
+            reason = next(row.fused_reason for row in layer.rows if row.fused is None)
+            warnings.warn(f"layer {layer.layer_idx}: the fused decode path cannot read this storage ({reason}); "
+                          f"using the dequantize-and-gather path", RuntimeWarning, stacklevel=3)
 
     def attach(self, cache: Any) -> None:
         """Let ``cache``'s compressed layers run under this attention (done for every cache the model is given)."""
@@ -679,6 +728,8 @@ class JointAttention(AttentionSwap):
         if pending is None:  # not a compressed layer: the model's own attention
             return self.original_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
+        if isinstance(pending, CompressedLayer):
+            return fused_attention(pending, query, scaling), None
         valid, P, T = pending
         if key.shape[-2] != P + T:
             raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed "

@@ -1,0 +1,390 @@
+"""Decode attention read straight from a compressed cache's packed storage (docs/design.md §8), without rebuilding
+the full-precision prefix.
+
+**Layout, fixed at compression** (:func:`fused_layout`, one :class:`FusedLayout` per :class:`~.compress.CompressedRow`).
+The packed streams of :mod:`rdalloc.apply` already hold, per width, each kv head's codes contiguously, head after
+head, with their float16 group parameters in the same order; for the plans a compressed cache holds (a width per
+head, per key channel or per token) the codes of one (head, width) pair form a product of a token set and a unit set
+(channels, or channel groups), laid out channel-major for token groups (KIVI keys, ``[units, tokens]``) and
+token-major for channel groups (values, per-token quantizers, ``[tokens, units, g]``). So the fused layout is index
+metadata only: for every (role, kv head, width) a :class:`Segment` with the offset of its codes and parameters in the
+width's stream, the units it covers, the head slots of its tokens (the head's kept middle tokens, in position order)
+and, for token groups, each token's parameter block. Nothing is copied: the bytes held stay the packed bytes
+(``nbytes == predicted_nbytes``). Full-precision middle elements (width 16) are a segment whose codes are the values
+themselves (scale 1, zero 0, not rotated). A layout that is not such a product (a custom quantizer grouping values
+along tokens, a width varying along both axes) raises :class:`FusedUnsupported` at compression and the row keeps the
+dequantize-and-gather path.
+
+**One step** (:func:`fused_attention`), per batch row and kv head, its ``G`` query heads (GQA) and ``q`` queries as
+``G q`` rows:
+
+* each width's stream is unpacked once per layer and row (:func:`unpack_codes`: 8 codes per ``b`` bytes read as one
+  little-endian word; cost in proportion to the bytes held), never dequantized;
+* scores ``q . k`` from the codes with the scale/zero algebra. Token groups (KIVI keys; scale ``s_cj`` and zero
+  ``z_cj`` per channel ``c`` and token block ``j``): ``q . k_t = sum_c (q_c s_cj(t)) code_ct + sum_c q_c z_cj(t)``.
+  Channel groups (per-token scale ``s_tu`` and zero ``z_tu`` per channel group ``u``):
+  ``q . k_t = sum_u s_tu (q_u . code_tu) + z_tu sum(q_u)``. Symmetric absmax is the same with ``z = -c s``.
+  QuaRot rotates the query (``H q``) instead of the stored keys;
+* the sink, the head's kept middle tokens (every width), the window and the appended tokens (read from a
+  preallocated buffer up to its valid length, causal among themselves) enter one softmax;
+* the output from the probabilities folded into the value scales: ``sum_t p_t v_t = sum_u (p_t s_tu) code_tu +
+  sum_t p_t z_tu`` per channel group; QuaRot's rotated part is rotated back once (``H`` is its own inverse).
+
+**Implementation choice.** Plain PyTorch, a fixed handful of matmuls per (kv head, width) segment. The segments are
+ragged (each head keeps its own tokens, each width its own channels), so one compiled kernel per shape would compile
+once per layer and plan: ``torch.compile`` on the shared CPU took longer to compile than a whole decode run, and every
+new prompt brings a new plan and new shapes. The cost of the plain path is the unpacking of the bytes held plus
+matmuls over the kept codes (transient float copies of one segment's codes at a time, never the prefix); it grows with
+the bytes held, not with the tokens seen. :func:`~.compress.reference_attention` (explicit per-head gathers of the
+dequantized prefix) is the oracle this path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rdalloc.apply import PackedTensor
+from rdalloc.bitpack import unpack_bits
+from rdalloc.models import FULL_BITS
+from rdalloc.quantizers import AsymmetricQuantizer, Quantizer, QuaRot, SymmetricAbsmax, hadamard_transform
+
+__all__ = ["FusedUnsupported", "Segment", "RoleLayout", "FusedLayout", "fused_layout", "unpack_codes",
+           "fused_attention"]
+
+
+class FusedUnsupported(ValueError):
+    """The packed storage of a row cannot be read by the fused path (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The codes of one (kv head, width) pair: ``n_units * n_tokens`` codes from element ``code_start`` of the width's
+    unpacked stream (16: of the full-precision elements); parameters (widths 1..8) from group ``param_start``.
+    ``units``: channel (token groups) or channel-group (channel groups) indices, ``None`` = all in order; ``slots``:
+    the tokens' positions among the head's kept middle tokens, ``None`` = all in order; ``blocks`` (token groups): each
+    token's parameter block among the segment's ``n_blocks``."""
+
+    width: int
+    code_start: int
+    n_units: int
+    n_tokens: int
+    param_start: int
+    n_blocks: int
+    units: torch.Tensor | None
+    slots: torch.Tensor | None
+    blocks: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    """Keys or values of one row and layer: ``axis`` (``"token"``/``"channel"``: the quantizer's grouping), group
+    size ``g``, ``widths`` (the streams, as :attr:`PackedTensor.payload`), ``counts`` (codes per stream),
+    ``segments[h]`` (kv head ``h``'s :class:`Segment` list)."""
+
+    axis: str
+    g: int
+    widths: tuple
+    counts: tuple
+    segments: tuple
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """Both roles of one :class:`~.compress.CompressedRow`; ``kept[h]``: head ``h``'s kept middle tokens; ``rotate``:
+    queries and rotated outputs go through the normalized Hadamard transform (QuaRot)."""
+
+    keys: RoleLayout
+    values: RoleLayout
+    kept: tuple
+    rotate: bool
+    quantizer: Quantizer
+
+
+def _affine_kind(q: Quantizer) -> str:
+    if isinstance(q, SymmetricAbsmax):
+        return "absmax"
+    if isinstance(q, AsymmetricQuantizer):
+        return "asymmetric"
+    raise FusedUnsupported(f"quantizer {q.name!r}: the fused path knows the affine decoding of the asymmetric "
+                           f"quantizers and symmetric absmax only")
+
+
+def _rotates(q: Quantizer) -> bool:
+    if isinstance(q, QuaRot):
+        return True
+    if type(q).transform is not Quantizer.transform:
+        raise FusedUnsupported(f"quantizer {q.name!r} transforms the vectors; the fused path can fold only QuaRot's "
+                               f"Hadamard rotation into the query")
+    return False
+
+
+def _product(first: np.ndarray, second: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, B)`` when the pairs ``(first, second)`` are exactly ``A x B`` in ``first``-major order."""
+    a, b = np.unique(first), np.unique(second)
+    if first.size != a.size * b.size or not (np.array_equal(first, np.repeat(a, b.size))
+                                              and np.array_equal(second, np.tile(b, a.size))):
+        raise FusedUnsupported(f"{where}: the stored elements are not a (units x tokens) block")
+    return a, b
+
+
+def _index(values: np.ndarray, n: int, device) -> torch.Tensor | None:
+    if values.size == n and np.array_equal(values, np.arange(n)):
+        return None
+    return torch.from_numpy(values.astype(np.int64)).to(device)
+
+
+def _role_layout(packed: PackedTensor, kept: list[np.ndarray], device) -> RoleLayout:
+    layout = packed.layout
+    B, H, T, D = layout.shape
+    if B != 1:
+        raise FusedUnsupported(f"a compressed row packs one sequence, got batch {B}")
+    _, P, Qv, g = layout.view_shape
+    axis = layout.grouping.axis
+    if axis == "token" and layout.role == "value":
+        raise FusedUnsupported("values grouped along tokens")
+    if axis == "channel" and not layout.units_are_rows:
+        raise FusedUnsupported(f"{layout.role}s: channel groups only partly stored")
+    idx = layout.host_indices()
+    segments: list[list[Segment]] = [[] for _ in range(H)]
+    for b in (*layout.widths, FULL_BITS):
+        units = idx["units"][b]
+        if b == FULL_BITS and not layout.has_full:
+            continue
+        if axis == "token":  # group view (H, D, Tg, g): elements ((h D + c) Tg + j) g + i, token j g + i
+            el = (units[:, None] * g + np.arange(g)).reshape(-1) if layout.units_are_rows else units
+            h, rem = np.divmod(el, P * Qv * g)
+            unit, tok = np.divmod(rem, Qv * g)
+        else:  # group view (H, T, Q, g): rows (h T + t) Q + u
+            h, rem = np.divmod(units, T * Qv)
+            tok, unit = np.divmod(rem, Qv)
+        rows = idx["rows"].get(b)
+        if b != FULL_BITS:
+            rh, rrem = np.divmod(rows, P * Qv)
+            r1, r2 = np.divmod(rrem, Qv)  # token groups: (channel, block); channel groups: (token, unit)
+        start = pstart = 0
+        for head in range(H):
+            sel = h == head
+            n = int(sel.sum())
+            if not n:
+                continue
+            where = f"{layout.role}s, kv head {head}, width {b}"
+            if axis == "token":
+                us, ts = _product(unit[sel], tok[sel], where)
+            else:
+                ts, us = _product(tok[sel], unit[sel], where)
+            slots = np.searchsorted(kept[head], ts)
+            if slots.max(initial=-1) >= kept[head].size or not np.array_equal(kept[head][slots], ts):
+                raise FusedUnsupported(f"{where}: stored tokens outside the head's kept tokens")
+            n_blocks, blocks, n_params = ts.size, None, 0
+            if b != FULL_BITS:
+                rsel = rh == head
+                n_params = int(rsel.sum())
+                if axis == "token":
+                    cs, js = _product(r1[rsel], r2[rsel], where + " (parameters)")
+                    if not np.array_equal(cs, us):
+                        raise FusedUnsupported(f"{where}: parameters and codes cover different channels")
+                    n_blocks = js.size
+                    blk = np.searchsorted(js, ts // g)
+                    if not np.array_equal(js[np.minimum(blk, js.size - 1)], ts // g):
+                        raise FusedUnsupported(f"{where}: a token without its group's parameters")
+                    blocks = torch.from_numpy(blk.astype(np.int64)).to(device)
+                elif not (np.array_equal(r1[rsel], tok[sel]) and np.array_equal(r2[rsel], unit[sel])):
+                    raise FusedUnsupported(f"{where}: parameters not in the codes' order")
+            segments[head].append(Segment(width=b, code_start=start, n_units=us.size, n_tokens=ts.size,
+                                          param_start=pstart, n_blocks=n_blocks,
+                                          units=_index(us, D if axis == "token" else Qv, device),
+                                          slots=_index(slots, kept[head].size, device), blocks=blocks))
+            start += n if axis == "token" else n * g
+            pstart += n_params
+    counts = tuple(int(idx["units"][b].size) * (g if layout.units_are_rows else 1) for b in layout.widths)
+    return RoleLayout(axis=axis, g=g, widths=tuple(layout.widths), counts=counts,
+                      segments=tuple(tuple(s) for s in segments))
+
+
+def fused_layout(packed_layer, kept: np.ndarray) -> FusedLayout:
+    """The :class:`FusedLayout` of a row's packed middle (``packed_layer``: a :class:`rdalloc.apply.PackedLayer`,
+    batch 1; ``kept`` ``[kv_heads, tokens]`` bool: the kept, unprotected tokens). Raises :class:`FusedUnsupported`
+    when the storage is not laid out as the module docstring says."""
+    q = packed_layer.keys.layout.quantizer
+    _affine_kind(q)
+    rotate = _rotates(q)
+    device = packed_layer.keys.full.device
+    kept_pos = [np.flatnonzero(k) for k in np.asarray(kept, dtype=bool)]
+    return FusedLayout(keys=_role_layout(packed_layer.keys, kept_pos, device),
+                       values=_role_layout(packed_layer.values, kept_pos, device),
+                       kept=tuple(kept_pos), rotate=rotate, quantizer=q)
+
+
+def unpack_codes(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes (uint8) of a stream packed by :func:`rdalloc.bitpack.pack_bits`: every 8 codes are
+    ``bits`` bytes, read as one little-endian integer and split by shifts (two passes over the bytes)."""
+    if bits == 8 or n == 0:
+        return stream[:n]
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=stream.device)
+        m = -(-n // per)
+        return ((stream[:m, None] >> shifts) & mask).reshape(-1)[:n]
+    m = n // 8
+    out = []
+    if m:
+        rows = stream[:m * bits].reshape(m, bits).to(torch.int64)
+        word = (rows << (8 * torch.arange(bits, device=stream.device))).sum(1)
+        out.append(((word[:, None] >> (bits * torch.arange(8, device=stream.device))) & mask).to(torch.uint8)
+                   .reshape(-1))
+    if n - 8 * m:
+        out.append(unpack_bits(stream[m * bits:], bits, n - 8 * m))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _decode_params(q: Quantizer, params: torch.Tensor, bits: int, cd) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` ``[groups]`` in ``cd``: ``x_hat = code * scale + zero``."""
+    p = params[:, 0].to(cd)
+    if isinstance(q, SymmetricAbsmax):
+        c = 0.5 if bits == 1 else float(2 ** (bits - 1) - 1)
+        return p[0], -c * p[0]
+    return p[0], p[1]
+
+
+class _Streams:
+    """One role's unpacked codes and float parameters per width, for one step."""
+
+    def __init__(self, packed: PackedTensor, role: RoleLayout, q: Quantizer, cd):
+        self.codes, self.scale, self.zero = {}, {}, {}
+        for b, stream, params, n in zip(role.widths, packed.payload, packed.params, role.counts):
+            self.codes[b] = unpack_codes(stream, b, n)
+            self.scale[b], self.zero[b] = _decode_params(q, params, b, cd)
+        self.full = packed.full.reshape(-1)
+        self.cd = cd
+
+    def block(self, seg: Segment, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        n = seg.n_units * seg.n_tokens * (shape[-1] if len(shape) == 3 else 1)
+        if seg.width == FULL_BITS:
+            return self.full[seg.code_start:seg.code_start + n].reshape(shape).to(self.cd), None, None
+        codes = self.codes[seg.width][seg.code_start:seg.code_start + n].reshape(shape).to(self.cd)
+        m = seg.n_units * seg.n_blocks
+        s = self.scale[seg.width][seg.param_start:seg.param_start + m]
+        z = self.zero[seg.width][seg.param_start:seg.param_start + m]
+        return codes, s, z
+
+
+def _key_scores(st: _Streams, role: RoleLayout, seg: Segment, q: torch.Tensor) -> torch.Tensor:
+    """``[rows, n_tokens]``: ``q . k_t`` of the segment's tokens (``q`` ``[rows, D]``, rotated for quantized
+    segments of a rotating quantizer)."""
+    if role.axis == "token":
+        codes, s, z = st.block(seg, (seg.n_units, seg.n_tokens))
+        qs = q if seg.units is None else q.index_select(1, seg.units)  # [rows, units]
+        if s is None:
+            return qs @ codes
+        s = s.reshape(seg.n_units, seg.n_blocks)
+        z = z.reshape(seg.n_units, seg.n_blocks)
+        scaled = codes.mul_(s.index_select(1, seg.blocks))  # the codes times their group's scale, this segment only
+        return qs @ scaled + (qs @ z).index_select(1, seg.blocks)
+    g = role.g
+    codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
+    qg = q.reshape(q.shape[0], -1, g)
+    if seg.units is not None:
+        qg = qg.index_select(1, seg.units)  # [rows, units, g]
+    if s is None:
+        return torch.einsum("aug,tug->at", qg, codes)
+    s = s.reshape(seg.n_tokens, seg.n_units)
+    z = z.reshape(seg.n_tokens, seg.n_units)
+    if seg.n_units == 1:
+        return (qg[:, 0] @ codes[:, 0].T) * s[:, 0] + qg[:, 0].sum(-1, keepdim=True) * z[:, 0]
+    dots = torch.einsum("aug,tug->atu", qg, codes)
+    return (dots * s).sum(-1) + qg.sum(-1) @ z.T
+
+
+def _value_sum(st: _Streams, role: RoleLayout, seg: Segment, p: torch.Tensor) -> torch.Tensor:
+    """``[rows, units, g]``: ``sum_t p_t v_t`` over the segment's tokens (``p`` ``[rows, n_tokens]``)."""
+    g = role.g
+    codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
+    if s is None:
+        return torch.einsum("at,tug->aug", p, codes)
+    s = s.reshape(seg.n_tokens, seg.n_units)
+    z = z.reshape(seg.n_tokens, seg.n_units)
+    if seg.n_units == 1:
+        return ((p * s[:, 0]) @ codes[:, 0] + (p @ z[:, 0])[:, None])[:, None]
+    return torch.einsum("atu,tug->aug", p[:, :, None] * s, codes) + (p @ z)[:, :, None]
+
+
+def _row_attention(layer, b: int, row, query: torch.Tensor, scaling: float, cd, streams) -> torch.Tensor:
+    """``[q_heads, q, D]`` for batch row ``b`` (its compressed row ``row``) of a layer."""
+    fl: FusedLayout = row.fused
+    ks, vs = streams
+    Hq, nq, D = query.shape
+    H = len(fl.kept)
+    G = Hq // H
+    T = layer.keys.shape[-2]
+    sk, sv = row.sink_kv
+    wk, wv = row.window_kv
+    out = torch.empty(Hq, nq, D, dtype=cd, device=query.device)
+    causal = None
+    if nq > 1:
+        causal = (torch.arange(T, device=query.device)[None, :]
+                  > (T - nq + torch.arange(nq, device=query.device))[:, None])
+    for h in range(H):
+        qh = query[h * G:(h + 1) * G].to(cd).reshape(G * nq, D)  # rows (g, i)
+        qr = hadamard_transform(qh) if fl.rotate else qh
+        n = fl.kept[h].size
+        mid = torch.zeros(G * nq, n, dtype=cd, device=query.device)
+        for seg in fl.keys.segments[h]:
+            part = _key_scores(ks, fl.keys, seg, qh if seg.width == FULL_BITS else qr)
+            if seg.slots is None:
+                mid += part
+            else:
+                mid.index_add_(1, seg.slots, part)
+        ak = layer.keys[b, h, :T].to(cd)
+        av = layer.values[b, h, :T].to(cd)
+        app = qh @ ak.T
+        if causal is not None:
+            app = app.reshape(G, nq, T).masked_fill(causal, float("-inf")).reshape(G * nq, T)
+        k_sink, k_win = sk[0, h].to(cd), wk[0, h].to(cd)
+        scores = torch.cat([qh @ k_sink.T, mid, qh @ k_win.T, app], dim=1) * scaling
+        p = torch.softmax(scores, dim=1)
+        n_s, n_w = k_sink.shape[0], k_win.shape[0]
+        p_sink, p_mid, p_win, p_app = torch.split(p, [n_s, n, n_w, T], dim=1)
+        o = p_sink @ sv[0, h].to(cd) + p_win @ wv[0, h].to(cd) + p_app @ av
+        o_rot = torch.zeros_like(o) if fl.rotate else o
+        ov, orv = o.view(G * nq, -1, fl.values.g), o_rot.view(G * nq, -1, fl.values.g)
+        for seg in fl.values.segments[h]:
+            pt = p_mid if seg.slots is None else p_mid.index_select(1, seg.slots)
+            part = _value_sum(vs, fl.values, seg, pt)
+            target = ov if seg.width == FULL_BITS else orv
+            if seg.units is None:
+                target += part
+            else:
+                target.index_add_(1, seg.units, part)
+        if fl.rotate:
+            o = o + hadamard_transform(o_rot)
+        out[h * G:(h + 1) * G] = o.reshape(G, nq, D)
+    return out
+
+
+@torch.no_grad()
+def fused_attention(layer, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """Attention of ``query`` (``[batch, q_heads, q, head_dim]``, the last ``q`` appended tokens) over every batch row
+    of ``layer`` (a :class:`~.compress.CompressedLayer` whose rows have a fused layout), read from the packed storage
+    (module docstring). Returns ``[batch, q, q_heads, head_dim]`` in the query's dtype, equal to
+    :func:`~.compress.reference_attention` within float rounding."""
+    B, Hq, nq, D = query.shape
+    if B != len(layer.rows):
+        raise ValueError(f"layer {layer.layer_idx}: the query has batch {B}, the cache holds {len(layer.rows)} rows")
+    s = D ** -0.5 if scaling is None else float(scaling)
+    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+    decoded: dict[int, tuple] = {}
+    out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
+    for b, row in enumerate(layer.rows):
+        fl = row.fused
+        if fl is None:
+            raise FusedUnsupported(f"layer {layer.layer_idx}, row {b}: no fused layout ({row.fused_reason})")
+        if id(row) not in decoded:  # rows shared by several batch slots (beams) are unpacked once
+            q = fl.quantizer
+            decoded[id(row)] = (_Streams(row.packed.keys, fl.keys, q, cd),
+                                _Streams(row.packed.values, fl.values, q, cd))
+        out[b] = _row_attention(layer, b, row, query[b], s, cd, decoded[id(row)]).transpose(0, 1).to(query.dtype)
+    return out
