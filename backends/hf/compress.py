@@ -335,13 +335,18 @@ def compressed_nbytes(plan: Plan, quantizer: Any = None, *, head_dim: int, batch
 class CompressedRow:
     """One sequence's compressed prefix in one layer: the packed middle (``packed``, batch 1), the full-precision
     ``sink_kv``/``window_kv`` (``[1, kv_heads, s, head_dim]``), and per kv head the positions of its kept middle tokens
-    (``gather_index``/``gather_valid`` ``[kv_heads, P]``, ``P`` the largest kept count; shorter heads padded).
+    (``gather_index``/``gather_valid`` ``[kv_heads, P]``, ``P`` the largest kept count; shorter heads padded);
+    ``dense_kv``: sink and window in one tensor per role (``sink_kv``/``window_kv`` are views of it); ``fused``: the
+    index metadata of :mod:`.fused_decode` (``None`` when that path cannot read the storage: ``fused_reason``).
     Immutable once built: beam reordering shares rows between batch slots."""
 
     def __init__(self, packed: PackedLayer, sink: tuple, window: tuple, kept: np.ndarray):
         self.packed = packed
-        self.sink_kv = sink
-        self.window_kv = window
+        # sink and window in one tensor per role (one read per step); sink_kv and window_kv are views of it
+        self.dense_kv = (torch.cat([sink[0], window[0]], dim=2), torch.cat([sink[1], window[1]], dim=2))
+        s = sink[0].shape[2]
+        self.sink_kv = (self.dense_kv[0][:, :, :s], self.dense_kv[1][:, :, :s])
+        self.window_kv = (self.dense_kv[0][:, :, s:], self.dense_kv[1][:, :, s:])
         H = kept.shape[0]
         counts = kept.sum(axis=1)
         P = int(counts.max()) if H else 0

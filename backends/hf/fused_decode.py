@@ -251,118 +251,126 @@ def _decode_params(q: Quantizer, params: torch.Tensor, bits: int, cd) -> tuple[t
 
 
 class _Streams:
-    """One role's unpacked codes and float parameters per width, for one step."""
+    """One role's codes (as floats) and parameters per width, unpacked once per step for the whole stream (every
+    head); segments are views of them."""
 
     def __init__(self, packed: PackedTensor, role: RoleLayout, q: Quantizer, cd):
         self.codes, self.scale, self.zero = {}, {}, {}
         for b, stream, params, n in zip(role.widths, packed.payload, packed.params, role.counts):
-            self.codes[b] = unpack_codes(stream, b, n)
+            self.codes[b] = unpack_codes(stream, b, n).to(cd)
             self.scale[b], self.zero[b] = _decode_params(q, params, b, cd)
-        self.full = packed.full.reshape(-1)
-        self.cd = cd
+        self.codes[FULL_BITS] = packed.full.reshape(-1).to(cd)
 
     def block(self, seg: Segment, shape: tuple) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The segment's codes viewed as ``shape`` and its scales and zeros (``None`` at width 16)."""
         n = seg.n_units * seg.n_tokens * (shape[-1] if len(shape) == 3 else 1)
+        codes = self.codes[seg.width][seg.code_start:seg.code_start + n].view(shape)
         if seg.width == FULL_BITS:
-            return self.full[seg.code_start:seg.code_start + n].reshape(shape).to(self.cd), None, None
-        codes = self.codes[seg.width][seg.code_start:seg.code_start + n].reshape(shape).to(self.cd)
+            return codes, None, None
         m = seg.n_units * seg.n_blocks
-        s = self.scale[seg.width][seg.param_start:seg.param_start + m]
-        z = self.zero[seg.width][seg.param_start:seg.param_start + m]
-        return codes, s, z
+        return (codes, self.scale[seg.width][seg.param_start:seg.param_start + m],
+                self.zero[seg.width][seg.param_start:seg.param_start + m])
 
 
 def _key_scores(st: _Streams, role: RoleLayout, seg: Segment, q: torch.Tensor) -> torch.Tensor:
     """``[rows, n_tokens]``: ``q . k_t`` of the segment's tokens (``q`` ``[rows, D]``, rotated for quantized
     segments of a rotating quantizer)."""
-    if role.axis == "token":
+    if role.axis == "token":  # codes [units, tokens]; scale, zero [units, blocks]
         codes, s, z = st.block(seg, (seg.n_units, seg.n_tokens))
         qs = q if seg.units is None else q.index_select(1, seg.units)  # [rows, units]
         if s is None:
             return qs @ codes
-        s = s.reshape(seg.n_units, seg.n_blocks)
-        z = z.reshape(seg.n_units, seg.n_blocks)
-        scaled = codes.mul_(s.index_select(1, seg.blocks))  # the codes times their group's scale, this segment only
-        return qs @ scaled + (qs @ z).index_select(1, seg.blocks)
-    g = role.g
+        s = s.view(seg.n_units, seg.n_blocks)
+        z = z.view(seg.n_units, seg.n_blocks)
+        # the token's block selects its scale: one transient product over this segment's codes
+        return qs @ (codes * s.index_select(1, seg.blocks)) + (qs @ z).index_select(1, seg.blocks)
+    g = role.g  # codes [tokens, units, g]; scale, zero [tokens, units]
     codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
-    qg = q.reshape(q.shape[0], -1, g)
+    qg = q.view(q.shape[0], -1, g)
     if seg.units is not None:
         qg = qg.index_select(1, seg.units)  # [rows, units, g]
-    if s is None:
-        return torch.einsum("aug,tug->at", qg, codes)
-    s = s.reshape(seg.n_tokens, seg.n_units)
-    z = z.reshape(seg.n_tokens, seg.n_units)
     if seg.n_units == 1:
-        return (qg[:, 0] @ codes[:, 0].T) * s[:, 0] + qg[:, 0].sum(-1, keepdim=True) * z[:, 0]
-    dots = torch.einsum("aug,tug->atu", qg, codes)
-    return (dots * s).sum(-1) + qg.sum(-1) @ z.T
+        dots = qg[:, 0] @ codes[:, 0].T
+        return dots if s is None else dots * s + qg[:, 0].sum(-1, keepdim=True) * z
+    dots = torch.bmm(qg.transpose(0, 1), codes.permute(1, 2, 0))  # [units, rows, tokens]
+    if s is None:
+        return dots.sum(0)
+    s = s.view(seg.n_tokens, seg.n_units)
+    z = z.view(seg.n_tokens, seg.n_units)
+    return (dots * s.T[:, None, :]).sum(0) + qg.sum(-1) @ z.T
 
 
 def _value_sum(st: _Streams, role: RoleLayout, seg: Segment, p: torch.Tensor) -> torch.Tensor:
-    """``[rows, units, g]``: ``sum_t p_t v_t`` over the segment's tokens (``p`` ``[rows, n_tokens]``)."""
+    """``[rows, units, g]``: ``sum_t p_t v_t`` over the segment's tokens (``p`` ``[rows, n_tokens]``): the
+    probabilities folded into the per-token scales, ``sum_t (p_t s_tu) code_tu + sum_t p_t z_tu``."""
     g = role.g
     codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
-    if s is None:
-        return torch.einsum("at,tug->aug", p, codes)
-    s = s.reshape(seg.n_tokens, seg.n_units)
-    z = z.reshape(seg.n_tokens, seg.n_units)
     if seg.n_units == 1:
-        return ((p * s[:, 0]) @ codes[:, 0] + (p @ z[:, 0])[:, None])[:, None]
-    return torch.einsum("atu,tug->aug", p[:, :, None] * s, codes) + (p @ z)[:, :, None]
+        if s is None:
+            return (p @ codes[:, 0])[:, None]
+        return ((p * s) @ codes[:, 0] + (p @ z)[:, None])[:, None]
+    if s is None:
+        return (p @ codes.view(seg.n_tokens, -1)).view(p.shape[0], seg.n_units, g)
+    s = s.view(seg.n_tokens, seg.n_units)
+    z = z.view(seg.n_tokens, seg.n_units)
+    ps = (p[:, :, None] * s).permute(2, 0, 1)  # [units, rows, tokens]
+    return torch.bmm(ps, codes.transpose(0, 1)).transpose(0, 1) + (p @ z)[:, :, None]
 
 
 def _row_attention(layer, b: int, row, query: torch.Tensor, scaling: float, cd, streams) -> torch.Tensor:
-    """``[q_heads, q, D]`` for batch row ``b`` (its compressed row ``row``) of a layer."""
+    """``[q_heads, q, D]`` for batch row ``b`` (its compressed row ``row``) of a layer. The dense parts (sink, window,
+    appended) of every kv head at once; the middle head by head, width by width."""
     fl: FusedLayout = row.fused
     ks, vs = streams
     Hq, nq, D = query.shape
     H = len(fl.kept)
-    G = Hq // H
+    R = Hq // H * nq  # query rows per kv head: (query head in the group, query)
     T = layer.keys.shape[-2]
-    sk, sv = row.sink_kv
-    wk, wv = row.window_kv
-    out = torch.empty(Hq, nq, D, dtype=cd, device=query.device)
-    causal = None
-    if nq > 1:
-        causal = (torch.arange(T, device=query.device)[None, :]
+    qa = query.to(cd).reshape(H, R, D)
+    qr = hadamard_transform(qa) if fl.rotate else qa
+    dk, dv = row.dense_kv  # [1, H, sink + window, D]
+    dk, dv = dk[0].to(cd), dv[0].to(cd)
+    ak, av = layer.keys[b, :, :T].to(cd), layer.values[b, :, :T].to(cd)
+    s_app = qa @ ak.transpose(1, 2)
+    if nq > 1:  # causality among the appended tokens (the queries are the last nq)
+        future = (torch.arange(T, device=query.device)[None, :]
                   > (T - nq + torch.arange(nq, device=query.device))[:, None])
+        s_app = s_app.view(H, -1, nq, T).masked_fill(future, float("-inf")).view(H, R, T)
+    counts = [k.size for k in fl.kept]
+    n_max = max(counts, default=0)
+    mid = torch.full((H, R, n_max), float("-inf"), dtype=cd, device=query.device)
     for h in range(H):
-        qh = query[h * G:(h + 1) * G].to(cd).reshape(G * nq, D)  # rows (g, i)
-        qr = hadamard_transform(qh) if fl.rotate else qh
-        n = fl.kept[h].size
-        mid = torch.zeros(G * nq, n, dtype=cd, device=query.device)
+        if not counts[h]:
+            continue
+        m = mid[h, :, :counts[h]]
+        m.zero_()
         for seg in fl.keys.segments[h]:
-            part = _key_scores(ks, fl.keys, seg, qh if seg.width == FULL_BITS else qr)
+            part = _key_scores(ks, fl.keys, seg, qa[h] if seg.width == FULL_BITS else qr[h])
             if seg.slots is None:
-                mid += part
+                m += part
             else:
-                mid.index_add_(1, seg.slots, part)
-        ak = layer.keys[b, h, :T].to(cd)
-        av = layer.values[b, h, :T].to(cd)
-        app = qh @ ak.T
-        if causal is not None:
-            app = app.reshape(G, nq, T).masked_fill(causal, float("-inf")).reshape(G * nq, T)
-        k_sink, k_win = sk[0, h].to(cd), wk[0, h].to(cd)
-        scores = torch.cat([qh @ k_sink.T, mid, qh @ k_win.T, app], dim=1) * scaling
-        p = torch.softmax(scores, dim=1)
-        n_s, n_w = k_sink.shape[0], k_win.shape[0]
-        p_sink, p_mid, p_win, p_app = torch.split(p, [n_s, n, n_w, T], dim=1)
-        o = p_sink @ sv[0, h].to(cd) + p_win @ wv[0, h].to(cd) + p_app @ av
-        o_rot = torch.zeros_like(o) if fl.rotate else o
-        ov, orv = o.view(G * nq, -1, fl.values.g), o_rot.view(G * nq, -1, fl.values.g)
+                m.index_add_(1, seg.slots, part)
+    scores = torch.cat([qa @ dk.transpose(1, 2), mid, s_app], dim=2)
+    p = torch.softmax(scores * scaling, dim=2)
+    n_d = dk.shape[1]
+    p_dense, p_mid, p_app = torch.split(p, [n_d, n_max, T], dim=2)
+    o = p_dense @ dv + p_app @ av  # [H, R, D]
+    o_rot = torch.zeros_like(o) if fl.rotate else o
+    g = fl.values.g
+    for h in range(H):
+        if not counts[h]:
+            continue
+        ph = p_mid[h, :, :counts[h]]
         for seg in fl.values.segments[h]:
-            pt = p_mid if seg.slots is None else p_mid.index_select(1, seg.slots)
-            part = _value_sum(vs, fl.values, seg, pt)
-            target = ov if seg.width == FULL_BITS else orv
+            part = _value_sum(vs, fl.values, seg, ph if seg.slots is None else ph.index_select(1, seg.slots))
+            target = (o if seg.width == FULL_BITS else o_rot)[h].view(R, -1, g)
             if seg.units is None:
                 target += part
             else:
                 target.index_add_(1, seg.units, part)
-        if fl.rotate:
-            o = o + hadamard_transform(o_rot)
-        out[h * G:(h + 1) * G] = o.reshape(G, nq, D)
-    return out
+    if fl.rotate:
+        o = o + hadamard_transform(o_rot)
+    return o.view(Hq, nq, D)
 
 
 @torch.no_grad()
@@ -386,5 +394,5 @@ def fused_attention(layer, query: torch.Tensor, scaling: float | None = None) ->
             q = fl.quantizer
             decoded[id(row)] = (_Streams(row.packed.keys, fl.keys, q, cd),
                                 _Streams(row.packed.values, fl.values, q, cd))
-        out[b] = _row_attention(layer, b, row, query[b], s, cd, decoded[id(row)]).transpose(0, 1).to(query.dtype)
+        out[b] = _row_attention(layer, b, row, query[b], s, cd, decoded[id(row)]).transpose(0, 1)
     return out
