@@ -251,13 +251,13 @@ def _decode_params(q: Quantizer, params: torch.Tensor, bits: int, cd) -> tuple[t
 
 
 class _Streams:
-    """One role's codes (as floats) and parameters per width, unpacked once per step for the whole stream (every
-    head); segments are views of them."""
+    """One role's codes (uint8; width 16: the values as floats) and parameters per width, unpacked once per step
+    for the whole stream (every head); segments are views of them."""
 
     def __init__(self, packed: PackedTensor, role: RoleLayout, q: Quantizer, cd):
         self.codes, self.scale, self.zero = {}, {}, {}
         for b, stream, params, n in zip(role.widths, packed.payload, packed.params, role.counts):
-            self.codes[b] = unpack_codes(stream, b, n).to(cd)
+            self.codes[b] = unpack_codes(stream, b, n)
             self.scale[b], self.zero[b] = _decode_params(q, params, b, cd)
         self.codes[FULL_BITS] = packed.full.reshape(-1).to(cd)
 
@@ -283,9 +283,10 @@ def _key_scores(st: _Streams, role: RoleLayout, seg: Segment, q: torch.Tensor) -
         s = s.view(seg.n_units, seg.n_blocks)
         z = z.view(seg.n_units, seg.n_blocks)
         # the token's block selects its scale: one transient product over this segment's codes
-        return qs @ (codes * s.index_select(1, seg.blocks)) + (qs @ z).index_select(1, seg.blocks)
+        return qs @ (codes * s.index_select(1, seg.blocks)) + (qs @ z).index_select(1, seg.blocks)  # uint8 * float
     g = role.g  # codes [tokens, units, g]; scale, zero [tokens, units]
     codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
+    codes = codes.to(q.dtype)
     qg = q.view(q.shape[0], -1, g)
     if seg.units is not None:
         qg = qg.index_select(1, seg.units)  # [rows, units, g]
@@ -305,6 +306,7 @@ def _value_sum(st: _Streams, role: RoleLayout, seg: Segment, p: torch.Tensor) ->
     probabilities folded into the per-token scales, ``sum_t (p_t s_tu) code_tu + sum_t p_t z_tu``."""
     g = role.g
     codes, s, z = st.block(seg, (seg.n_tokens, seg.n_units, g))
+    codes = codes.to(p.dtype)
     if seg.n_units == 1:
         if s is None:
             return (p @ codes[:, 0])[:, None]
