@@ -208,3 +208,25 @@ def test_unsupported_storage_falls_back_with_one_warning(tiny):
         for layer in cache.layers:
             layer.update(torch.zeros(1, H, 1, D), torch.zeros(1, H, 1, D))
     assert sum("fused decode path" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_paths_through_joint_attention_equal_reference(fused):
+    C = 53
+    keys, values = kv(C, seed=9)
+    cache = CompressedCache.compress(keys, values, random_plan("kivi", C, [2, 3, 4, 8, 16], seed=6),
+                                     QUANTIZERS["kivi"])
+    attention = JointAttention(None, fused=fused)
+    attention.attach(cache)
+    g = torch.Generator().manual_seed(2)
+    for layer in range(L):
+        module = type("M", (), {"layer_idx": layer})()
+        for _ in range(3):  # three decode steps: the appended buffer grows
+            new_k, new_v = torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+            k, v = cache.layers[layer].update(new_k, new_v)
+            assert (layer in attention.pending) and (k.shape[-2] == cache.layers[layer].keys.shape[-2]) == fused
+            query = torch.randn(1, HQ, 1, D, generator=g)
+            out, _ = attention.attention(module, query, k, v, None, scaling=D ** -0.5)
+            ref = reference_attention(cache.layers[layer], query, D ** -0.5)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not attention.pending

@@ -39,7 +39,10 @@ Three pieces, used in this order by :mod:`.joint`:
 3. :class:`CompressedCache` holds a compressed prefix per batch row (:class:`CompressedRow`: one sequence's plan,
    its own token count, no padding): the plan's middle tokens packed (:mod:`rdalloc.apply`, real bit-packed bytes,
    evicted tokens not stored), the first ``sink`` and last ``window`` tokens at full precision; and every token
-   appended afterwards at full precision. On each ``update`` a layer dequantizes each row's packed part, gathers each
+   appended afterwards at full precision (in preallocated buffers whose capacity doubles when full). By default
+   (``JointAttention(model, fused=True)``) the attention reads the packed storage itself (:mod:`.fused_decode`: scores
+   and outputs from the codes by the scale/zero algebra, no dequantized prefix). With ``fused=False`` (or storage the
+   fused read cannot take), on each ``update`` a layer dequantizes each row's packed part, gathers each
    kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the largest prefix of the layer over rows and
    heads; shorter ones padded) and hands attention the prefix followed by the appended tokens. The attention of
    :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that always restores the model's
@@ -692,9 +695,14 @@ class JointAttention(AttentionSwap):
     docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run the
     model's own attention implementation.
 
+    ``fused`` (default :data:`FUSED_DEFAULT`): read the packed storage directly (:func:`.fused_decode.fused_attention`)
+    instead of dequantizing and gathering the prefix; a layer whose rows the fused read cannot take runs the gather
+    path, with one warning per block.
+
     A cache with compressed layers handed to the model (under either cache keyword) is attached on each call: its
-    layers hand their per-head masks to this object (``pending``, by layer index) on ``update`` and the attention
-    takes them. Leaving the block detaches every cache and drops any mask a failed call left."""
+    layers hand their per-head masks (or, fused, themselves) to this object (``pending``, by layer index) on
+    ``update`` and the attention takes them. Leaving the block detaches every cache and drops any mask a failed call
+    left."""
 
     mask = None  # the model's own mask function (compressed layers build their own masks)
 
