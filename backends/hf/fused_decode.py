@@ -82,13 +82,16 @@ class Segment:
 class RoleLayout:
     """Keys or values of one row and layer: ``axis`` (``"token"``/``"channel"``: the quantizer's grouping), group
     size ``g``, ``widths`` (the streams, as :attr:`PackedTensor.payload`), ``counts`` (codes per stream),
-    ``segments[h]`` (kv head ``h``'s :class:`Segment` list)."""
+    ``segments[h]`` (kv head ``h``'s :class:`Segment` list); ``merged`` (channel groups): per width whose segments
+    cover every unit, one :class:`Segment` over every head's tokens (the stream holds them head after head) and the
+    ``(head, segment)`` pairs it joins, so that one matmul serves all kv heads."""
 
     axis: str
     g: int
     widths: tuple
     counts: tuple
     segments: tuple
+    merged: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,18 @@ def _role_layout(packed: PackedTensor, kept: list[np.ndarray], device) -> RoleLa
             start += n if axis == "token" else n * g
             pstart += n_params
     counts = tuple(int(idx["units"][b].size) * (g if layout.units_are_rows else 1) for b in layout.widths)
+    merged = []
+    if axis == "channel":
+        for b in (*layout.widths, FULL_BITS):
+            parts = [(h, seg) for h in range(H) for seg in segments[h] if seg.width == b]
+            if parts and all(seg.units is None for _, seg in parts):
+                first = parts[0][1]
+                n = sum(seg.n_tokens for _, seg in parts)
+                merged.append((Segment(width=b, code_start=first.code_start, n_units=first.n_units, n_tokens=n,
+                                       param_start=first.param_start, n_blocks=n, units=None, slots=None,
+                                       blocks=None), tuple(parts)))
     return RoleLayout(axis=axis, g=g, widths=tuple(layout.widths), counts=counts,
-                      segments=tuple(tuple(s) for s in segments))
+                      segments=tuple(tuple(s) for s in segments), merged=tuple(merged))
 
 
 def fused_layout(packed_layer, kept: np.ndarray) -> FusedLayout:
@@ -218,6 +231,16 @@ def fused_layout(packed_layer, kept: np.ndarray) -> FusedLayout:
                        kept=tuple(kept_pos), rotate=rotate, quantizer=q)
 
 
+_SHIFTS: dict = {}
+
+
+def _shifts(bits: int, device) -> torch.Tensor:
+    key = (bits, str(device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+    return _SHIFTS[key]
+
+
 def unpack_codes(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The first ``n`` codes (uint8) of a stream packed by :func:`rdalloc.bitpack.pack_bits`: every 8 codes are
     ``bits`` bytes, read as one little-endian integer and split by shifts (two passes over the bytes)."""
@@ -226,7 +249,7 @@ def unpack_codes(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=stream.device)
+        shifts = _shifts(bits, stream.device)
         m = -(-n // per)
         return ((stream[:m, None] >> shifts) & mask).reshape(-1)[:n]
     m = n // 8
@@ -359,11 +382,24 @@ def _row_attention(layer, b: int, row, query: torch.Tensor, scaling: float, cd, 
     o = p_dense @ dv + p_app @ av  # [H, R, D]
     o_rot = torch.zeros_like(o) if fl.rotate else o
     g = fl.values.g
+    done = set()
+    for seg, parts in fl.values.merged:  # one width, every kv head: p placed block-diagonally, one matmul
+        p_all = torch.zeros(H, R, seg.n_tokens, dtype=cd, device=query.device)
+        at = 0
+        for h, part in parts:
+            ph = p_mid[h, :, :counts[h]]
+            p_all[h, :, at:at + part.n_tokens] = ph if part.slots is None else ph.index_select(1, part.slots)
+            at += part.n_tokens
+        target = (o if seg.width == FULL_BITS else o_rot).view(H * R, -1, g)
+        target += _value_sum(vs, fl.values, seg, p_all.view(H * R, seg.n_tokens))
+        done.add(seg.width)
     for h in range(H):
         if not counts[h]:
             continue
         ph = p_mid[h, :, :counts[h]]
         for seg in fl.values.segments[h]:
+            if seg.width in done:
+                continue
             part = _value_sum(vs, fl.values, seg, ph if seg.slots is None else ph.index_select(1, seg.slots))
             target = (o if seg.width == FULL_BITS else o_rot)[h].view(R, -1, g)
             if seg.units is None:
