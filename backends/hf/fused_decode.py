@@ -235,7 +235,7 @@ _SHIFTS: dict = {}
 
 
 def _shifts(bits: int, device) -> torch.Tensor:
-    key = (bits, str(device))
+    key = (bits, device)
     if key not in _SHIFTS:
         _SHIFTS[key] = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
     return _SHIFTS[key]
