@@ -230,3 +230,18 @@ def test_both_paths_through_joint_attention_equal_reference(fused):
             ref = reference_attention(cache.layers[layer], query, D ** -0.5)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not attention.pending
+
+
+def test_lossless_rows_take_the_exact_path():
+    C = 30
+    keys, values = kv(C)
+    value = np.full((L, H, C), 16)
+    cache = CompressedCache.compress(keys, values, make_plan("kivi", C, value, np.full((L, H, D), 16)),
+                                     QUANTIZERS["kivi"])
+    assert all(row.fused.lossless for layer in cache.layers for row in layer.rows)
+    lossy = CompressedCache.compress(keys, values, random_plan("kivi", C, [4, 16], seed=3), QUANTIZERS["kivi"])
+    assert not any(row.fused.lossless for layer in lossy.layers for row in layer.rows)
+    attention = JointAttention(None, fused=True)
+    attention.attach(cache)
+    cache.layers[0].update(torch.zeros(1, H, 1, D), torch.zeros(1, H, 1, D))
+    assert isinstance(attention.pending.pop(0), tuple)  # the masked-SDPA path's (valid, P, T)

@@ -364,7 +364,8 @@ class CompressedRow:
         self.gather_valid = torch.from_numpy(valid).to(device)
         self.kept_counts = counts
         try:  # the fused read's index metadata, laid out once (no bytes copied)
-            self.fused, self.fused_reason = fused_layout(packed, kept), None
+            middle = packed.keys.layout.shape[2] - sink[0].shape[2] - window[0].shape[2]
+            self.fused, self.fused_reason = fused_layout(packed, kept, middle), None
         except FusedUnsupported as e:
             self.fused, self.fused_reason = None, str(e)
 
@@ -486,9 +487,12 @@ class CompressedLayer(DynamicLayer):
             raise RuntimeError(f"the per-head mask of the previous step was never used: {refused}")
         self._append(key_states, value_states)
         if self.attention.fused and all(row.fused is not None for row in self.rows):
-            pending[self.layer_idx] = self  # the attention reads the packed storage and the buffers itself
-            return self.keys, self.values
-        if self.attention.fused:
+            # a lossless layer (nothing quantized or evicted: 100 % retention) takes the gather path, whose SDPA
+            # over the original tokens in order matches the uncompressed model bit for bit (docs/design.md §5)
+            if not all(row.fused.lossless for row in self.rows):
+                pending[self.layer_idx] = self  # the attention reads the packed storage and the buffers itself
+                return self.keys, self.values
+        elif self.attention.fused:
             self.attention.warn_unfused(self)
         pk, pv, valid = self.prefix()
         pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])

@@ -97,13 +97,15 @@ class RoleLayout:
 @dataclass(frozen=True)
 class FusedLayout:
     """Both roles of one :class:`~.compress.CompressedRow`; ``kept[h]``: head ``h``'s kept middle tokens; ``rotate``:
-    queries and rotated outputs go through the normalized Hadamard transform (QuaRot)."""
+    queries and rotated outputs go through the normalized Hadamard transform (QuaRot); ``lossless``: nothing
+    quantized and nothing evicted (the row is the original prefix)."""
 
     keys: RoleLayout
     values: RoleLayout
     kept: tuple
     rotate: bool
     quantizer: Quantizer
+    lossless: bool = False
 
 
 def _affine_kind(q: Quantizer) -> str:
@@ -217,18 +219,21 @@ def _role_layout(packed: PackedTensor, kept: list[np.ndarray], device) -> RoleLa
                       segments=tuple(tuple(s) for s in segments), merged=tuple(merged))
 
 
-def fused_layout(packed_layer, kept: np.ndarray) -> FusedLayout:
+def fused_layout(packed_layer, kept: np.ndarray, middle: int | None = None) -> FusedLayout:
     """The :class:`FusedLayout` of a row's packed middle (``packed_layer``: a :class:`rdalloc.apply.PackedLayer`,
-    batch 1; ``kept`` ``[kv_heads, tokens]`` bool: the kept, unprotected tokens). Raises :class:`FusedUnsupported`
-    when the storage is not laid out as the module docstring says."""
+    batch 1; ``kept`` ``[kv_heads, tokens]`` bool: the kept, unprotected tokens; ``middle``: how many tokens are
+    unprotected, to recognise a lossless row). Raises :class:`FusedUnsupported` when the storage is not laid out as
+    the module docstring says."""
     q = packed_layer.keys.layout.quantizer
     _affine_kind(q)
     rotate = _rotates(q)
     device = packed_layer.keys.full.device
     kept_pos = [np.flatnonzero(k) for k in np.asarray(kept, dtype=bool)]
+    lossless = (middle is not None and not (packed_layer.keys.layout.widths or packed_layer.values.layout.widths)
+                and all(k.size == middle for k in kept_pos))
     return FusedLayout(keys=_role_layout(packed_layer.keys, kept_pos, device),
                        values=_role_layout(packed_layer.values, kept_pos, device),
-                       kept=tuple(kept_pos), rotate=rotate, quantizer=q)
+                       kept=tuple(kept_pos), rotate=rotate, quantizer=q, lossless=lossless)
 
 
 _SHIFTS: dict = {}
