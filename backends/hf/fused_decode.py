@@ -30,13 +30,16 @@ dequantize-and-gather path.
 * the output from the probabilities folded into the value scales: ``sum_t p_t v_t = sum_u (p_t s_tu) code_tu +
   sum_t p_t z_tu`` per channel group; QuaRot's rotated part is rotated back once (``H`` is its own inverse).
 
-**Implementation choice.** Plain PyTorch, a fixed handful of matmuls per (kv head, width) segment. The segments are
-ragged (each head keeps its own tokens, each width its own channels), so one compiled kernel per shape would compile
-once per layer and plan: ``torch.compile`` on the shared CPU took longer to compile than a whole decode run, and every
-new prompt brings a new plan and new shapes. The cost of the plain path is the unpacking of the bytes held plus
-matmuls over the kept codes (transient float copies of one segment's codes at a time, never the prefix); it grows with
-the bytes held, not with the tokens seen. :func:`~.compress.reference_attention` (explicit per-head gathers of the
-dequantized prefix) is the oracle this path is tested against.
+**Implementation choice.** Plain PyTorch, a fixed handful of matmuls per (kv head, width) segment, so it runs on any
+device torch does with no compiler and no per-plan compilation. The segments are ragged (each head keeps its own
+tokens, each width its own channels, both set by the plan of each prompt), so a ``torch.compile``d version would
+trace one graph per layer structure and plan unless the shapes were bucketed; that is not built (and was not
+measured). The cost of this path is the unpacking of the bytes held plus matmuls over the kept codes (transient float
+copies of one segment's codes at a time, and for per-channel key groups their scales spread over the segment's
+tokens; never the prefix); it grows with the bytes held, not with the tokens seen. On CPU a quantized code still
+costs several passes (unpack, convert, scale, matmul) where a float of the full cache costs one: a kernel fusing
+them is the next step (``benchmarks/README.md``). :func:`~.compress.reference_attention` (explicit per-head
+gathers of the dequantized prefix) is the oracle this path is tested against.
 """
 
 from __future__ import annotations
