@@ -1,22 +1,27 @@
 """Decode speed from the compressed cache: per-token time against the full cache, side by side in one run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/decode.py                      # contexts 1024,4096; 32 new tokens
-    HF_HUB_OFFLINE=1 python benchmarks/decode.py --contexts 1024 --tokens 16
+    HF_HUB_OFFLINE=1 python benchmarks/decode.py                      # contexts 1024,4096; 8 new tokens
+    HF_HUB_OFFLINE=1 python benchmarks/decode.py --contexts 8064 --paths fused   # the 8K row, fused path only
 
 For each context length, the bundled SmolLM2-135M-Instruct prefills ``context`` tokens of ``pydoc_data.topics``
 once (:func:`~rdalloc.backends.hf.compress.observe_prefill`); the cache is compressed by rdalloc's joint global plan
 (hybrid weights, no Fisher head scale: the scale changes which tokens are kept, not how many bytes or how decoding
-works) at each retention, and by the SnapKV-style eviction plan at the same bytes. Each cache then decodes
-``--tokens`` greedy tokens with ``model.generate`` (the compressed ones under
-:class:`~rdalloc.backends.hf.compress.JointAttention`); the time per new token is the best of ``--repeats`` runs,
-each from a fresh copy of the cache. Also reported: the one-off compression time (plan excluded: packing the
-prefix) against the prefill, and the bytes each cache holds.
+works) at each retention, and by the SnapKV-style eviction plan at the same bytes. Each compressed cache decodes
+``--tokens`` greedy tokens with ``model.generate`` under
+:class:`~rdalloc.backends.hf.compress.JointAttention` by two paths: ``fused`` (attention read straight from the packed
+codes, :mod:`~rdalloc.backends.hf.fused_decode`) and ``gather`` (the path before it: each step dequantizes each
+layer's packed prefix, gathers each head's kept tokens, pads and concatenates). The full cache is a
+``DynamicCache``.
 
-How decoding works today (``CompressedCache``): every step dequantizes each layer's packed prefix and gathers each
-head's kept tokens before attention, so the memory held is the packed bytes, and the time per step grows with
-the prefix. A fused dequantize-attention kernel would remove that work; this benchmark measures the plain PyTorch
-path. Ratios only: absolute milliseconds on this shared CPU say little (absolute times belong to a GPU run).
-Writes ``benchmarks/results/decode.{json,md}``.
+Timing (the machine is shared): every variant runs once per repeat and thread count, the variants interleaved in one
+loop (``torch.set_num_threads(k)``, ``k`` in ``--threads``), each from a fresh copy of its cache; per new token the
+wall time and the process CPU time (``time.process_time``), the best over ``--repeats``; ratios against the full
+cache at the same thread count. Also: the bytes each cache holds (2 bytes per full-precision element,
+docs/design.md §5), and the bytes a decode step reads from the cache storage at the real itemsize (the model runs
+in float32): full cache: its K and V; fused: the packed codes, float16 parameters, full-precision middle elements,
+sink, window and appended tokens; gather: the same packed bytes plus the dequantized full-length prefix it builds and
+reads and the gathered, padded prefix it concatenates (written and read: counted twice). Writes
+``benchmarks/results/decode.{json,md}``.
 """
 
 from __future__ import annotations
@@ -43,66 +48,107 @@ from rdalloc.quantizers import get_quantizer
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def best_time(make_cache, run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        cache = make_cache()
-        t = time.perf_counter()
-        run(cache)
-        times.append(time.perf_counter() - t)
-    return min(times)
+def read_bytes(cache, path: str, itemsize: int) -> int:
+    """Bytes of cache storage one decode step reads (module docstring), right after compression."""
+    if path == "full":
+        return itemsize * sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    total = 0
+    for layer in cache.layers:
+        for row in layer.rows:
+            for t in (row.packed.keys, row.packed.values):
+                total += sum(int(p.numel()) for p in t.payload) + 2 * sum(int(p.numel()) for p in t.params)
+                total += itemsize * int(t.full.numel())
+            total += itemsize * sum(int(t.numel()) for t in row.dense_kv)
+            if path == "gather":
+                _, H, C, D = row.packed.keys.layout.shape
+                total += 2 * itemsize * H * C * D  # the dequantized full-length prefix, keys and values
+                total += 2 * 2 * itemsize * H * row.length * D  # gathered + concatenated (written, read)
+    return total
 
 
 @torch.no_grad()
-def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, repeats: int) -> list[dict]:
+def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, repeats: int, threads, paths,
+            eviction: bool) -> list[dict]:
     q = get_quantizer("kivi")
     prompt = ids[None, :context + 1]  # the cache holds ``context`` tokens; generate feeds the next one, then decodes
 
-    def decode(cache, joint: bool):
-        if joint:
-            with JointAttention(model):
-                return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    def decode(cache, path):
+        if path == "full":
+            return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        with JointAttention(model, fused=path == "fused"):
+            return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
+    itemsize = next(model.parameters()).element_size()
     full = DynamicCache(config=model.config)
     t = time.perf_counter()
     forward(model, full, ids[None, :context])
     t_prefill = time.perf_counter() - t
-    full_bytes = 2 * sum(layer.keys.numel() + layer.values.numel() for layer in full.layers)  # FP16 bytes
-    t_full = best_time(lambda: copy.deepcopy(full), lambda c: decode(c, False), repeats) / tokens
-    rows = [{"context": context, "cache": "full (DynamicCache)", "retention": 1.0, "bytes": full_bytes,
-             "ms_per_token": 1e3 * t_full, "ratio": 1.0, "compress_s": None, "prefill_s": t_prefill}]
+    variants = [{"cache": "full (DynamicCache)", "path": "full", "retention": 1.0, "obj": full,
+                 "bytes": 2 * sum(layer.keys.numel() + layer.values.numel() for layer in full.layers),
+                 "compress_s": None}]
     pre = observe_prefill(model, ids[:context], window=32)
     w = token_weights(pre, method="hybrid")
     err = measure_errors(pre.keys, pre.values, q, [2, 4, 8])
     for r in retentions:
         kw = dict(retention=r, quantizer=q, sink=4, window=8)
-        for name, plan in (("rdalloc joint global", allocate_joint(w, pre.keys, pre.values, errors=err, **kw)),
-                           ("eviction (SnapKV-style)", eviction_plan(w, pre.shape, **kw))):
+        plans = [("rdalloc joint global", allocate_joint(w, pre.keys, pre.values, errors=err, **kw))]
+        if eviction:
+            plans.append(("eviction (SnapKV-style)", eviction_plan(w, pre.shape, **kw)))
+        for name, plan in plans:
             t = time.perf_counter()
             packed = CompressedCache.compress(pre.keys, pre.values, plan, q)
             t_compress = time.perf_counter() - t
-            t_tok = best_time(lambda: copy.deepcopy(packed), lambda c: decode(c, True), repeats) / tokens
-            rows.append({"context": context, "cache": name, "retention": packed.retention,
-                         "bytes": packed.compressed_nbytes, "ms_per_token": 1e3 * t_tok, "ratio": t_tok / t_full,
-                         "compress_s": t_compress, "prefill_s": t_prefill})
-            print(f"  C={context} {name:24s} r={r:g}: {1e3 * t_tok:7.1f} ms/token ({t_tok / t_full:4.2f}x full), "
-                  f"compress {t_compress:.2f} s (prefill {t_prefill:.2f} s)", flush=True)
+            for path in paths:
+                variants.append({"cache": name, "path": path, "retention": packed.retention, "obj": packed,
+                                 "bytes": packed.compressed_nbytes, "compress_s": t_compress})
+    for v in variants:
+        v["read_bytes"] = read_bytes(v["obj"], v["path"], itemsize)
+    outputs: dict = {}
+    times: dict = {}
+    for rep in range(repeats):
+        for k in threads:
+            torch.set_num_threads(k)
+            for i, v in enumerate(variants):
+                cache = copy.deepcopy(v["obj"])
+                t, c = time.perf_counter(), time.process_time()
+                out = decode(cache, v["path"])
+                wall, cpu = (time.perf_counter() - t) / tokens, (time.process_time() - c) / tokens
+                best = times.setdefault((i, k), [float("inf"), float("inf")])
+                times[(i, k)] = [min(best[0], wall), min(best[1], cpu)]
+                outputs.setdefault(i, out)
+                print(f"  C={context} rep {rep} threads {k} {v['cache']:24s} {v['path']:6s} "
+                      f"r={v['retention']:.3f}: {1e3 * wall:7.1f} ms wall {1e3 * cpu:7.1f} ms cpu", flush=True)
+    rows = []
+    for i, v in enumerate(variants):
+        same = None if v["path"] == "full" else bool(torch.equal(outputs[i], next(
+            outputs[j] for j, u in enumerate(variants) if u["obj"] is v["obj"])))
+        for k in threads:
+            wall, cpu = times[(i, k)]
+            fw, fc = times[(0, k)]
+            rows.append({"context": context, "cache": v["cache"], "path": v["path"], "retention": v["retention"],
+                         "bytes": v["bytes"], "read_bytes": v["read_bytes"], "threads": k,
+                         "ms_wall": 1e3 * wall, "ms_cpu": 1e3 * cpu, "ratio_wall": wall / fw, "ratio_cpu": cpu / fc,
+                         "compress_s": v["compress_s"], "prefill_s": t_prefill, "same_tokens_as_first_path": same})
     return rows
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Decode speed, {res['model']}, KIVI g32 plans (sink 4, window 8 at 16 bits); {res['tokens']} greedy "
-             f"tokens per run, best of {res['repeats']}; torch {res['machine']['torch']} on "
-             f"{res['machine']['cpus']} CPU cores ({res['machine']['threads']} threads), load average at start "
-             f"{res['machine']['load_start']}, at end {res['machine']['load_end']}. Ratios are measured side by "
-             f"side in this run; the milliseconds are this shared CPU's.", "",
-             "| context | cache | retention | bytes held | ms / token | x full cache | compress / prefill |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    m = res["machine"]
+    lines = [f"Decode speed, {res['model']} (float32), KIVI g32 plans (sink 4, window 8 at 16 bits); {res['tokens']} "
+             f"greedy tokens per run, best of {res['repeats']} interleaved runs per thread count; torch {m['torch']} "
+             f"on a shared machine ({m['cpus']} CPU cores shared with other jobs; load average at start "
+             f"{m['load_start']}, at end {m['load_end']}). Ratios are against the full cache at the same thread "
+             f"count, measured side by side in this run; wall time is noisy here, process CPU time less so. "
+             f"`fused`: attention read from the packed codes; `gather`: dequantize, gather, pad, concatenate (the "
+             f"previous path). Bytes read: the cache storage one step reads, at the real itemsize (benchmark "
+             f"docstring).", "",
+             "| context | cache | path | retention | bytes held | bytes read / step | threads | ms wall | x full "
+             "| ms CPU | x full (CPU) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        comp = "–" if r["compress_s"] is None else f"{r['compress_s'] / r['prefill_s']:.2f}"
-        lines.append(f"| {r['context']} | {r['cache']} | {100 * r['retention']:.1f} % | {r['bytes']:,} | "
-                     f"{r['ms_per_token']:.1f} | {r['ratio']:.2f} | {comp} |")
+        lines.append(f"| {r['context']} | {r['cache']} | {r['path']} | {100 * r['retention']:.1f} % | "
+                     f"{r['bytes']:,} | {r['read_bytes']:,} | {r['threads']} | {r['ms_wall']:.1f} | "
+                     f"{r['ratio_wall']:.2f} | {r['ms_cpu']:.1f} | {r['ratio_cpu']:.2f} |")
     lines += ["", f"Command: `{res['command']}` ({res['seconds']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
@@ -111,28 +157,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="1024,4096")
     p.add_argument("--retentions", default="0.1,0.25,0.5")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--paths", default="fused,gather", help="compressed-cache paths to time: fused, gather")
+    p.add_argument("--no-eviction", action="store_true", help="leave out the eviction-only plans")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--name", default="decode", help="results file stem")
     a = p.parse_args()
     t0 = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     model, tok, facts = load_model(progress=False)
     ids = tokenize(default_text(), tok)
+    threads = [int(k) for k in a.threads.split(",")]
+    paths = [s for s in a.paths.split(",") if s]
     rows = []
     for context in (int(c) for c in a.contexts.split(",")):
-        rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats)
+        rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats,
+                        threads, paths, not a.no_eviction)
     res = {"model": facts.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows,
            "seconds": time.perf_counter() - t0, "environment": environment(next(model.parameters()).dtype),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "load_start": load_start,
+                       "shared": True, "load_start": load_start,
                        "load_end": [round(x, 2) for x in os.getloadavg()]},
            "command": "HF_HUB_OFFLINE=1 python benchmarks/decode.py " + " ".join(
-               f"--{k} {getattr(a, k)}" for k in ("contexts", "retentions", "tokens", "repeats"))}
+               f"--{k} {getattr(a, k)}" for k in ("contexts", "retentions", "tokens", "repeats", "threads", "paths",
+                                                   "name")) + (" --no-eviction" if a.no_eviction else "")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "decode.md").write_text(markdown(res))
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{a.name}.md").write_text(markdown(res))
     print(markdown(res))
 
 

@@ -30,6 +30,7 @@ _HOMES = {
     "cache": ("TransformCache", "TransformLayer", "cache_factory", "identity_transform"),
     "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
     "oneshot": ("PrefillCompression", "compress_after_prefill"),
+    "fused_decode": ("FusedLayout", "FusedUnsupported", "fused_attention", "fused_layout"),
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
               "smollm2_gguf", "check_attention_layers", "check_attn_implementation", "model_device"),
     "packed_cache": ("PackedHeadCache", "PackedHeadLayer", "left_padding"),

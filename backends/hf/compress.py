@@ -65,7 +65,10 @@ Three pieces, used in this order by :mod:`.joint`:
 3. :class:`CompressedCache` holds a compressed prefix per batch row (:class:`CompressedRow`: one sequence's plan,
    its own token count, no padding): the plan's middle tokens packed (:mod:`rdalloc.apply`, real bit-packed bytes,
    evicted tokens not stored), the first ``sink`` and last ``window`` tokens at full precision; and every token
-   appended afterwards at full precision. On each ``update`` a layer dequantizes each row's packed part, gathers each
+   appended afterwards at full precision (in preallocated buffers whose capacity doubles when full). By default
+   (``JointAttention(model, fused=True)``) the attention reads the packed storage itself (:mod:`.fused_decode`: scores
+   and outputs from the codes by the scale/zero algebra, no dequantized prefix). With ``fused=False`` (or storage the
+   fused read cannot take), on each ``update`` a layer dequantizes each row's packed part, gathers each
    kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the largest prefix of the layer over rows and
    heads; shorter ones padded) and hands attention the prefix followed by the appended tokens. The attention of
    :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that always restores the model's
@@ -86,6 +89,7 @@ summed over batch rows. :mod:`.oneshot` runs all of this in one call (``compress
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +103,7 @@ from rdalloc.plan import Plan
 
 from .attention import AttentionSwap
 from .compat import CACHE_KEYWORDS, forward
+from .fused_decode import FusedUnsupported, fused_attention, fused_layout
 
 __all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
            "TokenWeights", "token_weights", "WEIGHTINGS", "BLEND_GRID", "blend_weights", "calibrate_blend",
@@ -443,13 +448,18 @@ def compressed_nbytes(plan: Plan, quantizer: Any = None, *, head_dim: int, batch
 class CompressedRow:
     """One sequence's compressed prefix in one layer: the packed middle (``packed``, batch 1), the full-precision
     ``sink_kv``/``window_kv`` (``[1, kv_heads, s, head_dim]``), and per kv head the positions of its kept middle tokens
-    (``gather_index``/``gather_valid`` ``[kv_heads, P]``, ``P`` the largest kept count; shorter heads padded).
+    (``gather_index``/``gather_valid`` ``[kv_heads, P]``, ``P`` the largest kept count; shorter heads padded);
+    ``dense_kv``: sink and window in one tensor per role (``sink_kv``/``window_kv`` are views of it); ``fused``: the
+    index metadata of :mod:`.fused_decode` (``None`` when that path cannot read the storage: ``fused_reason``).
     Immutable once built: beam reordering shares rows between batch slots."""
 
     def __init__(self, packed: PackedLayer, sink: tuple, window: tuple, kept: np.ndarray):
         self.packed = packed
-        self.sink_kv = sink
-        self.window_kv = window
+        # sink and window in one tensor per role (one read per step); sink_kv and window_kv are views of it
+        self.dense_kv = (torch.cat([sink[0], window[0]], dim=2), torch.cat([sink[1], window[1]], dim=2))
+        s = sink[0].shape[2]
+        self.sink_kv = (self.dense_kv[0][:, :, :s], self.dense_kv[1][:, :, :s])
+        self.window_kv = (self.dense_kv[0][:, :, s:], self.dense_kv[1][:, :, s:])
         H = kept.shape[0]
         counts = kept.sum(axis=1)
         P = int(counts.max()) if H else 0
@@ -463,6 +473,11 @@ class CompressedRow:
         self.gather_index = torch.from_numpy(idx).to(device)
         self.gather_valid = torch.from_numpy(valid).to(device)
         self.kept_counts = counts
+        try:  # the fused read's index metadata, laid out once (no bytes copied)
+            middle = packed.keys.layout.shape[2] - sink[0].shape[2] - window[0].shape[2]
+            self.fused, self.fused_reason = fused_layout(packed, kept, middle), None
+        except FusedUnsupported as e:
+            self.fused, self.fused_reason = None, str(e)
 
     @property
     def length(self) -> int:
@@ -512,6 +527,7 @@ class CompressedLayer(DynamicLayer):
         self.rows = list(rows)
         self.tokens = int(tokens)
         self.attention: JointAttention | None = None  # set while a JointAttention runs this cache
+        self._buffers: tuple | None = None  # (keys, values) [batch, kv_heads, capacity, head_dim]; self.keys views them
 
     # batch-1 views (the five-step path and reference_attention)
     @property
@@ -579,12 +595,40 @@ class CompressedLayer(DynamicLayer):
         if self.layer_idx in pending:
             pending.pop(self.layer_idx)
             raise RuntimeError(f"the per-head mask of the previous step was never used: {refused}")
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
+        if self.attention.fused and all(row.fused is not None for row in self.rows):
+            # a lossless layer (nothing quantized or evicted: 100 % retention) takes the gather path, whose SDPA
+            # over the original tokens in order matches the uncompressed model bit for bit (docs/design.md §5)
+            if not all(row.fused.lossless for row in self.rows):
+                pending[self.layer_idx] = self  # the attention reads the packed storage and the buffers itself
+                return self.keys, self.values
+        elif self.attention.fused:
+            self.attention.warn_unfused(self)
         pk, pv, valid = self.prefix()
         pending[self.layer_idx] = (valid, pk.shape[-2], self.keys.shape[-2])
         return (torch.cat([pk.to(self.keys.dtype), self.keys], dim=-2),
                 torch.cat([pv.to(self.values.dtype), self.values], dim=-2))
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the new tokens into preallocated buffers, their capacity doubled when full (never grown per step);
+        ``self.keys``/``self.values`` are views of the valid part. When they were replaced from outside (row moves,
+        ``crop``) the buffers are rebuilt from them."""
+        B, H, n, D = key_states.shape
+        held = self._buffers is not None and self.keys is self._buffers[2]
+        T = 0 if self.keys is None or self.keys.numel() == 0 else int(self.keys.shape[-2])
+        if not held or T + n > self._buffers[0].shape[-2]:
+            cap = max(16, 2 * (T + n))
+            kb = key_states.new_empty(B, H, cap, D)
+            vb = value_states.new_empty(B, H, cap, value_states.shape[-1])
+            if T:
+                kb[:, :, :T] = self.keys
+                vb[:, :, :T] = self.values
+            self._buffers = (kb, vb, None)
+        kb, vb, _ = self._buffers
+        kb[:, :, T:T + n] = key_states
+        vb[:, :, T:T + n] = value_states
+        self.keys, self.values = kb[:, :, :T + n], vb[:, :, :T + n]
+        self._buffers = (kb, vb, self.keys)
 
     def get_seq_length(self) -> int:
         appended = 0 if not self.is_initialized or self.keys is None else int(self.keys.shape[-2])
@@ -755,22 +799,44 @@ def _compressed_layers(cache: Any) -> list[CompressedLayer]:
     return [layer for layer in layers if isinstance(layer, CompressedLayer)]
 
 
+FUSED_DEFAULT = True
+"""Whether :class:`JointAttention` reads the packed storage directly (:mod:`.fused_decode`) unless told otherwise:
+set from ``benchmarks/decode.py`` (the fused path against the dequantize-and-gather path, side by side)."""
+
+
 class JointAttention(AttentionSwap):
     """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (module
     docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run the
     model's own attention implementation.
 
+    ``fused`` (default :data:`FUSED_DEFAULT`): read the packed storage directly (:func:`.fused_decode.fused_attention`)
+    instead of dequantizing and gathering the prefix; a layer whose rows the fused read cannot take runs the gather
+    path, with one warning per block.
+
     A cache with compressed layers handed to the model (under either cache keyword) is attached on each call: its
-    layers hand their per-head masks to this object (``pending``, by layer index) on ``update`` and the attention
-    takes them. Leaving the block detaches every cache and drops any mask a failed call left."""
+    layers hand their per-head masks (or, fused, themselves) to this object (``pending``, by layer index) on
+    ``update`` and the attention takes them. Leaving the block detaches every cache and drops any mask a failed call
+    left."""
 
     mask = None  # the model's own mask function (compressed layers build their own masks)
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, *, fused: bool | None = None):
         super().__init__(model)
-        self.pending: dict[int, tuple] = {}
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None (the default path), True or False, got {fused!r}")
+        self.fused = FUSED_DEFAULT if fused is None else fused
+        self.pending: dict[int, Any] = {}
         self.attached: list[CompressedLayer] = []
         self.hooks: list = []
+        self._warned = False
+
+    def warn_unfused(self, layer: CompressedLayer) -> None:
+        """Once per block: a layer whose rows have no fused layout runs the dequantize-and-gather path."""
+        if not self._warned:
+            self._warned = True
+            reason = next(row.fused_reason for row in layer.rows if row.fused is None)
+            warnings.warn(f"layer {layer.layer_idx}: the fused decode path cannot read this storage ({reason}); "
+                          f"using the dequantize-and-gather path", RuntimeWarning, stacklevel=3)
 
     def attach(self, cache: Any) -> None:
         """Let ``cache``'s compressed layers run under this attention (done for every cache the model is given)."""
@@ -789,6 +855,8 @@ class JointAttention(AttentionSwap):
         if pending is None:  # not a compressed layer: the model's own attention
             return self.original_attention(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
+        if isinstance(pending, CompressedLayer):
+            return fused_attention(pending, query, scaling), None
         valid, P, T = pending
         if key.shape[-2] != P + T:
             raise ValueError(f"layer {module.layer_idx}: the keys hold {key.shape[-2]} slots, but the compressed "

@@ -1,0 +1,247 @@
+"""The fused decode read (backends/hf/fused_decode.py) against the explicit-gather reference attention."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from hf_fixtures import tiny_llama  # noqa: E402
+from rdalloc.backends.hf.compat import generate  # noqa: E402
+from rdalloc.backends.hf.compress import (  # noqa: E402
+    CompressedCache,
+    JointAttention,
+    compressed_nbytes,
+    observe_prefill,
+    reference_attention,
+    token_weights,
+)
+from rdalloc.backends.hf.fused_decode import fused_attention, unpack_codes  # noqa: E402
+from rdalloc.backends.hf.joint import allocate_joint  # noqa: E402
+
+from rdalloc.bitpack import pack_bits  # noqa: E402
+from rdalloc.plan import Plan  # noqa: E402
+from rdalloc.quantizers import KIVI, QuaRot, SymmetricAbsmax  # noqa: E402
+
+L, H, HQ, D = 2, 2, 8, 16  # 4 query heads per kv head
+SINK, WIN = 3, 4
+QUANTIZERS = {"kivi": KIVI(group_size=8), "quarot": QuaRot(), "absmax": SymmetricAbsmax(group_size=8)}
+
+
+def kv(C: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, H, C, D, generator=g), torch.randn(L, H, C, D, generator=g)
+
+
+def make_plan(name: str, C: int, value: np.ndarray, key: np.ndarray) -> Plan:
+    q = QUANTIZERS[name]
+    # per-channel key bits (joint plans); QuaRot rotates channels together: one key width per head
+    key_axes = ("layer", "kv_head") if name == "quarot" else ("layer", "kv_head", "channel")
+    value = value.copy()
+    value[:, :, :SINK] = 16
+    value[:, :, C - WIN:] = 16
+    return Plan(key=key, value=value, key_axes=key_axes, value_axes=("layer", "kv_head", "token"), quantizer=q.name,
+                meta={"sink": SINK, "window": WIN, "quantizer_spec": q.spec()})
+
+
+def random_plan(name: str, C: int, widths, seed: int, evict: float = 0.3) -> Plan:
+    rng = np.random.default_rng(seed)
+    value = rng.choice(widths, size=(L, H, C))
+    value[rng.random((L, H, C)) < evict] = 0
+    return make_plan(name, C, value, key_bits(name, rng.choice(widths, size=(L, H, D))))
+
+
+def key_bits(name: str, per_channel: np.ndarray) -> np.ndarray:
+    """Key bits the quantizer accepts: per channel (KIVI), constant over each group of 8 channels (absmax), or the
+    first channel's width for the whole head (QuaRot)."""
+    if name == "quarot":
+        return per_channel[:, :, 0]
+    if name == "absmax":
+        return np.repeat(per_channel[:, :, ::8], 8, axis=2)
+    return per_channel
+
+
+def step(cache: CompressedCache, layer: int, n_new: int, seed: int = 7):
+    """Append ``n_new`` random tokens to every row of ``layer``; the query of the last ``n_new``."""
+    B = len(cache.layers[layer].rows)
+    g = torch.Generator().manual_seed(seed)
+    nk, nv = torch.randn(B, H, n_new, D, generator=g), torch.randn(B, H, n_new, D, generator=g)
+    if not cache.layers[layer].is_initialized:
+        cache.layers[layer].lazy_initialization(nk, nv)
+    cache.layers[layer]._append(nk, nv)  # what update() does before handing the attention its pending read
+    return torch.randn(B, HQ, n_new, D, generator=g)
+
+
+def check(cache: CompressedCache, n_new: int = 1, steps: int = 1) -> None:
+    for layer in range(L):
+        for s in range(steps):
+            query = step(cache, layer, n_new, seed=7 + s)
+            out = fused_attention(cache.layers[layer], query, D ** -0.5)
+            for b in range(query.shape[0]):
+                ref = reference_attention(cache.layers[layer], query[b:b + 1], D ** -0.5, row=b)
+                torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+def test_every_width_equals_reference(name, width):
+    C = 45  # odd, not a multiple of the group size: a KIVI key tail group
+    keys, values = kv(C, seed=width)
+    rng = np.random.default_rng(width)
+    value = np.full((L, H, C), width)
+    value[rng.random((L, H, C)) < 0.25] = 0  # evicted tokens inside groups
+    plan = make_plan(name, C, value, key_bits(name, np.full((L, H, D), width)))
+    cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
+    assert all(row.fused is not None for layer in cache.layers for row in layer.rows)
+    check(cache, n_new=1, steps=2)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+@pytest.mark.parametrize("n_new", [1, 3])
+def test_mixed_widths_gqa_and_several_queries(name, n_new):
+    C = 61
+    keys, values = kv(C, seed=3)
+    plan = random_plan(name, C, [1, 2, 3, 4, 5, 6, 7, 8, 16], seed=11)
+    cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
+    check(cache, n_new=n_new, steps=2)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_head_without_kept_tokens(name):
+    C = 40
+    keys, values = kv(C, seed=5)
+    plan = random_plan(name, C, [2, 4, 8], seed=2)
+    value = plan.value.copy()
+    value[0, 1, SINK:C - WIN] = 0  # layer 0, kv head 1 keeps only its sink and window
+    value[1, :, SINK:C - WIN] = 0  # layer 1: no head keeps a middle token
+    plan = make_plan(name, C, value, plan.key)
+    cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
+    assert cache.layers[0].rows[0].fused.kept[1].size == 0
+    check(cache)
+
+
+@pytest.mark.parametrize("name", ["kivi", "quarot"])
+def test_batch_rows_with_different_plans(name):
+    q = QUANTIZERS[name]
+    rows = []
+    for b, C in enumerate((37, 50)):
+        k, v = kv(C, seed=20 + b)
+        rows.append((k[:, None], v[:, None], random_plan(name, C, [2, 3, 4, 8, 16], seed=30 + b, evict=0.2 + 0.3 * b)))
+    cache = CompressedCache.compress_rows(rows, q)
+    check(cache, n_new=1, steps=3)
+
+
+def test_unpack_codes_inverts_pack_bits():
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        for n in (1, 7, 8, 9, 64, 67):
+            codes = torch.randint(0, 2 ** bits, (n,), generator=g, dtype=torch.uint8)
+            assert torch.equal(unpack_codes(pack_bits(codes, bits), bits, n), codes)
+
+
+def test_bytes_held_unchanged_and_buffers_preallocated():
+    C = 48
+    keys, values = kv(C)
+    plan = random_plan("kivi", C, [2, 4, 8, 16], seed=4)
+    cache = CompressedCache.compress(keys, values, plan, QUANTIZERS["kivi"])
+    assert cache.compressed_nbytes == cache.predicted_nbytes == compressed_nbytes(plan, QUANTIZERS["kivi"],
+                                                                                   head_dim=D)
+    layer = cache.layers[0]
+    reallocated = 0
+    ptr = None
+    for s in range(40):
+        step(cache, 0, 1, seed=s)
+        if layer._buffers[0].data_ptr() != ptr:
+            reallocated += 1
+            ptr = layer._buffers[0].data_ptr()
+    assert reallocated <= 3  # 16 -> 32 -> 64 slots: doubling, never per step
+    assert layer.keys.shape[-2] == 40 and layer.appended_nbytes == 2 * 2 * H * 40 * D
+    assert cache.compressed_nbytes == cache.predicted_nbytes
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(layers=2, q_heads=8, kv_heads=2, hidden=64, vocab=128)
+
+
+@pytest.mark.parametrize("name", ["kivi", "quarot"])
+def test_generate_same_tokens_as_gather_path(tiny, name):
+    q = QUANTIZERS[name] if name != "kivi" else KIVI(group_size=8)
+    ids = torch.randint(3, 128, (80,), generator=torch.Generator().manual_seed(1))
+    pre = observe_prefill(tiny, ids[:64], window=8)
+    plan = allocate_joint(token_weights(pre), pre.keys, pre.values, retention=0.3, quantizer=KIVI(group_size=8),
+                          sink=4, window=8)
+    if name == "quarot":  # joint plans give keys per-channel bits; QuaRot takes the kept tokens and one key width
+        plan = Plan(key=np.full(plan.value.shape[:2], 3), value=plan.value, key_axes=("layer", "kv_head"),
+                    value_axes=plan.value_axes, quantizer=q.name, meta={**plan.meta, "quantizer_spec": q.spec()})
+    outs = []
+    for fused in (False, True):
+        cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
+        assert all(row.fused is not None for layer in cache.layers for row in layer.rows)  # fused=True reads it
+        with torch.no_grad(), JointAttention(tiny, fused=fused):
+            outs.append(generate(tiny, cache, ids[None, :65], max_new_tokens=12, min_new_tokens=12, do_sample=False))
+        assert cache.compressed_nbytes == cache.predicted_nbytes
+        assert cache.get_seq_length() == 64 + 12
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_joint_attention_rejects_bad_fused(tiny):
+    with pytest.raises(TypeError, match="fused"):
+        JointAttention(tiny, fused="yes")
+
+
+def test_unsupported_storage_falls_back_with_one_warning(tiny):
+    C = 40
+    keys, values = kv(C)
+    cache = CompressedCache.compress(keys, values, random_plan("kivi", C, [2, 4], seed=1), QUANTIZERS["kivi"])
+    for layer in cache.layers:
+        for row in layer.rows:
+            row.fused, row.fused_reason = None, "test"
+    attention = JointAttention(tiny, fused=True)
+    attention.attach(cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for layer in cache.layers:
+            layer.update(torch.zeros(1, H, 1, D), torch.zeros(1, H, 1, D))
+    assert sum("fused decode path" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_paths_through_joint_attention_equal_reference(fused):
+    C = 53
+    keys, values = kv(C, seed=9)
+    cache = CompressedCache.compress(keys, values, random_plan("kivi", C, [2, 3, 4, 8, 16], seed=6),
+                                     QUANTIZERS["kivi"])
+    attention = JointAttention(None, fused=fused)
+    attention.attach(cache)
+    g = torch.Generator().manual_seed(2)
+    for layer in range(L):
+        module = type("M", (), {"layer_idx": layer})()
+        for _ in range(3):  # three decode steps: the appended buffer grows
+            new_k, new_v = torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+            k, v = cache.layers[layer].update(new_k, new_v)
+            assert (layer in attention.pending) and (k.shape[-2] == cache.layers[layer].keys.shape[-2]) == fused
+            query = torch.randn(1, HQ, 1, D, generator=g)
+            out, _ = attention.attention(module, query, k, v, None, scaling=D ** -0.5)
+            ref = reference_attention(cache.layers[layer], query, D ** -0.5)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not attention.pending
+
+
+def test_lossless_rows_take_the_exact_path():
+    C = 30
+    keys, values = kv(C)
+    value = np.full((L, H, C), 16)
+    cache = CompressedCache.compress(keys, values, make_plan("kivi", C, value, np.full((L, H, D), 16)),
+                                     QUANTIZERS["kivi"])
+    assert all(row.fused.lossless for layer in cache.layers for row in layer.rows)
+    lossy = CompressedCache.compress(keys, values, random_plan("kivi", C, [4, 16], seed=3), QUANTIZERS["kivi"])
+    assert not any(row.fused.lossless for layer in lossy.layers for row in layer.rows)
+    attention = JointAttention(None, fused=True)
+    attention.attach(cache)
+    cache.layers[0].update(torch.zeros(1, H, 1, D), torch.zeros(1, H, 1, D))
+    assert isinstance(attention.pending.pop(0), tuple)  # the masked-SDPA path's (valid, P, T)
