@@ -31,12 +31,12 @@ steps after the first; per cache, the best of ``--repeats`` runs, the caches int
 on a shared CPU hits every cache alike). CPU time with one torch thread is what to read on a shared machine: it does
 not count the time other jobs hold the core.
 
-**Memory.** Each (configuration, cache) runs once more in a fresh subprocess (glibc's ``MALLOC_MMAP_THRESHOLD_``
-fixed at 64 KiB, so a freed tensor is returned to the OS and RSS follows the tensors alive): it loads the model and
-the prefill's K/V, trims the heap, and takes its RSS as the baseline; builds the cache (``held`` = RSS after building
-minus the baseline: the cache as this float32 process holds it); resets the peak (``/proc/self/clear_refs``) and
-decodes: ``peak`` = the peak RSS while decoding minus the baseline (cache, its growth, and every transient of the
-decode steps: activations, dequantized copies). **Bytes held** is docs/design.md §5's convention (2 bytes per
+**Memory.** Each configuration runs in a fresh subprocess. After its timed runs (every code path warm, the weights
+paged in), each cache runs once more for ``--memory-tokens`` tokens: the heap is trimmed (``malloc_trim``) and the RSS
+with the model and the prefill's K/V held is the baseline; ``held`` = RSS after building the cache minus the
+baseline (the cache as this float32 process holds it); the peak is reset (``/proc/self/clear_refs``) after the first
+step, and ``peak`` = the peak RSS over the later decode steps minus the baseline (the cache, its growth and every
+transient of a step: activations, dequantized copies). **Bytes held** is docs/design.md §5's convention (2 bytes per
 full-precision element, packed codes as stored, parameters 2 bytes; quanto's float32 scale and shift counted at 2
 bytes, as the peer experiment counts them); for rdalloc caches it is their ``nbytes``, asserted equal to
 ``predicted_nbytes`` in the run. Writes ``benchmarks/results/hf_caches.{json,md,png}``.
