@@ -376,3 +376,31 @@ def test_gemma2_sliding_window_and_softcapping_are_refused():
         with compress_after_prefill(model, retention=0.5):
             pass
     no_hooks_left(model, implementation)
+
+
+def test_chunked_prefill_is_refused_before_anything_runs(tiny, ids):
+    """``prefill_chunk_size`` shorter than the prompt would compress the first chunk alone (the rest of the prompt kept
+    at full precision, outside the budget): refused with a message, the model left as it was; a chunk holding the
+    whole prompt is one prefill and gives the plain model's numbers."""
+    want_seq, want_scores = gen(tiny, ids[:, :C], do_sample=False)
+    calls = []
+    hook = tiny.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with compress_after_prefill(tiny, **FULL) as press:
+            with pytest.raises(ValueError, match=r"chunk_size=16\) would prefill the 64-token prompt in chunks"):
+                gen(tiny, ids[:, :C], do_sample=False, prefill_chunk_size=16)
+            assert not calls and press.cache is None
+            seq, scores = gen(tiny, ids[:, :C], do_sample=False, prefill_chunk_size=C)
+    finally:
+        hook.remove()
+    assert torch.equal(seq, want_seq) and torch.equal(scores, want_scores)
+    assert "generate" not in vars(tiny)
+    no_hooks_left(tiny)
+    tiny.generation_config.prefill_chunk_size = 16  # set on the model's generation config: refused too
+    try:
+        with pytest.raises(ValueError, match="pass prefill_chunk_size=None"), compress_after_prefill(tiny, **FULL):
+            gen(tiny, ids[:, :C], do_sample=False)
+    finally:
+        tiny.generation_config.prefill_chunk_size = None
+    assert "generate" not in vars(tiny)
+    no_hooks_left(tiny)

@@ -30,6 +30,11 @@ at module level. Leaving the block restores the model's attention implementation
 caches, whatever happened inside; a prefill that fails (bad input, an exception inside ``generate``) leaves the cache
 it was given as it was, and the next call inside or after the block starts afresh.
 
+**Chunked prefill** (``generate(..., prefill_chunk_size=n)`` on a prompt longer than ``n``) is refused before
+anything runs: each chunk is its own forward, so the first would be compressed as the whole prefill and the rest of
+the prompt kept at full precision outside the budget. Inside the block ``model.generate`` is wrapped to check this
+(restored on leaving).
+
 Refused with a message naming the layer: sliding-window attention and soft-capped attention logits (Gemma2's
 ``sliding_window``, ``attn_logit_softcapping``): the masked attention of a compressed cache implements neither.
 """
@@ -78,6 +83,30 @@ def _unsupported_layers(model: Any) -> list[str]:
             reasons.append(f"layer {module.layer_idx} ({name}) soft-caps its attention logits "
                            f"(attn_logit_softcapping={cap})")
     return reasons
+
+
+def _prompt_length(args: tuple, kwargs: dict) -> int | None:
+    """Tokens per row of the prompt handed to ``generate`` (``None`` when it cannot be told)."""
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None):
+        if isinstance(x, torch.Tensor) and x.ndim >= 2:
+            return int(x.shape[1])
+    embeds = kwargs.get("inputs_embeds")
+    return int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) and embeds.ndim == 3 else None
+
+
+def _refuse_chunked_prefill(model: Any, args: tuple, kwargs: dict) -> None:
+    """``ValueError`` when a ``generate`` call would prefill its prompt in several chunks (module docstring)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    if chunk is None:
+        return
+    length = _prompt_length(args, kwargs)
+    if length is None or length > int(chunk):
+        raise ValueError(f"generate(prefill_chunk_size={chunk}) would prefill the "
+                         f"{'prompt' if length is None else f'{length}-token prompt'} in chunks: "
+                         f"compress_after_prefill compresses the prefill it observes in one forward, so it would "
+                         f"compress the first chunk alone and keep the rest at full precision outside the budget; "
+                         f"pass prefill_chunk_size=None inside the block")
 
 
 def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, sink, window, observe, pool,
@@ -270,10 +299,41 @@ class PrefillCompression(JointAttention):
         try:
             self.hooks.append(self.model.register_forward_pre_hook(self._before, with_kwargs=True))
             self.hooks.append(self.model.register_forward_hook(self._after, with_kwargs=True))
+            self._wrap_generate()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _wrap_generate(self) -> None:
+        """``model.generate`` refuses a chunked prefill inside the block (an instance attribute, removed on leaving)."""
+        model = self.model
+        self._own_generate = ("generate" in vars(model), vars(model).get("generate"))
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            _refuse_chunked_prefill(model, args, kwargs)
+            return original(*args, **kwargs)
+
+        model.generate = generate
+        self._wrapped = generate
+
+    def _unwrap_generate(self) -> None:
+        wrapped, self._wrapped = getattr(self, "_wrapped", None), None
+        if wrapped is None or vars(self.model).get("generate") is not wrapped:
+            return
+        had, previous = self._own_generate
+        if had:
+            self.model.generate = previous
+        else:
+            del self.model.generate
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self._unwrap_generate()
+        finally:
+            super().__exit__(*exc)
+        return False
 
     def reset(self) -> None:
         self._prefill = None
