@@ -64,6 +64,9 @@ def device_key(xp, like: Any) -> tuple:
 
 
 # ---- layouts -----------------------------------------------------------------------------------------------------
+_PER_ELEMENT = ("elem_bits", "group_bits", "valid")  # what release_caches drops and __getattr__ rebuilds
+
+
 class TensorLayout:
     """How a plan lays out one role (``"key"``/``"value"``) of one layer's ``[batch, H, T, D]`` tensor (host numpy).
 
@@ -89,6 +92,7 @@ class TensorLayout:
         self.has_evicted = bool(np.any(self.elem_bits == 0))
         self._host: dict | None = None
         self._device: dict = {}
+        self._recipe: tuple | None = None  # (plan, quantizer, role, layer, shape), set by tensor_layout
 
     @property
     def view_shape(self) -> tuple[int, int, int, int]:
@@ -158,6 +162,27 @@ class TensorLayout:
 
     def padding_bits(self) -> int:
         return sum(-(-n * b // 8) * 8 - n * b for b, n in self.counts().items() if b != FULL_BITS)
+
+    def release_caches(self) -> None:
+        """Drop what is per element or per stored unit — the cached index arrays (host and device, int64 per unit)
+        and, for a layout made by :func:`tensor_layout`, ``elem_bits``, ``group_bits`` and ``valid`` — which together
+        hold several times the packed bytes. A holder of packed data that no longer packs or unpacks through this
+        layout then keeps only its payload; everything is rebuilt from the plan on the next use."""
+        self._host = None
+        self._device = {}
+        if self._recipe is not None:
+            for name in _PER_ELEMENT:
+                self.__dict__.pop(name, None)
+
+    def __getattr__(self, name: str) -> Any:
+        """The per-element arrays of a released layout, rebuilt from its plan on first access."""
+        recipe = self.__dict__.get("_recipe")
+        if name not in _PER_ELEMENT or recipe is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        fresh = tensor_layout(*recipe)
+        for n in _PER_ELEMENT:
+            self.__dict__[n] = fresh.__dict__[n]
+        return self.__dict__[name]
 
     # -- device arrays --
     def device_arrays(self, xp, like: Any, packing: bool = False) -> dict:
@@ -263,4 +288,6 @@ def tensor_layout(plan: Plan, quantizer: Quantizer, role: str, layer: int, shape
         src = bits[:, None, None]
     kept = plan.kept()
     eb = np.where(kept[layer][:, :, None], src, 0) if kept is not None else src
-    return TensorLayout(quantizer, role, eb, (B, H, T, D), where=f"layer {layer}, ")
+    layout = TensorLayout(quantizer, role, eb, (B, H, T, D), where=f"layer {layer}, ")
+    layout._recipe = (plan, quantizer, role, int(layer), (B, H, T, D))
+    return layout

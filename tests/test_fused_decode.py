@@ -163,6 +163,59 @@ def test_bytes_held_unchanged_and_buffers_preallocated():
     assert cache.compressed_nbytes == cache.predicted_nbytes
 
 
+def _array_bytes(obj, seen=None) -> int:
+    """Bytes of the distinct numpy arrays and torch storages reachable from ``obj``'s attributes, dicts and
+    sequences (what a compressed row really keeps alive)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        key = ("t", obj.untyped_storage().data_ptr())
+        return 0 if key in seen or seen.add(key) else obj.untyped_storage().nbytes()
+    if isinstance(obj, np.ndarray):
+        base = obj
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        key = ("n", base.__array_interface__["data"][0])
+        return 0 if key in seen or seen.add(key) or base.base is not None else base.nbytes
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_array_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, Plan)) and not hasattr(obj, "grouping"):
+        return sum(_array_bytes(v, seen) for v in vars(obj).values())
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_array_bytes(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
+    return 0
+
+
+@pytest.mark.parametrize("retention", [0.1, 0.5])
+def test_a_compressed_row_keeps_about_its_bytes_not_its_packing_indices(retention):
+    """Packing leaves per-element widths and int64 inverse maps in the layouts (several times the packed bytes: the
+    joint cache held 24-54x its bytes in RSS). A row read through the fused layout drops them; the reference path
+    still works, rebuilding them from the plan."""
+    C = 160
+    keys, values = kv(C)
+    rng = np.random.default_rng(3)
+    value = rng.choice([2, 4], size=(L, H, C))
+    value[rng.random((L, H, C)) > retention] = 0
+    plan = make_plan("kivi", C, value, key_bits("kivi", rng.choice([2, 4], size=(L, H, D))))
+    cache = CompressedCache.compress(keys, values, plan, QUANTIZERS["kivi"])
+    for layer in cache.layers:
+        row = layer.rows[0]
+        assert row.fused is not None
+        for part in (row.packed.keys, row.packed.values):
+            assert part.layout._host is None and not part.layout._device and "elem_bits" not in vars(part.layout)
+        held = _array_bytes(row)
+        assert held <= 3 * row.nbytes, (held, row.nbytes)  # payload, float16 params, dense float32, fused indices
+    query = torch.randn(1, HQ, 1, D)
+    step(cache, 0, 1)
+    ref = reference_attention(cache.layers[0], query)  # unpacks: the layouts are rebuilt on demand
+    got = fused_attention(cache.layers[0], query)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama(layers=2, q_heads=8, kv_heads=2, hidden=64, vocab=128)

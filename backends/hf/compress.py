@@ -478,6 +478,9 @@ class CompressedRow:
             self.fused, self.fused_reason = fused_layout(packed, kept, middle), None
         except FusedUnsupported as e:
             self.fused, self.fused_reason = None, str(e)
+        if self.fused is not None:  # decoding reads the streams through the fused layout: drop the packing indices
+            for part in (packed.keys, packed.values):
+                part.layout.release_caches()
 
     @property
     def length(self) -> int:
