@@ -111,7 +111,9 @@ def test_one_call_equals_five_step_path(tiny, ids):
     assert press.cache.compressed_nbytes == five.compressed_nbytes == compressed_nbytes(plan, Q, head_dim=16)
 
 
-@pytest.mark.parametrize("options", [{"method": "mse", "mode": "per_head"}, {"method": "rdkv", "importance": True}])
+@pytest.mark.parametrize("options", [{"method": "mse", "mode": "per_head"}, {"method": "rdkv", "importance": True},
+                                     {"method": "rdkv", "importance": True, "protect": "auto"},
+                                     {"method": "hybrid", "protect": "allocated"}])
 def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
     from rdalloc.backends.hf.capture import HeadImportance
 
@@ -125,11 +127,12 @@ def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
     if "importance" in options:
         w = scale_heads(w, options["importance"])
     plan = allocate_joint(w, pre.keys, pre.values, retention=0.4, quantizer=Q, sink=SINK, window=WIN,
-                          mode=options.get("mode", "global"))
+                          mode=options.get("mode", "global"), protect=options.get("protect", "reserved"))
     with compress_after_prefill(tiny, retention=0.4, **options, **OPTS) as press:
         gen(tiny, ids[:, :C], do_sample=False, new=1)
     assert np.array_equal(press.plans[0].value, plan.value) and np.array_equal(press.plans[0].key, plan.key)
     assert press.plans[0].meta["weighting"] == plan.meta["weighting"]
+    assert press.plans[0].meta["protect"] == plan.meta["protect"] == options.get("protect", "reserved")
 
 
 def test_compression_is_applied(tiny, ids):
@@ -306,6 +309,10 @@ def test_bad_options_and_inputs(tiny, ids):
         compress_after_prefill(tiny, retention=0.3, menu=(2, 4))
     with pytest.raises(ValueError, match="cannot share"):
         compress_after_prefill(tiny, retention=0.3, mode="per_head", budget="shared")
+    with pytest.raises(ValueError, match="protect must be one of"):
+        compress_after_prefill(tiny, retention=0.3, protect="pinned")
+    with pytest.raises(ValueError, match="protect='auto' is built for a budget per sequence"):
+        compress_after_prefill(tiny, retention=0.3, protect="auto", budget="shared")
     with pytest.raises(ValueError, match="row 0 has 8 tokens, not more than the observation window"), \
             compress_after_prefill(tiny, **FULL):
         gen(tiny, ids[:, :8])

@@ -65,6 +65,8 @@ from .joint import DEFAULT_MENU, _check_context, _check_options, allocate_joint,
 
 __all__ = ["compress_after_prefill", "PrefillCompression", "BUDGETS"]
 
+PROTECT = ("reserved", "allocated", "auto")
+"""How the sink/window tokens are kept (:func:`.joint.allocate_joint`'s ``protect``)."""
 BUDGETS = ("sequence", "shared")
 
 
@@ -110,7 +112,7 @@ def _refuse_chunked_prefill(model: Any, args: tuple, kwargs: dict) -> None:
 
 
 def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, sink, window, observe, pool,
-                mode) -> dict:
+                mode, protect) -> dict:
     """Validate the options of :func:`compress_after_prefill` (apart from the math); returns them normalised with the
     model's ``layers`` and ``head_dim``."""
     if (retention is None) == (nbytes is None):
@@ -127,6 +129,11 @@ def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, si
         raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
     if mode not in ("global", "per_head"):
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
+    if protect not in PROTECT:
+        raise ValueError(f"protect must be one of {PROTECT}, got {protect!r}")
+    if protect != "reserved" and budget == "shared":
+        raise ValueError(f"protect={protect!r} is built for a budget per sequence; budget='shared' reserves the "
+                         f"protected tokens (protect='reserved')")
     if mode == "per_head" and budget == "shared":
         raise ValueError("mode='per_head' gives every head of a sequence its own budget; it cannot share one "
                          "budget over the batch (budget='shared')")
@@ -150,16 +157,16 @@ class PrefillCompression(JointAttention):
     def __init__(self, model: Any, *, retention: float | None = None, nbytes: int | None = None,
                  budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
                  menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
-                 pool: int = 7, mode: str = "global", importance: Any = None):
+                 pool: int = 7, mode: str = "global", importance: Any = None, protect: str = "reserved"):
         super().__init__(model)
         options = _options_iv(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
                               quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
-                              mode=mode)
+                              mode=mode, protect=protect)
         self.num_layers, self.head_dim = options.pop("layers"), options.pop("head_dim")
         self.retention, self.nbytes, self.budget = options["retention"], options["nbytes"], options["budget"]
         self.method, self.quantizer, self.menu = options["method"], options["quantizer"], options["menu"]
         self.sink, self.window, self.observe, self.pool = sink, window, observe, pool
-        self.mode, self.importance = mode, importance
+        self.mode, self.importance, self.protect = mode, importance, protect
         self._prefill: dict | None = None  # the prefill in flight: pads, sequences, observations
         self.plans: list = []
         self.rows: list[int] = []
@@ -276,8 +283,8 @@ class PrefillCompression(JointAttention):
             plans = allocate_joint_shared(weights, [pre.keys for pre in prefills], [pre.values for pre in prefills],
                                           **budget, **options)
         else:
-            plans = [allocate_joint(w, pre.keys, pre.values, mode=self.mode, **budget, **options)
-                     for w, pre in zip(weights, prefills)]
+            plans = [allocate_joint(w, pre.keys, pre.values, mode=self.mode, protect=self.protect, **budget,
+                                    **options) for w, pre in zip(weights, prefills)]
         rows = [(k[:, None], v[:, None], plan) for (k, v), plan in zip(kv, plans)]
         compressed = CompressedCache.compress_rows(rows, self.quantizer, tokens=state["tokens"],
                                                    slots=state["rows"], layers=cache.layers)
@@ -343,7 +350,8 @@ class PrefillCompression(JointAttention):
 def compress_after_prefill(model: Any, *, retention: float | None = None, nbytes: int | None = None,
                            budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
                            menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
-                           pool: int = 7, mode: str = "global", importance: Any = None) -> PrefillCompression:
+                           pool: int = 7, mode: str = "global", importance: Any = None,
+                           protect: str = "reserved") -> PrefillCompression:
     """``with compress_after_prefill(model, retention=0.1): out = model.generate(ids, attention_mask=mask, ...)``:
     each prefill inside the block is observed, weighted, allocated and compressed in place (module docstring).
 
@@ -351,9 +359,12 @@ def compress_after_prefill(model: Any, *, retention: float | None = None, nbytes
     by the batch (``budget``: ``"sequence"``, the default, or ``"shared"``); ``method``: the weighting
     (:data:`.compress.WEIGHTINGS`, default ``"hybrid"``); ``quantizer`` (default KIVI), ``menu`` (default ``{0, 2,
     4, 8, 16}``), ``sink``/``window`` (tokens held at 16 bits), ``observe`` (queries observed), ``pool``, ``mode``
-    (``"global"`` or RDKV's ``"per_head"``) and ``importance`` (a :class:`~.capture.HeadImportance`: the weights in
-    the loss's units) as in the five-step path, whose defaults these are."""
+    (``"global"`` or RDKV's ``"per_head"``), ``importance`` (a :class:`~.capture.HeadImportance`: the weights in
+    the loss's units) and ``protect`` (the sink/window tokens ``"reserved"`` at 16 bits, ``"allocated"`` at their
+    own distortion, or ``"auto"``: whichever plan has the lower modelled distortion; per-sequence budgets) as in the
+    five-step path, whose defaults these are. On two texts ``method="rdkv"`` with a Fisher ``importance`` and
+    ``protect="auto"`` was never significantly beaten (``experiments/results/joint_default/``)."""
     return PrefillCompression(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
                               quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
-                              mode=mode, importance=importance)
+                              mode=mode, importance=importance, protect=protect)
 
