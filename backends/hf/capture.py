@@ -12,6 +12,9 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
   increase of the mean NLL); see its docstring for the derivation.
 * :func:`single_head_kl` is not a weight but the measured loss itself, for the low widths where the second-order
   (Fisher) picture breaks down: the mean KL to the full model with one head's K (or V) alone at ``b`` bits.
+* :func:`fisher_error` is the same Fisher pass taken element by element: per quantizer, head and width the
+  distortion in the loss's units ``D_h(b) = sum_{e in h} F_e err_e(b)^2`` (nats per token), which, unlike
+  ``w_h * MSE_h(b)``, sees where in the head a quantizer puts its error (:func:`fisher_weighted_error` is the sum).
 * :func:`attention_importance` (attention-output sensitivity), in units of squared attention-block output (what
   the layer adds to the residual stream, after ``o_proj``), per token: ``w * D`` is the expected squared error of
   that output (``relative=True``: relative to the residual stream's energy). Cheaper (no backward pass), but blind
