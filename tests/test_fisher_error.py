@@ -212,3 +212,26 @@ def test_bad_options_are_refused_by_name(tiny, ids, calib):
         fisher_error(tiny, ids, ["kivi"], progress=False)   # KIVI's default value group, 32 channels: head_dim 16
     with pytest.raises(ValueError, match="grad_sq and x"):
         fisher_weighted_error(torch.ones(1, 2, 4, 16), torch.ones(1, 2, 4, 8), KIVI16, (2,), role="key")
+
+
+def test_command_line_offers_the_calibrations_distortions():
+    from rdalloc.backends.hf import calibrate as calibrate_module
+    from rdalloc.backends.hf import cli
+
+    assert cli.DISTORTIONS == calibrate_module.DISTORTIONS
+    assert cli.DEFAULT_DISTORTION == calibrate_module.DEFAULT_DISTORTION
+
+
+def test_allocate_command_takes_the_distortion(calib, tmp_path, capsys):
+    from rdalloc.cli import main
+
+    calib.save(tmp_path / "c.json")
+    args = ["allocate", "--calibration", str(tmp_path / "c.json"), "--quantizer", "kivi", "--average-bits", "4.5",
+            "--tokens", "64"]
+    assert main(args + ["--distortion", "fisher-error", "--out", str(tmp_path / "p.json")]) == 0
+    assert Plan.load(tmp_path / "p.json").meta["distortion"] == "fisher-error"
+    assert main(args + ["--out", str(tmp_path / "q.json")]) == 0
+    assert Plan.load(tmp_path / "q.json").meta["distortion"] == calib.default_distortion
+    with pytest.raises(SystemExit):
+        main(args + ["--distortion", "fisher", "--out", str(tmp_path / "r.json")])
+    assert "--distortion: invalid choice: 'fisher'" in capsys.readouterr().err
