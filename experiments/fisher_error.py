@@ -11,18 +11,19 @@ bits with metadata charged):
 * ``fisher-error`` — :func:`~rdalloc.backends.hf.head_plans.allocate_plan` with ``distortion="fisher-error"``;
 * ``fisher-mse`` — the same with today's distortion, Fisher weight x fitted MSE;
 * ``uniform`` — every head at one width (only where the budget is exactly a width plus metadata);
-* ``mismatch (D)`` — distortion ``D``'s model of the *other* quantizer (costs still this quantizer's);
-* ``beta4 (D)`` — one fixed ``beta = 4``, ``alpha`` refitted to distortion ``D``'s measurements;
+* ``mismatch`` — the *other* quantizer's Fisher-weighted error model (costs still this quantizer's);
+* ``beta4`` — one fixed ``beta = 4``, ``alpha`` refitted to the Fisher-weighted error measurements;
 * ``random`` — a random allocation at the same budget and menu (seed 0).
 
 The menu is 2..8 bits, except KIVI at 3.0 average bits, where 2..8 leaves no choice (every head at 2 bits is the only
 plan within the budget: 2 bits of payload plus KIVI's 1 bit of metadata per element), so the menu there is 1..8 (the
 1-bit point is the measured one of each distortion, never an extrapolated curve).
 
-Verdicts: each calibrated row (``fisher-error``, ``fisher-mse``) against every other row of its own distortion, and
-``fisher-error`` against ``fisher-mse``: the mean per-token difference of KL and of NLL with a 95 % block-bootstrap
-interval (:func:`~rdalloc.backends.hf.paired.paired_comparison`). The calibration cost is timed against one plain
-forward pass over a calibration window.
+Verdicts: ``fisher-error`` against every other row, and ``fisher-mse`` (today's) against ``uniform`` and ``random``
+(its ``mismatch`` and ``beta4`` verdicts are the demo's, ``experiments/ppl_grid.py``): the mean per-token
+difference of KL and of NLL with a 95 % bootstrap interval (:func:`~rdalloc.backends.hf.paired.paired_comparison`).
+The calibration cost is timed against one plain forward pass over a calibration window. The model runs in float32 by
+default (twice as fast as float64 on a CPU; every row of a comparison runs in the same dtype on the same tokens).
 
 Writes ``results.json``, ``results.md`` (tables, verdicts, costs, command, environment) and ``verdicts.png``.
 """
@@ -46,8 +47,7 @@ BUDGETS = (3.0, 3.5, 4.0)
 MENU = tuple(range(2, 9))
 LOW_MENU = tuple(range(1, 9))
 KINDS = ("fisher-error", "fisher-mse")
-ROWS = ("fisher-error", "fisher-mse", "uniform", "mismatch (fisher-error)", "mismatch (fisher-mse)",
-        "beta4 (fisher-error)", "beta4 (fisher-mse)", "random")
+ROWS = ("fisher-error", "fisher-mse", "uniform", "mismatch", "beta4", "random")
 LEVEL = 0.95
 FORMAT = "rdalloc.fisher_error_experiment"
 
@@ -57,8 +57,8 @@ def menu_for(quantizer: str, budget: float) -> tuple[int, ...]:
     return LOW_MENU if quantizer == "kivi" and abs(budget - 3.0) < 1e-9 else MENU
 
 
-def plans_for(calibration, quantizer: str, budget: float, tokens: int) -> list[tuple[str, Any]]:
-    """``[(row, plan)]`` of one cell (rows without a plan at this budget are left out)."""
+def plans_for(calibration, quantizer: str, budget: float, tokens: int, rows=ROWS) -> list[tuple[str, Any]]:
+    """``[(row, plan)]`` of one cell for ``rows`` (rows without a plan at this budget are left out)."""
     from rdalloc.backends.hf.head_plans import allocate_plan, random_plan, uniform_bits, uniform_plan
 
     menu = menu_for(quantizer, budget)
@@ -69,24 +69,18 @@ def plans_for(calibration, quantizer: str, budget: float, tokens: int) -> list[t
     ub = uniform_bits(calibration.facts, quantizer, budget, tokens)
     if ub is not None:
         out.append(("uniform", uniform_plan(calibration.facts, quantizer, ub, tokens=tokens)))
-    for kind in KINDS:
-        out.append((f"mismatch ({kind})", allocate_plan(calibration, quantizer, budget, tokens=tokens,
-                                                        distortion=kind, model_from=other, menu=menu)))
-    for kind in KINDS:
-        out.append((f"beta4 ({kind})", allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion=kind,
-                                                     fixed_beta=4.0, menu=menu)))
+    out.append(("mismatch", allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion="fisher-error",
+                                          model_from=other, menu=menu)))
+    out.append(("beta4", allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion="fisher-error",
+                                       fixed_beta=4.0, menu=menu)))
     out.append(("random", random_plan(calibration.facts, quantizer, budget, tokens=tokens, seed=0, menu=menu)))
-    return out
+    return [(row, plan) for row, plan in out if row in rows]
 
 
 def comparisons_for(rows: dict[str, Any]) -> list[tuple[str, str]]:
     """``(calibrated row, other row)`` pairs of one cell."""
-    pairs = [("fisher-error", "fisher-mse")]
-    for kind in KINDS:
-        for other in ("uniform", f"mismatch ({kind})", f"beta4 ({kind})", "random"):
-            if other in rows:
-                pairs.append((kind, other))
-    return pairs
+    pairs = [("fisher-error", other) for other in ROWS[1:] if other in rows]
+    return pairs + [("fisher-mse", other) for other in ("uniform", "random") if other in rows]
 
 
 def time_forward(model, window) -> float:
@@ -104,7 +98,6 @@ def time_forward(model, window) -> float:
 
 def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
     from rdalloc.backends.hf.calibrate import calibrate
-    from rdalloc.backends.hf.capture import fisher_importance
     from rdalloc.backends.hf.head_plans import plan_cache_factory
     from rdalloc.backends.hf.paired import paired_comparison
     from rdalloc.backends.hf.perplexity import perplexity, reference_logprobs
@@ -116,14 +109,8 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
     forward_s = time_forward(model, cal[0])
     c = calibrate(model, facts, cal, quantizers=QUANTIZERS, importance=("fisher",), distortion="fisher-error",
                   text=tw.to_dict(), progress=progress)
-    t0 = time.perf_counter()
-    fisher_importance(model, cal, progress=False)  # the Fisher pass alone: what the error tables add to it
-    fisher_alone = time.perf_counter() - t0
     per_window = {k: v / cal.shape[0] / forward_s for k, v in c.timings.items()}
-    cost = {"forward_seconds": forward_s, "calibration_seconds": dict(c.timings),
-            "fisher_importance_alone_seconds": fisher_alone,
-            "per_window_in_forwards": per_window,
-            "error_tables_in_forwards_per_window": (c.timings["fisher"] - fisher_alone) / cal.shape[0] / forward_s}
+    cost = {"forward_seconds": forward_s, "calibration_seconds": dict(c.timings), "per_window_in_forwards": per_window}
     print(f"[{text}] calibration {c.timings['total']:.1f} s; one forward {forward_s:.2f} s; per window in forwards: "
           + ", ".join(f"{k} {v:.2f}" for k, v in per_window.items()), flush=True)
 
@@ -131,36 +118,35 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
     tokens = int(ev.shape[1])
     done: dict = {}
     cells = []
-    for q in QUANTIZERS:
-        for b in BUDGETS:
-            plans = plans_for(c, q, b, tokens)
-            results, rows = {}, {}
-            for row, plan in plans:
-                key = (plan.key.tobytes(), plan.value.tobytes())
-                if key not in done:
-                    t0 = time.perf_counter()
-                    done[key] = perplexity(model, ev, plan_cache_factory(plan, model.config), reference=ref,
-                                           progress=False)
-                    print(f"[{text}] {q} @ {b:g} {row}: ppl {done[key].ppl:.3f}, KL {done[key].kl * 1e3:.2f} mnat "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                r = done[key]
-                results[row] = (key, r)
-                bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
-                rows[row] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "average_bits": plan.usage.average_bits,
-                             "payload_bits": plan.usage.average_payload_bits,
-                             "histogram": {int(k): int(n) for k, n in zip(*np.unique(bits, return_counts=True))},
-                             "key_bits": plan.key.tolist(), "value_bits": plan.value.tolist(),
-                             "distortion": plan.meta.get("distortion"), "menu": plan.meta.get("menu")}
-            comps = []
-            for mine, other in comparisons_for(rows):
-                (k1, a), (k2, o) = results[mine], results[other]
-                comp = {"row": mine, "against": other, "identical_plan": k1 == k2}
-                for metric in ("kl", "nll"):
-                    comp[metric] = paired_comparison(getattr(a, "token_" + metric), getattr(o, "token_" + metric),
-                                                     level=LEVEL, seed=0).to_dict()
-                comps.append(comp)
-            cells.append({"quantizer": q, "budget": b, "menu": list(menu_for(q, b)), "rows": rows,
-                          "comparisons": comps})
+    for q, b in args.cells:
+        plans = plans_for(c, q, b, tokens, args.rows)
+        results, rows = {}, {}
+        for row, plan in plans:
+            key = (plan.key.tobytes(), plan.value.tobytes())
+            if key not in done:
+                t0 = time.perf_counter()
+                done[key] = perplexity(model, ev, plan_cache_factory(plan, model.config), reference=ref,
+                                       progress=False)
+                print(f"[{text}] {q} @ {b:g} {row}: ppl {done[key].ppl:.3f}, KL {done[key].kl * 1e3:.2f} mnat "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            r = done[key]
+            results[row] = (key, r)
+            bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
+            rows[row] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "average_bits": plan.usage.average_bits,
+                         "payload_bits": plan.usage.average_payload_bits,
+                         "histogram": {int(k): int(n) for k, n in zip(*np.unique(bits, return_counts=True))},
+                         "key_bits": plan.key.tolist(), "value_bits": plan.value.tolist(),
+                         "distortion": plan.meta.get("distortion"), "menu": plan.meta.get("menu")}
+        comps = []
+        for mine, other in comparisons_for(rows):
+            (k1, a), (k2, o) = results[mine], results[other]
+            comp = {"row": mine, "against": other, "identical_plan": k1 == k2}
+            for metric in ("kl", "nll"):
+                comp[metric] = paired_comparison(getattr(a, "token_" + metric), getattr(o, "token_" + metric),
+                                                 level=LEVEL, seed=0).to_dict()
+            comps.append(comp)
+        cells.append({"quantizer": q, "budget": b, "menu": list(menu_for(q, b)), "rows": rows,
+                      "comparisons": comps})
     choices = {q: {r: {"tabulated": c.loss_choice(q, r).tabulated_items, "beta": float(c.loss_choice(q, r).fit.beta[0])}
                    for r in ("key", "value")} for q in QUANTIZERS}
     return {"text": text, "windows": tw.to_dict(), "fp16": {"ppl": ref.result.ppl, "nll": ref.result.nll},
@@ -198,6 +184,8 @@ def markdown(result: dict) -> str:
         lines.append("")
         for q in QUANTIZERS:
             cells = [c for c in t["cells"] if c["quantizer"] == q]
+            if not cells:
+                continue
             head = "| row | " + " | ".join(f"{c['budget']:g}" for c in cells) + " |"
             lines += [f"### {q}: perplexity / KL (mnat)", "", head, "|---|" + "---|" * len(cells)]
             for row in ROWS:
@@ -228,12 +216,11 @@ def markdown(result: dict) -> str:
                              f"{_fmt_interval(comp['nll'], 1, '+.4f')} | **{comp['nll']['verdict']}** |")
         cost = t["cost"]
         pw = cost["per_window_in_forwards"]
-        alone = cost["fisher_importance_alone_seconds"] / f["calibration_windows"] / cost["forward_seconds"]
         lines += ["", f"Calibration cost on `{t['text']}`, per calibration window, in plain forward passes "
-                  f"({cost['forward_seconds']:.2f} s each): " + ", ".join(f"{k} {v:.2f}" for k, v in pw.items())
-                  + f"; of the Fisher pass, the error tables of both quantizers add "
-                    f"{cost['error_tables_in_forwards_per_window']:.2f} (the Fisher pass alone: "
-                    f"{alone:.2f}).", ""]
+                  f"({cost['forward_seconds']:.2f} s each, timed in the same run): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in pw.items())
+                  + " (fisher_error_tables, both quantizers' Fisher-weighted errors at 1..8 bits, is part of "
+                    "fisher).", ""]
     lines += ["## Summary", ""] + result["summary"] + ["", "Environment: `" + json.dumps(f["environment"]) + "`", ""]
     return "\n".join(lines)
 
@@ -296,13 +283,27 @@ def plot(result: dict, path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.fisher_error", description=__doc__.splitlines()[0])
     p.add_argument("--texts", default=",".join(TEXTS), help="comma-separated built-in texts or files")
-    p.add_argument("--calibration-windows", type=int, default=3)
+    p.add_argument("--calibration-windows", type=int, default=2)
     p.add_argument("--evaluation-windows", type=int, default=4)
     p.add_argument("--length", type=int, default=512)
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    p.add_argument("--dtype", default="float32", choices=("float64", "float32"))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--cells", default=",".join(f"{q}:{b:g}" for q in QUANTIZERS for b in BUDGETS),
+                   help="comma-separated quantizer:budget cells (default: both quantizers at 3, 3.5 and 4)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {ROWS} (default: all)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        args.cells = [(c.split(":")[0].strip(), float(c.split(":")[1])) for c in args.cells.split(",") if c.strip()]
+    except (IndexError, ValueError):
+        print(f"fisher_error: error: --cells must be quantizer:budget pairs, got {args.cells!r}", file=sys.stderr)
+        return 2
+    args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    bad = [q for q, _ in args.cells if q not in QUANTIZERS] + [r for r in args.rows if r not in ROWS]
+    if bad or "fisher-error" not in args.rows:
+        print(f"fisher_error: error: unknown cells or rows {bad} (quantizers {QUANTIZERS}, rows {ROWS}, "
+              f"fisher-error among them)", file=sys.stderr)
+        return 2
     from rdalloc.backends.hf.model import load_model
 
     from rdalloc.cli import check_positive, write_atomic

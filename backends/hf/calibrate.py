@@ -466,6 +466,7 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
             widths = tuple(int(b) for b in bits if 0 < int(b) < 16)
             found[method], tables = fisher_error(model, windows, instances, widths, samples=fisher_samples,
                                                  progress=progress)
+            timings["fisher_error_tables"] = float(tables.meta["error_seconds"])  # part of timings["fisher"]
             use = np.asarray([1.0 if b in fit_bits else 0.0 for b in tables.bits])
             for q in names:
                 loss_fits[q] = {}

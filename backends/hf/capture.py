@@ -23,6 +23,7 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -371,13 +372,16 @@ def fisher_error(model: Any, windows: Any, quantizers: Sequence[Any], bits: Sequ
         for role in ("key", "value"):
             q.grouping(role, head_dim)
     sums: dict[str, dict[str, torch.Tensor]] = {q.name: {} for q in instances}
+    spent = [0.0]  # seconds in the error tables (the Fisher pass's own cost is the rest)
 
     def on_batch(keys, values, grad_k, grad_v):
+        t0 = time.perf_counter()
         with torch.no_grad():
             for q in instances:
                 for role, xs, gs in (("key", keys, grad_k), ("value", values, grad_v)):
                     t = torch.stack([fisher_weighted_error(g, x, q, widths, role) for x, g in zip(xs, gs)]).cpu()
                     sums[q.name][role] = t if role not in sums[q.name] else sums[q.name][role] + t
+        spent[0] += time.perf_counter() - t0
 
     sums_k, sums_v = _fisher_pass(model, ids, n_layers, labels=labels, samples=samples, batch_size=batch_size,
                                   seed=seed, progress=progress, desc="Fisher importance and error",
@@ -386,7 +390,8 @@ def fisher_error(model: Any, windows: Any, quantizers: Sequence[Any], bits: Sequ
     importance = _head_fisher(sums_k, sums_v, ids, labels, samples, seed)
     tables = {q: {role: (t * scale).numpy() for role, t in roles.items()} for q, roles in sums.items()}
     return importance, FisherError(tables=tables, bits=widths, windows=importance.windows, tokens=importance.tokens,
-                                   meta={**importance.meta, "quantizers": {q.name: q.spec() for q in instances}})
+                                   meta={**importance.meta, "quantizers": {q.name: q.spec() for q in instances},
+                                         "error_seconds": spent[0]})
 
 
 @torch.no_grad()
