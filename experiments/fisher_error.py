@@ -122,7 +122,8 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
         plans = plans_for(c, q, b, tokens, args.rows)
         results, rows = {}, {}
         for row, plan in plans:
-            key = (plan.key.tobytes(), plan.value.tobytes())
+            spec = json.dumps(plan.meta.get("quantizer_spec"), sort_keys=True)  # the same bits under another quantizer
+            key = (spec, plan.key.tobytes(), plan.value.tobytes())
             if key not in done:
                 t0 = time.perf_counter()
                 done[key] = perplexity(model, ev, plan_cache_factory(plan, model.config), reference=ref,

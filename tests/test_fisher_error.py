@@ -170,10 +170,13 @@ def test_plans_record_the_distortion(calib, distortion, tmp_path):
 
 
 def test_default_distortion_is_the_calibrations_and_survives_json(tiny, ids, calib):
-    assert calib.default_distortion == "fisher-mse"
-    assert allocate_plan(calib, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-mse"
-    c = calibrate(tiny, model_facts(tiny), ids, quantizers=[KIVI16], importance=["fisher"],
-                  distortion="fisher-error", progress=False)
+    assert calib.default_distortion == "fisher-error"   # the Fisher estimator ran: the loss-unit distortion
+    assert allocate_plan(calib, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-error"
+    blind = calibrate(tiny, model_facts(tiny), ids, quantizers=[KIVI16], importance=["attention"],
+                      default_importance="attention", progress=False)
+    assert blind.default_distortion == "fisher-mse" and not blind.loss_fits
+    assert allocate_plan(blind, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-mse"
+    c = calibrate(tiny, model_facts(tiny), ids, quantizers=[KIVI16], importance=["fisher"], progress=False)
     back = Calibration.from_dict(c.to_dict())
     assert back.default_distortion == "fisher-error"
     assert allocate_plan(back, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-error"
@@ -199,6 +202,7 @@ def test_bad_options_are_refused_by_name(tiny, ids, calib):
         calib.loss_model("kivi", distortion="fisher-error", menu=(0, 2, 3))
     old = calib.to_dict()
     del old["loss_fits"]
+    old["default_distortion"] = "fisher-mse"   # a calibration made before the Fisher-weighted error existed
     with pytest.raises(ValueError, match="'fisher-error' was not measured"):
         allocate_plan(Calibration.from_dict(old), "kivi", 4.5, tokens=64, distortion="fisher-error")
     old["default_distortion"] = "fisher-error"

@@ -47,7 +47,7 @@ from rdalloc.quantizers import get_quantizer
 from .text import BUILTIN_TEXTS
 
 DISTORTIONS = ("fisher-mse", "fisher-error")  # calibrate.DISTORTIONS, without importing torch here
-DEFAULT_DISTORTION = "fisher-mse"  # calibrate.DEFAULT_DISTORTION
+DEFAULT_DISTORTION = "fisher-error"  # calibrate.DEFAULT_DISTORTION
 
 __all__ = ["register", "add_dtype", "check_path", "check_model", "converted_directory", "probe_widths",
            "quantizer_names", "quantizers_with", "check_placement", "HF_MODULES", "EVAL_FORMAT"]
@@ -382,9 +382,10 @@ def register(sub) -> None:
     c.add_argument("--importance", default="fisher,attention", help="estimators to run (default fisher,attention)")
     c.add_argument("--default-importance", default="fisher", choices=("fisher", "attention"),
                    help="the estimator allocations use by default (default fisher)")
-    c.add_argument("--distortion", default=DEFAULT_DISTORTION, choices=DISTORTIONS,
+    c.add_argument("--distortion", default=None, choices=DISTORTIONS,
                    help=f"what allocations minimize by default: fisher-mse (Fisher weight x mean MSE) or fisher-error "
-                        f"(Fisher-weighted error, element by element; default {DEFAULT_DISTORTION})")
+                        f"(Fisher-weighted error, element by element; default {DEFAULT_DISTORTION} when --importance "
+                        f"includes fisher, else fisher-mse)"),
     c.add_argument("--probe-bits", default="", help="widths whose single-head KL is measured, e.g. 1,2 (needed "
                    "for 1-bit plans; default none)")
     c.add_argument("--probe-length", type=int, default=128, help="tokens of the probe window (default 128)")
