@@ -184,7 +184,8 @@ def run_experiment(model: Any, calibration: Calibration, windows: Any, *, quanti
                 elif row == "rdalloc_other_importance":
                     if other_method and any(abs(b - x) < 1e-9 for x in importance_budgets):
                         add({**base, "row": row, "importance": other_method[0]},
-                            allocate_plan, calibration, q, b, tokens=tokens, importance=other_method[0])
+                            allocate_plan, calibration, q, b, tokens=tokens, importance=other_method[0],
+                            distortion="fisher-mse")
                 elif row == "mismatch":
                     add({**base, "row": row, "model_from": other_q},
                         allocate_plan, calibration, q, b, tokens=tokens, model_from=other_q)

@@ -401,7 +401,7 @@ def test_single_head_kl_rejects_bad_arguments(tiny, ids):
 def test_probed_calibration_loss_model_and_one_bit_menu(tiny, facts, ids, tmp_path):
     c = calibrate(tiny, facts, ids, quantizers=("kivi",), probe_bits=(1, 2), probe_length=32, progress=False)
     assert c.probed_bits("kivi") == (1, 2) and c.menu("kivi") == tuple(range(1, 9))
-    m = c.loss_model("kivi")
+    m = c.loss_model("kivi", distortion="fisher-mse")
     table = np.asarray(m.distortion)
     probe = {b: np.concatenate([np.ravel(p.key), np.ravel(p.value)]) for b, p in c.probes["kivi"].items()}
     np.testing.assert_array_equal(table[:, 0], probe[1])
@@ -414,7 +414,7 @@ def test_probed_calibration_loss_model_and_one_bit_menu(tiny, facts, ids, tmp_pa
     # without probes the loss model is the curve times the weights, over 2..8
     plain = calibrate(tiny, facts, ids, quantizers=("kivi",), progress=False)
     assert plain.menu("kivi") == tuple(range(2, 9))
-    np.testing.assert_allclose(np.asarray(plain.loss_model("kivi").distortion)[:, 1],
+    np.testing.assert_allclose(np.asarray(plain.loss_model("kivi", distortion="fisher-mse").distortion)[:, 1],
                                plain.weights() * np.asarray(plain.model("kivi").alpha)
                                * np.asarray(plain.model("kivi").beta) ** -3.0, rtol=1e-12)
     # 2.0 average bits with KIVI's 1 bit of metadata is only reachable with the probed 1-bit width
@@ -425,7 +425,7 @@ def test_probed_calibration_loss_model_and_one_bit_menu(tiny, facts, ids, tmp_pa
     # probes survive the JSON round trip
     c.save(tmp_path / "c.json")
     back = Calibration.load(tmp_path / "c.json")
-    np.testing.assert_array_equal(np.asarray(back.loss_model("kivi").distortion), table)
+    np.testing.assert_array_equal(np.asarray(back.loss_model("kivi", distortion="fisher-mse").distortion), table)
 
 
 # ---- the joint grid script -----------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from importlib import import_module
 
 _HOMES = {
     "cache": ("TransformCache", "TransformLayer", "cache_factory", "identity_transform"),
-    "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance"),
+    "capture": ("CapturedKV", "HeadImportance", "attention_importance", "capture_kv", "fisher_importance",
+                "FisherError", "fisher_error", "fisher_weighted_error"),
     "oneshot": ("PrefillCompression", "compress_after_prefill"),
     "fused_decode": ("FusedLayout", "FusedUnsupported", "fused_attention", "fused_layout"),
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",

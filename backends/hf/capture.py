@@ -12,6 +12,9 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
   increase of the mean NLL); see its docstring for the derivation.
 * :func:`single_head_kl` is not a weight but the measured loss itself, for the low widths where the second-order
   (Fisher) picture breaks down: the mean KL to the full model with one head's K (or V) alone at ``b`` bits.
+* :func:`fisher_error` is the same Fisher pass taken element by element: per quantizer, head and width the
+  distortion in the loss's units ``D_h(b) = sum_{e in h} F_e err_e(b)^2`` (nats per token), which, unlike
+  ``w_h * MSE_h(b)``, sees where in the head a quantizer puts its error (:func:`fisher_weighted_error` is the sum).
 * :func:`attention_importance` (attention-output sensitivity), in units of squared attention-block output (what
   the layer adds to the residual stream, after ``o_proj``), per token: ``w * D`` is the expected squared error of
   that output (``relative=True``: relative to the residual stream's energy). Cheaper (no backward pass), but blind
@@ -20,6 +23,7 @@ Two head-importance estimators return per-(layer, kv_head) weights for keys and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +38,7 @@ from .model import check_attention_layers
 from .windows import as_windows, split_batches, with_progress
 
 __all__ = ["CapturedKV", "capture_kv", "HeadImportance", "fisher_importance", "attention_importance",
-           "single_head_kl", "AttentionProbe"]
+           "single_head_kl", "AttentionProbe", "FisherError", "fisher_error", "fisher_weighted_error"]
 
 
 def _num_layers(model: Any) -> int:
@@ -157,6 +161,14 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
     Returns a :class:`HeadImportance` with ``key``, ``value`` shaped ``(layers, kv_heads)``, in nats per token per
     unit of per-element MSE.
     """
+    ids, n_layers = _fisher_iv(model, windows, labels, samples, "fisher_importance")
+    sums_k, sums_v = _fisher_pass(model, ids, n_layers, labels=labels, samples=samples, batch_size=batch_size,
+                                  seed=seed, progress=progress, desc="Fisher importance")
+    return _head_fisher(sums_k, sums_v, ids, labels, samples, seed)
+
+
+def _fisher_iv(model: Any, windows: Any, labels: str, samples: int, caller: str) -> tuple[torch.Tensor, int]:
+    """The Fisher pass's options checked (``ValueError`` naming the option); the windows and the layer count."""
     if labels not in ("model", "data"):
         raise ValueError(f"labels must be 'model' or 'data', got {labels!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -164,20 +176,30 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
     if labels == "data" and samples != 1:
         raise ValueError(f"samples > 1 only makes sense with labels='model' (the data labels are fixed), got "
                          f"samples={samples}")
-    check_attention_layers(model, "fisher_importance", softcap=False)
-    ids = as_windows(windows)
-    n_layers = _num_layers(model)
+    check_attention_layers(model, caller, softcap=False)
+    return as_windows(windows), _num_layers(model)
+
+
+def _fisher_pass(model: Any, ids: torch.Tensor, n_layers: int, *, labels: str, samples: int, batch_size: int,
+                 seed: int, progress: bool, desc: str, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Fisher pass shared by :func:`fisher_importance` and :func:`fisher_error`: per batch of windows one forward
+    and ``samples`` backward passes; the squared gradients of the summed loss w.r.t. every cached K/V element are
+    summed over the samples (float64, ``[batch, kv_heads, seq, head_dim]`` per layer and role) and handed, with
+    the stored K/V of every layer, to ``on_batch(keys, values, grad_sq_k, grad_sq_v)`` (lists over layers). Returns
+    the per-(layer, kv_head) sums of the squared gradients over everything, ``(layers, kv_heads)`` for K and V."""
     generator = torch.Generator().manual_seed(int(seed))
     sums_k: torch.Tensor | None = None
     sums_v: torch.Tensor | None = None
     batches = split_batches(ids, batch_size)
-    for batch in with_progress(batches, desc="Fisher importance", total=len(batches), enabled=progress):
+    for batch in with_progress(batches, desc=desc, total=len(batches), enabled=progress):
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def perturb(layer_idx, key, value, leaves=leaves):
+        def perturb(layer_idx, key, value, leaves=leaves, stored=stored):
             dk = torch.zeros_like(key, requires_grad=True)
             dv = torch.zeros_like(value, requires_grad=True)
             leaves[layer_idx] = (dk, dv)
+            stored[layer_idx] = (key.detach(), value.detach())
             return key + dk, value + dv
 
         cache = TransformCache(perturb, n_layers)
@@ -188,6 +210,7 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
                 raise ValueError(f"the model updated {len(leaves)} of its {n_layers} cache layers; the Fisher "
                                  f"estimator needs every layer to go through the cache")
             inputs = [t for i in range(n_layers) for t in leaves[i]]
+            squares: list[torch.Tensor] | None = None
             for s in range(samples):
                 if labels == "model":
                     probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
@@ -197,16 +220,178 @@ def fisher_importance(model: Any, windows: Any, *, labels: str = "model", sample
                 loss = -logp.gather(-1, target.to(logp.device)[..., None]).sum()
                 grads = torch.autograd.grad(loss, inputs, retain_graph=s + 1 < samples)
                 # squares summed in float64 (a bfloat16 model's gradients would lose digits in the sum)
-                gk = torch.stack([grads[2 * i].double().pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
-                gv = torch.stack([grads[2 * i + 1].double().pow(2).sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
-                sums_k = gk if sums_k is None else sums_k + gk
-                sums_v = gv if sums_v is None else sums_v + gv
+                sq = [g.double().pow(2) for g in grads]
+                squares = sq if squares is None else [a + b for a, b in zip(squares, sq)]
+        gk = torch.stack([squares[2 * i].sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
+        gv = torch.stack([squares[2 * i + 1].sum(dim=(0, 2, 3)) for i in range(n_layers)]).cpu()
+        sums_k = gk if sums_k is None else sums_k + gk
+        sums_v = gv if sums_v is None else sums_v + gv
+        if on_batch is not None:
+            on_batch([stored[i][0] for i in range(n_layers)], [stored[i][1] for i in range(n_layers)],
+                     squares[0::2], squares[1::2])
+    return sums_k, sums_v
+
+
+def _fisher_scale(ids: torch.Tensor, samples: int) -> float:
+    """``1 / (2 n W S)``: ``n`` predicted positions per window, ``W`` windows, ``S`` label draws."""
+    return 1.0 / (2.0 * (ids.shape[1] - 1) * ids.shape[0] * samples)
+
+
+def _head_fisher(sums_k: torch.Tensor, sums_v: torch.Tensor, ids: torch.Tensor, labels: str, samples: int,
+                 seed: int) -> HeadImportance:
+    scale = _fisher_scale(ids, samples)
     n_pred = ids.shape[1] - 1
-    scale = 1.0 / (2.0 * n_pred * ids.shape[0] * samples)
     return HeadImportance(key=(sums_k * scale).numpy(), value=(sums_v * scale).numpy(), method="fisher",
                           units="nats per token per unit per-element MSE (mean KL to the full model ~= sum w * D)",
                           windows=int(ids.shape[0]), tokens=int(ids.shape[0] * n_pred),
                           meta={"labels": labels, "samples": samples, "seed": seed, "length": int(ids.shape[1])})
+
+
+# ---- distortion in the loss's units, per quantizer ---------------------------------------------------------------
+def fisher_weighted_error(grad_sq: torch.Tensor, x: torch.Tensor, quantizer: Any, bits: Sequence[int],
+                          role: str) -> torch.Tensor:
+    r"""``sum_{e in h} G_e (Q_b(x)_e - x_e)^2`` per kv head and width: ``[kv_heads, len(bits)]`` float64.
+
+    ``x`` is one layer's cached K (``role="key"``) or V, ``[batch, kv_heads, seq, head_dim]``, quantized uniformly at
+    each width ``b`` by ``quantizer`` and dequantized (:func:`rdalloc.quantizers.fake_quantize_uniform`, in ``x``'s
+    dtype as the simulated cache does); ``grad_sq`` (same shape) is the per-element weight ``G_e``, e.g. squared
+    gradients of the loss. Sums run over the batch, tokens and channels of each head, in float64.
+    """
+    from rdalloc.quantizers import check_role, fake_quantize_uniform, get_quantizer
+
+    q = get_quantizer(quantizer)
+    check_role(role)
+    if grad_sq.shape != x.shape or x.ndim != 4:
+        raise ValueError(f"grad_sq and x must both be [batch, kv_heads, seq, head_dim], got shapes "
+                         f"{tuple(grad_sq.shape)} and {tuple(x.shape)}")
+    g = grad_sq.double()
+    x64 = x.double()
+    cols = [(g * (fake_quantize_uniform(x, q, int(b), role).double() - x64).pow(2)).sum(dim=(0, 2, 3)) for b in bits]
+    return torch.stack(cols, dim=-1)
+
+
+@dataclass(frozen=True)
+class FisherError:
+    r"""Per-quantizer distortion in the loss's units: ``D_h(b) = sum_{e in h} F_e err_e(b)^2``, nats per token.
+
+    ``tables[quantizer][role]`` is ``(layers, kv_heads, len(bits))`` float64: for head ``h`` (its cached K or V) and
+    width ``b``, the Fisher diagonal ``F_e`` of every element times the squared error that quantizer leaves on that
+    element at ``b`` bits (the whole cache quantized uniformly), summed over the head, averaged over windows: to
+    second order the mean KL per token of the model with that head alone at ``b`` bits. ``windows``, ``tokens`` and
+    ``meta`` (the Fisher pass's options) say what it averaged over.
+    """
+
+    tables: dict
+    bits: tuple[int, ...]
+    windows: int
+    tokens: int
+    meta: dict
+
+    def __post_init__(self):
+        tables = {}
+        for q, roles in self.tables.items():
+            tables[q] = {}
+            for role in ("key", "value"):
+                a = np.array(roles[role], dtype=np.float64)
+                if a.ndim != 3 or a.shape[-1] != len(self.bits):
+                    raise ValueError(f"tables[{q!r}][{role!r}] must be (layers, kv_heads, {len(self.bits)}), got "
+                                     f"shape {a.shape}")
+                a.setflags(write=False)
+                tables[q][role] = a
+        object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    def table(self, quantizer: str, role: str) -> np.ndarray:
+        """``(layers * kv_heads, len(bits))``: the heads of ``role`` in C order (a fit's items)."""
+        if quantizer not in self.tables:
+            raise ValueError(f"quantizer {quantizer!r} has no Fisher-weighted error table (it has "
+                             f"{list(self.tables)})")
+        if role not in ("key", "value"):
+            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+        t = self.tables[quantizer][role]
+        return t.reshape(-1, t.shape[-1])
+
+    def to_dict(self) -> dict:
+        return {"tables": {q: {r: a.tolist() for r, a in roles.items()} for q, roles in self.tables.items()},
+                "bits": list(self.bits), "windows": self.windows, "tokens": self.tokens, "meta": dict(self.meta),
+                "units": "nats per token (mean KL to the full model, second order)"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FisherError:
+        try:
+            return cls(tables=d["tables"], bits=tuple(d["bits"]), windows=int(d["windows"]), tokens=int(d["tokens"]),
+                       meta=d.get("meta") or {})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"corrupted Fisher-weighted error table: missing or malformed field {e}") from None
+
+
+def fisher_error(model: Any, windows: Any, quantizers: Sequence[Any], bits: Sequence[int] = tuple(range(1, 9)), *,
+                 labels: str = "model", samples: int = 1, batch_size: int = 1, seed: int = 0,
+                 progress: bool = True) -> tuple[HeadImportance, FisherError]:
+    r"""Head Fisher weights and every quantizer's distortion in the loss's units, from one Fisher pass.
+
+    :func:`fisher_importance` weights a head's **mean** per-element MSE by the head's summed Fisher diagonal,
+    ``w_h D_h = (1/(2n)) (sum_e F_e) (1/N_h) sum_e err_e^2``: exact only when the quantizer's error is spread evenly
+    over the head. A quantizer with groups (KIVI: keys per channel over tokens, values per token) concentrates its
+    error in outlier channels and tokens, which are the ones the loss is most sensitive to. Here the product is taken
+    element by element, before summing:
+
+        D_h(b) = (1/(2n)) E_{windows}[ sum_{e in h} G_e err_e(b)^2 ],   G_e = E_y[(d sum_t l_t(y_t) / d e)^2]
+
+    with ``G_e`` the Fisher diagonal of the window at element ``e`` (estimated as in :func:`fisher_importance`, the
+    same label draws) and ``err_e(b)`` the error ``quantizer`` leaves on that element at ``b`` bits when the whole
+    cache is quantized uniformly (groups are within a window, so each window is quantized on its own). Each window
+    pairs its own Fisher with its own errors, so nothing is aggregated beyond the window average: to second order
+    (diagonal Fisher) ``D_h(b)`` is the mean KL per token of the model with head ``h`` alone at ``b`` bits. When the
+    error is uniform over a head the two estimates agree (``D_h = w_h * MSE_h``).
+
+    Cost: :func:`fisher_importance`'s pass plus ``len(quantizers) * 2 * len(bits)`` uniform fake-quantizations of
+    each window's cache (no more forward passes); memory: each window's squared gradients and cached K/V.
+
+    Returns ``(HeadImportance, FisherError)``; the first equals :func:`fisher_importance` with the same options.
+    """
+    from rdalloc.measure import measured_bits
+    from rdalloc.quantizers import get_quantizer
+
+    ids, n_layers = _fisher_iv(model, windows, labels, samples, "fisher_error")
+    if isinstance(quantizers, (str, dict)) or not hasattr(quantizers, "__iter__"):
+        quantizers = [quantizers]
+    instances = [get_quantizer(dict(q) if isinstance(q, dict) else q) for q in quantizers]
+    names = [q.name for q in instances]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"quantizers must be distinct quantizers, got {names!r}")
+    widths: tuple[int, ...] = ()
+    for q in instances:
+        widths = measured_bits(bits, q)
+    if any(not 0 < b < 16 for b in widths) or list(widths) != sorted(set(widths)):
+        raise ValueError(f"bits must be strictly increasing quantized widths (0 < b < 16), got {list(bits)!r}")
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    for q in instances:  # e.g. a group that does not divide head_dim: refused before any forward pass
+        for role in ("key", "value"):
+            q.grouping(role, head_dim)
+    sums: dict[str, dict[str, torch.Tensor]] = {q.name: {} for q in instances}
+    spent = [0.0]  # seconds in the error tables (the Fisher pass's own cost is the rest)
+
+    def on_batch(keys, values, grad_k, grad_v):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for q in instances:
+                for role, xs, gs in (("key", keys, grad_k), ("value", values, grad_v)):
+                    t = torch.stack([fisher_weighted_error(g, x, q, widths, role) for x, g in zip(xs, gs)]).cpu()
+                    sums[q.name][role] = t if role not in sums[q.name] else sums[q.name][role] + t
+        spent[0] += time.perf_counter() - t0
+
+    sums_k, sums_v = _fisher_pass(model, ids, n_layers, labels=labels, samples=samples, batch_size=batch_size,
+                                  seed=seed, progress=progress, desc="Fisher importance and error",
+                                  on_batch=on_batch)
+    scale = _fisher_scale(ids, samples)
+    importance = _head_fisher(sums_k, sums_v, ids, labels, samples, seed)
+    tables = {q: {role: (t * scale).numpy() for role, t in roles.items()} for q, roles in sums.items()}
+    return importance, FisherError(tables=tables, bits=widths, windows=importance.windows, tokens=importance.tokens,
+                                   meta={**importance.meta, "quantizers": {q.name: q.spec() for q in instances},
+                                         "error_seconds": spent[0]})
 
 
 @torch.no_grad()

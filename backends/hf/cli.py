@@ -46,6 +46,9 @@ from rdalloc.quantizers import get_quantizer
 
 from .text import BUILTIN_TEXTS
 
+DISTORTIONS = ("fisher-mse", "fisher-error")  # calibrate.DISTORTIONS, without importing torch here
+DEFAULT_DISTORTION = "fisher-error"  # calibrate.DEFAULT_DISTORTION
+
 __all__ = ["register", "add_dtype", "check_path", "check_model", "converted_directory", "probe_widths",
            "quantizer_names", "quantizers_with", "check_placement", "HF_MODULES", "EVAL_FORMAT"]
 
@@ -232,6 +235,9 @@ def cmd_calibrate(args) -> int:
     if args.default_importance not in importance:
         raise ValueError(f"--default-importance {args.default_importance!r} must be one of --importance "
                          f"{args.importance!r}")
+    if args.distortion == "fisher-error" and "fisher" not in importance:
+        raise ValueError(f"--distortion fisher-error is measured in the Fisher pass: --importance must include "
+                         f"fisher, got {args.importance!r}")
     probe_bits = probe_widths(args.probe_bits, "--probe-bits")
     check_positive(args.probe_length, "--probe-length")
     config_facts = _check_source(args)
@@ -242,7 +248,7 @@ def cmd_calibrate(args) -> int:
     model, facts, cal, _, text = _load(args, calibration=args.windows, evaluation=0)
     specs = quantizers_with(quantizers, args.group_size, head_dim=facts.head_dim)
     c = calibrate(model, facts, cal, quantizers=specs, importance=importance,
-                  default_importance=args.default_importance, probe_bits=probe_bits,
+                  default_importance=args.default_importance, distortion=args.distortion, probe_bits=probe_bits,
                   probe_length=args.probe_length, text=text, progress=not args.no_progress)
     write_atomic(out, c.save)
     print(f"calibrated {facts.name} ({facts.layers} layers x {facts.kv_heads} kv-heads) on {cal.shape[0]} windows "
@@ -294,7 +300,7 @@ def cmd_allocate(args) -> int:
         plan = random_plan(c.facts, quant, args.average_bits, tokens=args.tokens, seed=args.seed, menu=c.menu(q))
     else:
         plan = allocate_plan(c, quant, args.average_bits, tokens=args.tokens, importance=args.importance,
-                             model_from=args.model_from, fixed_beta=args.beta)
+                             model_from=args.model_from, fixed_beta=args.beta, distortion=args.distortion)
     write_atomic(out, plan.save)
     u = plan.usage
     bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
@@ -383,6 +389,10 @@ def register(sub) -> None:
     c.add_argument("--importance", default="fisher,attention", help="estimators to run (default fisher,attention)")
     c.add_argument("--default-importance", default="fisher", choices=("fisher", "attention"),
                    help="the estimator allocations use by default (default fisher)")
+    c.add_argument("--distortion", default=None, choices=DISTORTIONS,
+                   help=f"what allocations minimize by default: fisher-mse (Fisher weight x mean MSE) or fisher-error "
+                        f"(Fisher-weighted error, element by element; default {DEFAULT_DISTORTION} when --importance "
+                        f"includes fisher, else fisher-mse)"),
     c.add_argument("--probe-bits", default="", help="widths whose single-head KL is measured, e.g. 1,2 (needed "
                    "for 1-bit plans; default none)")
     c.add_argument("--probe-length", type=int, default=128, help="tokens of the probe window (default 128)")
@@ -399,6 +409,8 @@ def register(sub) -> None:
     a.add_argument("--importance", default=None, choices=("fisher", "attention"),
                    help="importance estimator (default: the calibration's)")
     a.add_argument("--model-from", default=None, help="allocate with this quantizer's model (mismatch experiment)")
+    a.add_argument("--distortion", default=None, choices=DISTORTIONS,
+                   help="fisher-mse or fisher-error (default: the calibration's)")
     a.add_argument("--beta", type=float, default=None, help="fixed beta for every item instead of the fitted model")
     a.add_argument("--seed", type=int, default=0, help="seed of --method random")
     add_group_size(a, "the calibration's (given: it must be the calibration's)")

@@ -81,7 +81,7 @@ def _head_plan(allocation, facts: ModelFacts, quantizer: Any, meta: Mapping[str,
 
 def allocate_plan(calibration: Calibration, quantizer: Any, average_bits: float, *, tokens: int,
                   importance: str | None = None, model_from: str | None = None, fixed_beta: float | None = None,
-                  menu: Sequence[int] | None = None) -> Plan:
+                  menu: Sequence[int] | None = None, distortion: str | None = None) -> Plan:
     """The rdalloc head plan for ``quantizer`` at ``average_bits`` (metadata charged), over ``menu`` (default:
     :meth:`.calibrate.Calibration.menu` of ``quantizer``).
 
@@ -89,21 +89,28 @@ def allocate_plan(calibration: Calibration, quantizer: Any, average_bits: float,
     uses another quantizer's model (the mismatch experiment; the plan is still for ``quantizer``, whose costs it is
     charged). ``fixed_beta`` replaces the fitted curve by :func:`.calibrate.fixed_beta_model` extrapolated over the
     menu, times the importance (no probes). ``importance`` names the estimator (default: the calibration's).
+    ``distortion`` (default: the calibration's ``default_distortion``) is what is minimized; the plan records it.
     """
     quant = calibration.quantizer(quantizer)
     q = quant.name
     source = q if model_from is None else get_quantizer(model_from).name
-    method = calibration.default_importance if importance is None else importance
+    kind = calibration.distortion(distortion, source)
+    if kind == "fisher-error" and importance not in (None, "fisher"):
+        raise ValueError(f"importance {importance!r} does not apply to distortion 'fisher-error' (a Fisher estimate "
+                         f"itself); pass distortion='fisher-mse' to weight the MSE by {importance!r}")
+    method = ("fisher" if kind == "fisher-error" else calibration.default_importance) if importance is None \
+        else importance
     menu = calibration.menu(q) if menu is None else tuple(int(b) for b in menu)
     sizes, meta = head_costs(calibration.facts, quant, tokens)
     if fixed_beta is None:
-        model = calibration.loss_model(source, method)
+        model = calibration.loss_model(source, method, kind, menu=menu)
         weights = np.ones(model.n_items)
     else:
-        model = fixed_beta_model(calibration, source, fixed_beta, lo=min(menu))
-        weights = calibration.weights(method)
+        model = fixed_beta_model(calibration, source, fixed_beta, lo=min(menu), distortion=kind)
+        weights = np.ones(model.n_items) if kind == "fisher-error" else calibration.weights(method)
     r = allocate(model, sizes, average_bits=float(average_bits), weights=weights, menu=menu, metadata=meta)
-    return _head_plan(r, calibration.facts, quant, {"method": "rdalloc", "importance": method, "model_from": source,
+    return _head_plan(r, calibration.facts, quant, {"method": "rdalloc", "importance": method, "distortion": kind,
+                                                "model_from": source,
                                                 "fixed_beta": fixed_beta, "tokens": int(tokens),
                                                 "probed_bits": list(calibration.probed_bits(source)),
                                                 "average_bits_asked": float(average_bits)}, menu)

@@ -1,0 +1,345 @@
+"""Which distortion should a per-head allocation minimize? Fisher x MSE (today) against the Fisher-weighted error.
+
+    HF_HUB_OFFLINE=1 python -m experiments.fisher_error      # -> experiments/results/fisher_error/
+
+On the bundled model and two built-in texts (``pydoc_data.topics``, the default, and ``python-source``), per text:
+calibrate once (Fisher importance and, in the same pass, every quantizer's Fisher-weighted error
+``D_h(b) = sum_e F_e err_e(b)^2``; :func:`rdalloc.backends.hf.calibrate.calibrate`), then measure perplexity and the
+mean KL(FP16 || cache) per token over evaluation windows (disjoint text) for each row, quantizer and budget (average
+bits with metadata charged):
+
+* ``fisher-error`` — :func:`~rdalloc.backends.hf.head_plans.allocate_plan` with ``distortion="fisher-error"``;
+* ``fisher-mse`` — the same with today's distortion, Fisher weight x fitted MSE;
+* ``uniform`` — every head at one width (only where the budget is exactly a width plus metadata);
+* ``mismatch`` — the *other* quantizer's Fisher-weighted error model (costs still this quantizer's);
+* ``beta4`` — one fixed ``beta = 4``, ``alpha`` refitted to the Fisher-weighted error measurements;
+* ``random`` — a random allocation at the same budget and menu (seed 0).
+
+The menu is 2..8 bits, except KIVI at 3.0 average bits, where 2..8 leaves no choice (every head at 2 bits is the only
+plan within the budget: 2 bits of payload plus KIVI's 1 bit of metadata per element), so the menu there is 1..8 (the
+1-bit point is the measured one of each distortion, never an extrapolated curve).
+
+Verdicts: ``fisher-error`` against every other row, and ``fisher-mse`` (today's) against ``uniform`` and ``random``
+(its ``mismatch`` and ``beta4`` verdicts are the demo's, ``experiments/ppl_grid.py``): the mean per-token
+difference of KL and of NLL with a 95 % bootstrap interval (:func:`~rdalloc.backends.hf.paired.paired_comparison`).
+The calibration cost is timed against one plain forward pass over a calibration window. The model runs in float32 by
+default (twice as fast as float64 on a CPU; every row of a comparison runs in the same dtype on the same tokens).
+
+Writes ``results.json``, ``results.md`` (tables, verdicts, costs, command, environment) and ``verdicts.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fisher_error"
+TEXTS = ("pydoc_data.topics", "python-source")
+QUANTIZERS = ("kivi", "quarot")
+BUDGETS = (3.0, 3.5, 4.0)
+MENU = tuple(range(2, 9))
+LOW_MENU = tuple(range(1, 9))
+KINDS = ("fisher-error", "fisher-mse")
+ROWS = ("fisher-error", "fisher-mse", "uniform", "mismatch", "beta4", "random")
+LEVEL = 0.95
+FORMAT = "rdalloc.fisher_error_experiment"
+
+
+def menu_for(quantizer: str, budget: float) -> tuple[int, ...]:
+    """1..8 where 2..8 leaves no choice (KIVI at 3.0 average bits), else 2..8."""
+    return LOW_MENU if quantizer == "kivi" and abs(budget - 3.0) < 1e-9 else MENU
+
+
+def plans_for(calibration, quantizer: str, budget: float, tokens: int, rows=ROWS) -> list[tuple[str, Any]]:
+    """``[(row, plan)]`` of one cell for ``rows`` (rows without a plan at this budget are left out)."""
+    from rdalloc.backends.hf.head_plans import allocate_plan, random_plan, uniform_bits, uniform_plan
+
+    menu = menu_for(quantizer, budget)
+    other = next(q for q in calibration.quantizers if q != quantizer)
+    out = []
+    for kind in KINDS:
+        out.append((kind, allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion=kind, menu=menu)))
+    ub = uniform_bits(calibration.facts, quantizer, budget, tokens)
+    if ub is not None:
+        out.append(("uniform", uniform_plan(calibration.facts, quantizer, ub, tokens=tokens)))
+    out.append(("mismatch", allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion="fisher-error",
+                                          model_from=other, menu=menu)))
+    out.append(("beta4", allocate_plan(calibration, quantizer, budget, tokens=tokens, distortion="fisher-error",
+                                       fixed_beta=4.0, menu=menu)))
+    out.append(("random", random_plan(calibration.facts, quantizer, budget, tokens=tokens, seed=0, menu=menu)))
+    return [(row, plan) for row, plan in out if row in rows]
+
+
+def comparisons_for(rows: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(calibrated row, other row)`` pairs of one cell."""
+    pairs = [("fisher-error", other) for other in ROWS[1:] if other in rows]
+    return pairs + [("fisher-mse", other) for other in ("uniform", "random") if other in rows]
+
+
+def time_forward(model, window) -> float:
+    """Seconds of one plain forward pass over ``window`` (best of two)."""
+    import torch
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model(window[None])
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
+    from rdalloc.backends.hf.calibrate import calibrate
+    from rdalloc.backends.hf.head_plans import plan_cache_factory
+    from rdalloc.backends.hf.paired import paired_comparison
+    from rdalloc.backends.hf.perplexity import perplexity, reference_logprobs
+    from rdalloc.backends.hf.text import text_windows
+
+    tw = text_windows(tokenizer, length=args.length, calibration=args.calibration_windows,
+                      evaluation=args.evaluation_windows, path=text)
+    cal, ev = tw.calibration, tw.evaluation
+    forward_s = time_forward(model, cal[0])
+    c = calibrate(model, facts, cal, quantizers=QUANTIZERS, importance=("fisher",), distortion="fisher-error",
+                  text=tw.to_dict(), progress=progress)
+    per_window = {k: v / cal.shape[0] / forward_s for k, v in c.timings.items()}
+    cost = {"forward_seconds": forward_s, "calibration_seconds": dict(c.timings), "per_window_in_forwards": per_window}
+    print(f"[{text}] calibration {c.timings['total']:.1f} s; one forward {forward_s:.2f} s; per window in forwards: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in per_window.items()), flush=True)
+
+    ref = reference_logprobs(model, ev, progress=False)
+    tokens = int(ev.shape[1])
+    done: dict = {}
+    cells = []
+    for q, b in args.cells:
+        plans = plans_for(c, q, b, tokens, args.rows)
+        results, rows = {}, {}
+        for row, plan in plans:
+            spec = json.dumps(plan.meta.get("quantizer_spec"), sort_keys=True)  # the same bits under another quantizer
+            key = (spec, plan.key.tobytes(), plan.value.tobytes())
+            if key not in done:
+                t0 = time.perf_counter()
+                done[key] = perplexity(model, ev, plan_cache_factory(plan, model.config), reference=ref,
+                                       progress=False)
+                print(f"[{text}] {q} @ {b:g} {row}: ppl {done[key].ppl:.3f}, KL {done[key].kl * 1e3:.2f} mnat "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            r = done[key]
+            results[row] = (key, r)
+            bits = np.concatenate([plan.key.ravel(), plan.value.ravel()]).astype(int)
+            rows[row] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "average_bits": plan.usage.average_bits,
+                         "payload_bits": plan.usage.average_payload_bits,
+                         "histogram": {int(k): int(n) for k, n in zip(*np.unique(bits, return_counts=True))},
+                         "key_bits": plan.key.tolist(), "value_bits": plan.value.tolist(),
+                         "distortion": plan.meta.get("distortion"), "menu": plan.meta.get("menu")}
+        comps = []
+        for mine, other in comparisons_for(rows):
+            (k1, a), (k2, o) = results[mine], results[other]
+            comp = {"row": mine, "against": other, "identical_plan": k1 == k2}
+            for metric in ("kl", "nll"):
+                comp[metric] = paired_comparison(getattr(a, "token_" + metric), getattr(o, "token_" + metric),
+                                                 level=LEVEL, seed=0).to_dict()
+            comps.append(comp)
+        cells.append({"quantizer": q, "budget": b, "menu": list(menu_for(q, b)), "rows": rows,
+                      "comparisons": comps})
+    choices = {q: {r: {"tabulated": c.loss_choice(q, r).tabulated_items, "beta": float(c.loss_choice(q, r).fit.beta[0])}
+                   for r in ("key", "value")} for q in QUANTIZERS}
+    return {"text": text, "windows": tw.to_dict(), "fp16": {"ppl": ref.result.ppl, "nll": ref.result.nll},
+            "tokens_scored": ref.result.tokens, "cost": cost,
+            "betas": {"fisher-mse": {q: c.betas(q) for q in QUANTIZERS},
+                      "fisher-error": {q: {r: float(c.loss_fits[q][r].beta[0]) for r in ("key", "value")}
+                                       for q in QUANTIZERS}},
+            "fisher_error_choice": choices, "plans_evaluated": len(done), "cells": cells}
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def _fmt_interval(c: dict, scale: float, fmt: str) -> str:
+    return f"{c['difference'] * scale:{fmt}} [{c['low'] * scale:{fmt}}, {c['high'] * scale:{fmt}}]"
+
+
+def markdown(result: dict) -> str:
+    f = result["facts"]
+    lines = [f"# Fisher-weighted error vs Fisher x MSE: per-head allocation on {f['model']}", "",
+             f"Command: `{f['command']}`. Model dtype {f['dtype']}; {f['evaluation_windows']} evaluation windows of "
+             f"{f['length']} tokens per text, calibration on {f['calibration_windows']} disjoint windows of the same "
+             f"text. Budgets: average bits per element **with metadata charged** (payload-only bits in the plan "
+             f"rows of results.json). KL: mean KL(FP16 || cache) per scored token in millinats. Menu 2..8, except "
+             f"KIVI at 3.0 (menu 1..8: with 2..8 every head must take 2 bits). Wall time {f['wall_seconds']:.0f} s "
+             f"on a machine **shared** with other jobs (load average {f['load_before']} before, "
+             f"{f['load_after']} after), so times are indicative.", ""]
+    for t in result["texts"]:
+        lines += [f"## Text `{t['text']}` (FP16 PPL {t['fp16']['ppl']:.3f}, {t['tokens_scored']} tokens scored)", ""]
+        be = t["betas"]
+        lines.append("Pooled betas (keys/values): " + "; ".join(
+            f"{q}: MSE {be['fisher-mse'][q]['key']:.2f}/{be['fisher-mse'][q]['value']:.2f}, Fisher-weighted error "
+            f"{be['fisher-error'][q]['key']:.2f}/{be['fisher-error'][q]['value']:.2f}" for q in QUANTIZERS) + ". "
+            + "Heads whose Fisher-weighted error curve misses a measurement by more than 1.3x (read from the table): "
+            + "; ".join(f"{q} {r} {len(t['fisher_error_choice'][q][r]['tabulated'])}/{f['heads']}"
+                        for q in QUANTIZERS for r in ("key", "value")) + ".")
+        lines.append("")
+        for q in QUANTIZERS:
+            cells = [c for c in t["cells"] if c["quantizer"] == q]
+            if not cells:
+                continue
+            head = "| row | " + " | ".join(f"{c['budget']:g}" for c in cells) + " |"
+            lines += [f"### {q}: perplexity / KL (mnat)", "", head, "|---|" + "---|" * len(cells)]
+            for row in ROWS:
+                vals = []
+                for c in cells:
+                    r = c["rows"].get(row)
+                    if r is None:
+                        vals.append("—")
+                        continue
+                    best = min(x["kl"] for x in c["rows"].values())
+                    cell = f"{r['ppl']:.3f} / {r['kl'] * 1e3:.1f}"
+                    vals.append(f"**{cell}**" if r["kl"] == best else cell)
+                lines.append(f"| {row} | " + " | ".join(vals) + " |")
+            lines.append("")
+        lines += [f"### Verdicts on `{t['text']}`", "",
+                  "Paired per-token difference row − against (negative: the row is better), 95 % block-bootstrap "
+                  "interval (blocks of 32 tokens within windows, 2000 resamples); verdict from the interval.", "",
+                  "| quantizer | budget | row | against | ΔKL (mnat) [95 % CI] | KL | ΔNLL (nat) [95 % CI] | NLL |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in t["cells"]:
+            for comp in c["comparisons"]:
+                if comp["identical_plan"]:
+                    lines.append(f"| {c['quantizer']} | {c['budget']:g} | {comp['row']} | {comp['against']} | 0 | "
+                                 f"same plan | 0 | same plan |")
+                    continue
+                lines.append(f"| {c['quantizer']} | {c['budget']:g} | {comp['row']} | {comp['against']} | "
+                             f"{_fmt_interval(comp['kl'], 1e3, '+.2f')} | **{comp['kl']['verdict']}** | "
+                             f"{_fmt_interval(comp['nll'], 1, '+.4f')} | **{comp['nll']['verdict']}** |")
+        cost = t["cost"]
+        pw = cost["per_window_in_forwards"]
+        lines += ["", f"Calibration cost on `{t['text']}`, per calibration window, in plain forward passes "
+                  f"({cost['forward_seconds']:.2f} s each, timed in the same run): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in pw.items())
+                  + " (fisher_error_tables, both quantizers' Fisher-weighted errors at 1..8 bits, is part of "
+                    "fisher).", ""]
+    lines += ["## Summary", ""] + result["summary"] + ["", "Environment: `" + json.dumps(f["environment"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def summarize(result: dict) -> list[str]:
+    """Counts of KL/NLL verdicts per comparison kind, over texts and distinct-plan cells."""
+    tally: dict = {}
+    for t in result["texts"]:
+        for c in t["cells"]:
+            for comp in c["comparisons"]:
+                against = comp["against"].split(" (")[0]
+                key = (comp["row"], against)
+                d = tally.setdefault(key, {"kl": {}, "nll": {}, "same": 0})
+                if comp["identical_plan"]:
+                    d["same"] += 1
+                    continue
+                for m in ("kl", "nll"):
+                    v = comp[m]["verdict"]
+                    d[m][v] = d[m].get(v, 0) + 1
+    lines = ["| row | against | KL better / worse / undecided | NLL better / worse / undecided | same plan |",
+             "|---|---|---|---|---|"]
+    for (row, against), d in tally.items():
+        kl, nll = (" / ".join(str(d[m].get(v, 0)) for v in ("better", "worse", "undecided")) for m in ("kl", "nll"))
+        lines.append(f"| {row} | {against} | {kl} | {nll} | {d['same']} |")
+    return lines
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = result["texts"]
+    shown = [[(c, comp) for c in t["cells"] for comp in c["comparisons"]
+              if not comp["identical_plan"] and comp["row"] == "fisher-error"] for t in texts]
+    n = max(len(s) for s in shown)
+    fig, axes = plt.subplots(1, len(texts), figsize=(7.5 * len(texts), 0.32 * n + 1.8), squeeze=False)
+    colors = {"better": "tab:green", "worse": "tab:red", "undecided": "tab:gray"}
+    for ax, t, items in zip(axes[0], texts, shown):
+        for y, (c, comp) in enumerate(items):
+            other = c["rows"][comp["against"]]["kl"]
+            s = 100.0 / other
+            k = comp["kl"]
+            ax.errorbar(k["difference"] * s, y, xerr=[[(k["difference"] - k["low"]) * s],
+                                                      [(k["high"] - k["difference"]) * s]],
+                        fmt="o", color=colors[k["verdict"]], capsize=3)
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(range(len(items)), [f"{c['quantizer']} @ {c['budget']:g}: vs {comp['against']}"
+                                          for c, comp in items], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("KL difference fisher-error − row, % of the row's KL (95 % CI)")
+        ax.set_title(f"{t['text']}  (green: fisher-error better, red: worse, gray: undecided)", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.fisher_error", description=__doc__.splitlines()[0])
+    p.add_argument("--texts", default=",".join(TEXTS), help="comma-separated built-in texts or files")
+    p.add_argument("--calibration-windows", type=int, default=2)
+    p.add_argument("--evaluation-windows", type=int, default=4)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=("float64", "float32"))
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--cells", default=",".join(f"{q}:{b:g}" for q in QUANTIZERS for b in BUDGETS),
+                   help="comma-separated quantizer:budget cells (default: both quantizers at 3, 3.5 and 4)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {ROWS} (default: all)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.cells = [(c.split(":")[0].strip(), float(c.split(":")[1])) for c in args.cells.split(",") if c.strip()]
+    except (IndexError, ValueError):
+        print(f"fisher_error: error: --cells must be quantizer:budget pairs, got {args.cells!r}", file=sys.stderr)
+        return 2
+    args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    bad = [q for q, _ in args.cells if q not in QUANTIZERS] + [r for r in args.rows if r not in ROWS]
+    if bad or "fisher-error" not in args.rows:
+        print(f"fisher_error: error: unknown cells or rows {bad} (quantizers {QUANTIZERS}, rows {ROWS}, "
+              f"fisher-error among them)", file=sys.stderr)
+        return 2
+    from rdalloc.backends.hf.model import load_model
+
+    from rdalloc.cli import check_positive, write_atomic
+    from rdalloc.environment import environment
+
+    try:
+        for name in ("calibration_windows", "evaluation_windows", "length"):
+            check_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    except ValueError as e:
+        print(f"fisher_error: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    model, tokenizer, facts = load_model(None, dtype=args.dtype, progress=not args.no_progress)
+    texts = [run_text(model, tokenizer, facts, t.strip(), args, not args.no_progress)
+             for t in args.texts.split(",") if t.strip()]
+    command = "python -m experiments.fisher_error " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"format": FORMAT, "version": 1, "texts": texts,
+              "facts": {"model": facts.name, "heads": facts.layers * facts.kv_heads, "dtype": args.dtype,
+                        "length": args.length,
+                        "calibration_windows": args.calibration_windows,
+                        "evaluation_windows": args.evaluation_windows, "command": command.strip(),
+                        "wall_seconds": time.perf_counter() - t0, "load_before": load_before,
+                        "load_after": [round(x, 2) for x in os.getloadavg()],
+                        "shared_machine": True, "environment": environment(args.dtype)}}
+    result["summary"] = summarize(result)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    md = markdown(result)
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(md))
+    write_atomic(out / "verdicts.png", lambda tmp: plot(result, tmp))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
