@@ -11,7 +11,8 @@
 * :mod:`.cache` — ``TransformCache``: a ``transformers.Cache`` handing attention ``transform(layer, K, V)`` of the
   full stored cache (simulated quantized KV), for ``model(...)`` and ``model.generate(...)``.
 * :mod:`.packed_cache` — ``PackedHeadCache``: a head plan applied for real, K/V stored bit-packed at each head's
-  width as tokens arrive (``model.generate(..., cache=PackedHeadCache.for_inputs(plan, model, inputs))``).
+  width as tokens arrive (``model.generate(..., cache=PackedHeadCache.for_inputs(plan, model, inputs))``);
+  :mod:`.packed_attention` — ``with PackedAttention(model):`` attention read from its codes, not dequantized.
 * :mod:`.perplexity` — ``perplexity()`` over windows, a fresh cache per window, with KL to a once-computed FP16
   reference (``reference_logprobs``); :mod:`.paired` — paired block-bootstrap comparisons of two rows.
 * :mod:`.compress`, :mod:`.joint` — compress a prefilled cache once (``CompressedCache``, ``JointAttention``) with a
@@ -35,6 +36,7 @@ _HOMES = {
     "model": ("INSTALL_HINT", "LoadedModel", "ModelFacts", "cache_dir", "convert_gguf", "load_model", "model_facts",
               "smollm2_gguf", "check_attention_layers", "check_attn_implementation", "model_device"),
     "packed_cache": ("PackedHeadCache", "PackedHeadLayer", "left_padding"),
+    "packed_attention": ("PackedAttention", "packed_attention", "supports_packed_attention"),
     "paired": ("PairedComparison", "paired_comparison"),
     "perplexity": ("PerplexityResult", "ReferenceLogProbs", "perplexity", "reference_logprobs"),
     "text": ("TextWindows", "cut_windows", "default_text", "read_text", "text_windows", "tokenize"),

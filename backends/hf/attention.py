@@ -10,6 +10,10 @@ call leaves nothing behind.
 Nothing is hard-coded about the model's own implementation: :meth:`AttentionSwap.original_attention` runs whatever the
 model had on entering (``sdpa``, ``eager``, a flash kernel, a registered custom one), and with ``mask = None`` the
 swap keeps that implementation's mask function, so layers a subclass does not handle run exactly as before.
+
+:class:`CacheAttention` is the swap for caches whose layers attend over their own storage: every cache handed to the
+model inside the block is *attached* (its layers get ``layer.attention = self``); on ``update`` such a layer puts
+itself (or what the attention needs) in ``pending[layer_idx]`` and the attention takes it from there.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["AttentionSwap"]
+__all__ = ["AttentionSwap", "CacheAttention"]
 
 
 class AttentionSwap:
@@ -88,3 +92,59 @@ class AttentionSwap:
             for interface in (AttentionInterface, AttentionMaskInterface):
                 interface._global_mapping.pop(self.name, None)
             self.name = None
+
+
+class CacheAttention(AttentionSwap):
+    """An :class:`AttentionSwap` that attaches the caches handed to the model (under either cache keyword) on each
+    call: the layers :meth:`cache_layers` picks get ``attention = self`` until the block is left, and hand what the
+    attention needs through :attr:`pending` (by layer index). Leaving detaches every layer and drops what a failed
+    call left pending."""
+
+    mask = None  # the model's own mask function
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self.pending: dict[int, Any] = {}
+        self.attached: list = []
+        self.hooks: list = []
+
+    def cache_layers(self, cache: Any) -> list:
+        """The layers of ``cache`` this attention runs (the rest run the model's own attention)."""
+        raise NotImplementedError
+
+    def attach(self, cache: Any) -> None:
+        """Let ``cache``'s layers run under this attention (done for every cache the model is given)."""
+        for layer in self.cache_layers(cache):
+            if layer.attention is not self:
+                layer.attention = self
+                self.attached.append(layer)
+
+    def _attach_given_cache(self, module, args, kwargs):
+        from .compat import CACHE_KEYWORDS
+
+        for keyword in CACHE_KEYWORDS:
+            if kwargs.get(keyword) is not None:
+                self.attach(kwargs[keyword])
+
+    def reset(self) -> None:
+        self.pending.clear()
+        for layer in self.attached:
+            layer.attention = None
+        self.attached.clear()
+
+    def __enter__(self):
+        super().__enter__()
+        try:
+            self.hooks.append(self.model.register_forward_pre_hook(self._attach_given_cache, with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            while self.hooks:
+                self.hooks.pop().remove()
+        finally:
+            super().__exit__(*exc)
+        return False

@@ -19,8 +19,10 @@ a head plan (one width per (layer, kv_head) for keys and one for values, :mod:`.
   and read as zeros: attention gives such a head's keys score 0 and values 0, exactly what the simulation
   (``head_plans.plan_transform``) hands attention for a 0-bit head.
 * **Read.** ``update`` returns the dequantized stored tokens followed by the residual (as transformers'
-  ``QuantizedCache`` does; O(T) work per step, no fused read yet). ``quantize_residual=True`` hands attention the
-  residual fake-quantized from its own members instead, so what attention sees equals
+  ``QuantizedCache`` does: a float copy of the prefix per layer and step). Under
+  :class:`~.packed_attention.PackedAttention` it returns nothing new and the attention reads the codes themselves
+  (:mod:`.packed_attention`: the scale/zero algebra, no dequantized prefix). ``quantize_residual=True`` hands
+  attention the residual fake-quantized from its own members instead, so what attention sees equals
   ``TransformCache(plan_transform(plan))`` (docs/design.md §5), in one forward and in ``generate``.
 
 Quantization reuses :mod:`rdalloc.quantizers` (``transform``, ``to_groups``, ``fit``, ``encode``, ``decode``) in the
@@ -282,6 +284,7 @@ class PackedHeadLayer(DynamicLayer):
         self.groups: tuple = ()
         self.seen = 0  # positions seen (pads included): what get_seq_length reports
         self.batch = 0
+        self.attention = None  # a PackedAttention while one runs this cache: it reads the storage itself
 
     # -- checks (before any state changes) --
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -337,6 +340,7 @@ class PackedHeadLayer(DynamicLayer):
             groups, pads = self._initial_groups(key_states) if not self.is_initialized else (self.groups, None)
             B, _, t, _ = key_states.shape
             whole = len(groups) == 1 and groups[0].rows.numel() == B
+            fused = self.attention is not None
             new_groups, outs = [], []
             for g in groups:
                 start = min(max(0, g.pad - self.seen), t)
@@ -344,9 +348,12 @@ class PackedHeadLayer(DynamicLayer):
                 states = tuple(_append(spec, st, x[:, :, start:])
                                for spec, st, x in zip(self.specs, g.states, xs))
                 new_groups.append(_Rows(g.pad, g.rows, states))
-                outs.append(tuple(_read(spec, st, self.quantize_residual) for spec, st in zip(self.specs, states)))
+                if not fused:
+                    outs.append(tuple(_read(spec, st, self.quantize_residual) for spec, st in zip(self.specs, states)))
             total = self.seen + t
-            if whole and groups[0].pad == 0:
+            if fused:  # the attention reads the packed storage (.packed_attention); hand it this layer
+                k_out, v_out = key_states, value_states
+            elif whole and groups[0].pad == 0:
                 k_out, v_out = outs[0]
             else:
                 k_out, v_out = (key_states.new_zeros((B, key_states.shape[1], total, key_states.shape[3]))
@@ -360,6 +367,8 @@ class PackedHeadLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self.pads = pads
         self.groups, self.seen = tuple(new_groups), total
+        if fused:
+            self.attention.pending[self.layer_idx] = self
         return k_out, v_out
 
     def get_seq_length(self) -> int:
