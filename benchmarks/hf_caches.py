@@ -11,7 +11,8 @@ context of ``C`` tokens of ``pydoc_data.topics`` (``batch`` consecutive windows,
   residual 128 tokens), when ``optimum-quanto`` is installed (not a dependency of rdalloc);
 * rdalloc's ``PackedHeadCache`` (KIVI, g = 32, a key group of residual): the uniform 4-bit plan, and the calibrated
   plan of the demo's calibration (``experiments/results/demo/calibration.json``) whose bytes after the run are the
-  largest not above quanto 4-bit's (bisection of ``experiments.quantized_cache_peer.match_budget``);
+  largest not above quanto 4-bit's (bisection of ``experiments.quantized_cache_peer.match_budget``); each twice:
+  decoded by the model's attention over the dequantized tokens, and under ``PackedAttention`` (read from the codes);
 * rdalloc's joint compression after prefill (the cache ``compress_after_prefill`` builds: token plans, eviction and
   widths per (layer, head, token), decoded under ``JointAttention``) at retention 25 % and 10 %.
 
@@ -61,7 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rdalloc.backends.hf import PackedHeadCache, compress_after_prefill, load_model
+from rdalloc.backends.hf import PackedAttention, PackedHeadCache, compress_after_prefill, load_model
 from rdalloc.backends.hf.calibrate import Calibration
 from rdalloc.backends.hf.compat import forward, generate
 from rdalloc.backends.hf.compress import (
@@ -264,7 +265,8 @@ def build(variant: Variant, model: Any, src: Source) -> tuple[Any, Any]:
     if variant.kind == "quanto":
         return fill(quanto_cache(cfg, variant.spec["nbits"]), src), None
     if variant.kind == "packed":
-        return fill(PackedHeadCache(variant.plans[0], cfg), src), None
+        cache = fill(PackedHeadCache(variant.plans[0], cfg), src)
+        return cache, (PackedAttention(model) if variant.spec.get("fused") else None)
     if variant.kind == "joint":
         L = len(src.keys)
         rows = [(torch.stack([src.keys[i][b] for i in range(L)])[:, None],
@@ -321,6 +323,8 @@ def variants(model: Any, facts: Any, src: Source, calibration: Any, tokens: int,
     out.append(Variant("PackedHeadCache, uniform 4-bit KIVI", "packed",
                        {"kind": "packed", "bytes_per_row": _peer.held_bytes(uniform, model.config, held),
                         "tokens_held": held}, [uniform]))
+    out.append(Variant("PackedHeadCache, uniform 4-bit KIVI, PackedAttention", "packed",
+                       dict(out[-1].spec, fused=True), [uniform]))
     if quanto:  # the quanto 4-bit row's bytes per sequence after the run, by driving one on the prefill's first row
         one = Source(src.ids[:1], [k[:1] for k in src.keys], [v[:1] for v in src.values], [], src.scaling, 0, 0)
         qc = fill(quanto_cache(model.config, 4), one)
@@ -341,6 +345,8 @@ def variants(model: Any, facts: Any, src: Source, calibration: Any, tokens: int,
                           "matched_to": label, "budgets_tried": m.tried, "tokens_held": held}
     out.append(Variant(f"PackedHeadCache, calibrated KIVI plan at {label} bytes", "packed",
                        {"kind": "packed", "bytes_per_row": m.nbytes, "tokens_held": held}, [m.plan]))
+    out.append(Variant(f"PackedHeadCache, calibrated KIVI plan at {label} bytes, PackedAttention", "packed",
+                       dict(out[-1].spec, fused=True), [m.plan]))
     plans = joint_plans(src, press, RETENTIONS)
     for r in RETENTIONS:
         out.append(Variant(f"compress_after_prefill, retention {100 * r:g} %", "joint",

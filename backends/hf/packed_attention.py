@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from rdalloc.bitpack import unpack_bits
 from rdalloc.quantizers import (
     AsymmetricQuantizer,
     Quantizer,
@@ -45,6 +44,7 @@ from rdalloc.quantizers import (
 )
 
 from .attention import CacheAttention
+from .fused_decode import unpack_codes
 
 __all__ = ["PackedAttention", "packed_attention", "supports_packed_attention"]
 
@@ -74,7 +74,7 @@ def _codes(spec, packed: torch.Tensor, bits: int, cd: torch.dtype) -> torch.Tens
     rows, heads, K, _ = packed.shape
     g = spec.quantizer.grouping(spec.role, spec.head_dim).size
     n = rows * heads * K * spec.unit * spec.head_dim
-    c = unpack_bits(packed.reshape(-1), bits, n).to(cd)
+    c = unpack_codes(packed.reshape(-1), bits, n).to(cd)
     if spec.unit > 1:
         return c.view(rows, heads, K, spec.head_dim, g)
     return c.view(rows, heads, K, spec.head_dim // g, g)
