@@ -8,8 +8,9 @@ once (:func:`~rdalloc.backends.hf.compress.observe_prefill`); the cache is compr
 (hybrid weights, no Fisher head scale: the scale changes which tokens are kept, not how many bytes or how decoding
 works) at each retention, and by the SnapKV-style eviction plan at the same bytes. Each compressed cache decodes
 ``--tokens`` greedy tokens with ``model.generate`` under
-:class:`~rdalloc.backends.hf.compress.JointAttention` by two paths: ``fused`` (attention read straight from the packed
-codes, :mod:`~rdalloc.backends.hf.fused_decode`) and ``gather`` (the path before it: each step dequantizes each
+:class:`~rdalloc.backends.hf.compress.JointAttention` by up to three paths: ``compiled`` (the compiled CPU kernel
+reading the packed codes, :mod:`~rdalloc.backends.hf.fused_kernel`, one call per layer and row), ``fused`` (the same
+algebra in plain PyTorch ops, :mod:`~rdalloc.backends.hf.fused_decode`) and ``gather`` (each step dequantizes each
 layer's packed prefix, gathers each head's kept tokens, pads and concatenates). The full cache is a
 ``DynamicCache``.
 
@@ -18,10 +19,11 @@ loop (``torch.set_num_threads(k)``, ``k`` in ``--threads``), each from a fresh c
 wall time and the process CPU time (``time.process_time``), the best over ``--repeats``; ratios against the full
 cache at the same thread count. Also: the bytes each cache holds (2 bytes per full-precision element,
 docs/design.md §5), and the bytes a decode step reads from the cache storage at the real itemsize (the model runs
-in float32): full cache: its K and V; fused: the packed codes, float16 parameters, full-precision middle elements,
-sink, window and appended tokens; gather: the same packed bytes plus the dequantized full-length prefix it builds and
-reads and the gathered, padded prefix it concatenates (written and read: counted twice). Writes
-``benchmarks/results/decode.{json,md}``.
+in float32): full cache: its K and V; fused and compiled: the packed codes, float16 parameters, full-precision
+middle elements, sink, window and appended tokens; gather: the same packed bytes plus the dequantized full-length
+prefix it builds and reads and the gathered, padded prefix it concatenates (written and read: counted twice). And
+the CPU time of one step's attention alone (:func:`attention_cpu`), where the model's other work does not dilute
+the ratio. Writes ``benchmarks/results/<name>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from rdalloc.backends.hf import load_model
+from rdalloc.backends.hf import fused_decode, fused_kernel, load_model
 from rdalloc.backends.hf.compat import forward, generate
 from rdalloc.backends.hf.compress import CompressedCache, JointAttention, observe_prefill, token_weights
 from rdalloc.backends.hf.joint import allocate_joint, eviction_plan, measure_errors
@@ -67,6 +69,35 @@ def read_bytes(cache, path: str, itemsize: int) -> int:
 
 
 @torch.no_grad()
+def attention_cpu(cache, path: str, queries: list, inner: int = 3) -> float:
+    """Process CPU seconds of one decode step's attention over every layer, no model around it (best of ``inner``):
+    ``full``: SDPA of the query over the cache's keys and values (GQA); ``compiled``/``fused``: the fused read
+    (:func:`~rdalloc.backends.hf.fused_decode.fused_attention`, kernel on/off) after one appended token."""
+    if path == "full":
+        def step():
+            for layer, q in zip(cache.layers, queries):
+                torch.nn.functional.scaled_dot_product_attention(q, layer.keys, layer.values, enable_gqa=True)
+    else:
+        cache = copy.deepcopy(cache)
+        g = torch.Generator().manual_seed(0)
+        for layer in cache.layers:
+            _, H, _, D = layer.rows[0].dense_kv[0].shape
+            nk, nv = torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+            layer.lazy_initialization(nk, nv)
+            layer._append(nk, nv)
+
+        def step():
+            for layer, q in zip(cache.layers, queries):
+                fused_decode.fused_attention(layer, q, kernel=path == "compiled")
+    best = float("inf")
+    for _ in range(inner):
+        c = time.process_time()
+        step()
+        best = min(best, time.process_time() - c)
+    return best
+
+
+@torch.no_grad()
 def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, repeats: int, threads, paths,
             eviction: bool) -> list[dict]:
     q = get_quantizer("kivi")
@@ -75,7 +106,8 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
     def decode(cache, path):
         if path == "full":
             return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        with JointAttention(model, fused=path == "fused"):
+        fused_decode.KERNEL_DEFAULT = path == "compiled"
+        with JointAttention(model, fused=path in ("fused", "compiled")):
             return generate(model, cache, prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     itemsize = next(model.parameters()).element_size()
@@ -103,6 +135,11 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
                                  "bytes": packed.compressed_nbytes, "compress_s": t_compress})
     for v in variants:
         v["read_bytes"] = read_bytes(v["obj"], v["path"], itemsize)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    qg = torch.Generator().manual_seed(1)
+    queries = [torch.randn(1, cfg.num_attention_heads, 1, head_dim, generator=qg) for _ in full.layers]
+    attn: dict = {}
     outputs: dict = {}
     times: dict = {}
     for rep in range(repeats):
@@ -116,6 +153,9 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
                 best = times.setdefault((i, k), [float("inf"), float("inf")])
                 times[(i, k)] = [min(best[0], wall), min(best[1], cpu)]
                 outputs.setdefault(i, out)
+                if v["path"] != "gather":
+                    a_cpu = attention_cpu(v["obj"], v["path"], queries)
+                    attn[(i, k)] = min(attn.get((i, k), float("inf")), a_cpu)
                 print(f"  C={context} rep {rep} threads {k} {v['cache']:24s} {v['path']:6s} "
                       f"r={v['retention']:.3f}: {1e3 * wall:7.1f} ms wall {1e3 * cpu:7.1f} ms cpu", flush=True)
     rows = []
@@ -128,6 +168,8 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
             rows.append({"context": context, "cache": v["cache"], "path": v["path"], "retention": v["retention"],
                          "bytes": v["bytes"], "read_bytes": v["read_bytes"], "threads": k,
                          "ms_wall": 1e3 * wall, "ms_cpu": 1e3 * cpu, "ratio_wall": wall / fw, "ratio_cpu": cpu / fc,
+                         "attn_ms_cpu": 1e3 * attn[(i, k)] if (i, k) in attn else None,
+                         "attn_ratio_cpu": attn[(i, k)] / attn[(0, k)] if (i, k) in attn else None,
                          "compress_s": v["compress_s"], "prefill_s": t_prefill, "same_tokens_as_first_path": same})
     return rows
 
@@ -139,16 +181,19 @@ def markdown(res: dict) -> str:
              f"on a shared machine ({m['cpus']} CPU cores shared with other jobs; load average at start "
              f"{m['load_start']}, at end {m['load_end']}). Ratios are against the full cache at the same thread "
              f"count, measured side by side in this run; wall time is noisy here, process CPU time less so. "
-             f"`fused`: attention read from the packed codes; `gather`: dequantize, gather, pad, concatenate (the "
-             f"previous path). Bytes read: the cache storage one step reads, at the real itemsize (benchmark "
-             f"docstring).", "",
+             f"`compiled`: the compiled kernel over the packed codes; `fused`: the same in plain PyTorch ops; "
+             f"`gather`: dequantize, gather, pad, concatenate (the previous path). Bytes read: the cache storage one "
+             f"step reads, at the real itemsize (benchmark docstring). Attention: the CPU time of one step's "
+             f"attention over all layers alone (SDPA over the full cache's K, V; the fused read of the compressed "
+             f"ones), best of 3 per run.", "",
              "| context | cache | path | retention | bytes held | bytes read / step | threads | ms wall | x full "
-             "| ms CPU | x full (CPU) |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ms CPU | x full (CPU) | attention ms CPU | x full (attention) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
+        att = "| |" if r.get("attn_ms_cpu") is None else f"| {r['attn_ms_cpu']:.1f} | {r['attn_ratio_cpu']:.2f} |"
         lines.append(f"| {r['context']} | {r['cache']} | {r['path']} | {100 * r['retention']:.1f} % | "
                      f"{r['bytes']:,} | {r['read_bytes']:,} | {r['threads']} | {r['ms_wall']:.1f} | "
-                     f"{r['ratio_wall']:.2f} | {r['ms_cpu']:.1f} | {r['ratio_cpu']:.2f} |")
+                     f"{r['ratio_wall']:.2f} | {r['ms_cpu']:.1f} | {r['ratio_cpu']:.2f} {att}")
     lines += ["", f"Command: `{res['command']}` ({res['seconds']:.0f} s)."]
     return "\n".join(lines) + "\n"
 
@@ -160,7 +205,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--paths", default="fused,gather", help="compressed-cache paths to time: fused, gather")
+    p.add_argument("--paths", default="compiled,fused,gather",
+                   help="compressed-cache paths to time: compiled, fused, gather")
     p.add_argument("--no-eviction", action="store_true", help="leave out the eviction-only plans")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--name", default="decode", help="results file stem")
@@ -171,6 +217,11 @@ def main() -> None:
     ids = tokenize(default_text(), tok)
     threads = [int(k) for k in a.threads.split(",")]
     paths = [s for s in a.paths.split(",") if s]
+    bad = sorted(set(paths) - {"compiled", "fused", "gather"})
+    if bad:
+        p.error(f"--paths: unknown path(s) {bad}; choose from compiled, fused, gather")
+    if "compiled" in paths and fused_kernel.load() is None:
+        p.error(f"--paths compiled: the kernel is unavailable ({fused_kernel.kernel_error()})")
     rows = []
     for context in (int(c) for c in a.contexts.split(",")):
         rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats,

@@ -30,16 +30,15 @@ dequantize-and-gather path.
 * the output from the probabilities folded into the value scales: ``sum_t p_t v_t = sum_u (p_t s_tu) code_tu +
   sum_t p_t z_tu`` per channel group; QuaRot's rotated part is rotated back once (``H`` is its own inverse).
 
-**Implementation choice.** Plain PyTorch, a fixed handful of matmuls per (kv head, width) segment, so it runs on any
-device torch does with no compiler and no per-plan compilation. The segments are ragged (each head keeps its own
-tokens, each width its own channels, both set by the plan of each prompt), so a ``torch.compile``d version would
-trace one graph per layer structure and plan unless the shapes were bucketed; that is not built (and was not
-measured). The cost of this path is the unpacking of the bytes held plus matmuls over the kept codes (transient float
-copies of one segment's codes at a time, and for per-channel key groups their scales spread over the segment's
-tokens; never the prefix); it grows with the bytes held, not with the tokens seen. On CPU a quantized code still
-costs several passes (unpack, convert, scale, matmul) where a float of the full cache costs one: a kernel fusing
-them is the next step (``benchmarks/README.md``). :func:`~.compress.reference_attention` (explicit per-head
-gathers of the dequantized prefix) is the oracle this path is tested against.
+**Implementation.** Two paths with the same algebra. This module's plain PyTorch one (a fixed handful of ops per
+(kv head, width) segment; any device torch runs on, no compiler) is the oracle and the fallback. On CPU
+:func:`fused_attention` runs, by default (:data:`KERNEL_DEFAULT`), the compiled kernel of :mod:`.fused_kernel`: one
+call per row and layer over a segment table laid out at compression (``RoleLayout.kernel``), decoding each code once
+into a small buffer; why a C++ loop rather than ``torch.compile`` or numba is in that module's docstring. The plain
+path's cost is the unpacking of the bytes held plus matmuls over the kept codes (transient float copies of one
+segment's codes at a time, never the prefix) and, at short context, the per-op overhead of its many small ops; both
+paths grow with the bytes held, not with the tokens seen. :func:`~.compress.reference_attention` (explicit per-head
+gathers of the dequantized prefix) is the oracle both are tested against.
 """
 
 from __future__ import annotations
@@ -103,7 +102,8 @@ class RoleLayout:
 class FusedLayout:
     """Both roles of one :class:`~.compress.CompressedRow`; ``kept[h]``: head ``h``'s kept middle tokens; ``rotate``:
     queries and rotated outputs go through the normalized Hadamard transform (QuaRot); ``lossless``: nothing
-    quantized and nothing evicted (the row is the original prefix)."""
+    quantized and nothing evicted (the row is the original prefix); ``kept_counts``: int64 ``[kv_heads]``, the kept
+    counts (for the compiled kernel)."""
 
     keys: RoleLayout
     values: RoleLayout

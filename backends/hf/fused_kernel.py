@@ -153,29 +153,49 @@ void key_scores(const Role& role, int64_t h, const float* qa, const float* qr, i
     const int64_t nu = m[N_UNITS], nt = m[N_TOKENS], nb = m[N_BLOCKS], k = m[STREAM];
     const float* q = k < 0 ? qa : qr;
     if (role.token_axis) {  // codes [units, tokens]; params [units, blocks]
+      // four units per pass: acc[r, t] += sum_k (q_r,c_k s_k,j(t)) code_k,t over runs of tokens sharing a block
+      constexpr int U = 4;
       acc.assign(R * nt, 0.f);
       zs.assign(R * nb, 0.f);
-      buf.resize(nt);
-      sb.resize(nb);
-      for (int64_t u = 0; u < nu; ++u) {
-        const int64_t c = at_or(role, m[UNITS], u);
-        const float* v;
-        if (k < 0) {
-          v = role.full + m[CODE_START] + u * nt;
-        } else {
-          decode(role.streams[k], role.nbytes[k], m[CODE_START] + u * nt, nt, b, buf.data());
-          for (int64_t j = 0; j < nb; ++j) {
-            float z;
-            scale_zero(role, k, b, m[PARAM_START] + u * nb + j, sb[j], z);
-            for (int64_t r = 0; r < R; ++r) zs[r * nb + j] += q[r * D + c] * z;
+      buf.resize(U * nt);
+      std::vector<int64_t> run;  // token index where each run of one block starts, and nt
+      for (int64_t t = 0; t < nt; ++t)
+        if (k >= 0 && (t == 0 || at_or(role, m[BLOCKS], t) != at_or(role, m[BLOCKS], t - 1))) run.push_back(t);
+      if (k < 0) run.push_back(0);
+      run.push_back(nt);
+      for (int64_t u0 = 0; u0 < nu; u0 += U) {
+        const float* v[U];
+        int64_t c[U];
+        for (int i = 0; i < U; ++i) {
+          const int64_t u = u0 + i < nu ? u0 + i : u0;  // tail: repeat the first unit with coefficient 0
+          c[i] = at_or(role, m[UNITS], u);
+          if (k < 0) {
+            v[i] = role.full + m[CODE_START] + u * nt;
+          } else {
+            if (u0 + i < nu || i == 0) decode(role.streams[k], role.nbytes[k], m[CODE_START] + u * nt, nt, b,
+                                              buf.data() + i * nt);
+            v[i] = buf.data() + (u0 + i < nu ? i : 0) * nt;
           }
-          for (int64_t t = 0; t < nt; ++t) buf[t] *= sb[at_or(role, m[BLOCKS], t)];
-          v = buf.data();
         }
-        for (int64_t r = 0; r < R; ++r) {
-          const float qc = q[r * D + c];
-          float* a = acc.data() + r * nt;
-          for (int64_t t = 0; t < nt; ++t) a[t] += qc * v[t];
+        for (size_t ri = 0; ri + 1 < run.size(); ++ri) {
+          const int64_t t0 = run[ri], t1 = run[ri + 1];
+          const int64_t j = k < 0 ? 0 : at_or(role, m[BLOCKS], t0);
+          float sk[U], zk[U];
+          for (int i = 0; i < U; ++i) {
+            sk[i] = 1.f;
+            zk[i] = 0.f;
+            if (k >= 0 && u0 + i < nu) scale_zero(role, k, b, m[PARAM_START] + (u0 + i) * nb + j, sk[i], zk[i]);
+            if (u0 + i >= nu) sk[i] = 0.f;
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            float a0 = q[r * D + c[0]] * sk[0], a1 = q[r * D + c[1]] * sk[1];
+            float a2 = q[r * D + c[2]] * sk[2], a3 = q[r * D + c[3]] * sk[3];
+            if (k >= 0)
+              for (int i = 0; i < U; ++i) zs[r * nb + j] += u0 + i < nu ? q[r * D + c[i]] * zk[i] : 0.f;
+            float* a = acc.data() + r * nt;
+            const float *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+            for (int64_t t = t0; t < t1; ++t) a[t] += a0 * v0[t] + a1 * v1[t] + a2 * v2[t] + a3 * v3[t];
+          }
         }
       }
       for (int64_t r = 0; r < R; ++r)
@@ -212,6 +232,45 @@ void key_scores(const Role& role, int64_t h, const float* qa, const float* qr, i
   }
 }
 
+// one value segment with group size G: per unit, the R output rows accumulate over the tokens in a local block
+template <int G>
+void value_unit(const Role& role, const int64_t* m, int64_t k, int b, const float* p, int64_t R, int64_t D,
+                int64_t n, float* out, std::vector<float>& buf) {
+  const int64_t nu = m[N_UNITS], nt = m[N_TOKENS];
+  float acc[8][G];
+  float zacc[8];
+  float v[G];
+  for (int64_t u = 0; u < nu; ++u) {
+    const int64_t c0 = at_or(role, m[UNITS], u) * G;
+    for (int64_t r = 0; r < R; ++r) {
+      zacc[r] = 0.f;
+      for (int i = 0; i < G; ++i) acc[r][i] = 0.f;
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t slot = at_or(role, m[SLOTS], t), e = (t * nu + u) * G;
+      float s = 1.f, z = 0.f;
+      const float* x;
+      if (k < 0) {
+        x = role.full + m[CODE_START] + e;
+      } else {
+        decode(role.streams[k], role.nbytes[k], m[CODE_START] + e, G, b, v);
+        scale_zero(role, k, b, m[PARAM_START] + t * nu + u, s, z);
+        x = v;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const float pr = p[r * n + slot];
+        const float a = pr * s;
+        zacc[r] += pr * z;
+        for (int i = 0; i < G; ++i) acc[r][i] += a * x[i];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* oo = out + r * D + c0;
+      for (int i = 0; i < G; ++i) oo[i] += acc[r][i] + zacc[r];
+    }
+  }
+}
+
 // o[r, :] += sum_t p[r, slot t] v_t over the head's kept middle tokens (values grouped along channels)
 void value_sum(const Role& role, int64_t h, const float* p, int64_t R, int64_t D, int64_t n, float* o, float* orot,
                std::vector<float>& buf) {
@@ -223,6 +282,10 @@ void value_sum(const Role& role, int64_t h, const float* p, int64_t R, int64_t D
     const int b = int(m[WIDTH]);
     const int64_t nu = m[N_UNITS], nt = m[N_TOKENS], k = m[STREAM];
     float* out = k < 0 ? o : orot;
+    if (g == 32 && R <= 8) {
+      value_unit<32>(role, m, k, b, p, R, D, n, out, buf);
+      continue;
+    }
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t slot = at_or(role, m[SLOTS], t);
       for (int64_t u = 0; u < nu; ++u) {
@@ -342,31 +405,42 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
-def _build() -> None:
+def _compile(target: Path, cxx: str) -> None:
+    """Compile :data:`SOURCE` with ``cxx`` into the shared library ``target`` (written atomically)."""
     from torch.utils import cpp_extension
 
+    target.parent.mkdir(parents=True, exist_ok=True)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "fused.cpp"
+        src.write_text(SOURCE)
+        out = Path(tmp) / "fused.so"
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
+               str(src), "-o", str(out), *(f"-L{p}" for p in cpp_extension.library_paths()),
+               "-lc10", "-ltorch_cpu", "-ltorch"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"compiler {cxx!r} could not run: {e}") from e
+        if r.returncode:
+            raise RuntimeError(f"{cxx} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        tmp_target = target.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(out, tmp_target)
+        os.replace(tmp_target, target)  # atomic: concurrent builders never load a half-written file
+
+
+def _build() -> None:
+    """Load the operator, compiling it first unless this machine's cache has it."""
+    if hasattr(torch.ops.rdalloc_fused, "attention"):
+        return
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+        raise RuntimeError("no C++ compiler (g++, c++ or $CXX) on PATH")
     key = hashlib.sha256("\0".join([SOURCE, torch.__version__, cxx, _cpu_tag()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"rdalloc_fused_{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "fused.cpp"
-            src.write_text(SOURCE)
-            out = Path(tmp) / "fused.so"
-            cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-                   f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()),
-                   str(src), "-o", str(out), *(f"-L{p}" for p in cpp_extension.library_paths()),
-                   "-lc10", "-ltorch_cpu", "-ltorch"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{cxx} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-            tmp_target = target.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(out, tmp_target)
-            os.replace(tmp_target, target)  # atomic: concurrent builders never load a half-written file
+        _compile(target, cxx)
     torch.ops.load_library(str(target))
 
 
@@ -379,8 +453,7 @@ def load():
             _STATE["error"] = "disabled by RDALLOC_FUSED_KERNEL=0"
             return None
         try:
-            if not hasattr(torch.ops.rdalloc_fused, "attention"):
-                _build()
+            _build()
             _STATE["op"] = torch.ops.rdalloc_fused.attention
         except Exception as e:  # any build or load failure: the plain PyTorch path answers instead
             _STATE["error"] = f"{type(e).__name__}: {e}"
