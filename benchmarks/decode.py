@@ -1,7 +1,8 @@
 """Decode speed from the compressed cache: per-token time against the full cache, side by side in one run.
 
     HF_HUB_OFFLINE=1 python benchmarks/decode.py                      # contexts 1024,4096; 8 new tokens
-    HF_HUB_OFFLINE=1 python benchmarks/decode.py --contexts 8064 --paths fused   # the 8K row, fused path only
+    HF_HUB_OFFLINE=1 python benchmarks/decode.py --contexts 8064 --paths compiled   # the 8K row, compiled kernel only
+    HF_HUB_OFFLINE=1 python benchmarks/decode.py --batch 4 --threads 1 --paths compiled,fused   # batch 4
 
 For each context length, the bundled SmolLM2-135M-Instruct prefills ``context`` tokens of ``pydoc_data.topics``
 once (:func:`~rdalloc.backends.hf.compress.observe_prefill`); the cache is compressed by rdalloc's joint global plan
@@ -82,7 +83,8 @@ def attention_cpu(cache, path: str, queries: list, inner: int = 3) -> float:
         g = torch.Generator().manual_seed(0)
         for layer in cache.layers:
             _, H, _, D = layer.rows[0].dense_kv[0].shape
-            nk, nv = torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+            B = len(layer.rows)
+            nk, nv = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
             layer.lazy_initialization(nk, nv)
             layer._append(nk, nv)
 
@@ -99,9 +101,11 @@ def attention_cpu(cache, path: str, queries: list, inner: int = 3) -> float:
 
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, repeats: int, threads, paths,
-            eviction: bool) -> list[dict]:
+            eviction: bool, batch: int = 1) -> list[dict]:
     q = get_quantizer("kivi")
-    prompt = ids[None, :context + 1]  # the cache holds ``context`` tokens; generate feeds the next one, then decodes
+    # the cache holds ``context`` tokens; generate feeds the next one, then decodes. Batch > 1: copies of the prompt,
+    # each its own compressed row (nothing shared between rows)
+    prompt = ids[None, :context + 1].repeat(batch, 1)
 
     def decode(cache, path):
         if path == "full":
@@ -113,7 +117,7 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
     itemsize = next(model.parameters()).element_size()
     full = DynamicCache(config=model.config)
     t = time.perf_counter()
-    forward(model, full, ids[None, :context])
+    forward(model, full, prompt[:, :context])
     t_prefill = time.perf_counter() - t
     variants = [{"cache": "full (DynamicCache)", "path": "full", "retention": 1.0, "obj": full,
                  "bytes": 2 * sum(layer.keys.numel() + layer.values.numel() for layer in full.layers),
@@ -128,7 +132,8 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
             plans.append(("eviction (SnapKV-style)", eviction_plan(w, pre.shape, **kw)))
         for name, plan in plans:
             t = time.perf_counter()
-            packed = CompressedCache.compress(pre.keys, pre.values, plan, q)
+            packed = (CompressedCache.compress(pre.keys, pre.values, plan, q) if batch == 1 else
+                      CompressedCache.compress_rows([(pre.keys[:, None], pre.values[:, None], plan)] * batch, q))
             t_compress = time.perf_counter() - t
             for path in paths:
                 variants.append({"cache": name, "path": path, "retention": packed.retention, "obj": packed,
@@ -138,7 +143,7 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     qg = torch.Generator().manual_seed(1)
-    queries = [torch.randn(1, cfg.num_attention_heads, 1, head_dim, generator=qg) for _ in full.layers]
+    queries = [torch.randn(batch, cfg.num_attention_heads, 1, head_dim, generator=qg) for _ in full.layers]
     attn: dict = {}
     outputs: dict = {}
     times: dict = {}
@@ -156,7 +161,7 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
                 if v["path"] != "gather":
                     a_cpu = attention_cpu(v["obj"], v["path"], queries)
                     attn[(i, k)] = min(attn.get((i, k), float("inf")), a_cpu)
-                print(f"  C={context} rep {rep} threads {k} {v['cache']:24s} {v['path']:6s} "
+                print(f"  C={context} B={batch} rep {rep} threads {k} {v['cache']:24s} {v['path']:6s} "
                       f"r={v['retention']:.3f}: {1e3 * wall:7.1f} ms wall {1e3 * cpu:7.1f} ms cpu", flush=True)
     rows = []
     for i, v in enumerate(variants):
@@ -165,8 +170,8 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
         for k in threads:
             wall, cpu = times[(i, k)]
             fw, fc = times[(0, k)]
-            rows.append({"context": context, "cache": v["cache"], "path": v["path"], "retention": v["retention"],
-                         "bytes": v["bytes"], "read_bytes": v["read_bytes"], "threads": k,
+            rows.append({"context": context, "batch": batch, "cache": v["cache"], "path": v["path"],
+                         "retention": v["retention"], "bytes": v["bytes"], "read_bytes": v["read_bytes"], "threads": k,
                          "ms_wall": 1e3 * wall, "ms_cpu": 1e3 * cpu, "ratio_wall": wall / fw, "ratio_cpu": cpu / fc,
                          "attn_ms_cpu": 1e3 * attn[(i, k)] if (i, k) in attn else None,
                          "attn_ratio_cpu": attn[(i, k)] / attn[(0, k)] if (i, k) in attn else None,
@@ -186,12 +191,13 @@ def markdown(res: dict) -> str:
              f"step reads, at the real itemsize (benchmark docstring). Attention: the CPU time of one step's "
              f"attention over all layers alone (SDPA over the full cache's K, V; the fused read of the compressed "
              f"ones), best of 3 per run.", "",
-             "| context | cache | path | retention | bytes held | bytes read / step | threads | ms wall | x full "
-             "| ms CPU | x full (CPU) | attention ms CPU | x full (attention) |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| context | batch | cache | path | retention | bytes held | bytes read / step | threads | ms wall "
+             "| x full | ms CPU | x full (CPU) | attention ms CPU | x full (attention) |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         att = "| |" if r.get("attn_ms_cpu") is None else f"| {r['attn_ms_cpu']:.1f} | {r['attn_ratio_cpu']:.2f} |"
-        lines.append(f"| {r['context']} | {r['cache']} | {r['path']} | {100 * r['retention']:.1f} % | "
+        lines.append(f"| {r['context']} | {r.get('batch', 1)} | {r['cache']} | {r['path']} | "
+                     f"{100 * r['retention']:.1f} % | "
                      f"{r['bytes']:,} | {r['read_bytes']:,} | {r['threads']} | {r['ms_wall']:.1f} | "
                      f"{r['ratio_wall']:.2f} | {r['ms_cpu']:.1f} | {r['ratio_cpu']:.2f} {att}")
     lines += ["", f"Command: `{res['command']}` ({res['seconds']:.0f} s)."]
@@ -205,6 +211,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--batch", default="1", help="batch sizes (copies of the prompt, one compressed row each)")
     p.add_argument("--paths", default="compiled,fused,gather",
                    help="compressed-cache paths to time: compiled, fused, gather")
     p.add_argument("--no-eviction", action="store_true", help="leave out the eviction-only plans")
@@ -223,17 +230,18 @@ def main() -> None:
     if "compiled" in paths and fused_kernel.load() is None:
         p.error(f"--paths compiled: the kernel is unavailable ({fused_kernel.kernel_error()})")
     rows = []
-    for context in (int(c) for c in a.contexts.split(",")):
-        rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats,
-                        threads, paths, not a.no_eviction)
+    for batch in (int(x) for x in a.batch.split(",")):
+        for context in (int(c) for c in a.contexts.split(",")):
+            rows += measure(model, ids, context, [float(r) for r in a.retentions.split(",")], a.tokens, a.repeats,
+                            threads, paths, not a.no_eviction, batch)
     res = {"model": facts.name, "tokens": a.tokens, "repeats": a.repeats, "rows": rows,
            "seconds": time.perf_counter() - t0, "environment": environment(next(model.parameters()).dtype),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "shared": True, "load_start": load_start,
                        "load_end": [round(x, 2) for x in os.getloadavg()]},
            "command": "HF_HUB_OFFLINE=1 python benchmarks/decode.py " + " ".join(
-               f"--{k} {getattr(a, k)}" for k in ("contexts", "retentions", "tokens", "repeats", "threads", "paths",
-                                                   "name")) + (" --no-eviction" if a.no_eviction else "")}
+               f"--{k} {getattr(a, k)}" for k in ("contexts", "retentions", "tokens", "repeats", "threads", "batch",
+                                                   "paths", "name")) + (" --no-eviction" if a.no_eviction else "")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
