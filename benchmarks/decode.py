@@ -34,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -179,6 +180,72 @@ def measure(model, ids: torch.Tensor, context: int, retentions, tokens: int, rep
     return rows
 
 
+def probe_torch_compile(model, ids, context: int, retention: float, layers: int) -> dict:
+    """``torch.compile`` of the plain fused row attention (:func:`~rdalloc.backends.hf.fused_decode._row_attention`,
+    one call per layer) on a joint-compressed cache: per ``dynamic`` setting, the CPU seconds of the first call on each
+    of the first ``layers`` layers (each layer's segment structure differs), the graphs compiled, the largest
+    difference from the eager call, and the error if one was raised; then the CPU time of a later call on layer 0
+    against eager (the reason :mod:`~rdalloc.backends.hf.fused_kernel` is a C++ loop, not ``torch.compile``)."""
+    import torch._dynamo
+    from rdalloc.backends.hf.fused_decode import _row_attention, _Streams
+    from torch._dynamo.utils import counters
+
+    q = get_quantizer("kivi")
+    pre = observe_prefill(model, ids[:context], window=32)
+    w = token_weights(pre, method="hybrid")
+    plan = allocate_joint(w, pre.keys, pre.values, errors=measure_errors(pre.keys, pre.values, q, [2, 4, 8]),
+                          retention=retention, quantizer=q, sink=4, window=8)
+    cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
+    g = torch.Generator().manual_seed(0)
+    _, H, _, D = pre.keys.shape
+    Hq = model.config.num_attention_heads
+    for layer in cache.layers:
+        nk, nv = torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+        layer.lazy_initialization(nk, nv)
+        layer._append(nk, nv)
+    queries = [torch.randn(Hq, 1, D, generator=g) for _ in cache.layers]
+
+    def step(layer, query):
+        row = layer.rows[0]
+        fl = row.fused
+        streams = (_Streams(row.packed.keys, fl.keys, fl.quantizer, torch.float32),
+                   _Streams(row.packed.values, fl.values, fl.quantizer, torch.float32))
+        return _row_attention(layer, 0, row, query, D ** -0.5, torch.float32, streams)
+
+    import tempfile
+
+    import torch._inductor.config
+
+    # a cold compile, as on a fresh machine: no on-disk caches from earlier runs
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rdalloc-inductor-")
+    torch._inductor.config.fx_graph_cache = False
+    out = {"context": context, "retention": retention, "runs": []}
+    for dynamic in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, dynamic=dynamic)
+        run = {"dynamic": dynamic, "first_call_s": [], "max_diff": [], "graphs": [], "error": None}
+        try:
+            with torch.no_grad():
+                for i in range(layers):
+                    c = time.process_time()
+                    got = compiled(cache.layers[i], queries[i])
+                    run["first_call_s"].append(time.process_time() - c)
+                    run["max_diff"].append(float((got - step(cache.layers[i], queries[i])).abs().max()))
+                    run["graphs"].append(int(counters["stats"]["unique_graphs"]))
+                c = time.process_time()
+                compiled(cache.layers[0], queries[0])
+                run["layer0_again_ms"] = 1e3 * (time.process_time() - c)
+                c = time.process_time()
+                step(cache.layers[0], queries[0])
+                run["layer0_eager_ms"] = 1e3 * (time.process_time() - c)
+        except Exception as e:  # an inductor failure is the finding, not a crash of the benchmark
+            run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        out["runs"].append(run)
+        print(run, flush=True)
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"Decode speed, {res['model']} (float32), KIVI g32 plans (sink 4, window 8 at 16 bits); {res['tokens']} "
@@ -217,11 +284,23 @@ def main() -> None:
     p.add_argument("--no-eviction", action="store_true", help="leave out the eviction-only plans")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--name", default="decode", help="results file stem")
+    p.add_argument("--probe-torch-compile", type=int, default=0, metavar="LAYERS",
+                   help="instead of timing decode: torch.compile the plain fused path on the first LAYERS layers of "
+                        "a joint cache (first context, first retention) and write <name>.json")
     a = p.parse_args()
     t0 = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     model, tok, facts = load_model(progress=False)
     ids = tokenize(default_text(), tok)
+    if a.probe_torch_compile:
+        torch.set_num_threads(1)
+        res = probe_torch_compile(model, ids, int(a.contexts.split(",")[0]), float(a.retentions.split(",")[0]),
+                                  a.probe_torch_compile)
+        res.update(command="HF_HUB_OFFLINE=1 python benchmarks/decode.py " + " ".join(sys.argv[1:]),
+                   environment=environment(next(model.parameters()).dtype), seconds=time.perf_counter() - t0)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        return
     threads = [int(k) for k in a.threads.split(",")]
     paths = [s for s in a.paths.split(",") if s]
     bad = sorted(set(paths) - {"compiled", "fused", "gather"})

@@ -13,12 +13,15 @@ rotation and the rotation of the output's quantized part back stay in PyTorch (o
 **Why a C++ extension, not ``torch.compile`` or numba.** The plain PyTorch path pays for the number of small ops
 (unpack, convert, scale, index, matmul, add per (kv head, width) segment: hundreds of aten calls per layer, a few
 microseconds each) at short context, and for several passes over each code at long context. A compiled loop removes
-both. ``torch.compile`` would trace the segment loop into a graph whose shapes are the plan's ragged segment sizes:
-each layer and each prompt's plan is a new graph (a recompile per layer, seconds of inductor time each on 2 cores),
-unless shapes were bucketed and padded, which reads the padding; not measured here, since even one recompile per
-prompt costs more than the whole decode of a short answer. numba is not a dependency (and would not take torch
-tensors without copies through numpy). A C++ loop over the segment table takes any plan without recompiling: it is
-compiled once per machine and torch version (``g++ -O3 -march=native``, about 20 s of CPU here) and cached under
+both. ``torch.compile`` traces the segment loop into a graph whose shapes are the plan's ragged segment sizes, so
+each layer (and each prompt's plan) is a new graph. Measured (``benchmarks/results/decode_torch_compile.json``:
+``python benchmarks/decode.py --contexts 1024 --retentions 0.25 --probe-torch-compile 3 --name
+decode_torch_compile``, torch 2.13 CPU, cold inductor cache): with static shapes 5.9 / 6.6 / 7.2 s of CPU to compile
+each of the first three layers (one graph each), and a compiled call then took 0.80 ms against 0.65 ms eager; with
+``dynamic=True`` 30 s for the first layer and an inductor code-generation error (``NameError``) on the second.
+numba would be a new dependency (with its own LLVM) for the same loop. A C++ loop over the segment table takes any
+plan without recompiling: it is compiled once per machine and torch version (``g++ -O3 -march=native``, about 16 s
+here) and cached under
 ``~/.cache/rdalloc/kernels`` (or ``$RDALLOC_KERNEL_CACHE``). It is built with the compiler directly against libtorch
 and registered as a torch operator (``torch.ops.rdalloc_fused.attention``), so neither ninja nor pybind11 is needed.
 CPU only; on a GPU the plain PyTorch path runs.
