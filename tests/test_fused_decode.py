@@ -1,7 +1,9 @@
-"""The fused decode read (backends/hf/fused_decode.py) against the explicit-gather reference attention."""
+"""The fused decode read (backends/hf/fused_decode.py: plain PyTorch path, and the compiled kernel of
+backends/hf/fused_kernel.py) against the explicit-gather reference attention."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -11,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from hf_fixtures import tiny_llama  # noqa: E402
+from rdalloc.backends.hf import fused_kernel  # noqa: E402
 from rdalloc.backends.hf.compat import generate  # noqa: E402
 from rdalloc.backends.hf.compress import (  # noqa: E402
     CompressedCache,
@@ -76,11 +79,19 @@ def step(cache: CompressedCache, layer: int, n_new: int, seed: int = 7):
     return torch.randn(B, HQ, n_new, D, generator=g)
 
 
-def check(cache: CompressedCache, n_new: int = 1, steps: int = 1) -> None:
+@pytest.fixture(params=["plain", "kernel"])
+def kernel(request) -> bool:
+    """Both fused paths: the plain PyTorch ops and the compiled kernel (skipped where it cannot be built)."""
+    if request.param == "kernel" and fused_kernel.load() is None:
+        pytest.skip(f"compiled kernel unavailable: {fused_kernel.kernel_error()}")
+    return request.param == "kernel"
+
+
+def check(cache: CompressedCache, n_new: int = 1, steps: int = 1, kernel: bool = False) -> None:
     for layer in range(L):
         for s in range(steps):
             query = step(cache, layer, n_new, seed=7 + s)
-            out = fused_attention(cache.layers[layer], query, D ** -0.5)
+            out = fused_attention(cache.layers[layer], query, D ** -0.5, kernel=kernel)
             for b in range(query.shape[0]):
                 ref = reference_attention(cache.layers[layer], query[b:b + 1], D ** -0.5, row=b)
                 torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5)
@@ -88,7 +99,7 @@ def check(cache: CompressedCache, n_new: int = 1, steps: int = 1) -> None:
 
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7, 8, 16])
-def test_every_width_equals_reference(name, width):
+def test_every_width_equals_reference(name, width, kernel):
     C = 45  # odd, not a multiple of the group size: a KIVI key tail group
     keys, values = kv(C, seed=width)
     rng = np.random.default_rng(width)
@@ -97,21 +108,21 @@ def test_every_width_equals_reference(name, width):
     plan = make_plan(name, C, value, key_bits(name, np.full((L, H, D), width)))
     cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
     assert all(row.fused is not None for layer in cache.layers for row in layer.rows)
-    check(cache, n_new=1, steps=2)
+    check(cache, n_new=1, steps=2, kernel=kernel)
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
 @pytest.mark.parametrize("n_new", [1, 3])
-def test_mixed_widths_gqa_and_several_queries(name, n_new):
+def test_mixed_widths_gqa_and_several_queries(name, n_new, kernel):
     C = 61
     keys, values = kv(C, seed=3)
     plan = random_plan(name, C, [1, 2, 3, 4, 5, 6, 7, 8, 16], seed=11)
     cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
-    check(cache, n_new=n_new, steps=2)
+    check(cache, n_new=n_new, steps=2, kernel=kernel)
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
-def test_head_without_kept_tokens(name):
+def test_head_without_kept_tokens(name, kernel):
     C = 40
     keys, values = kv(C, seed=5)
     plan = random_plan(name, C, [2, 4, 8], seed=2)
@@ -121,18 +132,18 @@ def test_head_without_kept_tokens(name):
     plan = make_plan(name, C, value, plan.key)
     cache = CompressedCache.compress(keys, values, plan, QUANTIZERS[name])
     assert cache.layers[0].rows[0].fused.kept[1].size == 0
-    check(cache)
+    check(cache, kernel=kernel)
 
 
 @pytest.mark.parametrize("name", ["kivi", "quarot"])
-def test_batch_rows_with_different_plans(name):
+def test_batch_rows_with_different_plans(name, kernel):
     q = QUANTIZERS[name]
     rows = []
     for b, C in enumerate((37, 50)):
         k, v = kv(C, seed=20 + b)
         rows.append((k[:, None], v[:, None], random_plan(name, C, [2, 3, 4, 8, 16], seed=30 + b, evict=0.2 + 0.3 * b)))
     cache = CompressedCache.compress_rows(rows, q)
-    check(cache, n_new=1, steps=3)
+    check(cache, n_new=1, steps=3, kernel=kernel)
 
 
 def test_unpack_codes_inverts_pack_bits():
@@ -298,3 +309,115 @@ def test_lossless_rows_take_the_exact_path():
     attention.attach(cache)
     cache.layers[0].update(torch.zeros(1, H, 1, D), torch.zeros(1, H, 1, D))
     assert isinstance(attention.pending.pop(0), tuple)  # the masked-SDPA path's (valid, P, T)
+
+
+# --- the compiled kernel (backends/hf/fused_kernel.py) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["kivi", "absmax", "quarot"])
+def test_kernel_head_dim_64_group_32(name):
+    """The model's shapes: head_dim 64, groups of 32 channels (the kernel's unrolled value loop), 3 query heads per
+    kv head, every width, odd length, several key-channel counts per width (the 4-channel key loop's tails)."""
+    if fused_kernel.load() is None:
+        pytest.skip(f"compiled kernel unavailable: {fused_kernel.kernel_error()}")
+    q = {"kivi": KIVI(group_size=32), "absmax": SymmetricAbsmax(group_size=32), "quarot": QuaRot()}[name]
+    Lx, Hx, Gx, Dx, C = 1, 2, 3, 64, 77
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(Lx, Hx, C, Dx, generator=g), torch.randn(Lx, Hx, C, Dx, generator=g)
+    rng = np.random.default_rng(5)
+    widths = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+    value = rng.choice(widths, size=(Lx, Hx, C))
+    value[rng.random((Lx, Hx, C)) < 0.3] = 0
+    value[:, :, :SINK] = 16
+    value[:, :, C - WIN:] = 16
+    key = rng.choice(widths, size=(Lx, Hx, Dx))
+    key_axes = ("layer", "kv_head", "channel")
+    if name == "quarot":
+        key, key_axes = key[:, :, 0], ("layer", "kv_head")
+    elif name == "absmax":
+        key = np.repeat(key[:, :, ::32], 32, axis=2)
+    plan = Plan(key=key, value=value, key_axes=key_axes, value_axes=("layer", "kv_head", "token"), quantizer=q.name,
+                meta={"sink": SINK, "window": WIN, "quantizer_spec": q.spec()})
+    cache = CompressedCache.compress(keys, values, plan, q)
+    layer = cache.layers[0]
+    assert layer.rows[0].fused is not None
+    for _ in range(3):
+        nk, nv = torch.randn(1, Hx, 1, Dx, generator=g), torch.randn(1, Hx, 1, Dx, generator=g)
+        if not layer.is_initialized:
+            layer.lazy_initialization(nk, nv)
+        layer._append(nk, nv)
+        query = torch.randn(1, Hx * Gx, 1, Dx, generator=g)
+        ref = reference_attention(layer, query)
+        plain = fused_attention(layer, query, kernel=False)
+        got = fused_attention(layer, query, kernel=True)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_builds_where_a_compiler_is():
+    """With g++ on PATH the kernel must build and load: a broken build would otherwise hide behind the fallback."""
+    if shutil.which("g++") is None and not __import__("os").environ.get("CXX"):
+        pytest.skip("no C++ compiler")
+    assert fused_kernel.load() is not None, fused_kernel.kernel_error()
+
+
+def _small_cache():
+    C = 40
+    keys, values = kv(C, seed=4)
+    return CompressedCache.compress(keys, values, random_plan("kivi", C, [2, 4, 16], seed=8), QUANTIZERS["kivi"])
+
+
+def test_kernel_build_failure_falls_back_with_one_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused_kernel, "_STATE", {})
+    monkeypatch.setattr(fused_kernel, "_build", broken)
+    cache = _small_cache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for layer in range(L):
+            query = step(cache, layer, 1)
+            out = fused_attention(cache.layers[layer], query, kernel=True)
+            torch.testing.assert_close(out, reference_attention(cache.layers[layer], query), rtol=1e-5, atol=1e-5)
+    assert sum("no compiler here" in str(w.message) for w in caught) == 1
+    assert fused_kernel.load() is None and "no compiler here" in fused_kernel.kernel_error()
+
+
+def test_kernel_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(fused_kernel, "_STATE", {})
+    monkeypatch.setenv("RDALLOC_FUSED_KERNEL", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused_kernel.load() is None
+    assert "RDALLOC_FUSED_KERNEL" in fused_kernel.kernel_error()
+
+
+def test_compile_errors_name_the_compiler(tmp_path):
+    with pytest.raises(RuntimeError, match="could not run"):
+        fused_kernel._compile(tmp_path / "k.so", str(tmp_path / "no-such-g++"))
+    false = shutil.which("false")
+    if false:
+        with pytest.raises(RuntimeError, match="failed"):
+            fused_kernel._compile(tmp_path / "k.so", false)
+    assert not (tmp_path / "k.so").exists()
+
+
+def test_float64_queries_take_the_plain_path():
+    """The kernel computes in float32 (errors ~1e-7); a float64 query must get the float64 path (the reference
+    dequantizes in float32 from float16 parameters, so agreement is ~1e-9, not 1e-15)."""
+    cache = _small_cache()
+    query = step(cache, 0, 1).double()
+    layer = cache.layers[0]
+    layer.keys, layer.values = layer.keys.double(), layer.values.double()
+    out = fused_attention(layer, query, kernel=True)
+    assert out.dtype == torch.float64
+    ref = reference_attention(layer, query)
+    torch.testing.assert_close(out, ref.to(out.dtype), rtol=1e-8, atol=1e-8)
+
+
+def test_kernel_argument_checked():
+    cache = _small_cache()
+    query = step(cache, 0, 1)
+    with pytest.raises(TypeError, match="kernel"):
+        fused_attention(cache.layers[0], query, kernel="yes")

@@ -30,16 +30,15 @@ dequantize-and-gather path.
 * the output from the probabilities folded into the value scales: ``sum_t p_t v_t = sum_u (p_t s_tu) code_tu +
   sum_t p_t z_tu`` per channel group; QuaRot's rotated part is rotated back once (``H`` is its own inverse).
 
-**Implementation choice.** Plain PyTorch, a fixed handful of matmuls per (kv head, width) segment, so it runs on any
-device torch does with no compiler and no per-plan compilation. The segments are ragged (each head keeps its own
-tokens, each width its own channels, both set by the plan of each prompt), so a ``torch.compile``d version would
-trace one graph per layer structure and plan unless the shapes were bucketed; that is not built (and was not
-measured). The cost of this path is the unpacking of the bytes held plus matmuls over the kept codes (transient float
-copies of one segment's codes at a time, and for per-channel key groups their scales spread over the segment's
-tokens; never the prefix); it grows with the bytes held, not with the tokens seen. On CPU a quantized code still
-costs several passes (unpack, convert, scale, matmul) where a float of the full cache costs one: a kernel fusing
-them is the next step (``benchmarks/README.md``). :func:`~.compress.reference_attention` (explicit per-head
-gathers of the dequantized prefix) is the oracle this path is tested against.
+**Implementation.** Two paths with the same algebra. This module's plain PyTorch one (a fixed handful of ops per
+(kv head, width) segment; any device torch runs on, no compiler) is the oracle and the fallback. On CPU
+:func:`fused_attention` runs, by default (:data:`KERNEL_DEFAULT`), the compiled kernel of :mod:`.fused_kernel`: one
+call per row and layer over a segment table laid out at compression (``RoleLayout.kernel``), decoding each code once
+into a small buffer; why a C++ loop rather than ``torch.compile`` or numba is in that module's docstring. The plain
+path's cost is the unpacking of the bytes held plus matmuls over the kept codes (transient float copies of one
+segment's codes at a time, never the prefix) and, at short context, the per-op overhead of its many small ops; both
+paths grow with the bytes held, not with the tokens seen. :func:`~.compress.reference_attention` (explicit per-head
+gathers of the dequantized prefix) is the oracle both are tested against.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ from rdalloc.bitpack import unpack_bits
 from rdalloc.models import FULL_BITS
 from rdalloc.quantizers import AsymmetricQuantizer, Quantizer, QuaRot, SymmetricAbsmax, hadamard_transform
 
-__all__ = ["FusedUnsupported", "Segment", "RoleLayout", "FusedLayout", "fused_layout", "unpack_codes",
+__all__ = ["KERNEL_DEFAULT", "FusedUnsupported", "Segment", "RoleLayout", "FusedLayout", "fused_layout", "unpack_codes",
            "fused_attention"]
 
 
@@ -87,7 +86,8 @@ class RoleLayout:
     size ``g``, ``widths`` (the streams, as :attr:`PackedTensor.payload`), ``counts`` (codes per stream),
     ``segments[h]`` (kv head ``h``'s :class:`Segment` list); ``merged`` (channel groups): per width whose segments
     cover every unit, one :class:`Segment` over every head's tokens (the stream holds them head after head) and the
-    ``(head, segment)`` pairs it joins, so that one matmul serves all kv heads."""
+    ``(head, segment)`` pairs it joins, so that one matmul serves all kv heads; ``kernel``: the segment table of the
+    compiled kernel (:func:`_kernel_table`)."""
 
     axis: str
     g: int
@@ -95,13 +95,15 @@ class RoleLayout:
     counts: tuple
     segments: tuple
     merged: tuple = ()
+    kernel: tuple = ()
 
 
 @dataclass(frozen=True)
 class FusedLayout:
     """Both roles of one :class:`~.compress.CompressedRow`; ``kept[h]``: head ``h``'s kept middle tokens; ``rotate``:
     queries and rotated outputs go through the normalized Hadamard transform (QuaRot); ``lossless``: nothing
-    quantized and nothing evicted (the row is the original prefix)."""
+    quantized and nothing evicted (the row is the original prefix); ``kept_counts``: int64 ``[kv_heads]``, the kept
+    counts (for the compiled kernel)."""
 
     keys: RoleLayout
     values: RoleLayout
@@ -109,6 +111,7 @@ class FusedLayout:
     rotate: bool
     quantizer: Quantizer
     lossless: bool = False
+    kept_counts: torch.Tensor | None = None
 
 
 def _affine_kind(q: Quantizer) -> str:
@@ -219,7 +222,31 @@ def _role_layout(packed: PackedTensor, kept: list[np.ndarray], device) -> RoleLa
                                        param_start=first.param_start, n_blocks=n, units=None, slots=None,
                                        blocks=None), tuple(parts)))
     return RoleLayout(axis=axis, g=g, widths=tuple(layout.widths), counts=counts,
-                      segments=tuple(tuple(s) for s in segments), merged=tuple(merged))
+                      segments=tuple(tuple(s) for s in segments), merged=tuple(merged),
+                      kernel=_kernel_table(segments, tuple(layout.widths), device))
+
+
+def _kernel_table(segments, widths: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(meta, idx)``: int64 ``[segments, 11]`` rows ``(head, width, code_start, n_units, n_tokens, param_start,
+    n_blocks, units, slots, blocks, stream)`` (``units``/``slots``/``blocks``: offsets into ``idx``, the
+    concatenated index vectors, ``-1`` for ``None``; ``stream``: position of the width in the packed payload, ``-1``
+    for full-precision elements), built once at compression for :mod:`.fused_kernel`."""
+    rows, parts, at = [], [], 0
+    for head, segs in enumerate(segments):
+        for seg in segs:
+            offs = []
+            for t in (seg.units, seg.slots, seg.blocks):
+                if t is None:
+                    offs.append(-1)
+                else:
+                    offs.append(at)
+                    parts.append(t.cpu())
+                    at += t.numel()
+            rows.append([head, seg.width, seg.code_start, seg.n_units, seg.n_tokens, seg.param_start, seg.n_blocks,
+                         *offs, widths.index(seg.width) if seg.width != FULL_BITS else -1])
+    meta = torch.tensor(rows, dtype=torch.int64).reshape(-1, 11)
+    idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return meta.to(device), idx.to(device)
 
 
 def fused_layout(packed_layer, kept: np.ndarray, middle: int | None = None) -> FusedLayout:
@@ -236,7 +263,8 @@ def fused_layout(packed_layer, kept: np.ndarray, middle: int | None = None) -> F
                 and all(k.size == middle for k in kept_pos))
     return FusedLayout(keys=_role_layout(packed_layer.keys, kept_pos, device),
                        values=_role_layout(packed_layer.values, kept_pos, device),
-                       kept=tuple(kept_pos), rotate=rotate, quantizer=q, lossless=lossless)
+                       kept=tuple(kept_pos), rotate=rotate, quantizer=q, lossless=lossless,
+                       kept_counts=torch.tensor([k.size for k in kept_pos], dtype=torch.int64))
 
 
 _SHIFTS: dict = {}
@@ -419,16 +447,46 @@ def _row_attention(layer, b: int, row, query: torch.Tensor, scaling: float, cd, 
     return o.view(Hq, nq, D)
 
 
+KERNEL_DEFAULT = True
+"""Whether :func:`fused_attention` runs the compiled CPU kernel (:mod:`.fused_kernel`) unless told otherwise; the
+plain PyTorch path answers where the kernel does not apply (GPU, float64 queries) or cannot be built."""
+
+
+def _use_kernel(kernel: bool | None, query: torch.Tensor):
+    if kernel is not None and not isinstance(kernel, bool):
+        raise TypeError(f"kernel must be None (KERNEL_DEFAULT), True or False, got {kernel!r}")
+    if not (KERNEL_DEFAULT if kernel is None else kernel):
+        return None
+    if query.device.type != "cpu" or query.dtype == torch.float64:
+        return None
+    from .fused_kernel import load
+
+    return load()
+
+
 @torch.no_grad()
-def fused_attention(layer, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+def fused_attention(layer, query: torch.Tensor, scaling: float | None = None, *,
+                    kernel: bool | None = None) -> torch.Tensor:
     """Attention of ``query`` (``[batch, q_heads, q, head_dim]``, the last ``q`` appended tokens) over every batch row
     of ``layer`` (a :class:`~.compress.CompressedLayer` whose rows have a fused layout), read from the packed storage
     (module docstring). Returns ``[batch, q, q_heads, head_dim]`` in the query's dtype, equal to
-    :func:`~.compress.reference_attention` within float rounding."""
+    :func:`~.compress.reference_attention` within float rounding. ``kernel`` (default :data:`KERNEL_DEFAULT`): run
+    the compiled CPU kernel (:mod:`.fused_kernel`; float32 arithmetic) for CPU queries other than float64; where it
+    cannot be built, one warning and this plain PyTorch path."""
     B, Hq, nq, D = query.shape
     if B != len(layer.rows):
         raise ValueError(f"layer {layer.layer_idx}: the query has batch {B}, the cache holds {len(layer.rows)} rows")
     s = D ** -0.5 if scaling is None else float(scaling)
+    op = _use_kernel(kernel, query)
+    if op is not None:
+        from .fused_kernel import row_attention
+
+        out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
+        for b, row in enumerate(layer.rows):
+            if row.fused is None:
+                raise FusedUnsupported(f"layer {layer.layer_idx}, row {b}: no fused layout ({row.fused_reason})")
+            out[b] = row_attention(op, layer, b, row, query[b], s).transpose(0, 1)
+        return out
     cd = torch.float64 if query.dtype == torch.float64 else torch.float32
     decoded: dict[int, tuple] = {}
     out = torch.empty(B, nq, Hq, D, dtype=query.dtype, device=query.device)
