@@ -269,7 +269,7 @@ def _empty_role(spec: CacheSpec, role: str, L: int, H: int) -> RoleStorage:
     codes = params = full = residual = None
     n_planes, _ = spec.planes(role)
     if n_planes:
-        codes = _zeros((L, n_planes, B, T, D // 8), jnp.uint8, sh)
+        codes = _zeros((L, n_planes, B, _bytes_axis(T), D), jnp.uint8, sh)
         if g.axis == "channel":
             params = _zeros((L, H, B, T, D // g.size, n_params), jnp.float16, sh)
         else:
@@ -310,42 +310,51 @@ def _decode(spec: CacheSpec, role: str, codes: Any, params: Any, bits: Any) -> A
     return q.inverse_transform(from_groups(q.decode(cg, ps, b), g, n, D), role)
 
 
-def _to_planes(codes: Any, W: int) -> Any:
-    """uint8 codes ``[..., D]`` -> bit-planes ``[W, ..., D / 8]``: plane ``p``, byte ``j``, bit ``i`` is bit ``p`` of
-    channel ``8 j + i``."""
-    *lead, D = codes.shape
-    c = codes.reshape(*lead, D // 8, 8)
-    shift = jnp.arange(8, dtype=jnp.uint8)
-    return jnp.stack([jnp.sum(((c >> p) & 1) << shift, axis=-1, dtype=jnp.uint8) for p in range(W)])
-
-
-def _from_planes(planes: Any, W: int) -> Any:
-    """Inverse of :func:`_to_planes` (planes ``[W, ..., D / 8]`` -> codes ``[..., D]``, uint8)."""
-    bits = (planes[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [W, ..., D/8, 8]
-    weight = (jnp.uint8(1) << jnp.arange(W, dtype=jnp.uint8)).reshape(W, *([1] * (bits.ndim - 1)))
-    codes = jnp.sum(bits * weight, axis=0, dtype=jnp.uint8)
-    return codes.reshape(*codes.shape[:-2], -1)
+def _bytes_axis(capacity: int) -> int:
+    """Bytes along the token axis of a bit-plane: 8 tokens per byte."""
+    return -(-capacity // 8)
 
 
 def _write_codes(spec: CacheSpec, role: str, pool: Any, layer: Any, pos: Any, codes: Any) -> Any:
-    """Codes ``[B, H, n, D]`` of tokens at ``pos`` written as bit-planes into their heads' planes of the pool."""
+    """Codes ``[B, H, n, D]`` of tokens at ``pos`` (``n``; a position ``>= capacity`` is dropped) written into their
+    heads' bit-planes: bit ``p`` of the code of token ``t``, channel ``c`` goes to bit ``t % 8`` of byte
+    ``(t // 8, c)`` of the head's plane ``p``. Those bits are 0 until written (each position is written once), so
+    the write is a scatter-add (tokens of one chunk sharing a byte add distinct bits)."""
     W = spec.slot_bits(role)
     _, index = spec.planes(role)
-    planes = _to_planes(codes, W)  # [W, B, H, n, D/8]
     slot = jnp.asarray(index)[layer]  # [H, W]; past the end for planes a head does not own: dropped
-    upd = jnp.transpose(planes, (2, 0, 3, 1, 4))  # [H, W, n, B, D/8]
-    return pool.at[layer, slot[:, :, None], :, pos[None, None, :]].set(upd, mode="drop")
+    shift = (pos % 8).astype(jnp.uint8)[None, None, :, None]
+    planes = jnp.stack([((codes >> p) & 1) << shift for p in range(W)])  # [W, B, H, n, D]
+    byte = jnp.where(pos < spec.capacity, pos // 8, _bytes_axis(spec.capacity))  # past the end: dropped
+    upd = jnp.transpose(planes, (2, 0, 3, 1, 4))  # [H, W, n, B, D]
+    return pool.at[layer, slot[:, :, None], :, byte[None, None, :]].add(upd, mode="drop")
+
+
+def _slot_codes(spec: CacheSpec, role: str, pool: Any, layer: Any, index: Any) -> Any:
+    """uint8 codes ``[S, B, 8 ceil(capacity / 8), D]`` of ``S`` heads whose planes lie at ``index`` ``[S, W]`` (an
+    index past the pool: no plane, bit 0). Each plane is read once by a dynamic slice and unpacked with one
+    shift-and-mask per token of a byte over the whole plane (no gather, no shuffle within a row)."""
+    W = spec.slot_bits(role)
+    n_planes = pool.shape[1]
+    lp = lax.dynamic_index_in_dim(pool, layer, keepdims=False)  # [P, B, T8, D]
+    shift = jnp.arange(8, dtype=jnp.uint8)[:, None]
+    heads = []
+    for s in range(index.shape[0]):
+        code = None
+        for p in range(W):
+            plane = lax.dynamic_index_in_dim(lp, jnp.minimum(index[s, p], n_planes - 1), keepdims=False)
+            plane = jnp.where(index[s, p] < n_planes, plane, jnp.uint8(0))  # [B, T8, D]
+            bit = ((plane[:, :, None, :] >> shift) & 1) << p  # [B, T8, 8, D]
+            code = bit if code is None else code | bit
+        heads.append(code.reshape(code.shape[0], -1, code.shape[-1]))
+    return jnp.stack(heads)
 
 
 def _read_codes(spec: CacheSpec, role: str, pool: Any, layer: Any) -> Any:
     """Codes ``[B, H, capacity, D]`` of every head of ``layer`` from the plane pool (0 where a head owns no plane)."""
-    W = spec.slot_bits(role)
-    n_planes, index = spec.planes(role)
-    slot = jnp.asarray(index)[layer]  # [H, W]
-    planes = jnp.take(lax.dynamic_index_in_dim(pool, layer, keepdims=False), jnp.minimum(slot, n_planes - 1),
-                      axis=0)  # [H, W, B, T, D/8]
-    planes = jnp.where((slot < n_planes)[:, :, None, None, None], planes, jnp.uint8(0))
-    return jnp.swapaxes(_from_planes(jnp.swapaxes(planes, 0, 1), W), 0, 1)
+    _, index = spec.planes(role)
+    codes = _slot_codes(spec, role, pool, layer, jnp.asarray(index)[layer])
+    return jnp.swapaxes(codes[:, :, :spec.capacity], 0, 1)
 
 
 # ---- append ---------------------------------------------------------------------------------------------------------

@@ -240,13 +240,13 @@ def test_bytes_held_pad_layers_to_the_widest_layer_not_heads_to_the_widest_head(
     plan = Plan(key=np.array([[2, 4, 4, 4], [8, 8, 2, 2]]), value=np.array([[4, 4, 4, 4], [16, 1, 1, 16]]),
                 quantizer="kivi")
     cache = jc.create_cache(plan, batch=1, capacity=32, head_dim=D, quantizer=KIVI)
-    plane = 32 * D // 8  # one bit-plane of one head: 32 tokens x 16 channels, 8 per byte
+    plane = 32 // 8 * D  # one bit-plane of one head: 32 tokens (8 per byte) x 16 channels
     # keys: layer 1 needs 20 planes (layer 0: 14); params 8 groups x 16 channels x 2 f16; residual 4 x 16 f32
     keys = 2 * 20 * plane + 2 * 4 * 8 * 16 * 2 * 2 + 2 * 4 * 4 * 16 * 4
     # values: layer 0 needs 16 planes; params 32 tokens x 4 groups x 2 f16; two full-precision slots (layer 1)
     values = 2 * 16 * plane + 2 * 4 * 32 * 4 * 2 * 2 + 2 * 2 * 32 * 16 * 4
     assert cache.nbytes == keys + values
-    assert cache.keys.codes.shape == (2, 20, 1, 32, 2) and cache.values.full.shape == (2, 2, 1, 32, 16)
+    assert cache.keys.codes.shape == (2, 20, 1, 4, 16) and cache.values.full.shape == (2, 2, 1, 32, 16)
     # the plan itself: codes at each head's width, parameters of quantized heads, 2 bytes per full element
     plan_keys = (14 + 20) * plane + 8 * 8 * 16 * 2 * 2
     plan_values = (16 + 2) * plane + 6 * 32 * 4 * 2 * 2 + 2 * 32 * 16 * 2
