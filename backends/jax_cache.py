@@ -65,9 +65,20 @@ from rdalloc._namespace import is_traced
 from rdalloc.layout import resolve_quantizer
 from rdalloc.models import FULL_BITS
 from rdalloc.plan import Plan
-from rdalloc.quantizers import Grouping, Quantizer, from_groups, to_groups
+from rdalloc.quantizers import (
+    AsymmetricQuantizer,
+    Grouping,
+    Quantizer,
+    QuaRot,
+    SymmetricAbsmax,
+    exp2,
+    from_groups,
+    hadamard_transform,
+    to_groups,
+)
 
-__all__ = ["CacheSpec", "RoleStorage", "PackedKVCache", "create_cache", "append", "attend", "dequantize"]
+__all__ = ["CacheSpec", "RoleStorage", "PackedKVCache", "create_cache", "append", "attend", "attend_dequantized",
+           "dequantize", "fusable"]
 
 
 # ---- static description ---------------------------------------------------------------------------------------------
@@ -123,6 +134,23 @@ class CacheSpec:
         on one shard. Planes ``p >= w`` (and 0/16-bit heads) get the pool size (an index past the end)."""
         return _slots(self.bits(role), self.shards, lambda b: np.where((b > 0) & (b < FULL_BITS), b, 0),
                       self.slot_bits(role))
+
+    def compute_slots(self, role: str, full: bool) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(S, head (layers, S), slot (layers, kv_heads))`` for the fused read: the quantized heads of ``role``
+        (``full``: its 16-bit heads) of each layer in head order, ``S`` the most one layer has. ``head`` is
+        ``kv_heads`` for an empty slot, ``slot`` is ``S`` for a head not in the set. So a step computes ``S`` heads
+        of that kind, not ``kv_heads``: evicted heads cost nothing where every layer evicts alike."""
+        b = self.bits(role)
+        sel = (b == FULL_BITS) if full else ((b > 0) & (b < FULL_BITS))
+        L, H = b.shape
+        S = int(sel.sum(1).max()) if sel.size else 0
+        head = np.full((L, S), H, np.int32)
+        slot = np.full((L, H), S, np.int32)
+        for layer in range(L):
+            hs = np.flatnonzero(sel[layer])
+            head[layer, :hs.size] = hs
+            slot[layer, hs] = np.arange(hs.size)
+        return S, head, slot
 
     def full_slots(self, role: str) -> tuple[int, np.ndarray]:
         """``(pool size, slot (layers, kv_heads, 1))``: each 16-bit head's slot in the full-precision pool."""
@@ -509,14 +537,7 @@ def dequantize(cache: PackedKVCache, layer: Any) -> tuple[Any, Any]:
     return tuple(out)
 
 
-def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
-    """Decode attention of ``q`` ``[batch, q_heads, 1, head_dim]`` over ``layer``'s valid tokens.
-
-    ``out[b, h] = softmax(scale * q[b, h] . K[b, h // r, :length]) @ V[b, h // r, :length]`` with ``r = q_heads /
-    kv_heads`` (GQA: consecutive query heads share a kv head), ``scale = 1/sqrt(head_dim)`` by default, ``K``/``V``
-    dequantized from storage inside the traced function; query heads of an evicted kv head (and a layer with no
-    token) get 0. Computes in float32, returns ``q``'s dtype.
-    """
+def _check_attend(cache: PackedKVCache, layer: Any, q: Any, scale: float | None) -> tuple[Any, float]:
     if not isinstance(cache, PackedKVCache):
         raise TypeError(f"cache must be a PackedKVCache, got {type(cache).__name__}")
     layer = _check_layer(cache, layer)
@@ -525,18 +546,200 @@ def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = No
             or q.shape[3] != s.head_dim or q.shape[1] % s.kv_heads:
         raise ValueError(f"q must be [batch={s.batch}, q_heads (a multiple of kv_heads={s.kv_heads}), 1, "
                          f"head_dim={s.head_dim}], got shape {getattr(q, 'shape', type(q).__name__)}")
-    scale = 1.0 / math.sqrt(s.head_dim) if scale is None else float(scale)
+    return layer, 1.0 / math.sqrt(s.head_dim) if scale is None else float(scale)
+
+
+def _softmax(scores: Any, kept: Any) -> Any:
+    """Probabilities over the last axis where ``kept`` (0 elsewhere; all 0 when nothing is kept)."""
+    scores = jnp.where(kept, scores, -jnp.inf)
+    mx = jnp.max(scores, axis=-1, keepdims=True)
+    w = jnp.where(kept, jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
+    den = jnp.sum(w, axis=-1, keepdims=True)
+    return w / jnp.where(den > 0, den, 1.0)
+
+
+def attend_dequantized(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
+    """The oracle of :func:`attend`: the same contract, computed by dequantizing the layer's whole storage
+    (:func:`dequantize`'s values, float32) and attending over it."""
+    layer, scale = _check_attend(cache, layer, q, scale)
+    s = cache.spec
     B, Hq, _, D = q.shape
     H, r = s.kv_heads, q.shape[1] // s.kv_heads
     k = _dequantize_role(cache, "key", layer)
     v = _dequantize_role(cache, "value", layer)
     qf = q.astype(jnp.float32).reshape(B, H, r, D)
     scores = jnp.einsum("bhrd,bhtd->bhrt", qf, k) * scale
-    length = cache.length[layer]
-    kept = (cache.key_bits[layer] > 0)[None, :, None, None] & (jnp.arange(s.capacity) < length)
-    scores = jnp.where(kept, scores, -jnp.inf)
-    mx = jnp.max(scores, axis=-1, keepdims=True)
-    w = jnp.where(kept, jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
-    den = jnp.sum(w, axis=-1, keepdims=True)
-    out = jnp.einsum("bhrt,bhtd->bhrd", w / jnp.where(den > 0, den, 1.0), v)
+    kept = (cache.key_bits[layer] > 0)[None, :, None, None] & (jnp.arange(s.capacity) < cache.length[layer])
+    out = jnp.einsum("bhrt,bhtd->bhrd", _softmax(scores, kept), v)
     return out.reshape(B, Hq, 1, D).astype(q.dtype)
+
+
+def fusable(quantizer: Quantizer) -> bool:
+    """Whether :func:`attend` reads ``quantizer``'s storage directly: affine decoding (the asymmetric quantizers'
+    ``code * scale + zero``, symmetric absmax's ``code * scale - c * scale``) and no transform but QuaRot's
+    rotation. Other quantizers attend through :func:`attend_dequantized`."""
+    t = type(quantizer)
+    affine = t.decode in (AsymmetricQuantizer.decode, SymmetricAbsmax.decode)
+    plain = (t.transform is Quantizer.transform and t.inverse_transform is Quantizer.inverse_transform)
+    rotation = isinstance(quantizer, QuaRot) and t.transform is QuaRot.transform \
+        and t.inverse_transform is QuaRot.inverse_transform
+    return affine and (plain or rotation)
+
+
+def _affine(q: Quantizer, params: Any, bits: Any) -> tuple[Any, Any]:
+    """float32 ``(scale, zero)`` with ``decode(code) = code * scale + zero`` from float16 ``params [..., n_params]``
+    (``bits`` broadcast against ``params[..., 0]``): converted once per group."""
+    scale = params[..., 0].astype(jnp.float32)
+    if type(q).decode is SymmetricAbsmax.decode:
+        center = jnp.where(bits == 1, 0.5, exp2(bits, scale) / 2.0 - 1.0)
+        return scale, -(center * scale)
+    return scale, params[..., 1].astype(jnp.float32)
+
+
+def _to_heads(x: Any, slot: Any, n: int) -> Any:
+    """``[S, ...]`` per compute slot -> ``[H, ...]`` per head by the head -> slot table (0 for a head in no slot)."""
+    y = jnp.take(x, jnp.minimum(slot, n - 1), axis=0)
+    return jnp.where((slot < n).reshape(-1, *([1] * (x.ndim - 1))), y, 0.0)
+
+
+class _Role:
+    """One role's quantized slots of one layer, read for the fused algebra (see :func:`attend`)."""
+
+    def __init__(self, cache: PackedKVCache, role: str, layer: Any):
+        s = cache.spec
+        st = cache.keys if role == "key" else cache.values
+        bits = (cache.key_bits if role == "key" else cache.value_bits)[layer]
+        self.g = s.grouping(role)
+        self.S, head, slot = s.compute_slots(role, full=False)
+        self.head = jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1)  # [S]
+        self.slot = jnp.asarray(slot)[layer]  # [H]
+        if not self.S:
+            return
+        n_planes, index = s.planes(role)
+        planes = np.concatenate([index, np.full((index.shape[0], 1, index.shape[2]), n_planes, np.int32)], 1)
+        rows = jnp.asarray(planes)[layer][jnp.asarray(head)[layer]]  # [S, W]; empty slots own no plane
+        codes = _slot_codes(s, role, st.codes, layer, rows).astype(jnp.float32)  # [S, B, Tp, D]
+        params = jnp.take(lax.dynamic_index_in_dim(st.params, layer, keepdims=False), self.head, axis=0)
+        sbits = jnp.take(bits, self.head)
+        B, T, D, g = s.batch, s.capacity, s.head_dim, self.g.size
+        if self.g.axis == "token":
+            n_blocks = params.shape[2]
+            Tp = codes.shape[2]
+            codes = codes[:, :, :n_blocks * g] if Tp >= n_blocks * g else \
+                jnp.pad(codes, ((0, 0), (0, 0), (0, n_blocks * g - Tp), (0, 0)))
+            self.codes = codes.reshape(self.S, B, n_blocks, g, D)  # [S, B, blocks, g, D]
+            self.residual = _layer_of(st.residual, layer)  # [B, H, g, D] float32 (untransformed)
+        else:
+            self.codes = codes[:, :, :T].reshape(self.S, B, T, D // g, g)  # [S, B, T, U, g]
+        self.scale, self.zero = _affine(s.quantizer, params, sbits.reshape(-1, *([1] * (params.ndim - 2))))
+
+
+def _full_role(cache: PackedKVCache, role: str, layer: Any) -> tuple[int, Any, Any, Any]:
+    """``(F, head [F], slot [H], full [F, B, T, D] float32)``: the 16-bit heads' slots of ``layer``."""
+    s = cache.spec
+    F, head, slot = s.compute_slots(role, full=True)
+    if not F:
+        return 0, None, None, None
+    st = cache.keys if role == "key" else cache.values
+    n_full, slots = s.full_slots(role)
+    pool_slot = jnp.asarray(slots[..., 0])[layer][jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1)]  # [F]
+    full = jnp.take(lax.dynamic_index_in_dim(st.full, layer, keepdims=False), jnp.minimum(pool_slot, n_full - 1),
+                    axis=0).astype(jnp.float32)
+    return F, jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1), jnp.asarray(slot)[layer], full
+
+
+def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
+    """Decode attention of ``q`` ``[batch, q_heads, 1, head_dim]`` over ``layer``'s valid tokens, read from the
+    packed storage without dequantizing it.
+
+    ``out[b, h] = softmax(scale * q[b, h] . K[b, h // r, :length]) @ V[b, h // r, :length]`` with ``r = q_heads /
+    kv_heads`` (GQA: consecutive query heads share a kv head), ``scale = 1/sqrt(head_dim)`` by default, ``K``/``V``
+    as :func:`dequantize` holds them; query heads of an evicted kv head (and a layer with no token) get 0. Computes
+    in float32, returns ``q``'s dtype; equals :func:`attend_dequantized` up to float rounding (sums reordered).
+
+    The codes enter the matmuls as small integers (float32) and the float16 parameters are converted once per
+    group: with ``x = code * s + z`` per group,
+
+    * keys grouped along tokens (KIVI; ``s_cj``, ``z_cj`` per channel ``c`` and block ``j`` of ``g`` tokens):
+      ``q . k_t = sum_c (q_c s_cj) code_ct + sum_c q_c z_cj``; the last ``length % g`` tokens come from the
+      full-precision residual; keys grouped along channels (``s_tu``, ``z_tu`` per token and channel group
+      ``u``): ``q . k_t = sum_u s_tu (q_u . code_tu) + z_tu sum(q_u)``;
+    * values, with the probabilities ``p``: channel groups ``sum_t p_t v_t = sum_t (p_t s_tu) code_tu +
+      sum_t p_t z_tu``; token groups ``sum_j s_cj (sum_{t in j} p_t code_tc) + z_cj sum_{t in j} p_t``;
+    * QuaRot rotates the query (``H q``) instead of the stored keys and the quantized values' output back once
+      (``H`` is its own inverse); 16-bit heads attend over their stored values.
+
+    A step computes only each layer's quantized heads and 16-bit heads (as many slots as the layer with the most:
+    :meth:`CacheSpec.compute_slots`), each reading its bit-planes once. Quantizers this algebra does not cover
+    (:func:`fusable`) go through :func:`attend_dequantized`.
+    """
+    layer, scale = _check_attend(cache, layer, q, scale)
+    s = cache.spec
+    if not fusable(s.quantizer):
+        return attend_dequantized(cache, layer, q, scale=scale)
+    B, Hq, _, D = q.shape
+    H, r, T = s.kv_heads, Hq // s.kv_heads, s.capacity
+    rotate = isinstance(s.quantizer, QuaRot)
+    qf = jnp.swapaxes(q.astype(jnp.float32).reshape(B, H, r, D), 0, 1) * scale  # [H, B, r, D]
+    qr = hadamard_transform(qf) if rotate else qf
+    length = cache.length[layer]
+    kb, vb = cache.key_bits[layer], cache.value_bits[layer]
+    # ---- scores [H, B, r, T]
+    scores = jnp.zeros((H, B, r, T), jnp.float32)
+    k = _Role(cache, "key", layer)
+    if k.S:
+        qs = jnp.take(qr, k.head, axis=0)  # [S, B, r, D]
+        if k.g.axis == "token":
+            qsc = qs[:, :, :, None, :] * k.scale[:, :, None]  # [S, B, r, blocks, D]
+            sc = jnp.einsum("sbrjd,sbjid->sbrji", qsc, k.codes) + jnp.einsum("sbrd,sbjd->sbrj", qs, k.zero)[..., None]
+            sc = _to_heads(sc.reshape(*sc.shape[:3], -1), k.slot, k.S)
+            G = k.g.size
+            base = length - length % G
+            res = jnp.einsum("hbrd,bhid->hbri", qf, k.residual)  # the residual holds untransformed tokens
+            sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (0, max(0, T + G - sc.shape[-1]))))
+            sc = lax.dynamic_update_slice(sc, res, (0, 0, 0, base))[..., :T]
+        else:
+            S, U, g = k.S, k.codes.shape[3], k.g.size
+            qg = qs.reshape(S, B, r, U, g)
+            # one plain matmul per slot: the query's channel groups on a block diagonal [(r, U), D]
+            qd = (qg[:, :, :, :, None, :] * jnp.eye(U, dtype=jnp.float32)[:, :, None]).reshape(S, B, r * U, D)
+            inner = jnp.einsum("sbkd,sbtd->sbkt", qd, k.codes.reshape(S, B, T, D)).reshape(S, B, r, U, T)
+            sc = jnp.einsum("sbrut,sbtu->sbrt", inner, k.scale) + jnp.einsum("sbtu,sbru->sbrt", k.zero, qg.sum(-1))
+            sc = _to_heads(sc, k.slot, k.S)
+        scores = sc
+    F, fhead, fslot, kfull = _full_role(cache, "key", layer)
+    if F:
+        sf = _to_heads(jnp.einsum("fbrd,fbtd->fbrt", jnp.take(qf, fhead, axis=0), kfull), fslot, F)
+        scores = jnp.where((kb == FULL_BITS)[:, None, None, None], sf, scores)
+    kept = (kb > 0)[:, None, None, None] & (jnp.arange(T) < length)
+    p = _softmax(scores, kept)  # [H, B, r, T]
+    # ---- output [H, B, r, D]
+    out = jnp.zeros((H, B, r, D), jnp.float32)
+    v = _Role(cache, "value", layer)
+    if v.S:
+        ps = jnp.take(p, v.head, axis=0)  # [S, B, r, T]
+        if v.g.axis == "token":
+            G = v.g.size
+            base = length - length % G
+            n_blocks = v.codes.shape[2]
+            pq = jnp.where(jnp.arange(T) < base, ps, 0.0)
+            pq = jnp.pad(pq, ((0, 0), (0, 0), (0, 0), (0, n_blocks * G - T))).reshape(*ps.shape[:3], n_blocks, G)
+            inner = jnp.einsum("sbrji,sbjid->sbrjd", pq, v.codes)
+            oq = jnp.einsum("sbrjd,sbjd->sbrd", inner, v.scale) + jnp.einsum("sbrj,sbjd->sbrd", pq.sum(-1), v.zero)
+        else:
+            S, U, g = v.S, v.codes.shape[3], v.g.size
+            pss = (jnp.swapaxes(ps, 2, 3)[..., None] * v.scale[:, :, :, None, :]).reshape(S, B, T, r * U)
+            # one plain matmul per slot over all channels, then each channel group's own block (the diagonal)
+            o = jnp.einsum("sbtk,sbtd->sbkd", pss, v.codes.reshape(S, B, T, D)).reshape(S, B, r, U, U, g)
+            oq = jnp.einsum("sbruug->sbrug", o).reshape(S, B, r, D) + jnp.repeat(
+                jnp.einsum("sbrt,sbtu->sbru", ps, v.zero), g, axis=-1)
+        oq = _to_heads(oq, v.slot, v.S)
+        out = hadamard_transform(oq) if rotate else oq
+        if v.g.axis == "token":  # the residual's tokens, untransformed, after the rotation
+            pr = lax.dynamic_slice_in_dim(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, G))), base, G, axis=3)
+            out = out + jnp.einsum("hbri,bhid->hbrd", pr, v.residual)
+    F, fhead, fslot, vfull = _full_role(cache, "value", layer)
+    if F:
+        of = _to_heads(jnp.einsum("fbrt,fbtd->fbrd", jnp.take(p, fhead, axis=0), vfull), fslot, F)
+        out = jnp.where((vb == FULL_BITS)[:, None, None, None], of, out)
+    return jnp.swapaxes(out, 0, 1).reshape(B, Hq, 1, D).astype(q.dtype)
