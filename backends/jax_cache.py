@@ -27,9 +27,9 @@ heads, or pool entries laid out shard by shard), so sharding the input over kv h
 * ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision (float32),
   ``(layers, kv_heads, batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group,
   exactly as :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to
-  storage. (No ``lax.cond``: the residual plus the new chunk is encoded as candidate groups every call, and only
-  the groups that are full are written, by a masked scatter; one decode step encodes two groups of ``g`` tokens per
-  head.)
+  storage: the residual plus the new chunk is encoded as candidate groups and the full ones written by a masked
+  scatter, under a ``lax.cond`` that skips the encoding on the calls where no group fills (``g - 1`` decode steps
+  in ``g``).
 
 Quantization is the quantizer's own ``fit``/``encode``/``decode`` with the head's width as a traced integer array
 (``transform`` first: QuaRot's rotation), so dequantized storage equals :func:`rdalloc.apply.fake_quantize_tensor` of
@@ -472,13 +472,19 @@ def _append_role(cache: PackedKVCache, role: str, st: RoleStorage, bits: Any, la
         buf = lax.dynamic_update_slice(buf, x.astype(jnp.float32), (0, 0, r, 0))
         total = r + n
         nfull = total // G
-        c, p = _encode(s, role, buf[:, :, :m * G], bits)  # p: [B, H, D, m, n_params]
-        tok = jnp.arange(m * G)
-        pos = jnp.where(fits & (tok < nfull * G), base + tok, big)
-        codes = _write_codes(s, role, codes, layer, pos, c)
-        grp = jnp.arange(m)
-        gpos = jnp.where(fits & (grp < nfull), base // G + grp, big)
-        params = _scatter_tokens(params, layer, gpos, jnp.swapaxes(jnp.swapaxes(p, 2, 3), 0, 1))
+
+        def write(stores):  # quantize the candidate groups, write the full ones
+            codes, params = stores
+            c, p = _encode(s, role, buf[:, :, :m * G], bits)  # p: [B, H, D, m, n_params]
+            tok = jnp.arange(m * G)
+            pos = jnp.where(fits & (tok < nfull * G), base + tok, big)
+            codes = _write_codes(s, role, codes, layer, pos, c)
+            grp = jnp.arange(m)
+            gpos = jnp.where(fits & (grp < nfull), base // G + grp, big)
+            return codes, _scatter_tokens(params, layer, gpos, jnp.swapaxes(jnp.swapaxes(p, 2, 3), 0, 1))
+
+        # a group fills once every g tokens: the other steps skip the encoding (lax.cond runs one branch)
+        codes, params = lax.cond(fits & (nfull > 0), write, lambda stores: stores, (codes, params))
         new_res = lax.dynamic_slice_in_dim(buf, nfull * G, G, axis=2)
         new_res = jnp.where(fits, new_res, res)
         residual = lax.dynamic_update_index_in_dim(residual, jnp.swapaxes(new_res, 0, 1), layer, 0)
