@@ -12,8 +12,11 @@ is a pytree (a carry of ``jax.jit``, ``lax.scan``, ``lax.while_loop``).
 heads, or pool entries laid out shard by shard), so sharding the input over kv heads shards the storage the same way
 (widths are static, so where each head's data lies is a static table, indexed by the traced layer):
 
-* ``codes``: uint8 **bit-planes** ``(layers, planes, batch, capacity, head_dim / 8)``: plane ``p`` of a head holds
-  bit ``p`` of each of its tokens' codes, 8 channels per byte; a head at width ``b`` owns ``b`` planes, so a layer
+* ``codes``: uint8 **bit-planes** ``(layers, planes, batch, ceil(tokens / 8), head_dim)`` (``tokens``: the
+  capacity, rounded up to whole groups for token grouping): plane ``p`` of a head
+  holds bit ``p`` of each of its tokens' codes, 8 consecutive tokens of one channel per byte (bit ``t % 8`` of byte
+  ``(t // 8, c)``), so one shift-and-mask over a whole plane yields one token of every byte, with no shuffle within
+  a row (measured faster to unpack than 8 channels per byte); a head at width ``b`` owns ``b`` planes, so a layer
   holds exactly its heads' bits, and the pool is as long as the layer (per shard) that needs the most planes: layers
   pad to the widest layer, never to the widest head (:attr:`PackedKVCache.plan_nbytes` is what the plan itself
   needs). Under head sharding each shard's heads own one contiguous part of the plane axis, which shards with them.
@@ -27,9 +30,9 @@ heads, or pool entries laid out shard by shard), so sharding the input over kv h
 * ``residual`` (token-grouped roles only): the last ``length % g`` tokens at full precision (float32),
   ``(layers, kv_heads, batch, g, head_dim)``. When ``g`` tokens have gathered they are quantized as one group,
   exactly as :mod:`rdalloc.quantizers` quantizes that group of ``g`` tokens (same ``fit``/``encode``), and written to
-  storage. (No ``lax.cond``: the residual plus the new chunk is encoded as candidate groups every call, and only
-  the groups that are full are written, by a masked scatter; one decode step encodes two groups of ``g`` tokens per
-  head.)
+  storage: the residual plus the new chunk is encoded as candidate groups and the full ones written by a masked
+  scatter, under a ``lax.cond`` that skips the encoding on the calls where no group fills (``g - 1`` decode steps
+  in ``g``).
 
 Quantization is the quantizer's own ``fit``/``encode``/``decode`` with the head's width as a traced integer array
 (``transform`` first: QuaRot's rotation), so dequantized storage equals :func:`rdalloc.apply.fake_quantize_tensor` of
@@ -45,9 +48,13 @@ scatter with ``mode="drop"`` (a position outside storage is dropped, never clamp
 ``jax.jit`` the chunk that does not fit is not written, ``length`` stays, and the sticky boolean
 ``overflow`` turns True (check it after the loop).
 
-:func:`attend` dequantizes inside the jitted function (XLA fuses unpack, decode and the dot products; a fused Pallas
-kernel reading packed bytes is out of scope on CPU). On CPU a decode step costs 7-25x the full-precision cache's
-(bit-plane extraction and float16 parameter conversion per element: ``benchmarks/jax_decode.py``).
+:func:`attend` reads the bit-planes without dequantizing (the algebra in its docstring; :func:`attend_dequantized`,
+the former path, is its oracle). CPU time per token of a jitted 30-layer step (3 kv heads, 9 query heads, head_dim
+64, one XLA thread), against a full float16 cache of the same capacity, ``benchmarks/results/jax_decode_fused.md``:
+uniform 4 bits 1.30x / 1.42x / 1.53x at 1K / 4K / 8K (the dequantizing oracle 7.7-8.0x), widths 2..8 1.8-2.0x
+(every head unpacks as many planes as the widest head), 4 bits with eviction to 10 % of the bytes 0.89-0.93x,
+eviction alone to 10 % 0.51-0.66x; at 25 % some layer still keeps all 3 heads, so a step computes 3 heads per layer
+(static shapes under ``lax.scan``) and costs as much as the full cache or more.
 """
 
 from __future__ import annotations
@@ -65,9 +72,20 @@ from rdalloc._namespace import is_traced
 from rdalloc.layout import resolve_quantizer
 from rdalloc.models import FULL_BITS
 from rdalloc.plan import Plan
-from rdalloc.quantizers import Grouping, Quantizer, from_groups, to_groups
+from rdalloc.quantizers import (
+    AsymmetricQuantizer,
+    Grouping,
+    Quantizer,
+    QuaRot,
+    SymmetricAbsmax,
+    exp2,
+    from_groups,
+    hadamard_transform,
+    to_groups,
+)
 
-__all__ = ["CacheSpec", "RoleStorage", "PackedKVCache", "create_cache", "append", "attend", "dequantize"]
+__all__ = ["CacheSpec", "RoleStorage", "PackedKVCache", "create_cache", "append", "attend", "attend_dequantized",
+           "dequantize", "fusable"]
 
 
 # ---- static description ---------------------------------------------------------------------------------------------
@@ -123,6 +141,23 @@ class CacheSpec:
         on one shard. Planes ``p >= w`` (and 0/16-bit heads) get the pool size (an index past the end)."""
         return _slots(self.bits(role), self.shards, lambda b: np.where((b > 0) & (b < FULL_BITS), b, 0),
                       self.slot_bits(role))
+
+    def compute_slots(self, role: str, full: bool) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(S, head (layers, S), slot (layers, kv_heads))`` for the fused read: the quantized heads of ``role``
+        (``full``: its 16-bit heads) of each layer in head order, ``S`` the most one layer has. ``head`` is
+        ``kv_heads`` for an empty slot, ``slot`` is ``S`` for a head not in the set. So a step computes ``S`` heads
+        of that kind, not ``kv_heads``: evicted heads cost nothing where every layer evicts alike."""
+        b = self.bits(role)
+        sel = (b == FULL_BITS) if full else ((b > 0) & (b < FULL_BITS))
+        L, H = b.shape
+        S = int(sel.sum(1).max()) if sel.size else 0
+        head = np.full((L, S), H, np.int32)
+        slot = np.full((L, H), S, np.int32)
+        for layer in range(L):
+            hs = np.flatnonzero(sel[layer])
+            head[layer, :hs.size] = hs
+            slot[layer, hs] = np.arange(hs.size)
+        return S, head, slot
 
     def full_slots(self, role: str) -> tuple[int, np.ndarray]:
         """``(pool size, slot (layers, kv_heads, 1))``: each 16-bit head's slot in the full-precision pool."""
@@ -269,7 +304,10 @@ def _empty_role(spec: CacheSpec, role: str, L: int, H: int) -> RoleStorage:
     codes = params = full = residual = None
     n_planes, _ = spec.planes(role)
     if n_planes:
-        codes = _zeros((L, n_planes, B, T, D // 8), jnp.uint8, sh)
+        # token groups: planes cover whole groups, so the fused read needs no padding copy (measured 3x slower
+        # per layer when capacity is not a multiple of g)
+        tokens = -(-T // g.size) * g.size if g.axis == "token" else T
+        codes = _zeros((L, n_planes, B, _bytes_axis(tokens), D), jnp.uint8, sh)
         if g.axis == "channel":
             params = _zeros((L, H, B, T, D // g.size, n_params), jnp.float16, sh)
         else:
@@ -310,42 +348,51 @@ def _decode(spec: CacheSpec, role: str, codes: Any, params: Any, bits: Any) -> A
     return q.inverse_transform(from_groups(q.decode(cg, ps, b), g, n, D), role)
 
 
-def _to_planes(codes: Any, W: int) -> Any:
-    """uint8 codes ``[..., D]`` -> bit-planes ``[W, ..., D / 8]``: plane ``p``, byte ``j``, bit ``i`` is bit ``p`` of
-    channel ``8 j + i``."""
-    *lead, D = codes.shape
-    c = codes.reshape(*lead, D // 8, 8)
-    shift = jnp.arange(8, dtype=jnp.uint8)
-    return jnp.stack([jnp.sum(((c >> p) & 1) << shift, axis=-1, dtype=jnp.uint8) for p in range(W)])
-
-
-def _from_planes(planes: Any, W: int) -> Any:
-    """Inverse of :func:`_to_planes` (planes ``[W, ..., D / 8]`` -> codes ``[..., D]``, uint8)."""
-    bits = (planes[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [W, ..., D/8, 8]
-    weight = (jnp.uint8(1) << jnp.arange(W, dtype=jnp.uint8)).reshape(W, *([1] * (bits.ndim - 1)))
-    codes = jnp.sum(bits * weight, axis=0, dtype=jnp.uint8)
-    return codes.reshape(*codes.shape[:-2], -1)
+def _bytes_axis(capacity: int) -> int:
+    """Bytes along the token axis of a bit-plane: 8 tokens per byte."""
+    return -(-capacity // 8)
 
 
 def _write_codes(spec: CacheSpec, role: str, pool: Any, layer: Any, pos: Any, codes: Any) -> Any:
-    """Codes ``[B, H, n, D]`` of tokens at ``pos`` written as bit-planes into their heads' planes of the pool."""
+    """Codes ``[B, H, n, D]`` of tokens at ``pos`` (``n``; a position ``>= capacity`` is dropped) written into their
+    heads' bit-planes: bit ``p`` of the code of token ``t``, channel ``c`` goes to bit ``t % 8`` of byte
+    ``(t // 8, c)`` of the head's plane ``p``. Those bits are 0 until written (each position is written once), so
+    the write is a scatter-add (tokens of one chunk sharing a byte add distinct bits)."""
     W = spec.slot_bits(role)
     _, index = spec.planes(role)
-    planes = _to_planes(codes, W)  # [W, B, H, n, D/8]
     slot = jnp.asarray(index)[layer]  # [H, W]; past the end for planes a head does not own: dropped
-    upd = jnp.transpose(planes, (2, 0, 3, 1, 4))  # [H, W, n, B, D/8]
-    return pool.at[layer, slot[:, :, None], :, pos[None, None, :]].set(upd, mode="drop")
+    shift = (pos % 8).astype(jnp.uint8)[None, None, :, None]
+    planes = jnp.stack([((codes >> p) & 1) << shift for p in range(W)])  # [W, B, H, n, D]
+    byte = jnp.where(pos < spec.capacity, pos // 8, pool.shape[3])  # past the end: dropped
+    upd = jnp.transpose(planes, (2, 0, 3, 1, 4))  # [H, W, n, B, D]
+    return pool.at[layer, slot[:, :, None], :, byte[None, None, :]].add(upd, mode="drop")
+
+
+def _slot_codes(spec: CacheSpec, role: str, pool: Any, layer: Any, index: Any) -> Any:
+    """uint8 codes ``[S, B, 8 ceil(capacity / 8), D]`` of ``S`` heads whose planes lie at ``index`` ``[S, W]`` (an
+    index past the pool: no plane, bit 0). Each plane is read once by a dynamic slice and unpacked with one
+    shift-and-mask per token of a byte over the whole plane (no gather, no shuffle within a row)."""
+    W = spec.slot_bits(role)
+    n_planes = pool.shape[1]
+    lp = lax.dynamic_index_in_dim(pool, layer, keepdims=False)  # [P, B, T8, D]
+    shift = jnp.arange(8, dtype=jnp.uint8)[:, None]
+    heads = []
+    for s in range(index.shape[0]):
+        code = None
+        for p in range(W):
+            plane = lax.dynamic_index_in_dim(lp, jnp.minimum(index[s, p], n_planes - 1), keepdims=False)
+            plane = jnp.where(index[s, p] < n_planes, plane, jnp.uint8(0))  # [B, T8, D]
+            bit = ((plane[:, :, None, :] >> shift) & 1) << p  # [B, T8, 8, D]
+            code = bit if code is None else code | bit
+        heads.append(code.reshape(code.shape[0], -1, code.shape[-1]))
+    return jnp.stack(heads)
 
 
 def _read_codes(spec: CacheSpec, role: str, pool: Any, layer: Any) -> Any:
     """Codes ``[B, H, capacity, D]`` of every head of ``layer`` from the plane pool (0 where a head owns no plane)."""
-    W = spec.slot_bits(role)
-    n_planes, index = spec.planes(role)
-    slot = jnp.asarray(index)[layer]  # [H, W]
-    planes = jnp.take(lax.dynamic_index_in_dim(pool, layer, keepdims=False), jnp.minimum(slot, n_planes - 1),
-                      axis=0)  # [H, W, B, T, D/8]
-    planes = jnp.where((slot < n_planes)[:, :, None, None, None], planes, jnp.uint8(0))
-    return jnp.swapaxes(_from_planes(jnp.swapaxes(planes, 0, 1), W), 0, 1)
+    _, index = spec.planes(role)
+    codes = _slot_codes(spec, role, pool, layer, jnp.asarray(index)[layer])
+    return jnp.swapaxes(codes[:, :, :spec.capacity], 0, 1)
 
 
 # ---- append ---------------------------------------------------------------------------------------------------------
@@ -435,13 +482,19 @@ def _append_role(cache: PackedKVCache, role: str, st: RoleStorage, bits: Any, la
         buf = lax.dynamic_update_slice(buf, x.astype(jnp.float32), (0, 0, r, 0))
         total = r + n
         nfull = total // G
-        c, p = _encode(s, role, buf[:, :, :m * G], bits)  # p: [B, H, D, m, n_params]
-        tok = jnp.arange(m * G)
-        pos = jnp.where(fits & (tok < nfull * G), base + tok, big)
-        codes = _write_codes(s, role, codes, layer, pos, c)
-        grp = jnp.arange(m)
-        gpos = jnp.where(fits & (grp < nfull), base // G + grp, big)
-        params = _scatter_tokens(params, layer, gpos, jnp.swapaxes(jnp.swapaxes(p, 2, 3), 0, 1))
+
+        def write(stores):  # quantize the candidate groups, write the full ones
+            codes, params = stores
+            c, p = _encode(s, role, buf[:, :, :m * G], bits)  # p: [B, H, D, m, n_params]
+            tok = jnp.arange(m * G)
+            pos = jnp.where(fits & (tok < nfull * G), base + tok, big)
+            codes = _write_codes(s, role, codes, layer, pos, c)
+            grp = jnp.arange(m)
+            gpos = jnp.where(fits & (grp < nfull), base // G + grp, big)
+            return codes, _scatter_tokens(params, layer, gpos, jnp.swapaxes(jnp.swapaxes(p, 2, 3), 0, 1))
+
+        # a group fills once every g tokens: the other steps skip the encoding (lax.cond runs one branch)
+        codes, params = lax.cond(fits & (nfull > 0), write, lambda stores: stores, (codes, params))
         new_res = lax.dynamic_slice_in_dim(buf, nfull * G, G, axis=2)
         new_res = jnp.where(fits, new_res, res)
         residual = lax.dynamic_update_index_in_dim(residual, jnp.swapaxes(new_res, 0, 1), layer, 0)
@@ -500,14 +553,7 @@ def dequantize(cache: PackedKVCache, layer: Any) -> tuple[Any, Any]:
     return tuple(out)
 
 
-def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
-    """Decode attention of ``q`` ``[batch, q_heads, 1, head_dim]`` over ``layer``'s valid tokens.
-
-    ``out[b, h] = softmax(scale * q[b, h] . K[b, h // r, :length]) @ V[b, h // r, :length]`` with ``r = q_heads /
-    kv_heads`` (GQA: consecutive query heads share a kv head), ``scale = 1/sqrt(head_dim)`` by default, ``K``/``V``
-    dequantized from storage inside the traced function; query heads of an evicted kv head (and a layer with no
-    token) get 0. Computes in float32, returns ``q``'s dtype.
-    """
+def _check_attend(cache: PackedKVCache, layer: Any, q: Any, scale: float | None) -> tuple[Any, float]:
     if not isinstance(cache, PackedKVCache):
         raise TypeError(f"cache must be a PackedKVCache, got {type(cache).__name__}")
     layer = _check_layer(cache, layer)
@@ -516,18 +562,199 @@ def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = No
             or q.shape[3] != s.head_dim or q.shape[1] % s.kv_heads:
         raise ValueError(f"q must be [batch={s.batch}, q_heads (a multiple of kv_heads={s.kv_heads}), 1, "
                          f"head_dim={s.head_dim}], got shape {getattr(q, 'shape', type(q).__name__)}")
-    scale = 1.0 / math.sqrt(s.head_dim) if scale is None else float(scale)
+    return layer, 1.0 / math.sqrt(s.head_dim) if scale is None else float(scale)
+
+
+def _softmax(scores: Any, kept: Any) -> Any:
+    """Probabilities over the last axis where ``kept`` (0 elsewhere; all 0 when nothing is kept)."""
+    scores = jnp.where(kept, scores, -jnp.inf)
+    mx = jnp.max(scores, axis=-1, keepdims=True)
+    w = jnp.where(kept, jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
+    den = jnp.sum(w, axis=-1, keepdims=True)
+    return w / jnp.where(den > 0, den, 1.0)
+
+
+def attend_dequantized(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
+    """The oracle of :func:`attend`: the same contract, computed by dequantizing the layer's whole storage
+    (:func:`dequantize`'s values, float32) and attending over it."""
+    layer, scale = _check_attend(cache, layer, q, scale)
+    s = cache.spec
     B, Hq, _, D = q.shape
     H, r = s.kv_heads, q.shape[1] // s.kv_heads
     k = _dequantize_role(cache, "key", layer)
     v = _dequantize_role(cache, "value", layer)
     qf = q.astype(jnp.float32).reshape(B, H, r, D)
     scores = jnp.einsum("bhrd,bhtd->bhrt", qf, k) * scale
-    length = cache.length[layer]
-    kept = (cache.key_bits[layer] > 0)[None, :, None, None] & (jnp.arange(s.capacity) < length)
-    scores = jnp.where(kept, scores, -jnp.inf)
-    mx = jnp.max(scores, axis=-1, keepdims=True)
-    w = jnp.where(kept, jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
-    den = jnp.sum(w, axis=-1, keepdims=True)
-    out = jnp.einsum("bhrt,bhtd->bhrd", w / jnp.where(den > 0, den, 1.0), v)
+    kept = (cache.key_bits[layer] > 0)[None, :, None, None] & (jnp.arange(s.capacity) < cache.length[layer])
+    out = jnp.einsum("bhrt,bhtd->bhrd", _softmax(scores, kept), v)
     return out.reshape(B, Hq, 1, D).astype(q.dtype)
+
+
+def fusable(quantizer: Quantizer) -> bool:
+    """Whether :func:`attend` reads ``quantizer``'s storage directly: affine decoding (the asymmetric quantizers'
+    ``code * scale + zero``, symmetric absmax's ``code * scale - c * scale``) and no transform but QuaRot's
+    rotation. Other quantizers attend through :func:`attend_dequantized`."""
+    t = type(quantizer)
+    affine = t.decode in (AsymmetricQuantizer.decode, SymmetricAbsmax.decode)
+    plain = (t.transform is Quantizer.transform and t.inverse_transform is Quantizer.inverse_transform)
+    rotation = isinstance(quantizer, QuaRot) and t.transform is QuaRot.transform \
+        and t.inverse_transform is QuaRot.inverse_transform
+    return affine and (plain or rotation)
+
+
+def _affine(q: Quantizer, params: Any, bits: Any) -> tuple[Any, Any]:
+    """float32 ``(scale, zero)`` with ``decode(code) = code * scale + zero`` from float16 ``params [..., n_params]``
+    (``bits`` broadcast against ``params[..., 0]``): converted once per group."""
+    scale = params[..., 0].astype(jnp.float32)
+    if type(q).decode is SymmetricAbsmax.decode:
+        center = jnp.where(bits == 1, 0.5, exp2(bits, scale) / 2.0 - 1.0)
+        return scale, -(center * scale)
+    return scale, params[..., 1].astype(jnp.float32)
+
+
+def _to_heads(x: Any, slot: Any, n: int) -> Any:
+    """``[S, ...]`` per compute slot -> ``[H, ...]`` per head by the head -> slot table (0 for a head in no slot)."""
+    y = jnp.take(x, jnp.minimum(slot, n - 1), axis=0)
+    return jnp.where((slot < n).reshape(-1, *([1] * (x.ndim - 1))), y, 0.0)
+
+
+class _Role:
+    """One role's quantized slots of one layer, read for the fused algebra (see :func:`attend`)."""
+
+    def __init__(self, cache: PackedKVCache, role: str, layer: Any):
+        s = cache.spec
+        st = cache.keys if role == "key" else cache.values
+        bits = (cache.key_bits if role == "key" else cache.value_bits)[layer]
+        self.g = s.grouping(role)
+        self.S, head, slot = s.compute_slots(role, full=False)
+        self.head = jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1)  # [S]
+        self.slot = jnp.asarray(slot)[layer]  # [H]
+        if not self.S:
+            return
+        n_planes, index = s.planes(role)
+        planes = np.concatenate([index, np.full((index.shape[0], 1, index.shape[2]), n_planes, np.int32)], 1)
+        rows = jnp.asarray(planes)[layer][jnp.asarray(head)[layer]]  # [S, W]; empty slots own no plane
+        codes = _slot_codes(s, role, st.codes, layer, rows).astype(jnp.float32)  # [S, B, Tp, D]
+        params = jnp.take(lax.dynamic_index_in_dim(st.params, layer, keepdims=False), self.head, axis=0)
+        sbits = jnp.take(bits, self.head)
+        B, T, D, g = s.batch, s.capacity, s.head_dim, self.g.size
+        if self.g.axis == "token":
+            n_blocks = params.shape[2]
+            if codes.shape[2] != n_blocks * g:  # planes cover whole groups, rounded up to whole bytes
+                codes = codes[:, :, :n_blocks * g]
+            self.codes = codes.reshape(self.S, B, n_blocks, g, D)  # [S, B, blocks, g, D]
+            self.residual = _layer_of(st.residual, layer)  # [B, H, g, D] float32 (untransformed)
+        else:
+            self.codes = codes[:, :, :T].reshape(self.S, B, T, D // g, g)  # [S, B, T, U, g]
+        self.scale, self.zero = _affine(s.quantizer, params, sbits.reshape(-1, *([1] * (params.ndim - 2))))
+
+
+def _full_role(cache: PackedKVCache, role: str, layer: Any) -> tuple[int, Any, Any, Any]:
+    """``(F, head [F], slot [H], full [F, B, T, D] float32)``: the 16-bit heads' slots of ``layer``."""
+    s = cache.spec
+    F, head, slot = s.compute_slots(role, full=True)
+    if not F:
+        return 0, None, None, None
+    st = cache.keys if role == "key" else cache.values
+    n_full, slots = s.full_slots(role)
+    pool_slot = jnp.asarray(slots[..., 0])[layer][jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1)]  # [F]
+    full = jnp.take(lax.dynamic_index_in_dim(st.full, layer, keepdims=False), jnp.minimum(pool_slot, n_full - 1),
+                    axis=0).astype(jnp.float32)
+    return F, jnp.minimum(jnp.asarray(head)[layer], s.kv_heads - 1), jnp.asarray(slot)[layer], full
+
+
+def attend(cache: PackedKVCache, layer: Any, q: Any, *, scale: float | None = None) -> Any:
+    """Decode attention of ``q`` ``[batch, q_heads, 1, head_dim]`` over ``layer``'s valid tokens, read from the
+    packed storage without dequantizing it.
+
+    ``out[b, h] = softmax(scale * q[b, h] . K[b, h // r, :length]) @ V[b, h // r, :length]`` with ``r = q_heads /
+    kv_heads`` (GQA: consecutive query heads share a kv head), ``scale = 1/sqrt(head_dim)`` by default, ``K``/``V``
+    as :func:`dequantize` holds them; query heads of an evicted kv head (and a layer with no token) get 0. Computes
+    in float32, returns ``q``'s dtype; equals :func:`attend_dequantized` up to float rounding (sums reordered).
+
+    The codes enter the matmuls as small integers (float32) and the float16 parameters are converted once per
+    group: with ``x = code * s + z`` per group,
+
+    * keys grouped along tokens (KIVI; ``s_cj``, ``z_cj`` per channel ``c`` and block ``j`` of ``g`` tokens):
+      ``q . k_t = sum_c (q_c s_cj) code_ct + sum_c q_c z_cj``; the last ``length % g`` tokens come from the
+      full-precision residual; keys grouped along channels (``s_tu``, ``z_tu`` per token and channel group
+      ``u``): ``q . k_t = sum_u s_tu (q_u . code_tu) + z_tu sum(q_u)``;
+    * values, with the probabilities ``p``: channel groups ``sum_t p_t v_t = sum_t (p_t s_tu) code_tu +
+      sum_t p_t z_tu``; token groups ``sum_j s_cj (sum_{t in j} p_t code_tc) + z_cj sum_{t in j} p_t``;
+    * QuaRot rotates the query (``H q``) instead of the stored keys and the quantized values' output back once
+      (``H`` is its own inverse); 16-bit heads attend over their stored values.
+
+    A step computes only each layer's quantized heads and 16-bit heads (as many slots as the layer with the most:
+    :meth:`CacheSpec.compute_slots`), each reading its bit-planes once. Quantizers this algebra does not cover
+    (:func:`fusable`) go through :func:`attend_dequantized`.
+    """
+    layer, scale = _check_attend(cache, layer, q, scale)
+    s = cache.spec
+    if not fusable(s.quantizer):
+        return attend_dequantized(cache, layer, q, scale=scale)
+    B, Hq, _, D = q.shape
+    H, r, T = s.kv_heads, Hq // s.kv_heads, s.capacity
+    rotate = isinstance(s.quantizer, QuaRot)
+    qf = jnp.swapaxes(q.astype(jnp.float32).reshape(B, H, r, D), 0, 1) * scale  # [H, B, r, D]
+    qr = hadamard_transform(qf) if rotate else qf
+    length = cache.length[layer]
+    kb, vb = cache.key_bits[layer], cache.value_bits[layer]
+    # ---- scores [H, B, r, T]
+    scores = jnp.zeros((H, B, r, T), jnp.float32)
+    k = _Role(cache, "key", layer)
+    if k.S:
+        qs = jnp.take(qr, k.head, axis=0)  # [S, B, r, D]
+        if k.g.axis == "token":
+            qsc = qs[:, :, :, None, :] * k.scale[:, :, None]  # [S, B, r, blocks, D]
+            sc = jnp.einsum("sbrjd,sbjid->sbrji", qsc, k.codes) + jnp.einsum("sbrd,sbjd->sbrj", qs, k.zero)[..., None]
+            sc = _to_heads(sc.reshape(*sc.shape[:3], -1), k.slot, k.S)
+            G = k.g.size
+            base = length - length % G
+            res = jnp.einsum("hbrd,bhid->hbri", qf, k.residual)  # the residual holds untransformed tokens
+            sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (0, max(0, T + G - sc.shape[-1]))))
+            sc = lax.dynamic_update_slice(sc, res, (0, 0, 0, base))[..., :T]
+        else:
+            S, U, g = k.S, k.codes.shape[3], k.g.size
+            qg = qs.reshape(S, B, r, U, g)
+            # one plain matmul per slot: the query's channel groups on a block diagonal [(r, U), D]
+            qd = (qg[:, :, :, :, None, :] * jnp.eye(U, dtype=jnp.float32)[:, :, None]).reshape(S, B, r * U, D)
+            inner = jnp.einsum("sbkd,sbtd->sbkt", qd, k.codes.reshape(S, B, T, D)).reshape(S, B, r, U, T)
+            sc = jnp.einsum("sbrut,sbtu->sbrt", inner, k.scale) + jnp.einsum("sbtu,sbru->sbrt", k.zero, qg.sum(-1))
+            sc = _to_heads(sc, k.slot, k.S)
+        scores = sc
+    F, fhead, fslot, kfull = _full_role(cache, "key", layer)
+    if F:
+        sf = _to_heads(jnp.einsum("fbrd,fbtd->fbrt", jnp.take(qf, fhead, axis=0), kfull), fslot, F)
+        scores = jnp.where((kb == FULL_BITS)[:, None, None, None], sf, scores)
+    kept = (kb > 0)[:, None, None, None] & (jnp.arange(T) < length)
+    p = _softmax(scores, kept)  # [H, B, r, T]
+    # ---- output [H, B, r, D]
+    out = jnp.zeros((H, B, r, D), jnp.float32)
+    v = _Role(cache, "value", layer)
+    if v.S:
+        ps = jnp.take(p, v.head, axis=0)  # [S, B, r, T]
+        if v.g.axis == "token":
+            G = v.g.size
+            base = length - length % G
+            n_blocks = v.codes.shape[2]
+            pq = jnp.where(jnp.arange(T) < base, ps, 0.0)
+            pq = jnp.pad(pq, ((0, 0), (0, 0), (0, 0), (0, n_blocks * G - T))).reshape(*ps.shape[:3], n_blocks, G)
+            inner = jnp.einsum("sbrji,sbjid->sbrjd", pq, v.codes)
+            oq = jnp.einsum("sbrjd,sbjd->sbrd", inner, v.scale) + jnp.einsum("sbrj,sbjd->sbrd", pq.sum(-1), v.zero)
+        else:
+            S, U, g = v.S, v.codes.shape[3], v.g.size
+            pss = (jnp.swapaxes(ps, 2, 3)[..., None] * v.scale[:, :, :, None, :]).reshape(S, B, T, r * U)
+            # one plain matmul per slot over all channels, then each channel group's own block (the diagonal)
+            o = jnp.einsum("sbtk,sbtd->sbkd", pss, v.codes.reshape(S, B, T, D)).reshape(S, B, r, U, U, g)
+            oq = jnp.einsum("sbruug->sbrug", o).reshape(S, B, r, D) + jnp.repeat(
+                jnp.einsum("sbrt,sbtu->sbru", ps, v.zero), g, axis=-1)
+        oq = _to_heads(oq, v.slot, v.S)
+        out = hadamard_transform(oq) if rotate else oq
+        if v.g.axis == "token":  # the residual's tokens, untransformed, after the rotation
+            pr = lax.dynamic_slice_in_dim(jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, G))), base, G, axis=3)
+            out = out + jnp.einsum("hbri,bhid->hbrd", pr, v.residual)
+    F, fhead, fslot, vfull = _full_role(cache, "value", layer)
+    if F:
+        of = _to_heads(jnp.einsum("fbrt,fbtd->fbrd", jnp.take(p, fhead, axis=0), vfull), fslot, F)
+        out = jnp.where((vb == FULL_BITS)[:, None, None, None], of, out)
+    return jnp.swapaxes(out, 0, 1).reshape(B, Hq, 1, D).astype(q.dtype)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from rdalloc.backends import jax_cache as jc  # noqa: E402
 
 from rdalloc import Plan  # noqa: E402
 from rdalloc.apply import PlanApplier  # noqa: E402
-from rdalloc.quantizers import get_quantizer  # noqa: E402
+from rdalloc.quantizers import AsymmetricQuantizer, Grouping, get_quantizer  # noqa: E402
 
 B, H, D, CAP = 2, 4, 16, 24
 KIVI = get_quantizer("kivi", group_size=4)
@@ -240,13 +242,13 @@ def test_bytes_held_pad_layers_to_the_widest_layer_not_heads_to_the_widest_head(
     plan = Plan(key=np.array([[2, 4, 4, 4], [8, 8, 2, 2]]), value=np.array([[4, 4, 4, 4], [16, 1, 1, 16]]),
                 quantizer="kivi")
     cache = jc.create_cache(plan, batch=1, capacity=32, head_dim=D, quantizer=KIVI)
-    plane = 32 * D // 8  # one bit-plane of one head: 32 tokens x 16 channels, 8 per byte
+    plane = 32 // 8 * D  # one bit-plane of one head: 32 tokens (8 per byte) x 16 channels
     # keys: layer 1 needs 20 planes (layer 0: 14); params 8 groups x 16 channels x 2 f16; residual 4 x 16 f32
     keys = 2 * 20 * plane + 2 * 4 * 8 * 16 * 2 * 2 + 2 * 4 * 4 * 16 * 4
     # values: layer 0 needs 16 planes; params 32 tokens x 4 groups x 2 f16; two full-precision slots (layer 1)
     values = 2 * 16 * plane + 2 * 4 * 32 * 4 * 2 * 2 + 2 * 2 * 32 * 16 * 4
     assert cache.nbytes == keys + values
-    assert cache.keys.codes.shape == (2, 20, 1, 32, 2) and cache.values.full.shape == (2, 2, 1, 32, 16)
+    assert cache.keys.codes.shape == (2, 20, 1, 4, 16) and cache.values.full.shape == (2, 2, 1, 32, 16)
     # the plan itself: codes at each head's width, parameters of quantized heads, 2 bytes per full element
     plan_keys = (14 + 20) * plane + 8 * 8 * 16 * 2 * 2
     plan_values = (16 + 2) * plane + 6 * 32 * 4 * 2 * 2 + 2 * 32 * 16 * 2
@@ -303,3 +305,90 @@ def test_storage_keeps_head_sharding():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+# ---- the fused read (attend) against the dequantize-then-attend oracle ----------------------------------------
+@dataclass(frozen=True)
+class TokenGroupedBoth(AsymmetricQuantizer):
+    """Keys and values both grouped along tokens (no built-in quantizer groups values so): the fused path's token-
+    grouped value algebra and value residual."""
+
+    group_size: int = 4
+    name: ClassVar[str] = "token_both"
+
+    def grouping(self, role, head_dim):
+        return Grouping("token", self.group_size)
+
+
+@dataclass(frozen=True)
+class Cubed(AsymmetricQuantizer):
+    """Not affine (decode cubes the affine value): the fused path must fall back to the oracle."""
+
+    name: ClassVar[str] = "cubed"
+
+    def grouping(self, role, head_dim):
+        return Grouping("channel", head_dim)
+
+    def decode(self, codes, params, bits):
+        return (codes * params[0] + params[1]) ** 3
+
+
+FUSED_QUANTIZERS = [KIVI, QUAROT, get_quantizer("absmax", group_size=8), get_quantizer("per_token", group_size=4),
+                    TokenGroupedBoth(), get_quantizer("kivi", group_size=8)]
+# every width 1..8 and 16 on keys and values, an evicted head, a layer holding only 16-bit and evicted heads
+FUSED_PLAN = (np.array([[1, 2, 3, 4], [5, 6, 7, 8], [16, 0, 4, 16], [0, 16, 0, 16]]),
+              np.array([[8, 7, 6, 5], [4, 3, 2, 1], [16, 0, 16, 3], [0, 16, 0, 16]]))
+
+
+@pytest.mark.parametrize("q", FUSED_QUANTIZERS, ids=lambda q: f"{q.name}{getattr(q, 'group_size', '')}")
+def test_fused_attend_equals_dequantized_oracle(q):
+    assert jc.fusable(q)
+    plan = Plan(key=FUSED_PLAN[0], value=FUSED_PLAN[1])
+    L, cap = 4, 21  # capacity not a multiple of 8 (a partial byte of tokens) nor of the group sizes
+    rng = np.random.default_rng(11)
+    cache = jc.create_cache(plan, batch=B, capacity=cap, head_dim=D, quantizer=q)
+    oracle = jax.jit(jc.attend_dequantized)
+    t = 0
+    for n in (1, 4, 2, 6, 1, 7):  # lengths 1, 5, 7, 13, 14, 21: odd lengths, partial groups, a full cache
+        k = rng.normal(size=(L, B, H, n, D)) * rng.uniform(0.5, 3, size=(1, 1, H, 1, D))
+        v = rng.normal(size=(L, B, H, n, D))
+        for layer in range(L):
+            cache = append_jit(cache, jnp.int32(layer), jnp.asarray(k[layer], jnp.float32),
+                               jnp.asarray(v[layer], jnp.float32))
+        t += n
+        for layer in range(L):
+            query = jnp.asarray(rng.normal(size=(B, 3 * H, 1, D)).astype(np.float32))  # GQA: 3 query heads each
+            got = np.array(attend_jit(cache, jnp.int32(layer), query))
+            want = np.array(oracle(cache, jnp.int32(layer), query))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=f"layer {layer}, length {t}")
+            evicted = np.repeat(FUSED_PLAN[0][layer] == 0, 3)
+            assert not np.any(got[:, evicted]) and np.all(np.abs(got[:, ~evicted]).sum(-1) > 0)
+    assert int(cache.length[0]) == cap and not bool(cache.overflow)
+
+
+def test_fused_attend_scale_dtype_and_fallback():
+    plan = make_plan(KIVI)
+    K, V = kv(12, tokens=9)
+    cache = append_jit(jc.create_cache(plan, batch=B, capacity=CAP, head_dim=D, quantizer=KIVI), 1, K[1], V[1])
+    query = jnp.asarray(np.random.default_rng(13).normal(size=(B, H, 1, D)), jnp.bfloat16)
+    got = jc.attend(cache, 1, query, scale=0.3)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.array(got, np.float32),
+                               np.array(jc.attend_dequantized(cache, 1, query, scale=0.3), np.float32), rtol=1e-2)
+    cubed = Cubed()
+    assert not jc.fusable(cubed)
+    plan = Plan(key=np.full((1, H), 4), value=np.full((1, H), 4))
+    cache = append_jit(jc.create_cache(plan, batch=B, capacity=CAP, head_dim=D, quantizer=cubed), 0, K[0], V[0])
+    query = query.astype(jnp.float32)
+    np.testing.assert_array_equal(np.array(jc.attend(cache, 0, query)), np.array(jc.attend_dequantized(cache, 0,
+                                                                                                          query)))
+
+
+def test_compute_slots_skip_evicted_and_16_bit_heads():
+    plan = Plan(key=FUSED_PLAN[0], value=FUSED_PLAN[1], quantizer="kivi")
+    spec = jc.create_cache(plan, batch=1, capacity=8, head_dim=D, quantizer=KIVI).spec
+    S, head, slot = spec.compute_slots("key", full=False)
+    assert S == 4 and head[2].tolist() == [2, 4, 4, 4] and head[3].tolist() == [4] * 4
+    assert slot[2].tolist() == [4, 4, 0, 4] and slot[1].tolist() == [0, 1, 2, 3]
+    F, fhead, fslot = spec.compute_slots("value", full=True)
+    assert F == 2 and fhead[2].tolist() == [0, 2] and fslot[3].tolist() == [2, 0, 2, 1] and fhead[0].tolist() == [4, 4]
