@@ -71,7 +71,7 @@ Three pieces, used in this order by :mod:`.joint`:
    fused read cannot take), on each ``update`` a layer dequantizes each row's packed part, gathers each
    kv head's kept tokens into ``[batch, kv_heads, P, head_dim]`` (``P`` the largest prefix of the layer over rows and
    heads; shorter ones padded) and hands attention the prefix followed by the appended tokens. The attention of
-   :class:`JointAttention` (a context manager, :class:`~.attention.AttentionSwap`, that always restores the model's
+   :class:`JointAttention` (a context manager, :class:`~.attention.CacheAttention`, that always restores the model's
    own implementation) masks, per row, kv head and its query heads, the padding slots (``-inf``: an evicted token is
    out of its own head's softmax and nobody else's) and applies causality within the appended tokens (which every
    row has in common: the attention mask of left padding concerns the prefix only, and the pads are not stored).
@@ -101,8 +101,8 @@ from rdalloc.accounting import predict_nbytes
 from rdalloc.apply import PackedLayer, PlanApplier, unpack_tensor
 from rdalloc.plan import Plan
 
-from .attention import AttentionSwap
-from .compat import CACHE_KEYWORDS, forward
+from .attention import AttentionSwap, CacheAttention
+from .compat import forward
 from .fused_decode import FusedUnsupported, fused_attention, fused_layout
 
 __all__ = ["Prefill", "observe_prefill", "observe_row", "PrefillObserver", "CompressedRow", "compress_row",
@@ -807,7 +807,7 @@ FUSED_DEFAULT = True
 set from ``benchmarks/decode.py`` (the fused path against the dequantize-and-gather path, side by side)."""
 
 
-class JointAttention(AttentionSwap):
+class JointAttention(CacheAttention):
     """Context manager: run ``model`` with the per-head masked attention of :class:`CompressedCache` (module
     docstring); ``model(...)`` and ``model.generate(...)`` inside it. Layers whose cache is not compressed run the
     model's own attention implementation.
@@ -821,16 +821,11 @@ class JointAttention(AttentionSwap):
     ``update`` and the attention takes them. Leaving the block detaches every cache and drops any mask a failed call
     left."""
 
-    mask = None  # the model's own mask function (compressed layers build their own masks)
-
     def __init__(self, model: Any, *, fused: bool | None = None):
-        super().__init__(model)
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None (the default path), True or False, got {fused!r}")
+        super().__init__(model)
         self.fused = FUSED_DEFAULT if fused is None else fused
-        self.pending: dict[int, Any] = {}
-        self.attached: list[CompressedLayer] = []
-        self.hooks: list = []
         self._warned = False
 
     def warn_unfused(self, layer: CompressedLayer) -> None:
@@ -841,17 +836,8 @@ class JointAttention(AttentionSwap):
             warnings.warn(f"layer {layer.layer_idx}: the fused decode path cannot read this storage ({reason}); "
                           f"using the dequantize-and-gather path", RuntimeWarning, stacklevel=3)
 
-    def attach(self, cache: Any) -> None:
-        """Let ``cache``'s compressed layers run under this attention (done for every cache the model is given)."""
-        for layer in _compressed_layers(cache):
-            if layer.attention is not self:
-                layer.attention = self
-                self.attached.append(layer)
-
-    def _attach_given_cache(self, module, args, kwargs):
-        for keyword in CACHE_KEYWORDS:
-            if kwargs.get(keyword) is not None:
-                self.attach(kwargs[keyword])
+    def cache_layers(self, cache: Any) -> list:
+        return _compressed_layers(cache)
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         pending = self.pending.pop(module.layer_idx, None)
@@ -866,29 +852,6 @@ class JointAttention(AttentionSwap):
                              f"cache announced {P} prefix + {T} appended")
         mask = _mask(valid, query.shape[-2], T, query.shape[1] // key.shape[1])
         return _masked_sdpa(query, key, value, mask, scaling), None
-
-    def reset(self) -> None:
-        self.pending.clear()
-        for layer in self.attached:
-            layer.attention = None
-        self.attached.clear()
-
-    def __enter__(self):
-        super().__enter__()
-        try:
-            self.hooks.append(self.model.register_forward_pre_hook(self._attach_given_cache, with_kwargs=True))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        try:
-            while self.hooks:
-                self.hooks.pop().remove()
-        finally:
-            super().__exit__(*exc)
-        return False
 
 
 @torch.no_grad()
