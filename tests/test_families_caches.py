@@ -1,5 +1,6 @@
 """Both one-call protocols on every supported family (tiny random models from configs, tests/hf_families.py):
-``PackedHeadCache`` (a head plan stored packed) and ``compress_after_prefill`` (joint compression after prefill),
+``PackedHeadCache`` (a head plan stored packed; read by the model's attention or by ``PackedAttention``) and
+``compress_after_prefill`` (joint compression after prefill),
 through ``generate`` on a left-padded batch, in float32 and bfloat16."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hf_families import FAMILIES, REFUSED, tiny_model
-from rdalloc.backends.hf import PackedHeadCache, compress_after_prefill, model_facts
+from rdalloc.backends.hf import PackedAttention, PackedHeadCache, compress_after_prefill, model_facts
 from rdalloc.backends.hf.head_plans import uniform_plan
 
 from rdalloc.quantizers import KIVI
@@ -50,6 +51,25 @@ def test_packed_head_cache_on_every_family(family, dtype):
     _, scores = generate(model, inputs, cache=low)
     assert low.nbytes == low.predicted_nbytes < low.fp16_nbytes / 3
     assert (scores - want_scores).abs().max() > 1e-3  # the 2-bit storage is what attention reads
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_attention_on_every_family(family, dtype):
+    """Attention read from the codes gives what the model's attention over the dequantized tokens gives."""
+    model, _ = tiny_model(family, dtype=dtype)
+    inputs = batch(2)
+    plan = uniform_plan(model_facts(model), Q, 3, tokens=C + NEW)
+    want_seq, want_scores = generate(model, inputs, cache=PackedHeadCache.for_inputs(plan, model, inputs, quantizer=Q))
+    cache = PackedHeadCache.for_inputs(plan, model, inputs, quantizer=Q)
+    with PackedAttention(model):
+        seq, scores = generate(model, inputs, cache=cache)
+    if dtype == "float32":
+        assert torch.equal(seq, want_seq)
+        torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-4)
+    else:  # bfloat16: the fused read accumulates in float32, the model's SDPA in bfloat16; near ties may flip later
+        torch.testing.assert_close(scores[0], want_scores[0], rtol=0, atol=0.1)
+    assert all(layer.attention is None for layer in cache.layers)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
