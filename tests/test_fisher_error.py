@@ -14,6 +14,7 @@ from rdalloc.backends.hf.cache import TransformCache  # noqa: E402
 from rdalloc.backends.hf.calibrate import DISTORTIONS, Calibration, calibrate  # noqa: E402
 from rdalloc.backends.hf.capture import (  # noqa: E402
     FisherError,
+    fake_quantize_widths,
     fisher_error,
     fisher_importance,
     fisher_weighted_error,
@@ -72,6 +73,59 @@ def test_concentrated_error_where_the_loss_looks_is_ranked_above_spread_error():
     ones = torch.ones_like(x)
     np.testing.assert_allclose(fisher_weighted_error(ones, x, KIVI16, bits, role="key").numpy(),
                                T * D * mse, rtol=1e-6)
+
+
+# ---- every width in one batched computation ---------------------------------------------------------------------
+def _awkward(shape, dtype, seed):
+    """Values a quantizer's edge cases live on: outlier channels, a constant group, exact zeros, subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, shape[-1], dtype=torch.float64)
+    x[..., 0, :, 3] = 7.25                                   # a constant channel: zero-range key groups
+    x[..., 1, :] = 0.0                                       # an all-zero token: zero-range value groups
+    x[..., 2, :5] = torch.finfo(torch.float32).tiny / 8      # subnormal in float32 (QuaRot's flush)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("spec", [{"name": "kivi", "group_size": 16}, {"name": "quarot"},
+                                  {"name": "absmax", "group_size": 8}, {"name": "per_token"}])
+def test_all_widths_at_once_equal_width_by_width_bit_for_bit(spec, dtype):
+    q = get_quantizer(spec)
+    x = _awkward((3, 2, 2, 37, 16), dtype, seed=11)   # [layers, batch, heads, tokens, dim]; 37 tokens: a padded group
+    widths = range(q.min_bits, q.max_bits + 1)
+    for role in ("key", "value"):
+        out = fake_quantize_widths(x, q, widths, role)
+        assert out.shape == (len(widths), *x.shape) and out.dtype == dtype
+        for j, b in enumerate(widths):
+            assert torch.equal(out[j], fake_quantize_uniform(x, q, b, role)), (spec, role, b)
+
+
+def test_stacked_layers_equal_one_layer_at_a_time():
+    x = _awkward((3, 1, 2, 40, 16), torch.float32, seed=3)
+    g2 = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for q in (KIVI16, get_quantizer("quarot")):
+        stacked = fisher_weighted_error(g2, x, q, (1, 3, 8), role="key")          # [layers, heads, widths]
+        one = torch.stack([fisher_weighted_error(g2[i], x[i], q, (1, 3, 8), role="key") for i in range(3)])
+        assert stacked.shape == (3, 2, 3)
+        torch.testing.assert_close(stacked, one, rtol=1e-12, atol=0)
+
+
+def test_batched_widths_refuse_bad_input_by_name():
+    x = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"bits must be a non-empty list of quantized widths in 1\.\.8 .*\[0, 2\]"):
+        fake_quantize_widths(x, KIVI16, (0, 2), "key")
+    with pytest.raises(ValueError, match=r"got \[16\]"):
+        fake_quantize_widths(x, KIVI16, (16,), "key")
+    with pytest.raises(ValueError, match="non-empty"):
+        fake_quantize_widths(x, KIVI16, (), "key")
+    with pytest.raises(ValueError, match="role must be"):
+        fake_quantize_widths(x, KIVI16, (2,), "query")
+    with pytest.raises(ValueError, match="x must be a torch tensor"):
+        fake_quantize_widths(np.zeros((2, 8, 16)), KIVI16, (2,), "key")
+    bad = x.clone()
+    bad[0, 1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"x holds nan at index \(0, 1, 3, 5\)"):
+        fake_quantize_widths(bad, KIVI16, (2,), "key")
 
 
 # ---- brute force on a tiny model ---------------------------------------------------------------------------------
@@ -179,6 +233,10 @@ def test_default_distortion_is_the_calibrations_and_survives_json(tiny, ids, cal
     c = calibrate(tiny, model_facts(tiny), ids, quantizers=[KIVI16], importance=["fisher"], progress=False)
     back = Calibration.from_dict(c.to_dict())
     assert back.default_distortion == "fisher-error"
+    # CPU seconds per step beside the wall ones; the error tables are part of the Fisher pass
+    assert set(c.cpu_timings) == set(c.timings) >= {"capture", "measure_fit", "fisher", "fisher_error_tables"}
+    assert 0 < c.cpu_timings["fisher_error_tables"] < c.cpu_timings["fisher"] <= c.cpu_timings["total"]
+    assert back.cpu_timings == c.cpu_timings
     assert allocate_plan(back, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-error"
     np.testing.assert_array_equal(back.loss_model("kivi").table(range(2, 9))[0],
                                   c.loss_model("kivi").table(range(2, 9))[0])
@@ -216,6 +274,8 @@ def test_bad_options_are_refused_by_name(tiny, ids, calib):
         fisher_error(tiny, ids, ["kivi"], progress=False)   # KIVI's default value group, 32 channels: head_dim 16
     with pytest.raises(ValueError, match="grad_sq and x"):
         fisher_weighted_error(torch.ones(1, 2, 4, 16), torch.ones(1, 2, 4, 8), KIVI16, (2,), role="key")
+    with pytest.raises(ValueError, match="grad_sq and x"):
+        fisher_weighted_error(torch.ones(2, 4, 16), torch.ones(2, 4, 16), KIVI16, (2,), role="key")
 
 
 def test_command_line_offers_the_calibrations_distortions():
