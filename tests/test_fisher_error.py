@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -299,3 +301,40 @@ def test_allocate_command_takes_the_distortion(calib, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--distortion", "fisher", "--out", str(tmp_path / "r.json")])
     assert "--distortion: invalid choice: 'fisher'" in capsys.readouterr().err
+
+
+# ---- the experiment's cache and plan distances --------------------------------------------------------------------
+def test_experiment_scores_each_plan_window_once_and_extends_with_new_windows(tiny, calib, tmp_path, monkeypatch):
+
+    from experiments import fisher_error as exp
+
+    ppl_module = importlib.import_module("rdalloc.backends.hf.perplexity")  # (the package exports the function)
+    ev = torch.randint(3, VOCAB, (3, 24), generator=torch.Generator().manual_seed(9))
+    plans = {("kivi", "a"): allocate_plan(calib, "kivi", 4.5, tokens=24),
+             ("kivi", "b"): allocate_plan(calib, "kivi", 6.0, tokens=24)}
+    calls = []
+    real = ppl_module.perplexity
+    monkeypatch.setattr(ppl_module, "perplexity", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    two = exp.score_plans(tiny, ev[:2], plans, "float32", tmp_path, "t")
+    assert len(calls) == 4                                      # 2 plans x 2 windows
+    three = exp.score_plans(tiny, ev, plans, "float32", tmp_path, "t")
+    assert len(calls) == 6                                      # only the new window, for both plans
+    from rdalloc.backends.hf.head_plans import plan_cache_factory
+    for k, plan in plans.items():
+        whole = real(tiny, ev, plan_cache_factory(plan, tiny.config),
+                     reference=ppl_module.reference_logprobs(tiny, ev, progress=False), progress=False)
+        np.testing.assert_array_equal(three[k].token_kl, whole.token_kl)
+        np.testing.assert_array_equal(three[k].token_nll[:2], two[k].token_nll)
+        assert three[k].nll == pytest.approx(whole.nll, rel=1e-12) and three[k].kl == pytest.approx(whole.kl,
+                                                                                                    rel=1e-9)
+
+
+def test_plan_difference_counts_entries_and_bits(calib):
+    from experiments.fisher_error import plan_difference
+
+    a = allocate_plan(calib, "kivi", 4.5, tokens=64)
+    assert plan_difference(a, a) == {"entries": 2 * LAYERS * KV_HEADS, "differ": 0, "l1": 0}
+    b = allocate_plan(calib, "kivi", 6.5, tokens=64)
+    d = plan_difference(a, b)
+    diff = np.concatenate([b.key.ravel() - a.key.ravel(), b.value.ravel() - a.value.ravel()])
+    assert d["differ"] == int((diff != 0).sum()) > 0 and d["l1"] == int(np.abs(diff).sum())
