@@ -109,6 +109,16 @@ def plan_difference(a, b) -> dict:
     return {"entries": int(x.size), "differ": int((x != y).sum()), "l1": int(np.abs(x - y).sum())}
 
 
+def modelled_kl(calibration, plan) -> float:
+    """The second-order KL per token (nats) the calibration's measured Fisher-weighted error table predicts for
+    ``plan``: ``sum_i D_i(b_i)`` over its kv-head entries (keys then values), the errors assumed additive. The same
+    yardstick for every row of a quantizer, so differences between rows say how much the model expects them to
+    differ."""
+    measured, bits = calibration.loss_distortions(plan.meta["quantizer_spec"]["name"])
+    widths = np.concatenate([np.ravel(plan.key), np.ravel(plan.value)]).astype(int)
+    return float(measured[np.arange(widths.size), [bits.index(int(b)) for b in widths]].sum())
+
+
 def allocation_sweep(calibration, tokens: int, budgets=SWEEP) -> dict:
     """Per quantizer and budget: ``beta4``'s and ``mismatch``'s plans against ``fisher-error``'s
     (:func:`plan_difference`); plans only."""
@@ -129,7 +139,9 @@ def allocation_sweep(calibration, tokens: int, budgets=SWEEP) -> dict:
             mism = allocate_plan(calibration, q, float(b), tokens=tokens, distortion="fisher-error", model_from=other,
                                  menu=menu)
             rows.append({"budget": float(b), "menu": list(menu), "beta4": plan_difference(mine, beta4),
-                         "mismatch": plan_difference(mine, mism)})
+                         "mismatch": plan_difference(mine, mism), "modelled_kl": {
+                             "fisher-error": modelled_kl(calibration, mine), "beta4": modelled_kl(calibration, beta4),
+                             "mismatch": modelled_kl(calibration, mism)}})
         out[q] = rows
     return out
 
@@ -272,12 +284,14 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
                          "histogram": {int(k): int(n) for k, n in zip(*np.unique(bits, return_counts=True))},
                          "key_bits": plan.key.tolist(), "value_bits": plan.value.tolist(),
                          "distortion": plan.meta.get("distortion"), "menu": plan.meta.get("menu"),
-                         "quantizer_spec": plan.meta.get("quantizer_spec")}
+                         "quantizer_spec": plan.meta.get("quantizer_spec"),
+                         "modelled_kl": modelled_kl(grouped if row.startswith("fisher-error-g") else c, plan)}
         comps = []
         for mine, other in comparisons_for(rows):
             (k1, a), (k2, o) = results[mine], results[other]
             comp = {"row": mine, "against": other, "identical_plan": k1 == k2,
-                    "difference": plan_difference(by_row[mine], by_row[other])}
+                    "difference": plan_difference(by_row[mine], by_row[other]),
+                    "modelled_kl_difference": rows[mine]["modelled_kl"] - rows[other]["modelled_kl"]}
             for metric in ("kl", "nll"):
                 comp[metric] = paired_comparison(getattr(a, "token_" + metric), getattr(o, "token_" + metric),
                                                  level=LEVEL, seed=0).to_dict()
@@ -360,17 +374,21 @@ def markdown(result: dict) -> str:
                   "interval (blocks of 32 tokens within windows, 2000 resamples); verdict from the interval.", "",
                   "Plans differ: kv-head entries (of keys and values) whose width differs / L1 distance of the bit "
                   "vectors (bits).", "",
-                  "| quantizer | budget | row | against | plans differ | ΔKL (mnat) [95 % CI] | KL "
-                  "| ΔNLL (nat) [95 % CI] | NLL |", "|---|---|---|---|---|---|---|---|---|"]
+                  "Modelled ΔKL: what the calibration's measured Fisher-weighted error table predicts for the "
+                  "difference (second order, errors additive over heads; for a row of another group size its own "
+                  "calibration's table).", "",
+                  "| quantizer | budget | row | against | plans differ | modelled ΔKL (mnat) | ΔKL (mnat) [95 % CI] "
+                  "| KL | ΔNLL (nat) [95 % CI] | NLL |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c in t["cells"]:
             for comp in c["comparisons"]:
                 if comp["identical_plan"]:
                     lines.append(f"| {c['quantizer']} | {c['budget']:g} | {comp['row']} | {comp['against']} | "
-                                 f"0 / 0 | 0 | same plan | 0 | same plan |")
+                                 f"0 / 0 | 0 | 0 | same plan | 0 | same plan |")
                     continue
                 dif = comp.get("difference") or {}
                 lines.append(f"| {c['quantizer']} | {c['budget']:g} | {comp['row']} | {comp['against']} | "
                              f"{dif.get('differ', '?')} / {dif.get('l1', '?')} | "
+                             f"{comp.get('modelled_kl_difference', float('nan')) * 1e3:+.2f} | "
                              f"{_fmt_interval(comp['kl'], 1e3, '+.2f')} | **{comp['kl']['verdict']}** | "
                              f"{_fmt_interval(comp['nll'], 1, '+.4f')} | **{comp['nll']['verdict']}** |")
         sweep = t.get("allocation_sweep") or {}
@@ -379,14 +397,17 @@ def markdown(result: dict) -> str:
             entries = next(r["beta4"]["entries"] for rows in sweep.values() for r in rows)
             lines += ["", f"### How far `beta4` and `mismatch` plans lie from `fisher-error`'s on `{t['text']}` "
                       "(plans only)", "", f"Entries whose width differs / L1 distance in bits, of {entries} kv-head "
-                      "entries (keys and values); — where the budget is below the menu's least.", "",
+                      "entries (keys and values) / modelled KL of the row minus `fisher-error`'s (mnat, from the "
+                      "measured Fisher-weighted error table); — where the budget is below the menu's least.", "",
                       "| quantizer | row | " + " | ".join(f"{b:g}" for b in budgets) + " |",
                       "|---|---|" + "---|" * len(budgets)]
             for q, rows in sweep.items():
                 at = {r["budget"]: r for r in rows}
                 for kind in ("beta4", "mismatch"):
                     lines.append(f"| {q} | {kind} | " + " | ".join(
-                        f"{at[b][kind]['differ']} / {at[b][kind]['l1']}" if b in at else "—" for b in budgets) + " |")
+                        f"{at[b][kind]['differ']} / {at[b][kind]['l1']} / "
+                        f"{(at[b]['modelled_kl'][kind] - at[b]['modelled_kl']['fisher-error']) * 1e3:+.1f}"
+                        if b in at else "—" for b in budgets) + " |")
         cost = t["cost"]
         pw = cost["per_window_in_forwards"]
         lines += ["", f"Calibration cost on `{t['text']}`, per calibration window, in plain forward passes "

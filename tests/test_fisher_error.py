@@ -338,3 +338,19 @@ def test_plan_difference_counts_entries_and_bits(calib):
     d = plan_difference(a, b)
     diff = np.concatenate([b.key.ravel() - a.key.ravel(), b.value.ravel() - a.value.ravel()])
     assert d["differ"] == int((diff != 0).sum()) > 0 and d["l1"] == int(np.abs(diff).sum())
+
+
+def test_modelled_kl_reads_each_entrys_measured_width(calib):
+    from rdalloc.backends.hf.head_plans import uniform_plan
+
+    from experiments.fisher_error import modelled_kl
+
+    measured, bits = calib.loss_distortions("kivi")
+    for b in (2, 5):
+        plan = uniform_plan(calib.facts, calib.quantizer("kivi"), b, tokens=64)
+        assert modelled_kl(calib, plan) == pytest.approx(measured[:, bits.index(b)].sum(), rel=1e-12)
+    mixed = allocate_plan(calib, "kivi", 4.5, tokens=64)
+    widths = np.concatenate([mixed.key.ravel(), mixed.value.ravel()]).astype(int)
+    assert len(set(widths)) > 1
+    assert modelled_kl(calib, mixed) == pytest.approx(sum(measured[i, bits.index(w)] for i, w in enumerate(widths)),
+                                                      rel=1e-12)
