@@ -28,7 +28,8 @@ default (twice as fast as float64 on a CPU; every row of a comparison runs in th
 With ``--kivi-group G`` (e.g. 64) KIVI cells get one more row, ``fisher-error-gG``: the same calibrated allocation
 for KIVI with ``G``-element groups (a second calibration of that quantizer), whose metadata costs ``32 / G`` bits per
 element instead of 1, so that at 3.0 average bits the allocation can mix 2- and 3-bit heads instead of trading
-1-bit heads; it is compared with ``uniform`` (KIVI's own groups) and ``fisher-error``.
+1-bit heads; it is compared with ``uniform`` (KIVI's own groups), ``uniform-gG`` (every head at one width with the
+larger groups, where the budget allows one) and ``fisher-error``.
 
 How far apart two rows' plans are is recorded per cell (``differences``: kv-head entries whose width differs and
 the L1 distance of the bit vectors against ``fisher-error``), and ``allocation_sweep`` lists, for budgets from 2.5 to
@@ -97,7 +98,8 @@ def comparisons_for(rows: dict[str, Any]) -> list[tuple[str, str]]:
     """``(calibrated row, other row)`` pairs of one cell."""
     pairs = [("fisher-error", other) for other in ROWS[1:] if other in rows]
     pairs += [("fisher-mse", other) for other in ("uniform", "random") if other in rows]
-    return pairs + [(g, other) for g in rows if g.startswith("fisher-error-g") for other in ("uniform", "fisher-error")
+    return pairs + [(g, other) for g in rows if g.startswith("fisher-error-g")
+                    for other in ("uniform", "uniform-g" + g.removeprefix("fisher-error-g"), "fisher-error")
                     if other in rows]
 
 
@@ -225,7 +227,7 @@ def score_plans(model, windows, plans: dict, dtype: str, cache: Path, label: str
 
 
 def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
-    from rdalloc.backends.hf.head_plans import allocate_plan
+    from rdalloc.backends.hf.head_plans import allocate_plan, uniform_bits, uniform_plan
     from rdalloc.backends.hf.paired import paired_comparison
     from rdalloc.backends.hf.text import text_windows
 
@@ -255,6 +257,10 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
         if grouped is not None and q == "kivi":
             plans.append((f"fisher-error-g{args.kivi_group}",
                           allocate_plan(grouped, "kivi", b, tokens=tokens, distortion="fisher-error")))
+            ub = uniform_bits(grouped.facts, grouped.quantizer("kivi"), b, tokens)
+            if ub is not None:  # every head at one width with the larger groups, where the budget allows it
+                plans.append((f"uniform-g{args.kivi_group}",
+                              uniform_plan(grouped.facts, grouped.quantizer("kivi"), ub, tokens=tokens)))
         cell_plans.append((q, b, plans))
 
     def key_of(plan):
@@ -285,7 +291,7 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
                          "key_bits": plan.key.tolist(), "value_bits": plan.value.tolist(),
                          "distortion": plan.meta.get("distortion"), "menu": plan.meta.get("menu"),
                          "quantizer_spec": plan.meta.get("quantizer_spec"),
-                         "modelled_kl": modelled_kl(grouped if row.startswith("fisher-error-g") else c, plan)}
+                         "modelled_kl": modelled_kl(grouped if row.endswith(f"-g{args.kivi_group}") else c, plan)}
         comps = []
         for mine, other in comparisons_for(rows):
             (k1, a), (k2, o) = results[mine], results[other]
