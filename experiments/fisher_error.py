@@ -46,6 +46,7 @@ Writes ``results.json``, ``results.md`` (tables, verdicts, costs, command, envir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -178,7 +179,8 @@ def cached_calibration(model, facts, windows, quantizers, text: dict, dtype: str
     specs = [get_quantizer(dict(q) if isinstance(q, dict) else q).spec() for q in quantizers]
     path = cache / f"calibration-{_digest(windows.numpy().tobytes(), dtype, specs)}.json"
     if path.is_file():
-        return Calibration.load(path)
+        c = Calibration.load(path)
+        return dataclasses.replace(c, text={**dict(c.text), "read_from_cache": True})
     c = calibrate(model, facts, windows, quantizers=quantizers, importance=("fisher",), distortion="fisher-error",
                   text=text, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
@@ -242,6 +244,7 @@ def run_text(model, tokenizer, facts, text: str, args, progress: bool) -> dict:
     clock = c.cpu_timings or c.timings
     per_window = {k: v / cal.shape[0] / forward_s for k, v in clock.items()}
     cost = {"forward_cpu_seconds": forward_s, "calibration_cpu_seconds": dict(c.cpu_timings),
+            "calibration_read_from_cache": bool(c.text.get("read_from_cache")),
             "calibration_seconds": dict(c.timings), "per_window_in_forwards": per_window}
     print(f"[{text}] calibration {clock['total']:.1f} s CPU; one forward {forward_s:.2f} s CPU; per window in "
           "forwards: " + ", ".join(f"{k} {v:.2f}" for k, v in per_window.items()), flush=True)
@@ -341,8 +344,9 @@ def markdown(result: dict) -> str:
              f"{f['length']} tokens per text, calibration on {f['calibration_windows']} disjoint windows of the same "
              f"text. Budgets: average bits per element **with metadata charged** (payload-only bits in the plan "
              f"rows of results.json). KL: mean KL(FP16 || cache) per scored token in millinats. Menu 2..8, except "
-             f"KIVI at 3.0 (menu 1..8: with 2..8 every head must take 2 bits). Wall time {f['wall_seconds']:.0f} s "
-             f"on a machine **shared** with other jobs (load average {f['load_before']} before, "
+             f"KIVI at 3.0 (menu 1..8: with 2..8 every head must take 2 bits). Wall time of this invocation "
+             f"{f['wall_seconds']:.0f} s (calibrations and per-window scores found in the cache are read, not "
+             f"recomputed) on a machine **shared** with other jobs (load average {f['load_before']} before, "
              f"{f['load_after']} after), so times are indicative.", ""]
     for t in result["texts"]:
         lines += [f"## Text `{t['text']}` (FP16 PPL {t['fp16']['ppl']:.3f}, {t['tokens_scored']} tokens scored)", ""]
@@ -417,8 +421,10 @@ def markdown(result: dict) -> str:
         cost = t["cost"]
         pw = cost["per_window_in_forwards"]
         lines += ["", f"Calibration cost on `{t['text']}`, per calibration window, in plain forward passes "
-                  f"({cost.get('forward_cpu_seconds', cost.get('forward_seconds', 0.0)):.2f} s CPU each, timed in the "
-                  f"same process; CPU time): "
+                  f"({cost.get('forward_cpu_seconds', cost.get('forward_seconds', 0.0)):.2f} s CPU each; CPU time; "
+                  + ("the calibration was read from the cache, so its steps were timed in the run that made it and "
+                     "the forward pass in this one" if cost.get("calibration_read_from_cache") else
+                     "both timed in this process") + "): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in pw.items())
                   + " (fisher_error_tables, both quantizers' Fisher-weighted errors at 1..8 bits, is part of "
                     "fisher).", ""]
