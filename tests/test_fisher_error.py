@@ -354,3 +354,16 @@ def test_modelled_kl_reads_each_entrys_measured_width(calib):
     assert len(set(widths)) > 1
     assert modelled_kl(calib, mixed) == pytest.approx(sum(measured[i, bits.index(w)] for i, w in enumerate(widths)),
                                                       rel=1e-12)
+
+
+def test_experiment_calibration_cache_returns_the_same_calibration_marked_as_read(tiny, ids, tmp_path):
+    from experiments.fisher_error import cached_calibration
+
+    facts = model_facts(tiny)
+    first = cached_calibration(tiny, facts, ids, [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    again = cached_calibration(tiny, facts, ids, [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    assert not first.text.get("read_from_cache") and again.text["read_from_cache"] is True
+    np.testing.assert_array_equal(again.loss_distortions("kivi")[0], first.loss_distortions("kivi")[0])
+    assert again.cpu_timings == first.cpu_timings
+    other = cached_calibration(tiny, facts, ids[:1], [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    assert not other.text.get("read_from_cache")   # other windows: calibrated anew
