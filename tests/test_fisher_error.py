@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from rdalloc.backends.hf.cache import TransformCache  # noqa: E402
 from rdalloc.backends.hf.calibrate import DISTORTIONS, Calibration, calibrate  # noqa: E402
 from rdalloc.backends.hf.capture import (  # noqa: E402
     FisherError,
+    fake_quantize_widths,
     fisher_error,
     fisher_importance,
     fisher_weighted_error,
@@ -72,6 +75,59 @@ def test_concentrated_error_where_the_loss_looks_is_ranked_above_spread_error():
     ones = torch.ones_like(x)
     np.testing.assert_allclose(fisher_weighted_error(ones, x, KIVI16, bits, role="key").numpy(),
                                T * D * mse, rtol=1e-6)
+
+
+# ---- every width in one batched computation ---------------------------------------------------------------------
+def _awkward(shape, dtype, seed):
+    """Values a quantizer's edge cases live on: outlier channels, a constant group, exact zeros, subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, shape[-1], dtype=torch.float64)
+    x[..., 0, :, 3] = 7.25                                   # a constant channel: zero-range key groups
+    x[..., 1, :] = 0.0                                       # an all-zero token: zero-range value groups
+    x[..., 2, :5] = torch.finfo(torch.float32).tiny / 8      # subnormal in float32 (QuaRot's flush)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("spec", [{"name": "kivi", "group_size": 16}, {"name": "quarot"},
+                                  {"name": "absmax", "group_size": 8}, {"name": "per_token"}])
+def test_all_widths_at_once_equal_width_by_width_bit_for_bit(spec, dtype):
+    q = get_quantizer(spec)
+    x = _awkward((3, 2, 2, 37, 16), dtype, seed=11)   # [layers, batch, heads, tokens, dim]; 37 tokens: a padded group
+    widths = range(q.min_bits, q.max_bits + 1)
+    for role in ("key", "value"):
+        out = fake_quantize_widths(x, q, widths, role)
+        assert out.shape == (len(widths), *x.shape) and out.dtype == dtype
+        for j, b in enumerate(widths):
+            assert torch.equal(out[j], fake_quantize_uniform(x, q, b, role)), (spec, role, b)
+
+
+def test_stacked_layers_equal_one_layer_at_a_time():
+    x = _awkward((3, 1, 2, 40, 16), torch.float32, seed=3)
+    g2 = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for q in (KIVI16, get_quantizer("quarot")):
+        stacked = fisher_weighted_error(g2, x, q, (1, 3, 8), role="key")          # [layers, heads, widths]
+        one = torch.stack([fisher_weighted_error(g2[i], x[i], q, (1, 3, 8), role="key") for i in range(3)])
+        assert stacked.shape == (3, 2, 3)
+        torch.testing.assert_close(stacked, one, rtol=1e-12, atol=0)
+
+
+def test_batched_widths_refuse_bad_input_by_name():
+    x = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"bits must be a non-empty list of quantized widths in 1\.\.8 .*\[0, 2\]"):
+        fake_quantize_widths(x, KIVI16, (0, 2), "key")
+    with pytest.raises(ValueError, match=r"got \[16\]"):
+        fake_quantize_widths(x, KIVI16, (16,), "key")
+    with pytest.raises(ValueError, match="non-empty"):
+        fake_quantize_widths(x, KIVI16, (), "key")
+    with pytest.raises(ValueError, match="role must be"):
+        fake_quantize_widths(x, KIVI16, (2,), "query")
+    with pytest.raises(ValueError, match="x must be a torch tensor"):
+        fake_quantize_widths(np.zeros((2, 8, 16)), KIVI16, (2,), "key")
+    bad = x.clone()
+    bad[0, 1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"x holds nan at index \(0, 1, 3, 5\)"):
+        fake_quantize_widths(bad, KIVI16, (2,), "key")
 
 
 # ---- brute force on a tiny model ---------------------------------------------------------------------------------
@@ -179,6 +235,10 @@ def test_default_distortion_is_the_calibrations_and_survives_json(tiny, ids, cal
     c = calibrate(tiny, model_facts(tiny), ids, quantizers=[KIVI16], importance=["fisher"], progress=False)
     back = Calibration.from_dict(c.to_dict())
     assert back.default_distortion == "fisher-error"
+    # CPU seconds per step beside the wall ones; the error tables are part of the Fisher pass
+    assert set(c.cpu_timings) == set(c.timings) >= {"capture", "measure_fit", "fisher", "fisher_error_tables"}
+    assert 0 < c.cpu_timings["fisher_error_tables"] < c.cpu_timings["fisher"] <= c.cpu_timings["total"]
+    assert back.cpu_timings == c.cpu_timings
     assert allocate_plan(back, "kivi", 4.5, tokens=64).meta["distortion"] == "fisher-error"
     np.testing.assert_array_equal(back.loss_model("kivi").table(range(2, 9))[0],
                                   c.loss_model("kivi").table(range(2, 9))[0])
@@ -216,6 +276,8 @@ def test_bad_options_are_refused_by_name(tiny, ids, calib):
         fisher_error(tiny, ids, ["kivi"], progress=False)   # KIVI's default value group, 32 channels: head_dim 16
     with pytest.raises(ValueError, match="grad_sq and x"):
         fisher_weighted_error(torch.ones(1, 2, 4, 16), torch.ones(1, 2, 4, 8), KIVI16, (2,), role="key")
+    with pytest.raises(ValueError, match="grad_sq and x"):
+        fisher_weighted_error(torch.ones(2, 4, 16), torch.ones(2, 4, 16), KIVI16, (2,), role="key")
 
 
 def test_command_line_offers_the_calibrations_distortions():
@@ -239,3 +301,69 @@ def test_allocate_command_takes_the_distortion(calib, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--distortion", "fisher", "--out", str(tmp_path / "r.json")])
     assert "--distortion: invalid choice: 'fisher'" in capsys.readouterr().err
+
+
+# ---- the experiment's cache and plan distances --------------------------------------------------------------------
+def test_experiment_scores_each_plan_window_once_and_extends_with_new_windows(tiny, calib, tmp_path, monkeypatch):
+
+    from experiments import fisher_error as exp
+
+    ppl_module = importlib.import_module("rdalloc.backends.hf.perplexity")  # (the package exports the function)
+    ev = torch.randint(3, VOCAB, (3, 24), generator=torch.Generator().manual_seed(9))
+    plans = {("kivi", "a"): allocate_plan(calib, "kivi", 4.5, tokens=24),
+             ("kivi", "b"): allocate_plan(calib, "kivi", 6.0, tokens=24)}
+    calls = []
+    real = ppl_module.perplexity
+    monkeypatch.setattr(ppl_module, "perplexity", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    two = exp.score_plans(tiny, ev[:2], plans, "float32", tmp_path, "t")
+    assert len(calls) == 4                                      # 2 plans x 2 windows
+    three = exp.score_plans(tiny, ev, plans, "float32", tmp_path, "t")
+    assert len(calls) == 6                                      # only the new window, for both plans
+    from rdalloc.backends.hf.head_plans import plan_cache_factory
+    for k, plan in plans.items():
+        whole = real(tiny, ev, plan_cache_factory(plan, tiny.config),
+                     reference=ppl_module.reference_logprobs(tiny, ev, progress=False), progress=False)
+        np.testing.assert_array_equal(three[k].token_kl, whole.token_kl)
+        np.testing.assert_array_equal(three[k].token_nll[:2], two[k].token_nll)
+        assert three[k].nll == pytest.approx(whole.nll, rel=1e-12) and three[k].kl == pytest.approx(whole.kl,
+                                                                                                    rel=1e-9)
+
+
+def test_plan_difference_counts_entries_and_bits(calib):
+    from experiments.fisher_error import plan_difference
+
+    a = allocate_plan(calib, "kivi", 4.5, tokens=64)
+    assert plan_difference(a, a) == {"entries": 2 * LAYERS * KV_HEADS, "differ": 0, "l1": 0}
+    b = allocate_plan(calib, "kivi", 6.5, tokens=64)
+    d = plan_difference(a, b)
+    diff = np.concatenate([b.key.ravel() - a.key.ravel(), b.value.ravel() - a.value.ravel()])
+    assert d["differ"] == int((diff != 0).sum()) > 0 and d["l1"] == int(np.abs(diff).sum())
+
+
+def test_modelled_kl_reads_each_entrys_measured_width(calib):
+    from rdalloc.backends.hf.head_plans import uniform_plan
+
+    from experiments.fisher_error import modelled_kl
+
+    measured, bits = calib.loss_distortions("kivi")
+    for b in (2, 5):
+        plan = uniform_plan(calib.facts, calib.quantizer("kivi"), b, tokens=64)
+        assert modelled_kl(calib, plan) == pytest.approx(measured[:, bits.index(b)].sum(), rel=1e-12)
+    mixed = allocate_plan(calib, "kivi", 4.5, tokens=64)
+    widths = np.concatenate([mixed.key.ravel(), mixed.value.ravel()]).astype(int)
+    assert len(set(widths)) > 1
+    assert modelled_kl(calib, mixed) == pytest.approx(sum(measured[i, bits.index(w)] for i, w in enumerate(widths)),
+                                                      rel=1e-12)
+
+
+def test_experiment_calibration_cache_returns_the_same_calibration_marked_as_read(tiny, ids, tmp_path):
+    from experiments.fisher_error import cached_calibration
+
+    facts = model_facts(tiny)
+    first = cached_calibration(tiny, facts, ids, [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    again = cached_calibration(tiny, facts, ids, [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    assert not first.text.get("read_from_cache") and again.text["read_from_cache"] is True
+    np.testing.assert_array_equal(again.loss_distortions("kivi")[0], first.loss_distortions("kivi")[0])
+    assert again.cpu_timings == first.cpu_timings
+    other = cached_calibration(tiny, facts, ids[:1], [KIVI16], {"source": "t"}, "float32", tmp_path, False)
+    assert not other.text.get("read_from_cache")   # other windows: calibrated anew

@@ -92,7 +92,10 @@ class Calibration:
       importance: ``{"fisher": HeadImportance, "attention": HeadImportance}`` (either may be absent).
       default_importance: the estimator :meth:`weights` uses when none is named.
       text: facts about the calibration text (source, windows, window length).
-      timings: seconds per step (``capture``, ``measure_fit``, ``probe``, ``fisher``, ``attention``, ``total``).
+      timings: seconds per step (``capture``, ``measure_fit``, ``probe``, ``fisher``, ``attention``, ``total``;
+        ``fisher_error_tables`` is the part of ``fisher`` spent on the error tables), wall clock.
+      cpu_timings: the same steps in CPU seconds of this process (``time.process_time``, all threads): the cost on
+        a shared machine, where wall time also counts the other jobs.
       probes: ``{quantizer: {bits: HeadImportance}}`` from :func:`~.capture.single_head_kl` (may be empty).
       environment: what it was measured on (:func:`rdalloc.environment.environment`: versions, CPU, dtype).
       quantizer_specs: ``{quantizer: spec}`` (:meth:`rdalloc.quantizers.Quantizer.spec`, e.g. KIVI's group size)
@@ -108,6 +111,7 @@ class Calibration:
     default_importance: str = DEFAULT_IMPORTANCE
     text: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    cpu_timings: Mapping[str, float] = field(default_factory=dict)
     fit_bits: tuple[int, ...] = FIT_BITS
     probes: Mapping[str, Mapping[int, HeadImportance]] = field(default_factory=dict)
     environment: Mapping[str, Any] = field(default_factory=dict)
@@ -289,7 +293,8 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "facts": self.facts.to_dict(),
                 "default_importance": self.default_importance, "text": dict(self.text),
-                "timings": {k: float(v) for k, v in self.timings.items()}, "fit_bits": list(self.fit_bits),
+                "timings": {k: float(v) for k, v in self.timings.items()},
+                "cpu_timings": {k: float(v) for k, v in self.cpu_timings.items()}, "fit_bits": list(self.fit_bits),
                 "betas": {q: self.betas(q) for q in self.fits},
                 "r2": {q: {r: float(self.fits[q][r].r2_overall) for r in ROLES} for q in self.fits},
                 "models": {q: self.model(q).to_dict() for q in self.fits},
@@ -320,7 +325,8 @@ class Calibration:
                          for q, f in (d.get("loss_fits") or {}).items()}
             calibration = cls(facts=ModelFacts.from_dict(d["facts"]), fits=fits, importance=importance,
                        default_importance=d.get("default_importance", DEFAULT_IMPORTANCE), text=d.get("text") or {},
-                       timings=d.get("timings") or {}, fit_bits=tuple(int(b) for b in d.get("fit_bits", FIT_BITS)),
+                       timings=d.get("timings") or {}, cpu_timings=d.get("cpu_timings") or {},
+                       fit_bits=tuple(int(b) for b in d.get("fit_bits", FIT_BITS)),
                        probes=probes, environment=d.get("environment") or {},
                        quantizer_specs={q: dict(spec) for q, spec in (d.get("quantizer_specs") or {}).items()},
                        loss_fits=loss_fits, default_distortion=d.get("default_distortion", "fisher-mse"))
@@ -376,6 +382,17 @@ def fixed_beta_model(calibration: Calibration, quantizer: str, beta: float = 4.0
     alpha = np.exp(logs.sum(axis=1) / count)
     return ExponentialModel(alpha=alpha, beta=float(beta), lo=float(b.min() if lo is None else lo), hi=float(b.max()),
                             quantizer=get_quantizer(quantizer).name)
+
+
+def _clock() -> tuple[float, float]:
+    """``(wall, cpu)`` seconds now: ``time.perf_counter()`` and this process's ``time.process_time()``."""
+    return time.perf_counter(), time.process_time()
+
+
+def _lap(wall: dict, cpu: dict, step: str, since: tuple[float, float]) -> None:
+    """Record the wall and CPU seconds of ``step`` since ``since`` (a :func:`_clock` reading)."""
+    now = _clock()
+    wall[step], cpu[step] = now[0] - since[0], now[1] - since[1]
 
 
 def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequence[str] = DEFAULT_QUANTIZERS,
@@ -435,13 +452,14 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
         for role in ROLES:
             q.grouping(role, facts.head_dim)
     timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    cpu_timings: dict[str, float] = {}
+    t_all = _clock()
 
-    t0 = time.perf_counter()
+    t0 = _clock()
     kv = capture_kv(model, windows, progress=progress)
-    timings["capture"] = time.perf_counter() - t0
+    _lap(timings, cpu_timings, "capture", t0)
 
-    t0 = time.perf_counter()
+    t0 = _clock()
     fits: dict[str, dict[str, ExponentialFit]] = {}
     with torch.no_grad():
         for q in names:
@@ -452,27 +470,28 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
                 fit = fit_exponential(d, list(bits), pooled=True, sample_weights=use, quantizer=q)
                 _ = fit.model  # raises ValueError naming the item if a fit is unusable (beta <= 1, NaN)
                 fits[q][role] = fit
-    timings["measure_fit"] = time.perf_counter() - t0
+    _lap(timings, cpu_timings, "measure_fit", t0)
     del kv
 
     probes: dict[str, dict[int, HeadImportance]] = {}
     if probe_bits:
-        t0 = time.perf_counter()
+        t0 = _clock()
         ids = torch.as_tensor(windows if hasattr(windows, "shape") else np.asarray(windows))
         probe_ids = ids[:probe_windows, :probe_length]
         for q in names:
             probes[q] = {b: single_head_kl(model, probe_ids, by_name[q], b, progress=progress) for b in probe_bits}
-        timings["probe"] = time.perf_counter() - t0
+        _lap(timings, cpu_timings, "probe", t0)
 
     found: dict[str, HeadImportance] = {}
     loss_fits: dict[str, dict[str, ExponentialFit]] = {}
     for method in importance:
-        t0 = time.perf_counter()
+        t0 = _clock()
         if method == "fisher":
             widths = tuple(int(b) for b in bits if 0 < int(b) < 16)
             found[method], tables = fisher_error(model, windows, instances, widths, samples=fisher_samples,
                                                  progress=progress)
             timings["fisher_error_tables"] = float(tables.meta["error_seconds"])  # part of timings["fisher"]
+            cpu_timings["fisher_error_tables"] = float(tables.meta["error_cpu_seconds"])
             use = np.asarray([1.0 if b in fit_bits else 0.0 for b in tables.bits])
             for q in names:
                 loss_fits[q] = {}
@@ -483,12 +502,12 @@ def calibrate(model: Any, facts: ModelFacts, windows: Any, *, quantizers: Sequen
                     loss_fits[q][role] = fit
         else:
             found[method] = attention_importance(model, windows, relative=True, progress=progress)
-        timings[method] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
+        _lap(timings, cpu_timings, method, t0)
+    _lap(timings, cpu_timings, "total", t_all)
     ids = windows if hasattr(windows, "shape") else np.asarray(windows)
     text_facts = {"calibration_windows": int(ids.shape[0]), "length": int(ids.shape[1]), **dict(text or {})}
     return Calibration(facts=facts, fits=fits, importance=found, default_importance=default_importance,
-                       text=text_facts, timings=timings, fit_bits=fit_bits, probes=probes,
+                       text=text_facts, timings=timings, cpu_timings=cpu_timings, fit_bits=fit_bits, probes=probes,
                        environment=environment(next(model.parameters()).dtype, device=str(model.device),
                                                attn_implementation=getattr(model.config, "_attn_implementation",
                                                                            None)),
