@@ -131,9 +131,6 @@ def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, si
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
     if protect not in PROTECT:
         raise ValueError(f"protect must be one of {PROTECT}, got {protect!r}")
-    if protect != "reserved" and budget == "shared":
-        raise ValueError(f"protect={protect!r} is built for a budget per sequence; budget='shared' reserves the "
-                         f"protected tokens (protect='reserved')")
     if mode == "per_head" and budget == "shared":
         raise ValueError("mode='per_head' gives every head of a sequence its own budget; it cannot share one "
                          "budget over the batch (budget='shared')")
@@ -155,9 +152,9 @@ class PrefillCompression(JointAttention):
     ``retention``), ``rows`` (batch row -> sequence index)."""
 
     def __init__(self, model: Any, *, retention: float | None = None, nbytes: int | None = None,
-                 budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
-                 menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
-                 pool: int = 7, mode: str = "global", importance: Any = None, protect: str = "reserved"):
+                 budget: str = "sequence", method: str = "rdkv", quantizer: Any = "kivi",
+                 menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 8, observe: int = 32,
+                 pool: int = 7, mode: str = "global", importance: Any = None, protect: str = "auto"):
         super().__init__(model)
         options = _options_iv(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
                               quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
@@ -281,7 +278,7 @@ class PrefillCompression(JointAttention):
         options = {"menu": self.menu, "quantizer": self.quantizer, "sink": self.sink, "window": self.window}
         if self.budget == "shared":
             plans = allocate_joint_shared(weights, [pre.keys for pre in prefills], [pre.values for pre in prefills],
-                                          **budget, **options)
+                                          protect=self.protect, **budget, **options)
         else:
             plans = [allocate_joint(w, pre.keys, pre.values, mode=self.mode, protect=self.protect, **budget,
                                     **options) for w, pre in zip(weights, prefills)]
@@ -348,10 +345,10 @@ class PrefillCompression(JointAttention):
 
 
 def compress_after_prefill(model: Any, *, retention: float | None = None, nbytes: int | None = None,
-                           budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
-                           menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
+                           budget: str = "sequence", method: str = "rdkv", quantizer: Any = "kivi",
+                           menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 8, observe: int = 32,
                            pool: int = 7, mode: str = "global", importance: Any = None,
-                           protect: str = "reserved") -> PrefillCompression:
+                           protect: str = "auto") -> PrefillCompression:
     """``with compress_after_prefill(model, retention=0.1): out = model.generate(ids, attention_mask=mask, ...)``:
     each prefill inside the block is observed, weighted, allocated and compressed in place (module docstring).
 
