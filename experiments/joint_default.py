@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default="", help="comma-separated cell caches to read (default: <out>/cells.json); "
                    "new cells are written to the first (parallel runs per text, merged by a last run)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-only", action="store_true", help="compute no cell: the tables from the cells cached")
     a = p.parse_args(argv)
     for flag in ("windows", "length", "continuation", "threads", "min_windows"):
         if getattr(a, flag) < 1:
@@ -355,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(dtype=a.dtype, progress=not a.no_progress)
     facts = run_cells(model, tokenizer, texts=texts, windows=a.windows, context=a.length,
-                      continuation=a.continuation, retentions=retentions, rows=specs, cells=cells, save=save,
-                      progress=not a.no_progress)
+                      continuation=a.continuation, retentions=retentions, rows=[] if a.table_only else specs,
+                      cells=cells, save=save, progress=not a.no_progress)
     rows = list(dict.fromkeys(r.partition("@")[0] for r in specs))
     # rows with cells but no definition here, shown beside (not candidates): kvpress's (joint_default_kvpress.py) and
     # earlier versions of a row kept for the record

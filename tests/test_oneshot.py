@@ -96,7 +96,8 @@ def test_plain_forward_prefill_then_decode_steps(tiny, ids):
 
 def test_one_call_equals_five_step_path(tiny, ids):
     pre = observe_prefill(tiny, ids[0, :C], window=OBS)
-    plan = allocate_joint(token_weights(pre), pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN)
+    plan = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, retention=0.3, quantizer=Q,
+                          sink=SINK, window=WIN)  # the one call's defaults without an importance: hybrid, auto
     five = CompressedCache.compress(pre.keys, pre.values, plan, Q)
     with torch.no_grad():
         with JointAttention(tiny):
@@ -136,17 +137,27 @@ def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
     assert press.plans[0].meta["protect"] == plan.meta["protect"] == options.get("protect", "auto")
 
 
-def test_defaults_are_the_measured_configuration(tiny, ids):
-    """No options but the quantizer: RDKV's weights, protect="auto", sink 4 + window 8, 32 observed queries, as the
-    five-step path with those spelled out (experiments/results/joint_default/)."""
+@pytest.mark.parametrize("importance", [False, True])
+def test_defaults_are_the_measured_configuration(tiny, ids, importance):
+    """No options but the quantizer: protect="auto", sink 4 + window 8, 32 observed queries, and RDKV's weights
+    with a head importance, the hybrid without one, as the five-step path with those spelled out
+    (experiments/results/joint_default/)."""
+    from rdalloc.backends.hf.capture import HeadImportance
+
+    rng = np.random.default_rng(1)
+    imp = HeadImportance(key=rng.uniform(0.5, 2, (2, 2)), value=rng.uniform(0.5, 2, (2, 2)), method="fisher",
+                         units="", windows=1, tokens=1, meta={}) if importance else None
+    method = "rdkv" if importance else "hybrid"
     pre = observe_prefill(tiny, ids[0, :C], window=32)
-    plan = allocate_joint(token_weights(pre, method="rdkv"), pre.keys, pre.values, retention=0.3, quantizer=Q,
-                          sink=4, window=8, protect="auto")
-    with compress_after_prefill(tiny, retention=0.3, quantizer=Q) as press:
+    w = token_weights(pre, method=method)
+    plan = allocate_joint(w if imp is None else scale_heads(w, imp), pre.keys, pre.values, retention=0.3,
+                          quantizer=Q, sink=4, window=8, protect="auto")
+    with compress_after_prefill(tiny, retention=0.3, quantizer=Q, importance=imp) as press:
         gen(tiny, ids[:, :C], do_sample=False, new=1)
     (one,) = press.plans
     assert np.array_equal(one.value, plan.value) and np.array_equal(one.key, plan.key)
-    assert one.meta["weighting"] == "rdkv" and one.meta["protect"] == "auto"
+    assert one.meta["weighting"] == plan.meta["weighting"] and one.meta["weighting"].startswith(method)
+    assert one.meta["protect"] == "auto"
     assert one.meta["protect_chosen"] == plan.meta["protect_chosen"]
 
 
