@@ -28,10 +28,12 @@ Three pieces, used in this order by :mod:`.joint`:
 
    ``method="hybrid"`` (the default before issue #20) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s
    per-head totals: ``mse`` tends to win at low retention and ``rdkv`` at high retention, and the hybrid was meant to
-   track the better of the two. On two texts with paired intervals (``experiments/results/joint_default/``) ``rdkv``
-   with the Fisher head scale was never significantly beaten and the hybrid was, at 25-50 % retention on the default
-   text and at 2-5 % on the other: the pooled, smoothed score predicts the continuation's attention better than the
-   observation window's own squared attention, so ``rdkv`` is the default.
+   track the better of the two. On two texts with paired intervals (``experiments/results/joint_default/``, 6
+   windows each) ``rdkv`` with the Fisher head scale (:func:`scale_heads`) was never significantly beaten, and the
+   hybrid with the same scale was beaten at 2, 5 and 25 % retention on both texts (undecided at 10 and 50 %): the
+   pooled, smoothed score predicts the continuation's attention better than the observation window's own squared
+   attention, so ``rdkv`` is the default. Without a head scale the hybrid measured better than ``rdkv`` (its
+   ``mse`` part carries each head's level; ``compress_after_prefill`` uses it when given no importance).
 
    ``method="calibrated"`` estimates the blend instead of fixing it. What the evaluation measures is the loss of
    the *continuation's* queries; per head, its first-order part is ``sum_{future i} a_it^2 |v_t - o_i|^2`` for an
