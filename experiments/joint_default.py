@@ -62,6 +62,8 @@ ROWS = {
     "global rdkv+fisher, auto protection": ("joint-global", "rdkv+fisher", "auto", True),
     "global rdkv+fisher": ("joint-global", "rdkv+fisher", "reserved", True),
     "global hybrid, no head scale": ("joint-global", "hybrid", "reserved", True),
+    "global rdkv, auto protection (no head scale)": ("joint-global", "rdkv", "auto", True),
+    "global hybrid, auto protection (no head scale)": ("joint-global", "hybrid", "auto", True),
     "per-head hybrid+fisher": ("joint-per-head", "hybrid+fisher", "reserved", False),
     "eviction only (hybrid+fisher scores)": ("eviction", "hybrid+fisher", "reserved", False),
 }
@@ -84,89 +86,130 @@ def _per_token_kl(logits: torch.Tensor, full: torch.Tensor) -> np.ndarray:
 
 
 def run_cells(model, tokenizer, *, texts, windows: int, context: int, continuation: int, retentions, rows,
-              cells: dict, save, progress: bool = True) -> dict:
+              cells: dict, save, progress: bool = True, first_window: int = 0) -> dict:
     """Fill ``cells`` (``"text|window|row|retention"`` -> cell) for every missing combination; ``save(cells)`` after
-    each window. Returns facts per text (Fisher seconds, windows' token hashes, the calibrated blends)."""
+    each (window, text). Windows are the outer loop (window 3 of both texts before window 4), so that a run cut
+    short leaves whole windows of every text. ``rows`` are row names, or ``"name@r1,r2"`` to compute that row at
+    those retentions only. Returns facts per text (Fisher seconds, windows' token hashes, the calibrated blends)."""
     q = get_quantizer("kivi")
     widths = [b for b in DEFAULT_MENU if 0 < b < FULL_BITS]
-    facts = {}
+    wanted = []  # (row, retention)
+    for spec in rows:
+        name, _, rs = spec.partition("@")
+        wanted += [(name, r) for r in (floats(rs, "--rows retentions") if rs else retentions)]
+    facts, tws, hashes, fishers = {}, {}, {}, {}
     for text in texts:
-        tw = text_windows(tokenizer, length=context + continuation, calibration=1, evaluation=windows, path=text)
-        hashes = [hashlib.sha256(tw.evaluation[wi].numpy().tobytes()).hexdigest()[:16] for wi in range(windows)]
-        todo = [wi for wi in range(windows) if any(
-            cells.get(f"{text}|{wi}|{row}|{r:g}", {}).get("ids") != hashes[wi] for row in rows for r in retentions)]
-        facts[text] = {"windows": tw.to_dict(), "ids_sha256_16": hashes, "blend": cells.get(f"{text}|blend", {})}
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        fisher = fisher_importance(model, tw.calibration[:1, :context], samples=2, progress=progress)
-        facts[text]["fisher_seconds"] = time.perf_counter() - t0
-        for wi in todo:
+        tws[text] = tw = text_windows(tokenizer, length=context + continuation, calibration=1, evaluation=windows,
+                                      path=text)
+        hashes[text] = [hashlib.sha256(tw.evaluation[wi].numpy().tobytes()).hexdigest()[:16]
+                        for wi in range(windows)]
+        facts[text] = {"windows": tw.to_dict(), "ids_sha256_16": hashes[text],
+                       "blend": cells.get(f"{text}|blend", {})}
+    for wi in range(first_window, windows):
+        for text in texts:
+            h = hashes[text][wi]
+            todo = [(row, r) for row, r in wanted if cells.get(f"{text}|{wi}|{row}|{r:g}", {}).get("ids") != h]
+            if not todo:
+                continue
+            tw = tws[text]
+            if text not in fishers:
+                t0 = time.perf_counter()
+                fishers[text] = fisher_importance(model, tw.calibration[:1, :context], samples=2, progress=progress)
+                facts[text]["fisher_seconds"] = time.perf_counter() - t0
+            fisher = fishers[text]
             ids = tw.evaluation[wi]
             with torch.no_grad():
                 full = model(ids[None]).logits[0, context:context + continuation - 1].float()
             targets = ids[context + 1:context + continuation]
             pre = observe_prefill(model, ids[:context], window=OBSERVE)
             err = measure_errors(pre.keys, pre.values, q, widths)
-            base = {w: token_weights(pre, method=w) for w in ("hybrid", "rdkv", "calibrated")}
+            need = {ROWS[row][1].split("+")[0] for row, _ in todo if row in ROWS}
+            base = {w: token_weights(pre, method=w) for w in ("hybrid", "rdkv", "calibrated") if w in need}
             wts = dict(base)
             wts.update({f"{w}+fisher": scale_heads(x, fisher) for w, x in base.items()})
-            blend = base["calibrated"].blend
-            cells[f"{text}|blend"] = facts[text]["blend"] = {
-                **cells.get(f"{text}|blend", {}),
-                str(wi): {"per_layer_mean": blend.mean(1).round(3).tolist(),
-                          "histogram": {f"{a:g}": int((blend == a).sum()) for a in np.unique(blend)}}}
-            for r in retentions:
-                for row in rows:
-                    key = f"{text}|{wi}|{row}|{r:g}"
-                    if cells.get(key, {}).get("ids") == hashes[wi]:
-                        continue
-                    t1 = time.perf_counter()
-                    try:
-                        plan = _plan(row, wts, pre, err, q, r)
-                    except ValueError as exc:  # a budget that cannot hold the reserved tokens: an n/a cell
-                        cells[key] = {"ids": hashes[wi], "na": str(exc)[:200]}
-                        continue
-                    cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
-                    logits = continuation_logits(model, cache, ids[context:context + continuation])
-                    kl = _per_token_kl(logits, full)
-                    lp = torch.log_softmax(logits[:-1].double(), -1)
-                    nll = float(-lp.gather(-1, targets[:, None]).mean())
-                    cells[key] = {"ids": hashes[wi], "kl": kl.tolist(), "nll": nll,
-                                  "bytes": int(cache.compressed_nbytes), "predicted_bytes": int(cache.predicted_nbytes),
-                                  "retention": float(cache.retention), "budget_bits": float(plan.budget_bits or 0),
-                                  "predicted_distortion": plan.predicted_distortion,
-                                  "protect_chosen": plan.meta.get("protect_chosen"),
-                                  "seconds": time.perf_counter() - t1}
-                    if progress:
-                        print(f"{text} w{wi} r={r:g} {row:48s} ret={cache.retention:.4f} kl={kl.mean():.4f} "
-                              f"({time.perf_counter() - t1:.1f}s)", flush=True)
+            if "calibrated" in base:
+                blend = base["calibrated"].blend
+                cells[f"{text}|blend"] = facts[text]["blend"] = {
+                    **cells.get(f"{text}|blend", {}),
+                    str(wi): {"per_layer_mean": blend.mean(1).round(3).tolist(),
+                              "histogram": {f"{a:g}": int((blend == a).sum()) for a in np.unique(blend)}}}
+            for row, r in sorted(todo, key=lambda x: x[1]):
+                key = f"{text}|{wi}|{row}|{r:g}"
+                t1, c1 = time.perf_counter(), time.process_time()
+                try:
+                    plan = _plan(row, wts, pre, err, q, r)
+                except ValueError as exc:  # a budget that cannot hold the reserved tokens: an n/a cell
+                    cells[key] = {"ids": h, "na": str(exc)[:200]}
+                    continue
+                cache = CompressedCache.compress(pre.keys, pre.values, plan, q)
+                logits = continuation_logits(model, cache, ids[context:context + continuation])
+                kl = _per_token_kl(logits, full)
+                lp = torch.log_softmax(logits[:-1].double(), -1)
+                nll = float(-lp.gather(-1, targets[:, None]).mean())
+                cells[key] = {"ids": h, "kl": kl.tolist(), "nll": nll,
+                              "bytes": int(cache.compressed_nbytes), "predicted_bytes": int(cache.predicted_nbytes),
+                              "retention": float(cache.retention), "budget_bits": float(plan.budget_bits or 0),
+                              "predicted_distortion": plan.predicted_distortion,
+                              "protect_chosen": plan.meta.get("protect_chosen"),
+                              "seconds": time.perf_counter() - t1, "cpu_seconds": time.process_time() - c1}
+                if progress:
+                    print(f"{text} w{wi} r={r:g} {row:48s} ret={cache.retention:.4f} kl={kl.mean():.4f} "
+                          f"({time.process_time() - c1:.1f} s CPU)", flush=True)
             save(cells)
     return facts
 
 
-def decide(cells: dict, *, texts, windows: int, retentions, rows, resamples: int = 2000) -> dict:
-    """Means, paired comparisons of every candidate against every other row, and the chosen default."""
+def _row_windows(cells: dict, text: str, row: str, r: float, windows: int) -> list[int]:
+    """The windows ``0..k-1`` (the longest prefix of ``range(windows)``) for which the cell has a KL."""
+    out = []
+    for wi in range(windows):
+        if "kl" not in cells.get(f"{text}|{wi}|{row}|{r:g}", {}):
+            break
+        out.append(wi)
+    return out
+
+
+def _best(table: dict, text: str, r: float, rows) -> tuple[float, int] | None:
+    """The lowest mean KL of the cell among the rows with the most windows there, and that number of windows (a
+    mean over fewer windows is over other tokens: not comparable)."""
+    have = [table[f"{text}|{x}|{r:g}"] for x in rows if f"{text}|{x}|{r:g}" in table]
+    if not have:
+        return None
+    n = max(t["windows"] for t in have)
+    return min(t["kl"] for t in have if t["windows"] == n), n
+
+
+def decide(cells: dict, *, texts, windows: int, retentions, rows, resamples: int = 2000,
+           min_windows: int = 3) -> dict:
+    """Means, paired comparisons of every candidate against every other row, and the chosen default.
+
+    A row's cell uses its windows ``0..k-1`` (``min_windows <= k <= windows``); a pair is compared on the windows
+    both rows have, so that every paired difference is over the same tokens. ``identical`` marks pairs whose
+    per-token KL is equal (the same plan, e.g. auto protection choosing "reserved"): no number of windows decides
+    those."""
     table, pairs = {}, {}
     for text in texts:
         for r in retentions:
             kls = {}
             for row in rows:
-                cs = [cells.get(f"{text}|{wi}|{row}|{r:g}") for wi in range(windows)]
-                if all(c is not None and "kl" in c for c in cs):
+                cs = [cells[f"{text}|{wi}|{row}|{r:g}"] for wi in _row_windows(cells, text, row, r, windows)]
+                if len(cs) >= min_windows:
                     kls[row] = np.array([c["kl"] for c in cs])
                     table[f"{text}|{row}|{r:g}"] = {
                         "kl": float(kls[row].mean()), "nll": float(np.mean([c["nll"] for c in cs])),
-                        "retention": float(np.mean([c["retention"] for c in cs])),
+                        "windows": len(cs), "retention": float(np.mean([c["retention"] for c in cs])),
                         "bytes_equal_predicted": all(c.get("bytes") == c.get("predicted_bytes") for c in cs)
-                        if row in ROWS else None}
+                        if row in ROWS else None,
+                        "protect_chosen": sorted({str(c.get("protect_chosen")) for c in cs})}
             for a in rows:
                 if a not in ROWS or not ROWS[a][3] or a not in kls:
                     continue
                 for b in kls:
-                    if b != a:
-                        pairs[f"{text}|{a}|{b}|{r:g}"] = paired_comparison(kls[a], kls[b],
-                                                                          resamples=resamples).to_dict()
+                    if b != a:  # on the windows both rows have (a prefix of each): the same tokens
+                        n = min(len(kls[a]), len(kls[b]))
+                        pairs[f"{text}|{a}|{b}|{r:g}"] = {
+                            **paired_comparison(kls[a][:n], kls[b][:n], resamples=resamples).to_dict(),
+                            "windows": n, "identical": bool(np.array_equal(kls[a][:n], kls[b][:n]))}
     summary = {}
     for a in rows:
         if a not in ROWS or not ROWS[a][3]:
@@ -176,9 +219,9 @@ def decide(cells: dict, *, texts, windows: int, retentions, rows, resamples: int
         ratios = []
         for text in texts:
             for r in retentions:
-                vals = [table[f"{text}|{x}|{r:g}"]["kl"] for x in rows if f"{text}|{x}|{r:g}" in table]
-                if f"{text}|{a}|{r:g}" in table and vals:
-                    ratios.append(table[f"{text}|{a}|{r:g}"]["kl"] / min(vals))
+                best = _best(table, text, r, rows)
+                if best is not None and table.get(f"{text}|{a}|{r:g}", {}).get("windows") == best[1]:
+                    ratios.append(table[f"{text}|{a}|{r:g}"]["kl"] / best[0])
         summary[a] = {"beaten_in": beaten, "undecided_against": len(undecided),
                       "geomean_kl_over_best": float(np.exp(np.mean(np.log(ratios)))) if ratios else None,
                       "cells": len(ratios)}
@@ -196,7 +239,9 @@ def markdown(res: dict, settings: dict) -> str:
            f"g32, menu {{0,2,4,8,16}}, sink {SINK} + last {PROTECT_WINDOW} protected, {OBSERVE} observation queries, "
            f"{settings['dtype']}). Marks against the chosen default **{res['chosen']}**: `+` the row is significantly "
            f"worse than it (95 % paired block-bootstrap interval of the per-token KL difference above 0), `-` "
-           f"significantly better, `~` undecided; **bold**: the lowest mean in the column.", ""]
+           f"significantly better, `~` undecided, `=` the same per-token KL (the same plan: no number of windows "
+           f"decides it); `(k w)`: the row has only windows 0..k-1 there (its pair is compared on those); **bold**: "
+           f"the lowest mean in the column among the rows with every window.", ""]
     for text in texts:
         out += [f"### {text}", "", "| row | " + " | ".join(f"{100 * r:g} %" for r in rets) + " |",
                 "|---|" + "---:|" * len(rets)]
@@ -207,14 +252,16 @@ def markdown(res: dict, settings: dict) -> str:
                 if t is None:
                     cells.append("n/a")
                     continue
-                best = min(res["table"][f"{text}|{x}|{r:g}"]["kl"] for x in rows
-                           if f"{text}|{x}|{r:g}" in res["table"])
+                best = _best(res["table"], text, r, rows)
                 s = f"{t['kl']:.4g}"
-                s = f"**{s}**" if t["kl"] == best else s
+                s = f"**{s}**" if (t["kl"], t["windows"]) == best else s
                 if row != res["chosen"]:
                     p = res["pairs"].get(f"{text}|{res['chosen']}|{row}|{r:g}")
                     if p:
-                        s += " " + {"better": "+", "worse": "-", "undecided": "~"}[p["verdict"]]
+                        s += " " + ("=" if p.get("identical") else
+                                    {"better": "+", "worse": "-", "undecided": "~"}[p["verdict"]])
+                if t.get("windows", settings["windows"]) < settings["windows"]:
+                    s += f" ({t['windows']} w)"
                 cells.append(s)
             out.append(f"| {row} | " + " | ".join(cells) + " |")
         out.append("")
@@ -272,19 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retentions", default="0.02,0.05,0.1,0.25,0.5")
     p.add_argument("--texts", default=",".join(TEXTS))
     p.add_argument("--rows", default="", help="semicolon-separated subset of the rows (default: all)")
+    p.add_argument("--min-windows", type=int, default=3, help="a row's cell needs at least this many windows")
     p.add_argument("--dtype", default="float32", choices=("float64", "float32"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--cells", default="", help="comma-separated cell caches to read (default: <out>/cells.json); "
                    "new cells are written to the first (parallel runs per text, merged by a last run)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-only", action="store_true", help="compute no cell: the tables from the cells cached")
     a = p.parse_args(argv)
-    for flag in ("windows", "length", "continuation", "threads"):
+    for flag in ("windows", "length", "continuation", "threads", "min_windows"):
         if getattr(a, flag) < 1:
-            print(f"joint_default: error: --{flag} must be positive, got {getattr(a, flag)}", file=sys.stderr)
+            print(f"joint_default: error: --{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}",
+                  file=sys.stderr)
             return 2
-    rows = [r.strip() for r in a.rows.split(";") if r.strip()] or list(ROWS)
-    bad = [r for r in rows if r not in ROWS]
+    specs = [r.strip() for r in a.rows.split(";") if r.strip()] or list(ROWS)
+    bad = [r for r in specs if r.partition("@")[0] not in ROWS]
     if bad:
         print(f"joint_default: error: unknown --rows {bad}; known: {list(ROWS)}", file=sys.stderr)
         return 2
@@ -306,20 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, tokenizer, _ = load_model(dtype=a.dtype, progress=not a.no_progress)
     facts = run_cells(model, tokenizer, texts=texts, windows=a.windows, context=a.length,
-                      continuation=a.continuation, retentions=retentions, rows=rows, cells=cells, save=save,
-                      progress=not a.no_progress)
+                      continuation=a.continuation, retentions=retentions, rows=[] if a.table_only else specs,
+                      cells=cells, save=save, progress=not a.no_progress)
+    rows = list(dict.fromkeys(r.partition("@")[0] for r in specs))
     # rows with cells but no definition here, shown beside (not candidates): kvpress's (joint_default_kvpress.py) and
     # earlier versions of a row kept for the record
     peers = sorted({k.split("|")[2] for k in cells if k.count("|") == 3 and k.split("|")[0] in texts} - set(ROWS))
     rows = rows + peers
-    res = decide(cells, texts=texts, windows=a.windows, retentions=retentions, rows=rows)
+    res = decide(cells, texts=texts, windows=a.windows, retentions=retentions, rows=rows,
+                 min_windows=min(a.min_windows, a.windows))
     settings = {"command": "HF_HUB_OFFLINE=1 python -m experiments.joint_default " + " ".join(argv or sys.argv[1:]),
                 "windows": a.windows, "context": a.length, "continuation": a.continuation,
                 "retentions": list(retentions), "texts": list(texts), "rows": rows, "dtype": a.dtype,
                 "threads": a.threads, "sink": SINK, "protect_window": PROTECT_WINDOW, "observe": OBSERVE,
                 "quantizer": "kivi", "menu": list(DEFAULT_MENU), "facts": facts,
                 "seconds_this_run": time.perf_counter() - t0,
-                "machine": "2 CPU cores shared with four other processes (wall times are noisy)",
+                "machine": "2 CPU cores shared with other sessions (wall times are noisy)",
                 "environment": environment(next(model.parameters()).dtype)}
     md = markdown(res, settings)
     write_atomic(out / "joint_default.json", lambda tmp: tmp.write_text(json.dumps({**res, "settings": settings},

@@ -55,7 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--cells", default=str(OUT / "kvpress_cells.json"))
+    ap.add_argument("--presses", default=";".join(PRESSES), help="semicolon-separated rows of PRESSES to run")
     a = ap.parse_args(argv)
+    presses = [x.strip() for x in a.presses.split(";") if x.strip()]
+    bad = [x for x in presses if x not in PRESSES]
+    if bad:
+        ap.error(f"unknown --presses {bad}; known: {list(PRESSES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
     import kvpress  # noqa: F401  (fails early outside the side environment)
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
                 full = model(ids[None]).logits[0, C:C + M - 1].float()
             lf = torch.log_softmax(full.double(), -1)
             targets = ids[C + 1:C + M]
-            for row in PRESSES:
+            for row in presses:
                 for r in retentions:
                     key = f"{text}|{wi}|{row}|{r:g}"
                     if cells.get(key, {}).get("ids") == h:

@@ -86,7 +86,12 @@ def test_compress_after_prefill_on_every_family(family, dtype):
     assert press.cache.compressed_nbytes == press.cache.predicted_nbytes == press.cache.fp16_nbytes
     with compress_after_prefill(model, retention=0.3, **opts) as press:
         _, scores = generate(model, inputs)
-    assert press.cache.compressed_nbytes == press.cache.predicted_nbytes <= 0.3 * press.cache.fp16_nbytes
+    assert press.cache.compressed_nbytes == press.cache.predicted_nbytes
+    # the plans' exact spend is within the budget; the bytes held add only the padding of each bit stream to whole
+    # bytes (joint.py's module docstring), under 1 byte per stream, 3 streams per (layer, kv head) and sequence
+    facts, budget = model_facts(model), 0.3 * press.cache.fp16_nbytes
+    assert sum(p.usage.total_bits for p in press.plans) <= 8 * budget
+    assert press.cache.compressed_nbytes - budget < 3 * facts.layers * facts.kv_heads * len(press.plans)
     assert (scores - want_scores).abs().max() > 1e-3  # the compressed cache is what attention reads
     assert model.config._attn_implementation == "sdpa" and not model._forward_hooks
 

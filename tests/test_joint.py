@@ -144,17 +144,19 @@ def test_generate_after_compression(tiny, ids, pre):
 
 
 @pytest.mark.parametrize("mode", ["global", "per_head"])
-@pytest.mark.parametrize("method", ["mse", "rdkv"])
-def test_bytes_held_equal_prediction(pre, mode, method):
+@pytest.mark.parametrize(("method", "protect"), [("mse", "reserved"), ("rdkv", "reserved"), ("rdkv", "allocated")])
+def test_bytes_held_equal_prediction(pre, mode, method, protect):
     w = token_weights(pre, method=method)
-    plan = allocate_joint(w, pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN, mode=mode)
+    plan = allocate_joint(w, pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN, mode=mode,
+                          protect=protect)
     cache = CompressedCache.compress(pre.keys, pre.values, plan, Q)
     assert cache.compressed_nbytes == cache.predicted_nbytes == compressed_nbytes(plan, Q, head_dim=HEAD_DIM)
     # the allocator's exact cost is the bytes held up to the padding of each bit stream to whole bytes
     assert 0 <= cache.compressed_nbytes * 8 - plan.usage.total_bits < 8 * 2 * 3 * LAYERS
     assert plan.usage.total_bits <= plan.budget_bits
     assert cache.retention <= 0.3 + 1e-3
-    assert np.all(plan.value[:, :, :SINK] == 16) and np.all(plan.value[:, :, -WIN:] == 16)
+    kept = 16 if protect == "reserved" else np.arange(1, 17)  # pinned: any width but 0
+    assert np.isin(plan.value[:, :, :SINK], kept).all() and np.isin(plan.value[:, :, -WIN:], kept).all()
 
 
 def test_baselines_bytes(pre):
@@ -171,7 +173,7 @@ def test_baselines_bytes(pre):
 def test_bad_input(pre):
     w = token_weights(pre)
     with pytest.raises(ValueError, match=r"below the \d+ bits .*12 protected tokens"):
-        allocate_joint(w, pre.keys, pre.values, retention=0.1, quantizer=Q, sink=SINK, window=WIN)
+        allocate_joint(w, pre.keys, pre.values, retention=0.1, quantizer=Q, sink=SINK, window=WIN, protect="reserved")
     other = Plan(key=np.full((3, KV_HEADS, HEAD_DIM), 16), value=np.full((3, KV_HEADS, C), 16),
                  key_axes=("layer", "kv_head", "channel"), value_axes=("layer", "kv_head", "token"), quantizer="kivi",
                  meta={"sink": SINK, "window": WIN})

@@ -17,7 +17,7 @@ from rdalloc.backends.hf.compress import (  # noqa: E402
     observe_prefill,
     token_weights,
 )
-from rdalloc.backends.hf.joint import allocate_joint, continuation_logits  # noqa: E402
+from rdalloc.backends.hf.joint import allocate_joint, allocate_joint_shared, continuation_logits  # noqa: E402
 
 from rdalloc.models import FULL_BITS  # noqa: E402
 from rdalloc.quantizers import KIVI  # noqa: E402
@@ -126,7 +126,7 @@ def test_allocated_protection_fits_where_the_reservation_cannot(pre):
     w = token_weights(pre, method="calibrated")
     r = 0.08  # 12 of 96 tokens at 16 bits would need 12.5 %
     with pytest.raises(ValueError, match="protected tokens"):
-        allocate_joint(w, pre.keys, pre.values, retention=r, quantizer=Q, sink=SINK, window=WIN)
+        allocate_joint(w, pre.keys, pre.values, retention=r, quantizer=Q, sink=SINK, window=WIN, protect="reserved")
     plan = allocate_joint(w, pre.keys, pre.values, retention=r, quantizer=Q, sink=SINK, window=WIN,
                           protect="allocated")
     assert (plan.value[..., :SINK] > 0).all() and (plan.value[..., -WIN:] > 0).all()
@@ -155,7 +155,7 @@ def test_the_options_change_the_logits(tiny, ids, pre):
     """The calibrated weighting and the allocated protection are not ignored: at the same budget they give other
     plans and other continuation logits than the old default (hybrid weights, reserved protection)."""
     kw = dict(retention=0.35, quantizer=Q, sink=SINK, window=WIN)
-    old = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, **kw)
+    old = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, protect="reserved", **kw)
     pinned = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, protect="allocated", **kw)
     logits = {}
     for name, plan in (("old", old), ("pinned", pinned)):
@@ -165,7 +165,7 @@ def test_the_options_change_the_logits(tiny, ids, pre):
     w = token_weights(pre, method="calibrated")
     if np.all(w.blend == BLEND_GRID[2]):  # the grid point nearest the fixed hybrid: compare with pure rdkv instead
         pytest.skip("calibration chose the hybrid's blend in every head of this tiny model")
-    new = allocate_joint(w, pre.keys, pre.values, **kw)
+    new = allocate_joint(w, pre.keys, pre.values, protect="reserved", **kw)
     assert not (np.array_equal(old.value, new.value) and np.array_equal(old.key, new.key))
     logits["new"] = continuation_logits(tiny, CompressedCache.compress(pre.keys, pre.values, new, Q), ids[C:])
     assert not torch.allclose(logits["old"], logits["new"])
@@ -178,7 +178,7 @@ def test_auto_protection_takes_the_plan_of_lower_modelled_distortion(pre, retent
     auto = allocate_joint(w, pre.keys, pre.values, protect="auto", **kw)
     allocated = allocate_joint(w, pre.keys, pre.values, protect="allocated", **kw)
     try:
-        reserved = allocate_joint(w, pre.keys, pre.values, **kw)
+        reserved = allocate_joint(w, pre.keys, pre.values, protect="reserved", **kw)
     except ValueError:  # 0.08: the reservation does not fit
         reserved = None
     options = {"allocated": allocated} | ({"reserved": reserved} if reserved is not None else {})
@@ -188,3 +188,101 @@ def test_auto_protection_takes_the_plan_of_lower_modelled_distortion(pre, retent
     np.testing.assert_array_equal(auto.value, options[best].value)
     cache = CompressedCache.compress(pre.keys, pre.values, auto, Q)
     assert cache.compressed_nbytes == cache.predicted_nbytes and auto.usage.total_bits <= auto.budget_bits
+
+
+def test_defaults_are_the_measured_configuration(pre):
+    """No options: RDKV's weights, protect="auto", sink 4 + window 8 (experiments/results/joint_default/); the old
+    behaviour stays reachable by arguments."""
+    kw = dict(retention=0.3, quantizer=Q)
+    np.testing.assert_array_equal(token_weights(pre).token, token_weights(pre, method="rdkv").token)
+    assert token_weights(pre).method == "rdkv"
+    plan = allocate_joint(token_weights(pre), pre.keys, pre.values, **kw)
+    want = allocate_joint(token_weights(pre, method="rdkv"), pre.keys, pre.values, protect="auto", sink=4, window=8,
+                          **kw)
+    assert plan.meta["protect"] == "auto" and plan.meta["protect_chosen"] == want.meta["protect_chosen"]
+    np.testing.assert_array_equal(plan.value, want.value)
+    np.testing.assert_array_equal(plan.key, want.key)
+    old = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, protect="reserved", window=32,
+                         retention=0.5, quantizer=Q)
+    assert old.meta["protect"] == "reserved" and old.meta["window"] == 32 and old.meta["weighting"] == "hybrid"
+
+
+def _two_sequences(tiny, ids, pre, method="rdkv"):
+    """The fixture's prefill and a shorter one (C - 24 tokens) of other text: a batch of unequal lengths."""
+    other = observe_prefill(tiny, ids.flip(0)[:C - 24], window=OBS)
+    return ([token_weights(pre, method=method), token_weights(other, method=method)], [pre.keys, other.keys],
+            [pre.values, other.values])
+
+
+@pytest.mark.parametrize("protect", ["reserved", "allocated", "auto"])
+@pytest.mark.parametrize("retention", [0.15, 0.45])
+def test_shared_budget_with_one_sequence_is_the_sequence_plan(pre, protect, retention):
+    """A batch of one: the shared problem is the per-sequence problem, for every protect (same bits, same spend)."""
+    w = token_weights(pre, method="rdkv")
+    kw = dict(retention=retention, quantizer=Q, sink=SINK, window=WIN, protect=protect)
+    (shared,) = allocate_joint_shared([w], [pre.keys], [pre.values], **kw)
+    alone = allocate_joint(w, pre.keys, pre.values, **kw)
+    np.testing.assert_array_equal(shared.value, alone.value)
+    np.testing.assert_array_equal(shared.key, alone.key)
+    assert shared.usage.total_bits == pytest.approx(alone.usage.total_bits, rel=1e-12)
+    assert shared.predicted_distortion == pytest.approx(alone.predicted_distortion, rel=1e-9)
+    assert shared.meta["protect"] == protect
+    for key in ("sink", "window", "pinned", "protect_chosen"):
+        assert shared.meta.get(key) == alone.meta.get(key)
+
+
+@pytest.mark.parametrize("protect", ["allocated", "auto"])
+@pytest.mark.parametrize("retention", [0.06, 0.15, 0.4])
+def test_shared_budget_pins_every_sequences_protected_tokens_and_bytes_are_exact(tiny, ids, pre, protect, retention):
+    """Two sequences of unequal length under one budget: pinned tokens of each are kept (never evicted), the spends
+    sum within the shared budget, and each compressed cache holds exactly the bytes its plan predicts."""
+    ws, ks, vs = _two_sequences(tiny, ids, pre)
+    plans = allocate_joint_shared(ws, ks, vs, retention=retention, quantizer=Q, sink=SINK, window=WIN,
+                                  protect=protect)
+    full = sum(16.0 * 2 * k.numel() for k in ks)
+    assert sum(p.usage.total_bits for p in plans) <= retention * full * (1 + 1e-12)
+    chosen = {p.meta.get("protect_chosen", protect) for p in plans}
+    assert len(chosen) == 1  # one choice for the batch
+    held = []
+    for p, k, v in zip(plans, ks, vs):
+        n = k.shape[2]
+        assert p.value.shape == (LAYERS, KV_HEADS, n) and p.budget_bits == pytest.approx(retention * full)
+        guard = np.zeros(n, bool)
+        guard[:SINK] = guard[n - WIN:] = True
+        assert (p.value[..., guard] > 0).all()
+        if chosen == {"allocated"}:
+            assert p.meta["sink"] == p.meta["window"] == 0 and p.meta["pinned"] == {"sink": SINK, "window": WIN}
+        else:
+            assert (p.value[..., guard] == FULL_BITS).all() and p.meta["window"] == WIN
+        cache = CompressedCache.compress(k, v, p, Q)
+        assert cache.compressed_nbytes == cache.predicted_nbytes
+        held.append(cache.compressed_nbytes)
+    spend = sum(p.usage.total_bits for p in plans)
+    assert 0 <= 8 * sum(held) - spend < 8 * LAYERS * KV_HEADS * 3 * len(plans)  # bit streams padded to bytes
+
+
+def test_shared_auto_takes_the_batch_plan_of_lower_modelled_distortion(tiny, ids, pre):
+    ws, ks, vs = _two_sequences(tiny, ids, pre)
+    seen = set()
+    for r in (0.08, 0.2, 0.5):
+        kw = dict(retention=r, quantizer=Q, sink=SINK, window=WIN)
+        options = {"allocated": allocate_joint_shared(ws, ks, vs, protect="allocated", **kw)}
+        try:
+            options["reserved"] = allocate_joint_shared(ws, ks, vs, protect="reserved", **kw)
+        except ValueError as exc:  # 0.08: below the reservation of 12 tokens of 96 and of 72
+            assert r == 0.08 and "protect='allocated'" in str(exc)
+        auto = allocate_joint_shared(ws, ks, vs, protect="auto", **kw)
+        total = {how: sum(p.predicted_distortion for p in ps) for how, ps in options.items()}
+        best = min(total, key=total.get)
+        seen.add(best)
+        assert all(p.meta["protect_chosen"] == best and p.meta["protect"] == "auto" for p in auto)
+        for a, b in zip(auto, options[best]):
+            np.testing.assert_array_equal(a.value, b.value)
+            np.testing.assert_array_equal(a.key, b.key)
+    assert "allocated" in seen  # at 8 % only the allocation fits
+
+
+def test_shared_protect_rejects_bad_values(pre):
+    w = token_weights(pre)
+    with pytest.raises(ValueError, match="protect must be 'reserved', 'allocated' or 'auto', got 'pinned'"):
+        allocate_joint_shared([w], [pre.keys], [pre.values], retention=0.3, quantizer=Q, protect="pinned")

@@ -96,7 +96,8 @@ def test_plain_forward_prefill_then_decode_steps(tiny, ids):
 
 def test_one_call_equals_five_step_path(tiny, ids):
     pre = observe_prefill(tiny, ids[0, :C], window=OBS)
-    plan = allocate_joint(token_weights(pre), pre.keys, pre.values, retention=0.3, quantizer=Q, sink=SINK, window=WIN)
+    plan = allocate_joint(token_weights(pre, method="hybrid"), pre.keys, pre.values, retention=0.3, quantizer=Q,
+                          sink=SINK, window=WIN)  # the one call's defaults without an importance: hybrid, auto
     five = CompressedCache.compress(pre.keys, pre.values, plan, Q)
     with torch.no_grad():
         with JointAttention(tiny):
@@ -113,7 +114,8 @@ def test_one_call_equals_five_step_path(tiny, ids):
 
 @pytest.mark.parametrize("options", [{"method": "mse", "mode": "per_head"}, {"method": "rdkv", "importance": True},
                                      {"method": "rdkv", "importance": True, "protect": "auto"},
-                                     {"method": "hybrid", "protect": "allocated"}])
+                                     {"method": "hybrid", "protect": "allocated"},
+                                     {"method": "hybrid", "protect": "reserved"}])
 def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
     from rdalloc.backends.hf.capture import HeadImportance
 
@@ -127,12 +129,36 @@ def test_options_pass_through_as_in_the_five_step_path(tiny, ids, options):
     if "importance" in options:
         w = scale_heads(w, options["importance"])
     plan = allocate_joint(w, pre.keys, pre.values, retention=0.4, quantizer=Q, sink=SINK, window=WIN,
-                          mode=options.get("mode", "global"), protect=options.get("protect", "reserved"))
+                          mode=options.get("mode", "global"), protect=options.get("protect", "auto"))
     with compress_after_prefill(tiny, retention=0.4, **options, **OPTS) as press:
         gen(tiny, ids[:, :C], do_sample=False, new=1)
     assert np.array_equal(press.plans[0].value, plan.value) and np.array_equal(press.plans[0].key, plan.key)
     assert press.plans[0].meta["weighting"] == plan.meta["weighting"]
-    assert press.plans[0].meta["protect"] == plan.meta["protect"] == options.get("protect", "reserved")
+    assert press.plans[0].meta["protect"] == plan.meta["protect"] == options.get("protect", "auto")
+
+
+@pytest.mark.parametrize("importance", [False, True])
+def test_defaults_are_the_measured_configuration(tiny, ids, importance):
+    """No options but the quantizer: protect="auto", sink 4 + window 8, 32 observed queries, and RDKV's weights
+    with a head importance, the hybrid without one, as the five-step path with those spelled out
+    (experiments/results/joint_default/)."""
+    from rdalloc.backends.hf.capture import HeadImportance
+
+    rng = np.random.default_rng(1)
+    imp = HeadImportance(key=rng.uniform(0.5, 2, (2, 2)), value=rng.uniform(0.5, 2, (2, 2)), method="fisher",
+                         units="", windows=1, tokens=1, meta={}) if importance else None
+    method = "rdkv" if importance else "hybrid"
+    pre = observe_prefill(tiny, ids[0, :C], window=32)
+    w = token_weights(pre, method=method)
+    plan = allocate_joint(w if imp is None else scale_heads(w, imp), pre.keys, pre.values, retention=0.3,
+                          quantizer=Q, sink=4, window=8, protect="auto")
+    with compress_after_prefill(tiny, retention=0.3, quantizer=Q, importance=imp) as press:
+        gen(tiny, ids[:, :C], do_sample=False, new=1)
+    (one,) = press.plans
+    assert np.array_equal(one.value, plan.value) and np.array_equal(one.key, plan.key)
+    assert one.meta["weighting"] == plan.meta["weighting"] and one.meta["weighting"].startswith(method)
+    assert one.meta["protect"] == "auto"
+    assert one.meta["protect_chosen"] == plan.meta["protect_chosen"]
 
 
 def test_compression_is_applied(tiny, ids):
@@ -176,11 +202,12 @@ def test_batch_rows_equal_each_sequence_alone(tiny, batch):
     assert len(counts) > 1  # rows keep different numbers of tokens
 
 
-@pytest.mark.parametrize("budget", ["sequence", "shared"])
-def test_budgets_are_met_and_bytes_equal_the_plans(tiny, batch, budget):
+@pytest.mark.parametrize(("budget", "protect", "r"), [("sequence", "auto", 0.3), ("shared", "reserved", 0.3),
+                                                      ("shared", "allocated", 0.3), ("shared", "auto", 0.3),
+                                                      ("shared", "auto", 0.15), ("shared", "allocated", 0.15)])
+def test_budgets_are_met_and_bytes_equal_the_plans(tiny, batch, budget, protect, r):
     ids, mask = batch
-    r = 0.3
-    with compress_after_prefill(tiny, retention=r, budget=budget, **OPTS) as press:
+    with compress_after_prefill(tiny, retention=r, budget=budget, protect=protect, **OPTS) as press:
         gen(tiny, ids, mask, do_sample=False, new=2)
     fp16_bits = [16.0 * 2 * 2 * 2 * p.tokens * 16 for p in press.plans]  # layers x kv_heads x tokens x head_dim
     spend = [p.usage.total_bits for p in press.plans]
@@ -190,7 +217,9 @@ def test_budgets_are_met_and_bytes_equal_the_plans(tiny, batch, budget):
     else:
         assert sum(spend) <= r * sum(fp16_bits)
         assert all(p.budget_bits == pytest.approx(r * sum(fp16_bits)) for p in press.plans)
-        assert all(p.meta["budget"] == "shared" for p in press.plans)
+        assert all(p.meta["budget"] == "shared" and p.meta["protect"] == protect for p in press.plans)
+    for p in press.plans:  # the protected tokens of every sequence are kept, pinned or reserved
+        assert (p.value[..., :SINK] > 0).all() and (p.value[..., -WIN:] > 0).all()
     held = press.cache.compressed_nbytes
     assert held == press.cache.predicted_nbytes == sum(compressed_nbytes(p, Q, head_dim=16) for p in press.plans)
     assert 0 <= 8 * held - sum(spend) < 8 * 2 * 3 * 2 * len(spend)  # padding of each bit stream to whole bytes
@@ -311,12 +340,14 @@ def test_bad_options_and_inputs(tiny, ids):
         compress_after_prefill(tiny, retention=0.3, mode="per_head", budget="shared")
     with pytest.raises(ValueError, match="protect must be one of"):
         compress_after_prefill(tiny, retention=0.3, protect="pinned")
-    with pytest.raises(ValueError, match="protect='auto' is built for a budget per sequence"):
-        compress_after_prefill(tiny, retention=0.3, protect="auto", budget="shared")
     with pytest.raises(ValueError, match="row 0 has 8 tokens, not more than the observation window"), \
             compress_after_prefill(tiny, **FULL):
         gen(tiny, ids[:, :8])
-    with pytest.raises(ValueError, match=r"below the \d+ bits"), compress_after_prefill(tiny, retention=0.05, **OPTS):
+    with pytest.raises(ValueError, match=r"below the \d+ bits"), \
+            compress_after_prefill(tiny, retention=0.05, protect="reserved", **OPTS):
+        gen(tiny, ids[:, :C])
+    with pytest.raises(ValueError, match=r"infeasible .* least budget accepted"), \
+            compress_after_prefill(tiny, retention=0.05, **OPTS):  # auto: not even the pinned tokens at 2 bits fit
         gen(tiny, ids[:, :C])
     cache = DynamicCache(config=tiny.config)
     forward(tiny, cache, ids[:, :C])
@@ -411,3 +442,16 @@ def test_chunked_prefill_is_refused_before_anything_runs(tiny, ids):
         tiny.generation_config.prefill_chunk_size = None
     assert "generate" not in vars(tiny)
     no_hooks_left(tiny)
+
+
+def test_shared_budget_below_the_reservation_needs_the_allocation(tiny, batch):
+    """15 % of the batch's FP16 bytes cannot hold its 4 x 12 protected tokens (48 of 226, 21 %) at 16 bits: reserved
+    is refused with a message naming the way out; auto (the default) pins them inside the allocation."""
+    ids, mask = batch
+    with pytest.raises(ValueError, match="protect='allocated'"), \
+            compress_after_prefill(tiny, retention=0.15, budget="shared", protect="reserved", **OPTS):
+        gen(tiny, ids, mask, do_sample=False, new=1)
+    with compress_after_prefill(tiny, retention=0.15, budget="shared", **OPTS) as press:
+        gen(tiny, ids, mask, do_sample=False, new=1)
+    assert {p.meta["protect_chosen"] for p in press.plans} == {"allocated"}
+    assert press.cache.compressed_nbytes == press.cache.predicted_nbytes

@@ -19,15 +19,21 @@ Three pieces, used in this order by :mod:`.joint`:
    so ``e_t = sum_{g,i} a_git^2 |v_t - o_gi|^2``. Key noise moves the logit by ``scale * q_i . dk_t`` and
    ``do_i = a_it (v_t - o_i) dlogit``, so ``K_tc = scale^2 sum_{g,i} a_git^2 |v_t - o_gi|^2 q_gic^2``.
 
-   ``method="rdkv"`` follows RDKV/SnapKV: the token score is the attention it receives from the observation queries,
-   normalized by how many of them can see it (``min(W, C - t)``) and average-pooled over ``pool`` neighbouring
-   tokens, ``s_t``; then ``u_t = s_t``, ``e_t = s_t * nu`` and ``K_tc = s_t * nu * scale^2 * Q_c`` where
-   ``Q_c = sum_g mean_i q_gic^2`` is the query energy of channel ``c`` (the key energy enters through ``dk``, measured
-   on the keys) and ``nu = mean_t |v_t - mean o|^2`` puts keys, values and eviction in the same units.
+   ``method="rdkv"`` (the default) follows RDKV/SnapKV: the token score is the attention it receives from the
+   observation queries, normalized by how many of them can see it (``min(W, C - t)``) and average-pooled over
+   ``pool`` neighbouring tokens, ``s_t``; then ``u_t = s_t``, ``e_t = s_t * nu`` and
+   ``K_tc = s_t * nu * scale^2 * Q_c`` where ``Q_c = sum_g mean_i q_gic^2`` is the query energy of channel ``c`` (the
+   key energy enters through ``dk``, measured on the keys) and ``nu = mean_t |v_t - mean o|^2`` puts keys, values
+   and eviction in the same units.
 
-   ``method="hybrid"`` (the default) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s per-head totals:
-   ``mse`` tends to win at low retention and ``rdkv`` at high retention, and the hybrid is meant to track the better
-   of the two (measured by ``experiments/joint_grid.py``).
+   ``method="hybrid"`` (the default before issue #20) is ``mse`` plus 0.1 times ``rdkv`` rescaled to ``mse``'s
+   per-head totals: ``mse`` tends to win at low retention and ``rdkv`` at high retention, and the hybrid was meant to
+   track the better of the two. On two texts with paired intervals (``experiments/results/joint_default/``, 6
+   windows each) ``rdkv`` with the Fisher head scale (:func:`scale_heads`) was never significantly beaten, and the
+   hybrid with the same scale was beaten at 2, 5 and 25 % retention on both texts (undecided at 10 and 50 %): the
+   pooled, smoothed score predicts the continuation's attention better than the observation window's own squared
+   attention, so ``rdkv`` is the default. Without a head scale the hybrid measured better than ``rdkv`` (its
+   ``mse`` part carries each head's level; ``compress_after_prefill`` uses it when given no importance).
 
    ``method="calibrated"`` estimates the blend instead of fixing it. What the evaluation measures is the loss of
    the *continuation's* queries; per head, its first-order part is ``sum_{future i} a_it^2 |v_t - o_i|^2`` for an
@@ -236,7 +242,7 @@ class TokenWeights:
 
 
 @torch.no_grad()
-def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
+def token_weights(prefill: Prefill, *, method: str = "rdkv", pool: int = 7,
                   evicted: np.ndarray | None = None, floor: float = 0.1) -> TokenWeights:
     """Attention-derived weights from an observed prefill (formulas in the module docstring).
 
@@ -246,8 +252,8 @@ def token_weights(prefill: Prefill, *, method: str = "hybrid", pool: int = 7,
     (``dO`` without ``t``), summed over the observation queries and clamped at 0, instead of the independent-error
     ``a_it^2 |o_i - v_t|^2``.
 
-    ``method="hybrid"`` (the default): ``mse`` plus ``floor`` times ``rdkv`` rescaled, per ``(layer, kv_head)`` and per
-    kind of weight, to the same total as ``mse``; see :func:`_hybrid`."""
+    ``method="rdkv"`` is the default (module docstring). ``method="hybrid"``: ``mse`` plus ``floor`` times ``rdkv``
+    rescaled, per ``(layer, kv_head)`` and per kind of weight, to the same total as ``mse``; see :func:`_hybrid`."""
     if method not in WEIGHTINGS:
         raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
     if method == "calibrated":

@@ -280,20 +280,25 @@ def _plan(vbits, kbits, q, B, usage, dist, cert, meta) -> Plan:
 
 def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tensor, *, retention: float | None = None,
                    budget_bits: float | None = None, menu: Sequence[int] = DEFAULT_MENU, quantizer: Any = "kivi",
-                   mode: str = "global", sink: int = 4, window: int = 32, errors: KVErrors | None = None,
-                   protect: str = "reserved") -> Plan:
+                   mode: str = "global", sink: int = 4, window: int = 8, errors: KVErrors | None = None,
+                   protect: str = "auto") -> Plan:
     """A token plan (value bits ``[L, H, C]``, key bits ``[L, H, D]``) for the prefill K/V ``[L, H, C, D]`` under one
     budget (``retention`` of the FP16 cache or ``budget_bits``, metadata and protected tokens included); see the module
     docstring. ``mode``: ``"global"`` (one budget) or ``"per_head"`` (RDKV: the same budget for every head).
 
-    ``protect``: how the first ``sink`` and last ``window`` tokens are kept. ``"reserved"`` (the default): at 16 bits,
-    keys and values, held beside the packed storage (a fixed reservation of ``2 * 16 * D`` bits per token and head).
+    ``protect``: how the first ``sink`` and last ``window`` tokens are kept. ``"reserved"``: at 16 bits, keys and
+    values, held beside the packed storage (a fixed reservation of ``2 * 16 * D`` bits per token and head).
     ``"allocated"``: they may not be evicted but are items of the allocation like the others, at their own distortion
     (``u_t |dv_t(b)|^2 + sum_c K_tc dk_tc(b)^2``) and any width of the menu but 0, 16 included; they are packed with
     the rest (the plan's ``meta["sink"]``/``meta["window"]`` are then 0, ``meta["pinned"]`` records the pair), so their
     keys take their channels' widths. ``"auto"``: both, and the plan of lower modelled distortion (the two solve the
     same objective over different feasible sets: reserved tokens cost ``2 * 16 * D`` bits each with exact keys, pinned
-    ones whatever widths the allocation gives them; ``meta["protect_chosen"]`` says which won)."""
+    ones whatever widths the allocation gives them; ``meta["protect_chosen"]`` says which won).
+
+    Defaults (``protect="auto"``, ``sink=4``, ``window=8``) are the configuration measured best on two texts with
+    paired intervals (``experiments/results/joint_default/``): "auto" picks "allocated" at low retention, where the
+    reservation eats the budget, and "reserved" at high retention, where pinned sink keys would widen their
+    channels' ranges. ``protect="reserved", window=32`` is the behaviour before that measurement."""
     if mode not in ("global", "per_head"):
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
     if protect not in ("reserved", "allocated", "auto"):
@@ -369,15 +374,23 @@ def allocate_joint(weights: TokenWeights, keys: torch.Tensor, values: torch.Tens
 def allocate_joint_shared(weights: Sequence[TokenWeights], keys: Sequence[torch.Tensor],
                           values: Sequence[torch.Tensor], *, retention: float | None = None,
                           budget_bits: float | None = None, menu: Sequence[int] = DEFAULT_MENU,
-                          quantizer: Any = "kivi", sink: int = 4, window: int = 32) -> list[Plan]:
+                          quantizer: Any = "kivi", sink: int = 4, window: int = 8,
+                          protect: str = "auto") -> list[Plan]:
     """One token plan per sequence of a batch under **one budget shared by the batch**: the global two-stage problem
     of the module docstring over every sequence's layers, heads, tokens and channels at once (sequence ``r`` has
     ``keys[r]``/``values[r]`` ``[L, H, C_r, D]`` of its own tokens and ``weights[r]``). The budget is ``retention`` of
     the FP16 bytes of all the sequences' tokens, or ``budget_bits``. A sequence's quality then depends on what it is
     batched with: bits go where they buy the most over the whole batch.
 
+    ``protect`` as in :func:`allocate_joint`, for the whole batch: ``"reserved"`` holds every sequence's first
+    ``sink`` and last ``window`` tokens at 16 bits beside the packed storage; ``"allocated"`` pins them (never
+    evicted, any width of the menu but 0, packed); ``"auto"`` (the default) solves both over the batch and keeps the
+    one of lower total modelled distortion (one choice for the batch: ``meta["protect_chosen"]`` on every plan).
+
     Every plan records the shared budget (``budget_bits``, ``meta["budget"] = "shared"``) and its own spend and
     distortion; the spends sum to the stage-2 allocation's, within the shared budget."""
+    if protect not in ("reserved", "allocated", "auto"):
+        raise ValueError(f"protect must be 'reserved', 'allocated' or 'auto', got {protect!r}")
     R = len(keys)
     if not (R == len(values) == len(weights)) or R == 0:
         raise ValueError(f"weights, keys and values must be non-empty and one per sequence, got {len(weights)}, "
@@ -398,9 +411,10 @@ def allocate_joint_shared(weights: Sequence[TokenWeights], keys: Sequence[torch.
     Cmax, n = max(Cs), R * L * H
     B = _budget(L, H, sum(Cs), D, retention, budget_bits)
     need = 16.0 * 2 * D * L * H * sum(int(protected_mask(C, sink, window).sum()) for C in Cs)
-    if B < need:
+    if protect == "reserved" and B < need:
         raise ValueError(f"the shared budget of {B:.0f} bits is below the {need:.0f} bits the protected tokens "
-                         f"(sink={sink}, window={window}) of the {R} sequences need at full precision")
+                         f"(sink={sink}, window={window}) of the {R} sequences need at full precision: raise the "
+                         f"budget, protect fewer tokens or pass protect='allocated'")
     widths = [b for b in menu if 0 < b < FULL_BITS]
 
     def stack(arrays, tail=()):
@@ -414,10 +428,18 @@ def allocate_joint_shared(weights: Sequence[TokenWeights], keys: Sequence[torch.
     K = stack([w.key for w in weights], (D,))
     dv = {b: stack([x.value[b] for x in errs]) for b in widths}
     dk = {b: stack([x.key[b] for x in errs], (D,)) for b in widths}
-    prot = stack([np.broadcast_to(protected_mask(C, sink, window), (L, H, C)) for C in Cs]).astype(bool)
+    guarded = stack([np.broadcast_to(protected_mask(C, sink, window), (L, H, C)) for C in Cs]).astype(bool)
     absent = stack([np.ones((L, H, C)) for C in Cs]) == 0
+    nothing = np.zeros_like(guarded)
     t0 = time.perf_counter()
-    solved = _joint_items(u, e, K, dv, dk, q, menu, B, prot, absent, D)
+    solves = {}
+    if protect in ("reserved", "auto") and B >= need:
+        solves["reserved"] = _joint_items(u, e, K, dv, dk, q, menu, B, guarded, absent, D)
+    if protect in ("allocated", "auto"):
+        solves["allocated"] = _joint_items(u, e, K, dv, dk, q, menu, B, nothing, absent, D, guarded)
+
+    chosen = min(solves, key=lambda how: float(solves[how].stage2.distortion))
+    solved = solves[chosen]
     seconds = time.perf_counter() - t0
     cert = {"stage1": solved.stage1.certificate(), **solved.stage2.certificate(), "budget": "shared",
             "sequences": R, "solve_seconds": seconds}
@@ -429,15 +451,19 @@ def allocate_joint_shared(weights: Sequence[TokenWeights], keys: Sequence[torch.
         dist = float(solved.value_distortion[rows].sum() + solved.key_distortion[rows].sum())
         meta = {"sink": sink, "window": window, "menu": list(menu), "mode": "global", "budget": "shared",
                 "sequence": r, "sequences": R, "weighting": weights[r].method, "quantizer_spec": q.spec(),
-                "retention_target": B / (16.0 * 2 * L * H * sum(Cs) * D),
+                "retention_target": B / (16.0 * 2 * L * H * sum(Cs) * D), "protect": protect,
                 "note": "budget_bits is the budget shared by the batch; usage is this sequence's spend"}
+        if protect == "auto":
+            meta["protect_chosen"] = chosen
+        if chosen == "allocated":
+            meta.update(sink=0, window=0, pinned={"sink": sink, "window": window})
         plans.append(_plan(solved.value_bits[rows, :C].reshape(L, H, C), solved.key_bits[rows].reshape(L, H, D), q, B,
                            Usage(payload, metadata, 2.0 * L * H * C * D), dist, cert, meta))
     return plans
 
 
 def eviction_plan(weights: TokenWeights, shape: Sequence[int], *, retention: float | None = None,
-                  budget_bits: float | None = None, quantizer: Any = "kivi", sink: int = 4, window: int = 32) -> Plan:
+                  budget_bits: float | None = None, quantizer: Any = "kivi", sink: int = 4, window: int = 8) -> Plan:
     """Eviction only (SnapKV-style): every head keeps the same number of tokens at 16 bits (protected ones and the
     top eviction distortions ``e_t``), as many as the budget holds."""
     L, H, C, D = (int(s) for s in shape)
@@ -459,7 +485,7 @@ def eviction_plan(weights: TokenWeights, shape: Sequence[int], *, retention: flo
 
 
 def uniform_token_plan(shape: Sequence[int], *, retention: float | None = None, budget_bits: float | None = None,
-                 quantizer: Any = "kivi", sink: int = 4, window: int = 32) -> Plan | None:
+                 quantizer: Any = "kivi", sink: int = 4, window: int = 8) -> Plan | None:
     """Quantization only: every unprotected token's key and value at one width, the largest the quantizer supports
     whose exact bytes fit the budget; ``None`` when even its narrowest width does not fit."""
     L, H, C, D = (int(s) for s in shape)

@@ -112,7 +112,7 @@ def _refuse_chunked_prefill(model: Any, args: tuple, kwargs: dict) -> None:
 
 
 def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, sink, window, observe, pool,
-                mode, protect) -> dict:
+                mode, protect, importance=None) -> dict:
     """Validate the options of :func:`compress_after_prefill` (apart from the math); returns them normalised with the
     model's ``layers`` and ``head_dim``."""
     if (retention is None) == (nbytes is None):
@@ -125,15 +125,14 @@ def _options_iv(model, *, retention, nbytes, budget, method, quantizer, menu, si
         raise ValueError(f"nbytes must be a positive integer, got {nbytes!r}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if method is None:  # the measured default of each case (compress_after_prefill's docstring)
+        method = "hybrid" if importance is None else "rdkv"
     if method not in WEIGHTINGS:
-        raise ValueError(f"method must be one of {WEIGHTINGS}, got {method!r}")
+        raise ValueError(f"method must be one of {WEIGHTINGS} (or None: the measured default), got {method!r}")
     if mode not in ("global", "per_head"):
         raise ValueError(f"mode must be 'global' or 'per_head', got {mode!r}")
     if protect not in PROTECT:
         raise ValueError(f"protect must be one of {PROTECT}, got {protect!r}")
-    if protect != "reserved" and budget == "shared":
-        raise ValueError(f"protect={protect!r} is built for a budget per sequence; budget='shared' reserves the "
-                         f"protected tokens (protect='reserved')")
     if mode == "per_head" and budget == "shared":
         raise ValueError("mode='per_head' gives every head of a sequence its own budget; it cannot share one "
                          "budget over the batch (budget='shared')")
@@ -155,13 +154,13 @@ class PrefillCompression(JointAttention):
     ``retention``), ``rows`` (batch row -> sequence index)."""
 
     def __init__(self, model: Any, *, retention: float | None = None, nbytes: int | None = None,
-                 budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
-                 menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
-                 pool: int = 7, mode: str = "global", importance: Any = None, protect: str = "reserved"):
+                 budget: str = "sequence", method: str | None = None, quantizer: Any = "kivi",
+                 menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 8, observe: int = 32,
+                 pool: int = 7, mode: str = "global", importance: Any = None, protect: str = "auto"):
         super().__init__(model)
         options = _options_iv(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
                               quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
-                              mode=mode, protect=protect)
+                              mode=mode, protect=protect, importance=importance)
         self.num_layers, self.head_dim = options.pop("layers"), options.pop("head_dim")
         self.retention, self.nbytes, self.budget = options["retention"], options["nbytes"], options["budget"]
         self.method, self.quantizer, self.menu = options["method"], options["quantizer"], options["menu"]
@@ -281,7 +280,7 @@ class PrefillCompression(JointAttention):
         options = {"menu": self.menu, "quantizer": self.quantizer, "sink": self.sink, "window": self.window}
         if self.budget == "shared":
             plans = allocate_joint_shared(weights, [pre.keys for pre in prefills], [pre.values for pre in prefills],
-                                          **budget, **options)
+                                          protect=self.protect, **budget, **options)
         else:
             plans = [allocate_joint(w, pre.keys, pre.values, mode=self.mode, protect=self.protect, **budget,
                                     **options) for w, pre in zip(weights, prefills)]
@@ -348,22 +347,30 @@ class PrefillCompression(JointAttention):
 
 
 def compress_after_prefill(model: Any, *, retention: float | None = None, nbytes: int | None = None,
-                           budget: str = "sequence", method: str = "hybrid", quantizer: Any = "kivi",
-                           menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 32, observe: int = 32,
+                           budget: str = "sequence", method: str | None = None, quantizer: Any = "kivi",
+                           menu: Sequence[int] = DEFAULT_MENU, sink: int = 4, window: int = 8, observe: int = 32,
                            pool: int = 7, mode: str = "global", importance: Any = None,
-                           protect: str = "reserved") -> PrefillCompression:
+                           protect: str = "auto") -> PrefillCompression:
     """``with compress_after_prefill(model, retention=0.1): out = model.generate(ids, attention_mask=mask, ...)``:
     each prefill inside the block is observed, weighted, allocated and compressed in place (module docstring).
 
     ``retention`` (fraction of the FP16 bytes of a sequence's prefix) or ``nbytes`` (bytes), per sequence or shared
     by the batch (``budget``: ``"sequence"``, the default, or ``"shared"``); ``method``: the weighting
-    (:data:`.compress.WEIGHTINGS`, default ``"hybrid"``); ``quantizer`` (default KIVI), ``menu`` (default ``{0, 2,
-    4, 8, 16}``), ``sink``/``window`` (tokens held at 16 bits), ``observe`` (queries observed), ``pool``, ``mode``
-    (``"global"`` or RDKV's ``"per_head"``), ``importance`` (a :class:`~.capture.HeadImportance`: the weights in
-    the loss's units) and ``protect`` (the sink/window tokens ``"reserved"`` at 16 bits, ``"allocated"`` at their
-    own distortion, or ``"auto"``: whichever plan has the lower modelled distortion; per-sequence budgets) as in the
-    five-step path, whose defaults these are. On two texts ``method="rdkv"`` with a Fisher ``importance`` and
-    ``protect="auto"`` was never significantly beaten (``experiments/results/joint_default/``)."""
+    (:data:`.compress.WEIGHTINGS`); ``quantizer`` (default KIVI), ``menu`` (default ``{0, 2, 4, 8, 16}``),
+    ``sink``/``window`` (the first and last tokens, never evicted), ``observe`` (queries observed), ``pool``,
+    ``mode`` (``"global"`` or RDKV's ``"per_head"``), ``importance`` (a :class:`~.capture.HeadImportance`: the
+    weights in the loss's units) and ``protect`` (the sink/window tokens ``"reserved"`` at 16 bits, ``"allocated"``
+    at their own distortion, or ``"auto"``: whichever plan has the lower modelled distortion; per sequence or for
+    the shared batch plan) as in the five-step path.
+
+    Defaults are what was measured best on two texts with paired intervals (``experiments/results/joint_default/``,
+    6 windows of 1024 tokens per text): ``protect="auto"``, ``sink=4``, ``window=8``, ``observe=32``, and
+    ``method=None``, which means ``"rdkv"`` with an ``importance`` (that row was never significantly beaten by any
+    row or kvpress press) and ``"hybrid"`` without one (with no head scale the hybrid had lower KL than ``"rdkv"``,
+    decided, in 6 of 10 cells and higher in 1; likely because ``rdkv``'s score is attention normalized per query,
+    whose total is about the same in every head, while ``mse``'s part of the hybrid carries each head's output
+    error, a level the Fisher scale otherwise supplies). Pass ``method="hybrid", protect="reserved", window=32``
+    for the behaviour before that measurement."""
     return PrefillCompression(model, retention=retention, nbytes=nbytes, budget=budget, method=method,
                               quantizer=quantizer, menu=menu, sink=sink, window=window, observe=observe, pool=pool,
                               mode=mode, importance=importance, protect=protect)
