@@ -88,9 +88,9 @@ class JointResult:
 
 def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[float] = RETENTIONS,
               context: int = 1024, continuation: int = 64, windows: int = 2, window: int = 32, sink: int = 4,
-              protect_window: int = 8,
+              protect_window: int = 8, protect: str = "auto",
               quantizer: str = "kivi", menu: Sequence[int] = DEFAULT_MENU, weightings: Sequence[str] = WEIGHTINGS,
-              weighting: str = "hybrid", head_scale: str | None = "fisher", fisher_samples: int = 2,
+              weighting: str = "rdkv", head_scale: str | None = "fisher", fisher_samples: int = 2,
               text_path: str | None = None, progress: bool = True) -> JointResult:
     """Compress-after-prefill experiment (module docstring). Rows: ``joint-global`` for every weighting in
     ``weightings``; ``joint-per-head`` (RDKV protocol), ``eviction`` (SnapKV-style top-k) with ``weighting``;
@@ -98,8 +98,10 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
     units by :func:`.compress.scale_heads` with a Fisher importance calibrated once on a calibration window of the
     same length (disjoint text, ``fisher_samples`` label draws), and one more row, ``joint-global`` with the unscaled
     ``weighting``, shows what the scale buys. ``model``/``tokenizer`` default to the bundled SmolLM2. ``window``
-    queries score the tokens; ``sink`` first and ``protect_window`` last tokens are kept at 16 bits (a budget that
-    cannot hold them gives an n/a cell). Returns the result; :func:`write` saves it."""
+    queries score the tokens; ``sink`` first and ``protect_window`` last tokens are never evicted, held as the joint
+    rows' ``protect`` says (:func:`~rdalloc.backends.hf.joint.allocate_joint`; default ``"auto"``, with ``weighting``
+    RDKV's: the defaults measured best, ``experiments/results/joint_default/``) and at 16 bits by the eviction and
+    uniform rows (a budget that cannot hold them gives an n/a cell). Returns the result; :func:`write` saves it."""
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer, _ = load_model(progress=progress)
@@ -136,6 +138,8 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
                     + [("joint-per-head", main), ("eviction", main), ("uniform", "-")])
             for method, w in jobs:
                 kw = dict(retention=r, quantizer=q, sink=sink, window=protect_window)
+                if method.startswith("joint"):
+                    kw["protect"] = protect
                 try:
                     plan = row_plan(method, w, wts, pre, err, menu, kw)
                 except ValueError as exc:  # e.g. the budget cannot hold the protected tokens: an n/a cell
@@ -165,8 +169,8 @@ def run_joint(model: Any = None, tokenizer: Any = None, *, retentions: Sequence[
                      **{k: float(np.mean([v[k] for v in vals])) for k in ("retention", "nll", "kl")},
                      "bytes": int(sum(v["bytes"] for v in vals)),
                      "predicted_bytes": int(sum(v["predicted_bytes"] for v in vals))})
-    settings = {"protect_window": protect_window, "context": context, "continuation": continuation, "windows": windows,
-                "window": window, "sink": sink,
+    settings = {"protect_window": protect_window, "protect": protect, "context": context,
+                "continuation": continuation, "windows": windows, "window": window, "sink": sink,
                 "quantizer": quantizer, "menu": list(menu), "weightings": list(weightings), "weighting": weighting,
                 "head_scale": head_scale, "fisher_samples": fisher_samples, "fisher_seconds": t_fisher,
                 "text": tw.source, "environment": environment(next(model.parameters()).dtype)}
