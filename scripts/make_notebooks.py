@@ -94,12 +94,14 @@ ids = tw.evaluation[0]
 pre = observe_prefill(model, ids[:C], window=32)
 print(facts.name, "- prefill K/V [layers, kv_heads, tokens, head_dim] =", tuple(pre.keys.shape))"""),
     ("md", """## Weights, errors and one plan at 10 % of the FP16 bytes
-Token weights are the hybrid attention weighting (`token_weights`), scaled per head by the Fisher importance so that
-a unit of error costs what it costs the loss, in nats per token (`scale_heads`). Errors are measured by
-fake-quantizing the prefill K/V with KIVI at each width of the menu {0, 2, 4, 8, 16}. The first 4 and last 8 tokens
-stay at 16 bits."""),
+Token weights are RDKV's attention weighting (`token_weights`' default), scaled per head by the Fisher importance so
+that a unit of error costs what it costs the loss, in nats per token (`scale_heads`): the configuration measured best
+on two texts (`experiments/results/joint_default/`). Errors are measured by fake-quantizing the prefill K/V with KIVI
+at each width of the menu {0, 2, 4, 8, 16}. The first 4 and last 8 tokens are never evicted; with `protect="auto"`
+(the default) they are held at 16 bits or allocated a width with the rest, whichever plan has the lower modelled
+distortion."""),
     ("code", """fisher = fisher_importance(model, tw.calibration[:1, :C], samples=2, progress=False)
-weights = scale_heads(token_weights(pre, method="hybrid"), fisher)
+weights = scale_heads(token_weights(pre), fisher)
 errors = measure_errors(pre.keys, pre.values, "kivi", [2, 4, 8])
 plan = allocate_joint(weights, pre.keys, pre.values, retention=0.10, errors=errors, sink=4, window=8)
 cache = CompressedCache.compress(pre.keys, pre.values, plan, "kivi")
@@ -109,6 +111,7 @@ print("key channel bits:", {int(b): f"{np.mean(kb == b):.1%}" for b in np.unique
 print(f"bytes held {cache.compressed_nbytes:,} = plan's prediction {cache.predicted_nbytes:,}; "
       f"retention {cache.retention:.4f} of FP16")
 cert = plan.certificate
+print("protected tokens:", plan.meta["protect_chosen"])
 print("budget used / budget:", cert["budget_used"] / plan.budget_bits, "- certified relative gap:", cert["relative_gap"])"""),
     ("md", """## Where the bytes went
 One budget lets heads differ: some keep most of their tokens at a few bits, others almost none. Each cell is one
