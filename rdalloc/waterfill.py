@@ -75,7 +75,9 @@ class WaterfillResult:
     bits: optimal real-valued bits per item. log_water_level: ``mu = ln lambda`` (``-inf`` when the budget is slack).
     budget / budget_used: total bits asked and spent, metadata included. distortion: ``sum_i w_i D_i(b_i)``.
     kkt_residual: largest violation of the KKT conditions in log marginal value (``|ln(marginal_i / lambda)|`` on
-    free items, one-sided at the bounds). budget_residual: ``|spent - target| / max(target, 1)``.
+    free items, one-sided at the bounds). budget_residual: ``|spent - target| / (target + metadata)``, the
+    miss relative to the whole spend the answer should reach (the payload budget ``B - metadata`` is known to a
+    rounding of ``B`` only, so a payload that is a sliver of a metadata-dominated budget is judged at ``B``'s scale).
     iterations: evaluations of ``g`` (the classifying pass counts as one; the rest run on the kept items). status:
     a code of :mod:`rdalloc.status` (``OPTIMAL``, ``SATURATED``, ``INFEASIBLE``, ``MAX_ITER`` or ``CHECK_FAILED``).
     Fields are 0-d arrays of the input backend (so the result can leave ``jax.jit``), one per group for a grouped
@@ -193,7 +195,7 @@ def waterfill(model: ExponentialModel, sizes: Any, budget: Any = None, *, averag
     # the spend the answer should reach: the budget, within what the boxes allow (a budget a rounding below the
     # cheapest point, accepted as feasible, is met by the cheapest point)
     payload, target = out.sums["payload"], reach
-    residual = _relative(xp, payload - target, target)
+    residual = _relative(xp, payload - target, target + m_total)
     status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
         bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
@@ -371,7 +373,7 @@ def _waterfill_grouped(xp, items: tuple, m, groups, B, elements, max_iter: int) 
     status = xp.where(infeasible, code(INFEASIBLE), xp.where(saturated, code(SATURATED),
                                                              xp.where(solved.done, code(OPTIMAL), code(MAX_ITER))))
     payload, target = per_group(n * bits), xp.maximum(xp.minimum(P, g_max), g_min)
-    residual = _relative(xp, payload - target, target)
+    residual = _relative(xp, payload - target, target + m_total)
     status = _checked_spend(xp, payload + m_total, B, residual, status, infeasible, traced, code)
     return WaterfillResult(
         bits=bits, log_water_level=xp.where(saturated, -xp.inf * xp.ones_like(mu), mu), budget=B,
