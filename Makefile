@@ -62,7 +62,7 @@ $(CORE)/.installed: pyproject.toml constraints-oldest.txt
 	touch $@
 
 test-core: $(CORE)/.installed
-	$(CORE)/bin/python -m pytest -q
+	HYPOTHESIS_PROFILE=ci $(CORE)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver.py
