@@ -158,6 +158,19 @@ Role make_role(const std::vector<at::Tensor>& streams, const std::vector<at::Ten
 
 inline int64_t at_or(const Role& role, int64_t off, int64_t i) { return off < 0 ? i : role.idx[off + i]; }
 
+// channel group u of token t in a channel-grouped segment m: the full-precision elements in place, or the codes
+// decoded into buf; s, z its scale and zero (1, 0 at full precision)
+inline const float* channel_group(const Role& role, const int64_t* m, int64_t k, int b, int64_t t, int64_t u,
+                                  int64_t nu, int64_t g, std::vector<float>& buf, float& s, float& z) {
+  const int64_t e = (t * nu + u) * g;
+  s = 1.f;
+  z = 0.f;
+  if (k < 0) return role.full + m[CODE_START] + e;
+  decode(role.streams[k], role.nbytes[k], m[CODE_START] + e, g, b, buf.data());
+  scale_zero(role, k, b, m[PARAM_START] + t * nu + u, s, z);
+  return buf.data();
+}
+
 // sc[r * n + j] += q . k_j for the head's kept middle tokens (j = slot); q [R, D]
 void key_scores(const Role& role, int64_t h, const float* qa, const float* qr, int64_t R, int64_t D, float* sc,
                 int64_t n, std::vector<float>& buf, std::vector<float>& acc, std::vector<float>& zs,
@@ -226,16 +239,9 @@ void key_scores(const Role& role, int64_t h, const float* qa, const float* qr, i
       for (int64_t t = 0; t < nt; ++t) {
         const int64_t slot = at_or(role, m[SLOTS], t);
         for (int64_t u = 0; u < nu; ++u) {
-          const int64_t c0 = at_or(role, m[UNITS], u) * g, e = (t * nu + u) * g;
-          const float* v;
-          float s = 1.f, z = 0.f;
-          if (k < 0) {
-            v = role.full + m[CODE_START] + e;
-          } else {
-            decode(role.streams[k], role.nbytes[k], m[CODE_START] + e, g, b, buf.data());
-            scale_zero(role, k, b, m[PARAM_START] + t * nu + u, s, z);
-            v = buf.data();
-          }
+          const int64_t c0 = at_or(role, m[UNITS], u) * g;
+          float s, z;
+          const float* v = channel_group(role, m, k, b, t, u, nu, g, buf, s, z);
           for (int64_t r = 0; r < R; ++r) {
             const float* qq = q + r * D + c0;
             float d = 0.f, qs = 0.f;
@@ -305,16 +311,9 @@ void value_sum(const Role& role, int64_t h, const float* p, int64_t R, int64_t D
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t slot = at_or(role, m[SLOTS], t);
       for (int64_t u = 0; u < nu; ++u) {
-        const int64_t c0 = at_or(role, m[UNITS], u) * g, e = (t * nu + u) * g;
-        const float* v;
-        float s = 1.f, z = 0.f;
-        if (k < 0) {
-          v = role.full + m[CODE_START] + e;
-        } else {
-          decode(role.streams[k], role.nbytes[k], m[CODE_START] + e, g, b, buf.data());
-          scale_zero(role, k, b, m[PARAM_START] + t * nu + u, s, z);
-          v = buf.data();
-        }
+        const int64_t c0 = at_or(role, m[UNITS], u) * g;
+        float s, z;
+        const float* v = channel_group(role, m, k, b, t, u, nu, g, buf, s, z);
         for (int64_t r = 0; r < R; ++r) {
           const float pr = p[r * n + slot];
           const float a = pr * s, pz = pr * z;
